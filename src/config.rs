@@ -1,0 +1,240 @@
+//! Configuration: built-in defaults < config file < `LARDER_*` environment < flags.
+//!
+//! The built-in defaults are config/larder.toml itself, embedded at build time,
+//! so the documented file and the real defaults can never drift apart.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// config/larder.toml: every key, documented, with its default value.
+pub const DEFAULT_TOML: &str = include_str!("../config/larder.toml");
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Data directory; empty means `$XDG_CACHE_HOME/larder` (else `~/.cache/larder`).
+    #[serde(default)]
+    pub dir: PathBuf,
+    /// Size budget of the data directory.
+    pub max_size: ByteSize,
+    /// Uncompressed size of the chunks blobs are stored in.
+    pub chunk_size: ByteSize,
+    /// zstd level for stored chunks (1 is fast; higher trades ingest speed for disk).
+    pub zstd_level: i32,
+    /// Largest total of blob sizes accepted in one BatchUpdateBlobs or BatchReadBlobs.
+    pub max_batch_size: ByteSize,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_size: ByteSize,
+    /// Partial uploads untouched for this long are deleted.
+    #[serde(deserialize_with = "duration")]
+    pub partial_upload_max_age: Duration,
+    /// fsync the write-ahead log on every commit (survives power loss, costs throughput).
+    pub sync_writes: bool,
+}
+
+/// Values given on the command line; `None` leaves the lower layers' value.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub dir: Option<PathBuf>,
+    pub max_size: Option<String>,
+}
+
+impl Config {
+    /// Layers the sources and validates the result.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Config, Error> {
+        use config::{Environment, File, FileFormat};
+        let mut builder =
+            config::Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(Error::Missing(file.to_path_buf()));
+            }
+            builder = builder.add_source(File::from(file).format(FileFormat::Toml));
+        }
+        builder = builder.add_source(Environment::with_prefix("LARDER"));
+        builder = builder
+            .set_override_option("listen", overrides.listen)?
+            .set_override_option("dir", overrides.dir.map(|d| d.display().to_string()))?
+            .set_override_option("max_size", overrides.max_size)?;
+        let mut config: Config = builder.build()?.try_deserialize()?;
+        if config.dir.as_os_str().is_empty() {
+            config.dir = default_dir()?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let invalid = |key: &str, why: String| Err(Error::Invalid(key.to_string(), why));
+        if !(4 << 10..=64 << 20).contains(&self.chunk_size.0) {
+            return invalid("chunk_size", "must be between 4KiB and 64MiB".into());
+        }
+        if !(1..=22).contains(&self.zstd_level) {
+            return invalid("zstd_level", "must be between 1 and 22".into());
+        }
+        if self.max_message_size.0 < self.max_batch_size.0 + (1 << 20) {
+            return invalid(
+                "max_message_size",
+                format!(
+                    "must exceed max_batch_size ({}) by at least 1MiB",
+                    self.max_batch_size
+                ),
+            );
+        }
+        if self.max_message_size.0 > 1 << 30 {
+            return invalid("max_message_size", "must be at most 1GiB".into());
+        }
+        Ok(())
+    }
+}
+
+fn default_dir() -> Result<PathBuf, Error> {
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("larder"));
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => Ok(PathBuf::from(home).join(".cache").join("larder")),
+        None => Err(Error::Invalid(
+            "dir".into(),
+            "neither XDG_CACHE_HOME nor HOME is set: pass --dir".into(),
+        )),
+    }
+}
+
+/// A byte count written in human units: `10GiB`, `512 MiB`, `1GB`, `4096`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ByteSize, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let number: f64 = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64KiB, 10GiB, 1TB)"))?;
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            "t" | "tb" => 1_000_000_000_000,
+            "tib" => 1 << 40,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+                ));
+            }
+        };
+        Ok(ByteSize((number * multiplier as f64) as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut value = self.0 as f64;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        if unit == 0 || value.fract() == 0.0 {
+            write!(f, "{}{}", value, UNITS[unit])
+        } else {
+            write!(f, "{:.1}{}", value, UNITS[unit])
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("{s:?} is not a duration like 90s, 30m or 2h: {e}"))
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    #[error("config key {0}: {1}")]
+    Invalid(String, String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!("10GiB".parse::<ByteSize>().unwrap(), ByteSize(10 << 30));
+        assert_eq!("512 MiB".parse::<ByteSize>().unwrap(), ByteSize(512 << 20));
+        assert_eq!("1GB".parse::<ByteSize>().unwrap(), ByteSize(1_000_000_000));
+        assert_eq!("4096".parse::<ByteSize>().unwrap(), ByteSize(4096));
+        assert_eq!("1.5KiB".parse::<ByteSize>().unwrap(), ByteSize(1536));
+        assert!("ten".parse::<ByteSize>().is_err());
+        assert!("10 parsecs".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(10 << 30).to_string(), "10GiB");
+    }
+
+    #[test]
+    fn embedded_defaults_load() {
+        let config = Config::load(None, Overrides::default()).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:9092");
+        assert_eq!(config.max_size, ByteSize(10 << 30));
+        assert!(config.dir.ends_with("larder"));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("larder.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:1\"\nmax_size = \"1GiB\"\n").unwrap();
+        let config = Config::load(
+            Some(&file),
+            Overrides {
+                max_size: Some("2GiB".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:1");
+        assert_eq!(config.max_size, ByteSize(2 << 30));
+        std::fs::write(&file, "no_such_key = 1\n").unwrap();
+        let err = Config::load(Some(&file), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("no_such_key"), "{err}");
+    }
+}

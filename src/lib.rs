@@ -1,0 +1,12 @@
+//! larder: a single-binary REAPI v2 remote build cache on RocksDB.
+//!
+//! Data flows one way: [`service`] (thin gRPC adapters) → [`store`] (the
+//! RocksDB layout) → RocksDB. [`server`] wires the services to a listener;
+//! [`config`] layers defaults, file, environment and flags.
+
+pub mod config;
+pub mod digest;
+pub mod proto;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,0 +1,230 @@
+//! ActionCache: results are namespaced by instance name (the CAS is shared by
+//! all instances), and a hit is only served when every blob it references is
+//! in the CAS.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::{Shared, blocking, request_function, required_digest};
+use crate::digest::{Digest, Function};
+use crate::proto::reapi::{
+    ActionResult, Directory, GetActionResultRequest, Tree, UpdateActionResultRequest,
+    action_cache_server::ActionCache,
+};
+use crate::store::{self, Store};
+
+pub struct ActionCacheService {
+    shared: Arc<Shared>,
+}
+
+impl ActionCacheService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        ActionCacheService { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let request = request.into_inner();
+        let function = request_function(&request.instance_name, request.digest_function)?;
+        let action = required_digest(request.action_digest.as_ref(), "action_digest", function)?;
+        let store = Arc::clone(&self.shared.store);
+        let limit = self.shared.max_message_size;
+        let lookup = blocking(move || {
+            let Some(bytes) = store.get_action_result(&request.instance_name, &action)? else {
+                return Ok(Err(format!("no action result for {action}")));
+            };
+            let mut result = ActionResult::decode(bytes)
+                .map_err(|e| store::Error::Corrupt(format!("action result of {action}: {e}")))?;
+            if let Some(missing) = first_missing_blob(&store, &result, function)? {
+                return Ok(Err(format!("the action result of {action} refers to blob {missing}, which is not in the CAS")));
+            }
+            inline(&store, &mut result, &request, function, limit)?;
+            Ok(Ok(result))
+        })
+        .await?;
+        lookup.map(Response::new).map_err(Status::not_found)
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<UpdateActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let request = request.into_inner();
+        let function = request_function(&request.instance_name, request.digest_function)?;
+        let action = required_digest(request.action_digest.as_ref(), "action_digest", function)?;
+        let result = request
+            .action_result
+            .ok_or_else(|| Status::invalid_argument("action_result is required"))?;
+        // Refuse results that could never be served back.
+        referenced_blobs(&result, function)?;
+        let encoded = result.encode_to_vec();
+        let store = Arc::clone(&self.shared.store);
+        let instance = request.instance_name;
+        blocking(move || store.put_action_result(&instance, &action, &encoded)).await?;
+        Ok(Response::new(result))
+    }
+}
+
+/// The blobs an action result names directly (outputs, stdout, stderr, and
+/// the Tree or root Directory of each output directory).
+fn referenced_blobs(result: &ActionResult, function: Function) -> Result<Vec<Digest>, Status> {
+    let mut digests = Vec::new();
+    let mut add = |d: Option<&crate::proto::reapi::Digest>, what: &str| -> Result<(), Status> {
+        if let Some(d) = d {
+            let d = Digest::from_proto(d, function)
+                .map_err(|e| Status::invalid_argument(format!("{what}: {e}")))?;
+            digests.push(d);
+        }
+        Ok(())
+    };
+    for f in &result.output_files {
+        add(f.digest.as_ref(), &format!("output file {:?}", f.path))?;
+    }
+    for d in &result.output_directories {
+        add(
+            d.tree_digest.as_ref(),
+            &format!("output directory {:?}", d.path),
+        )?;
+        add(
+            d.root_directory_digest.as_ref(),
+            &format!("output directory {:?}", d.path),
+        )?;
+    }
+    add(result.stdout_digest.as_ref(), "stdout_digest")?;
+    add(result.stderr_digest.as_ref(), "stderr_digest")?;
+    Ok(digests)
+}
+
+/// The first blob the result depends on that is missing from the CAS:
+/// direct references, then the files and directories inside output
+/// directories. Every blob found counts as used.
+fn first_missing_blob(
+    store: &Store,
+    result: &ActionResult,
+    function: Function,
+) -> Result<Option<Digest>, store::Error> {
+    let Ok(direct) = referenced_blobs(result, function) else {
+        return Err(store::Error::Corrupt(
+            "a stored action result has a malformed digest".into(),
+        ));
+    };
+    if let Some(missing) = first_absent(store, &direct)? {
+        return Ok(Some(missing));
+    }
+    let mut inner = Vec::new();
+    let mut seen = HashSet::new();
+    let parse = |d: &Option<crate::proto::reapi::Digest>| {
+        d.as_ref()
+            .and_then(|d| Digest::from_proto(d, function).ok())
+    };
+    let add_directory = |dir: &Directory, inner: &mut Vec<Digest>| {
+        inner.extend(dir.files.iter().filter_map(|f| parse(&f.digest)));
+        dir.directories
+            .iter()
+            .filter_map(|d| parse(&d.digest))
+            .collect::<Vec<_>>()
+    };
+    for output in &result.output_directories {
+        if let Some(tree_digest) = parse(&output.tree_digest) {
+            let data = store.read_all(&tree_digest)?.unwrap_or_default();
+            let tree = Tree::decode(data).map_err(|e| {
+                store::Error::Corrupt(format!("Tree {tree_digest} does not decode: {e}"))
+            })?;
+            for dir in tree.root.iter().chain(&tree.children) {
+                add_directory(dir, &mut inner);
+            }
+        } else if let Some(root) = parse(&output.root_directory_digest) {
+            // Directory-only format: walk the Directory blobs.
+            let mut queue = vec![root];
+            while let Some(d) = queue.pop() {
+                if !seen.insert(d) {
+                    continue;
+                }
+                let Some(data) = store.read_all(&d)? else {
+                    return Ok(Some(d));
+                };
+                let dir = Directory::decode(data).map_err(|e| {
+                    store::Error::Corrupt(format!("Directory {d} does not decode: {e}"))
+                })?;
+                queue.extend(add_directory(&dir, &mut inner));
+            }
+        }
+    }
+    inner.sort_unstable_by_key(|d| (d.hash, d.size));
+    inner.dedup();
+    first_absent(store, &inner)
+}
+
+fn first_absent(store: &Store, digests: &[Digest]) -> Result<Option<Digest>, store::Error> {
+    let present = store.contains(digests)?;
+    Ok(digests
+        .iter()
+        .zip(present)
+        .find(|(_, p)| !p)
+        .map(|(d, _)| *d))
+}
+
+/// Inlines stdout, stderr and the requested output files, as far as they fit
+/// in a response message.
+fn inline(
+    store: &Store,
+    result: &mut ActionResult,
+    request: &GetActionResultRequest,
+    function: Function,
+    limit: usize,
+) -> Result<(), store::Error> {
+    // Headroom for the response framing.
+    let mut budget = limit.saturating_sub(result.encoded_len() + (64 << 10));
+    let mut fetch =
+        |d: &Option<crate::proto::reapi::Digest>| -> Result<Option<bytes::Bytes>, store::Error> {
+            let Some(d) = d
+                .as_ref()
+                .and_then(|d| Digest::from_proto(d, function).ok())
+            else {
+                return Ok(None);
+            };
+            if d.size as usize > budget {
+                return Ok(None);
+            }
+            let data = store.read_all(&d)?;
+            if let Some(data) = &data {
+                budget -= data.len();
+            }
+            Ok(data)
+        };
+    if request.inline_stdout
+        && result.stdout_raw.is_empty()
+        && let Some(data) = fetch(&result.stdout_digest)?
+    {
+        result.stdout_raw = data;
+    }
+    if request.inline_stderr
+        && result.stderr_raw.is_empty()
+        && let Some(data) = fetch(&result.stderr_digest)?
+    {
+        result.stderr_raw = data;
+    }
+    let wanted: HashSet<&str> = request
+        .inline_output_files
+        .iter()
+        .map(String::as_str)
+        .collect();
+    for file in result
+        .output_files
+        .iter_mut()
+        .filter(|f| wanted.contains(f.path.as_str()) && f.contents.is_empty())
+    {
+        if let Some(data) = fetch(&file.digest)? {
+            file.contents = data;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! Capabilities: what this cache-only server offers.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{Shared, request_function};
+use crate::proto::reapi::{
+    ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, ServerCapabilities,
+    capabilities_server::Capabilities, digest_function, symlink_absolute_path_strategy,
+};
+use crate::proto::semver::SemVer;
+
+pub struct CapabilitiesService {
+    shared: Arc<Shared>,
+}
+
+impl CapabilitiesService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        CapabilitiesService { shared }
+    }
+}
+
+/// The REAPI versions whose cache features are served in full.
+const LOW_API: SemVer = SemVer {
+    major: 2,
+    minor: 0,
+    patch: 0,
+    prerelease: String::new(),
+};
+const HIGH_API: SemVer = SemVer {
+    major: 2,
+    minor: 1,
+    patch: 0,
+    prerelease: String::new(),
+};
+
+#[tonic::async_trait]
+impl Capabilities for CapabilitiesService {
+    async fn get_capabilities(
+        &self,
+        request: Request<GetCapabilitiesRequest>,
+    ) -> Result<Response<ServerCapabilities>, Status> {
+        request_function(&request.get_ref().instance_name, 0)?;
+        Ok(Response::new(ServerCapabilities {
+            cache_capabilities: Some(CacheCapabilities {
+                digest_functions: vec![digest_function::Value::Sha256 as i32],
+                action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
+                    update_enabled: true,
+                }),
+                max_batch_total_size_bytes: self.shared.max_batch_size as i64,
+                // A cache stores what clients send; it never follows symlinks.
+                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed
+                    as i32,
+                supported_compressors: vec![],
+                supported_batch_update_compressors: vec![],
+                ..Default::default()
+            }),
+            execution_capabilities: None,
+            low_api_version: Some(LOW_API),
+            high_api_version: Some(HIGH_API),
+            ..Default::default()
+        }))
+    }
+}

@@ -1,0 +1,301 @@
+//! ContentAddressableStorage: FindMissingBlobs, the batch calls and GetTree.
+
+use std::collections::{HashSet, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{
+    READ_MESSAGE_SIZE, Shared, blocking, ok_status, request_function, required_digest, rpc_status,
+};
+use crate::digest::{Digest, Function};
+use crate::proto::reapi::{
+    BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
+    BatchUpdateBlobsResponse, Directory, FindMissingBlobsRequest, FindMissingBlobsResponse,
+    GetTreeRequest, GetTreeResponse, batch_read_blobs_response, batch_update_blobs_response,
+    compressor, content_addressable_storage_server::ContentAddressableStorage,
+};
+use crate::store::Store;
+
+pub struct CasService {
+    shared: Arc<Shared>,
+}
+
+impl CasService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        CasService { shared }
+    }
+
+    fn check_batch_size(&self, total: u64, what: &str) -> Result<(), Status> {
+        if total > self.shared.max_batch_size {
+            return Err(Status::invalid_argument(format!(
+                "{what} totals {total} bytes, over max_batch_total_size_bytes ({}): send large blobs through ByteStream",
+                self.shared.max_batch_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// GetTree pages hold at most this many directories when the client sets no page size.
+const DEFAULT_TREE_PAGE: usize = 10_000;
+
+type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ContentAddressableStorage for CasService {
+    async fn find_missing_blobs(
+        &self,
+        request: Request<FindMissingBlobsRequest>,
+    ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        let request = request.into_inner();
+        let function = request_function(&request.instance_name, request.digest_function)?;
+        let digests = request
+            .blob_digests
+            .iter()
+            .map(|d| Digest::from_proto(d, function))
+            .collect::<Result<Vec<_>, _>>()?;
+        let store = Arc::clone(&self.shared.store);
+        let (digests, present) = blocking(move || {
+            let present = store.contains(&digests)?;
+            Ok((digests, present))
+        })
+        .await?;
+        let missing = digests
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| !p)
+            .map(|(d, _)| d.to_proto())
+            .collect();
+        Ok(Response::new(FindMissingBlobsResponse {
+            missing_blob_digests: missing,
+        }))
+    }
+
+    async fn batch_update_blobs(
+        &self,
+        request: Request<BatchUpdateBlobsRequest>,
+    ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        let request = request.into_inner();
+        let function = request_function(&request.instance_name, request.digest_function)?;
+        self.check_batch_size(
+            request.requests.iter().map(|r| r.data.len() as u64).sum(),
+            "the batch",
+        )?;
+        // Validate each blob; the valid ones go to the store together.
+        let mut outcomes = Vec::with_capacity(request.requests.len());
+        let mut valid = Vec::new();
+        for r in request.requests {
+            let checked = required_digest(r.digest.as_ref(), "digest", function).and_then(|d| {
+                if r.compressor != compressor::Value::Identity as i32 {
+                    return Err(Status::invalid_argument(format!(
+                        "compressor {} is not supported for batch updates (none is advertised)",
+                        r.compressor
+                    )));
+                }
+                if r.data.len() as u64 != d.size {
+                    return Err(Status::invalid_argument(format!(
+                        "digest {d} declares {} bytes but {} were sent",
+                        d.size,
+                        r.data.len()
+                    )));
+                }
+                Ok(d)
+            });
+            if let Ok(d) = checked {
+                valid.push((d, r.data));
+            }
+            outcomes.push((r.digest, checked.map(|_| ())));
+        }
+        let store = Arc::clone(&self.shared.store);
+        let mut stored = blocking(move || Ok(store.put_blobs(&valid)))
+            .await?
+            .into_iter();
+        let responses = outcomes
+            .into_iter()
+            .map(|(digest, checked)| {
+                let result = checked.and_then(|()| {
+                    let written = stored.next().expect("one result per valid blob");
+                    written.map(|_| ()).map_err(Status::from)
+                });
+                let status = match result {
+                    Ok(()) => ok_status(),
+                    Err(status) => rpc_status(&status),
+                };
+                batch_update_blobs_response::Response {
+                    digest,
+                    status: Some(status),
+                }
+            })
+            .collect();
+        Ok(Response::new(BatchUpdateBlobsResponse { responses }))
+    }
+
+    async fn batch_read_blobs(
+        &self,
+        request: Request<BatchReadBlobsRequest>,
+    ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        let request = request.into_inner();
+        let function = request_function(&request.instance_name, request.digest_function)?;
+        let digests: Vec<Result<Digest, Status>> = request
+            .digests
+            .iter()
+            .map(|d| Digest::from_proto(d, function).map_err(Status::from))
+            .collect();
+        self.check_batch_size(
+            digests.iter().flatten().map(|d| d.size).sum(),
+            "the requested blobs",
+        )?;
+        let store = Arc::clone(&self.shared.store);
+        let responses = blocking(move || {
+            let mut responses = Vec::with_capacity(digests.len());
+            for (wire, digest) in request.digests.into_iter().zip(digests) {
+                let (data, status) = match digest {
+                    Err(status) => (Bytes::new(), rpc_status(&status)),
+                    Ok(d) => match store.read_all(&d) {
+                        Ok(Some(data)) => (data, ok_status()),
+                        Ok(None) => (
+                            Bytes::new(),
+                            rpc_status(&Status::not_found(format!("blob {d} is not in the CAS"))),
+                        ),
+                        Err(e) => (Bytes::new(), rpc_status(&Status::from(e))),
+                    },
+                };
+                responses.push(batch_read_blobs_response::Response {
+                    digest: Some(wire),
+                    data,
+                    compressor: compressor::Value::Identity as i32,
+                    status: Some(status),
+                });
+            }
+            Ok(responses)
+        })
+        .await?;
+        Ok(Response::new(BatchReadBlobsResponse { responses }))
+    }
+
+    type GetTreeStream = TreeStream;
+
+    async fn get_tree(
+        &self,
+        request: Request<GetTreeRequest>,
+    ) -> Result<Response<TreeStream>, Status> {
+        let request = request.into_inner();
+        let function = request_function(&request.instance_name, request.digest_function)?;
+        let root = required_digest(request.root_digest.as_ref(), "root_digest", function)?;
+        let skip: usize = match request.page_token.as_str() {
+            "" => 0,
+            token => token.parse().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "page_token {token:?} was not issued by this server"
+                ))
+            })?,
+        };
+        let page_size = match request.page_size {
+            n if n < 0 => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size {n} is negative"
+                )));
+            }
+            0 => DEFAULT_TREE_PAGE,
+            n => n as usize,
+        };
+        let store = Arc::clone(&self.shared.store);
+        let root_present = {
+            let store = Arc::clone(&store);
+            blocking(move || store.contains(&[root])).await?[0]
+        };
+        if !root_present {
+            return Err(Status::not_found(format!(
+                "root directory {root} is not in the CAS"
+            )));
+        }
+        let (tx, rx) = mpsc::channel(2);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = walk_tree(&store, root, function, skip, page_size, &tx) {
+                // If the client is gone, nobody is waiting for the error either.
+                let _ = tx.blocking_send(Err(Status::from(e)));
+            }
+        });
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as TreeStream
+        ))
+    }
+}
+
+/// Sends one GetTree page: directories breadth-first from `root`, starting
+/// after the first `skip`, at most `page_size` of them, split into messages
+/// of about [`READ_MESSAGE_SIZE`]. Missing subtrees are left out; each
+/// directory is listed once. The page token is the count of directories
+/// listed before the next page: the order is a function of the tree alone.
+fn walk_tree(
+    store: &Store,
+    root: Digest,
+    function: Function,
+    skip: usize,
+    page_size: usize,
+    tx: &mpsc::Sender<Result<GetTreeResponse, Status>>,
+) -> Result<(), crate::store::Error> {
+    let mut queue = VecDeque::from([root]);
+    let mut seen = HashSet::from([root]);
+    let mut position = 0;
+    let mut listed = 0;
+    let mut message = Vec::new();
+    let mut message_bytes = 0;
+    let send = |directories, next_page_token| {
+        // An error means the client went away: stop walking.
+        tx.blocking_send(Ok(GetTreeResponse {
+            directories,
+            next_page_token,
+        }))
+        .is_ok()
+    };
+    while let Some(digest) = queue.pop_front() {
+        let Some(data) = store.read_all(&digest)? else {
+            continue;
+        };
+        let Ok(directory) = Directory::decode(data.clone()) else {
+            continue;
+        };
+        for child in &directory.directories {
+            if let Some(Ok(d)) = child
+                .digest
+                .as_ref()
+                .map(|d| Digest::from_proto(d, function))
+                && seen.insert(d)
+            {
+                queue.push_back(d);
+            }
+        }
+        position += 1;
+        if position <= skip {
+            continue;
+        }
+        message_bytes += data.len();
+        message.push(directory);
+        listed += 1;
+        if listed == page_size {
+            let token = if queue.is_empty() {
+                String::new()
+            } else {
+                position.to_string()
+            };
+            send(std::mem::take(&mut message), token);
+            return Ok(());
+        }
+        if message_bytes >= READ_MESSAGE_SIZE {
+            if !send(std::mem::take(&mut message), String::new()) {
+                return Ok(());
+            }
+            message_bytes = 0;
+        }
+    }
+    send(message, String::new());
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! Keys and values of every column family, in one place.
+//!
+//! Layout version 1:
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `index`   | function (1) · hash (32) · size (8, BE) | [`IndexEntry`] |
+//! | `chunks`  | blob id (8, BE) · uncompressed offset (8, BE) | payload · tag (1) (see `chunk`) |
+//! | `uploads` | ByteStream resource name (UTF-8) | [`UploadRecord`] |
+//! | `ac`      | instance name · 0x00 · index key | 0x01 · ActionResult protobuf |
+//! | `default` | `layout` | layout version (ASCII) |
+//!
+//! A blob's chunks live under a blob id, allocated when its upload starts, not
+//! under its digest: an upload writes its chunks where they will stay, and
+//! becomes visible by one atomic write of its index entry. The index is the
+//! single source of truth for "present"; chunks without an index entry or an
+//! upload record are garbage.
+
+use crate::digest::{Digest, Function};
+
+pub const CF_INDEX: &str = "index";
+pub const CF_CHUNKS: &str = "chunks";
+pub const CF_UPLOADS: &str = "uploads";
+pub const CF_AC: &str = "ac";
+
+pub const LAYOUT_KEY: &[u8] = b"layout";
+pub const LAYOUT_VERSION: &[u8] = b"1";
+
+pub type IndexKey = [u8; 41];
+
+pub fn index_key(d: &Digest) -> IndexKey {
+    let mut k = [0u8; 41];
+    k[0] = d.function as u8;
+    k[1..33].copy_from_slice(&d.hash);
+    k[33..].copy_from_slice(&d.size.to_be_bytes());
+    k
+}
+
+pub fn digest_of_index_key(k: &[u8]) -> Option<Digest> {
+    let k: &IndexKey = k.try_into().ok()?;
+    let function = match k[0] {
+        1 => Function::Sha256,
+        _ => return None,
+    };
+    Some(Digest {
+        function,
+        hash: k[1..33].try_into().ok()?,
+        size: u64::from_be_bytes(k[33..].try_into().ok()?),
+    })
+}
+
+pub fn chunk_key(blob_id: u64, offset: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&blob_id.to_be_bytes());
+    k[8..].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+pub fn split_chunk_key(k: &[u8]) -> Option<(u64, u64)> {
+    let k: &[u8; 16] = k.try_into().ok()?;
+    Some((
+        u64::from_be_bytes(k[..8].try_into().ok()?),
+        u64::from_be_bytes(k[8..].try_into().ok()?),
+    ))
+}
+
+pub fn ac_key(instance: &str, action: &Digest) -> Vec<u8> {
+    let mut k = Vec::with_capacity(instance.len() + 42);
+    k.extend_from_slice(instance.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&index_key(action));
+    k
+}
+
+/// A stored action result is prefixed with a version byte, so that an
+/// all-default ActionResult (zero bytes of protobuf) is never an empty value.
+pub const AC_VALUE_VERSION: u8 = 1;
+
+/// Reads fixed-width big-endian fields.
+fn u64_at(v: &[u8], i: usize) -> u64 {
+    u64::from_be_bytes(v[i..i + 8].try_into().expect("caller checked the length"))
+}
+
+/// What the index knows of a stored blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub blob_id: u64,
+    /// Bytes the chunks take (after compression), for size accounting.
+    pub stored: u64,
+    /// Last access, seconds since the Unix epoch; refreshed coarsely.
+    pub atime: u64,
+}
+
+impl IndexEntry {
+    const VERSION: u8 = 1;
+    const LEN: usize = 25;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut v = [0u8; Self::LEN];
+        v[0] = Self::VERSION;
+        v[1..9].copy_from_slice(&self.blob_id.to_be_bytes());
+        v[9..17].copy_from_slice(&self.stored.to_be_bytes());
+        v[17..25].copy_from_slice(&self.atime.to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<IndexEntry> {
+        (v.len() == Self::LEN && v[0] == Self::VERSION).then(|| IndexEntry {
+            blob_id: u64_at(v, 1),
+            stored: u64_at(v, 9),
+            atime: u64_at(v, 17),
+        })
+    }
+}
+
+/// A partial upload: where its chunks are and how far it got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UploadRecord {
+    pub blob_id: u64,
+    /// Uncompressed bytes persisted so far (what QueryWriteStatus reports).
+    pub committed: u64,
+    /// Bytes its chunks take on disk.
+    pub stored: u64,
+    /// Last write, seconds since the Unix epoch, for expiry.
+    pub updated: u64,
+}
+
+impl UploadRecord {
+    const VERSION: u8 = 1;
+    const LEN: usize = 33;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut v = [0u8; Self::LEN];
+        v[0] = Self::VERSION;
+        v[1..9].copy_from_slice(&self.blob_id.to_be_bytes());
+        v[9..17].copy_from_slice(&self.committed.to_be_bytes());
+        v[17..25].copy_from_slice(&self.stored.to_be_bytes());
+        v[25..33].copy_from_slice(&self.updated.to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<UploadRecord> {
+        (v.len() == Self::LEN && v[0] == Self::VERSION).then(|| UploadRecord {
+            blob_id: u64_at(v, 1),
+            committed: u64_at(v, 9),
+            stored: u64_at(v, 17),
+            updated: u64_at(v, 25),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let d = Digest::of(b"hello");
+        assert_eq!(digest_of_index_key(&index_key(&d)), Some(d));
+        assert_eq!(split_chunk_key(&chunk_key(7, 1 << 40)), Some((7, 1 << 40)));
+        let e = IndexEntry {
+            blob_id: 1,
+            stored: 2,
+            atime: 3,
+        };
+        assert_eq!(IndexEntry::decode(&e.encode()), Some(e));
+        let u = UploadRecord {
+            blob_id: 1,
+            committed: 2,
+            stored: 3,
+            updated: 4,
+        };
+        assert_eq!(UploadRecord::decode(&u.encode()), Some(u));
+        assert_eq!(IndexEntry::decode(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn chunk_keys_sort_by_blob_then_offset() {
+        assert!(chunk_key(1, u64::MAX) < chunk_key(2, 0));
+        assert!(chunk_key(1, 255) < chunk_key(1, 256));
+    }
+}

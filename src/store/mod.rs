@@ -1,0 +1,588 @@
+//! The blob store on RocksDB: the only code that knows column families and
+//! key formats (see [`layout`]). Every method is synchronous and may block on
+//! disk or CPU: async callers run them on the blocking pool.
+
+mod chunk;
+mod layout;
+mod upload;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
+    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions,
+};
+
+use crate::digest::Digest;
+use layout::*;
+pub use upload::Upload;
+
+/// Tuning that callers choose; the layout itself is not configurable.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Uncompressed bytes per stored chunk.
+    pub chunk_size: usize,
+    pub zstd_level: i32,
+    /// fsync the WAL on every commit.
+    pub sync_writes: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            chunk_size: 1 << 20,
+            zstd_level: 1,
+            sync_writes: false,
+        }
+    }
+}
+
+pub struct Store {
+    db: DB,
+    options: StoreOptions,
+    next_blob_id: AtomicU64,
+    /// Striped by digest: serializes "is it there? then write" for one digest,
+    /// so racing writers never orphan chunks or overwrite a live entry.
+    stripes: Box<[Mutex<()>]>,
+    /// Uploads being written by a stream right now, by resource name.
+    active_uploads: Mutex<HashSet<String>>,
+    /// Blobs read since the last access-time flush (see [`Store::flush_access_times`]).
+    accessed: Mutex<HashSet<IndexKey>>,
+}
+
+/// A present blob, located for reading.
+#[derive(Clone, Copy, Debug)]
+pub struct Blob {
+    pub digest: Digest,
+    blob_id: u64,
+}
+
+/// Whether a write stored new bytes or found the blob already there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    Stored,
+    AlreadyPresent,
+}
+
+const STRIPES: usize = 256;
+
+impl Store {
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Store, Error> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::Open(format!("cannot create {}: {e}", path.display())))?;
+        let cache = Cache::new_lru_cache(32 << 20);
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_bytes_per_sync(1 << 20);
+        // Chunk bytes pass through the WAL; bound it so old logs are flushed away.
+        db_opts.set_max_total_wal_size(256 << 20);
+        db_opts.set_keep_log_file_num(3);
+        db_opts.set_max_log_file_size(8 << 20);
+
+        let mut point = BlockBasedOptions::default();
+        point.set_block_cache(&cache);
+        point.set_bloom_filter(10.0, false);
+        point.set_cache_index_and_filter_blocks(true);
+
+        let mut index = Options::default();
+        index.set_block_based_table_factory(&point);
+        index.set_compression_type(DBCompressionType::None); // hashes do not compress
+        index.set_write_buffer_size(32 << 20);
+
+        // Chunks are compressed by larder itself, in parallel worker threads;
+        // RocksDB must not compress them again. Large values go to blob files,
+        // which compaction does not rewrite.
+        let mut chunks = Options::default();
+        chunks.set_compression_type(DBCompressionType::None);
+        chunks.set_enable_blob_files(true);
+        chunks.set_min_blob_size(4096);
+        chunks.set_blob_file_size(256 << 20);
+        chunks.set_enable_blob_gc(true);
+        chunks.set_write_buffer_size(32 << 20);
+        chunks.set_max_write_buffer_number(2);
+        let mut chunk_table = BlockBasedOptions::default();
+        chunk_table.set_block_cache(&cache);
+        chunks.set_block_based_table_factory(&chunk_table);
+
+        let mut ac = Options::default();
+        ac.set_block_based_table_factory(&point);
+        ac.set_compression_type(DBCompressionType::Zstd);
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_INDEX, index),
+            ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
+            ColumnFamilyDescriptor::new(CF_UPLOADS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_AC, ac),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
+            Error::Open(format!(
+                "cannot open the data directory {}: {e} (is another larder using it?)",
+                path.display()
+            ))
+        })?;
+        match db.get(LAYOUT_KEY)? {
+            None => db.put(LAYOUT_KEY, LAYOUT_VERSION)?,
+            Some(v) if v == LAYOUT_VERSION => {}
+            Some(v) => {
+                return Err(Error::Open(format!(
+                    "{} holds layout version {}, this larder reads version {}: use a new --dir",
+                    path.display(),
+                    String::from_utf8_lossy(&v),
+                    String::from_utf8_lossy(LAYOUT_VERSION)
+                )));
+            }
+        }
+        let store = Store {
+            db,
+            options,
+            next_blob_id: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            active_uploads: Mutex::new(HashSet::new()),
+            accessed: Mutex::new(HashSet::new()),
+        };
+        store
+            .next_blob_id
+            .store(store.highest_blob_id()? + 1, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
+    }
+
+    fn write_options(&self) -> WriteOptions {
+        let mut w = WriteOptions::default();
+        w.set_sync(self.options.sync_writes);
+        w
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), Error> {
+        Ok(self.db.write_opt(batch, &self.write_options())?)
+    }
+
+    /// The highest blob id referenced by a chunk or an upload record: ids above
+    /// it are free. (A prefix of deleted ids may be reused; nothing refers to them.)
+    fn highest_blob_id(&self) -> Result<u64, Error> {
+        let mut highest = 0;
+        if let Some(item) = self
+            .db
+            .iterator_cf(self.cf(CF_CHUNKS), IteratorMode::End)
+            .next()
+        {
+            let (key, _) = item?;
+            highest = split_chunk_key(&key).map_or(0, |(id, _)| id);
+        }
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_UPLOADS), IteratorMode::Start)
+        {
+            let (_, value) = item?;
+            if let Some(record) = UploadRecord::decode(&value) {
+                highest = highest.max(record.blob_id);
+            }
+        }
+        Ok(highest)
+    }
+
+    fn allocate_blob_id(&self) -> u64 {
+        self.next_blob_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn stripe(&self, d: &Digest) -> MutexGuard<'_, ()> {
+        self.stripes[d.hash[0] as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get_entry(&self, d: &Digest) -> Result<Option<IndexEntry>, Error> {
+        match self.db.get_pinned_cf(self.cf(CF_INDEX), index_key(d))? {
+            None => Ok(None),
+            Some(v) => IndexEntry::decode(&v)
+                .map(Some)
+                .ok_or_else(|| Error::Corrupt(format!("index entry of {d} is malformed"))),
+        }
+    }
+
+    fn touch(&self, digests: impl IntoIterator<Item = Digest>) {
+        let mut accessed = self.accessed.lock().unwrap_or_else(|e| e.into_inner());
+        accessed.extend(digests.into_iter().map(|d| index_key(&d)));
+    }
+
+    /// Which of `digests` are present (the empty blob always is). One batched
+    /// RocksDB lookup; present blobs count as used.
+    pub fn contains(&self, digests: &[Digest]) -> Result<Vec<bool>, Error> {
+        let keys: Vec<IndexKey> = digests.iter().map(index_key).collect();
+        let cf = self.cf(CF_INDEX);
+        let found = self.db.batched_multi_get_cf(cf, &keys, false);
+        let mut present = Vec::with_capacity(digests.len());
+        for (d, result) in digests.iter().zip(found) {
+            present.push(d.is_empty_blob() || result?.is_some());
+        }
+        self.touch(
+            digests
+                .iter()
+                .zip(&present)
+                .filter(|(_, p)| **p)
+                .map(|(d, _)| *d),
+        );
+        Ok(present)
+    }
+
+    /// Finds a blob for reading; `None` if absent. Counts as a use.
+    pub fn locate(&self, digest: &Digest) -> Result<Option<Blob>, Error> {
+        if digest.is_empty_blob() {
+            return Ok(Some(Blob {
+                digest: *digest,
+                blob_id: 0,
+            }));
+        }
+        let entry = self.get_entry(digest)?;
+        if entry.is_some() {
+            self.touch([*digest]);
+        }
+        Ok(entry.map(|e| Blob {
+            digest: *digest,
+            blob_id: e.blob_id,
+        }))
+    }
+
+    /// The blob's bytes from `offset` to the end of the chunk holding it:
+    /// decompresses exactly one chunk. Empty at or past the end of the blob.
+    pub fn read_at(&self, blob: &Blob, offset: u64) -> Result<Bytes, Error> {
+        if offset >= blob.digest.size {
+            return Ok(Bytes::new());
+        }
+        let (start, value) = self.chunk_at(blob.blob_id, offset)?.ok_or_else(|| {
+            Error::Vanished(format!(
+                "blob {} has no chunk at offset {offset}",
+                blob.digest
+            ))
+        })?;
+        let data = chunk::decode(&value).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "chunk at offset {start} of blob {} is corrupt",
+                blob.digest
+            ))
+        })?;
+        let skip = (offset - start) as usize;
+        if skip >= data.len() {
+            return Err(Error::Corrupt(format!(
+                "blob {} has a gap at offset {offset}",
+                blob.digest
+            )));
+        }
+        Ok(data.slice(skip..))
+    }
+
+    /// The stored chunk of `blob_id` that holds `offset`, with its start offset.
+    fn chunk_at(&self, blob_id: u64, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
+        let cf = self.cf(CF_CHUNKS);
+        // Sequential reads ask for chunk starts: one point lookup.
+        if let Some(v) = self.db.get_cf(cf, chunk_key(blob_id, offset))? {
+            return Ok(Some((offset, v)));
+        }
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(chunk_key(blob_id, 0));
+        opts.set_iterate_upper_bound(chunk_key(blob_id + 1, 0));
+        let mut it = self.db.raw_iterator_cf_opt(cf, opts);
+        it.seek_for_prev(chunk_key(blob_id, offset));
+        it.status()?;
+        match (it.key(), it.value()) {
+            (Some(k), Some(v)) => Ok(split_chunk_key(k).map(|(_, start)| (start, v.to_vec()))),
+            _ => Ok(None),
+        }
+    }
+
+    /// A whole blob in memory, for small blobs (batch reads, directories,
+    /// trees). `None` if absent.
+    pub fn read_all(&self, digest: &Digest) -> Result<Option<Bytes>, Error> {
+        let Some(blob) = self.locate(digest)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(digest.size as usize);
+        while (out.len() as u64) < digest.size {
+            let part = self.read_at(&blob, out.len() as u64)?;
+            out.extend_from_slice(&part);
+        }
+        Ok(Some(Bytes::from(out)))
+    }
+
+    /// Stores whole blobs (a BatchUpdateBlobs): verifies each against its
+    /// digest, then makes all new ones visible in one atomic write.
+    pub fn put_blobs(&self, blobs: &[(Digest, Bytes)]) -> Vec<Result<Written, Error>> {
+        let mut results: Vec<Result<Written, Error>> = blobs
+            .iter()
+            .map(|(digest, data)| {
+                let actual = Digest::of(data);
+                if actual == *digest {
+                    Ok(Written::Stored)
+                } else {
+                    Err(Error::DigestMismatch {
+                        expected: *digest,
+                        actual,
+                    })
+                }
+            })
+            .collect();
+        if let Err(e) = self.store_verified(blobs, &mut results) {
+            let message = e.to_string();
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(Error::Batch(message.clone()));
+            }
+        }
+        results
+    }
+
+    fn store_verified(
+        &self,
+        blobs: &[(Digest, Bytes)],
+        results: &mut [Result<Written, Error>],
+    ) -> Result<(), Error> {
+        // Candidates: verified, not the empty blob, first occurrence of their digest.
+        let mut seen = HashSet::new();
+        let mut candidates = Vec::new();
+        for (i, (digest, _)) in blobs.iter().enumerate() {
+            if results[i].is_err() {
+                continue;
+            }
+            if digest.is_empty_blob() || !seen.insert(*digest) {
+                results[i] = Ok(Written::AlreadyPresent);
+            } else {
+                candidates.push(i);
+            }
+        }
+        let digests: Vec<Digest> = candidates.iter().map(|&i| blobs[i].0).collect();
+        let present = self.contains(&digests)?;
+        let candidates: Vec<usize> = candidates
+            .into_iter()
+            .zip(present)
+            .filter_map(|(i, there)| {
+                if there {
+                    results[i] = Ok(Written::AlreadyPresent);
+                }
+                (!there).then_some(i)
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        // Compress outside the locks.
+        let now = now_secs();
+        let mut prepared = Vec::with_capacity(candidates.len());
+        for &i in &candidates {
+            let (digest, data) = &blobs[i];
+            let blob_id = self.allocate_blob_id();
+            let mut chunks = Vec::new();
+            let mut stored = 0;
+            for (n, part) in data.chunks(self.options.chunk_size).enumerate() {
+                let value = chunk::encode(part, self.options.zstd_level);
+                stored += value.len() as u64;
+                chunks.push((
+                    chunk_key(blob_id, (n * self.options.chunk_size) as u64),
+                    value,
+                ));
+            }
+            let entry = IndexEntry {
+                blob_id,
+                stored,
+                atime: now,
+            };
+            prepared.push((i, *digest, entry, chunks));
+        }
+        let stripe_ids: BTreeSet<usize> = prepared
+            .iter()
+            .map(|(_, d, _, _)| d.hash[0] as usize % STRIPES)
+            .collect();
+        let _guards: Vec<_> = stripe_ids
+            .iter()
+            .map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let mut batch = WriteBatch::default();
+        for (i, digest, entry, chunks) in prepared {
+            // Another writer may have stored it since the check above.
+            if self.get_entry(&digest)?.is_some() {
+                results[i] = Ok(Written::AlreadyPresent);
+                continue;
+            }
+            for (key, value) in chunks {
+                batch.put_cf(self.cf(CF_CHUNKS), key, value);
+            }
+            batch.put_cf(self.cf(CF_INDEX), index_key(&digest), entry.encode());
+        }
+        self.write(batch)
+    }
+
+    /// Writes access times recorded since the last call into the index. They
+    /// skip the WAL: a crash may lose the last interval's refreshes, nothing else.
+    pub fn flush_access_times(&self) -> Result<usize, Error> {
+        let keys: Vec<IndexKey> = {
+            let mut accessed = self.accessed.lock().unwrap_or_else(|e| e.into_inner());
+            accessed.drain().collect()
+        };
+        let now = now_secs();
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        let mut updated = 0;
+        for key in keys {
+            let Some(digest) = digest_of_index_key(&key) else {
+                continue;
+            };
+            let _guard = self.stripe(&digest);
+            if let Some(mut entry) = self.get_entry(&digest)?
+                && entry.atime < now
+            {
+                entry.atime = now;
+                self.db
+                    .put_cf_opt(self.cf(CF_INDEX), key, entry.encode(), &opts)?;
+                updated += 1;
+            }
+        }
+        Ok(updated)
+    }
+
+    /// The stored action result for `action` under `instance`, as protobuf bytes.
+    pub fn get_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+    ) -> Result<Option<Bytes>, Error> {
+        match self.db.get_cf(self.cf(CF_AC), ac_key(instance, action))? {
+            None => Ok(None),
+            Some(v) => match v.split_first() {
+                Some((&AC_VALUE_VERSION, rest)) => Ok(Some(Bytes::copy_from_slice(rest))),
+                _ => Err(Error::Corrupt(format!(
+                    "action cache entry of {action} is malformed"
+                ))),
+            },
+        }
+    }
+
+    pub fn put_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+        result: &[u8],
+    ) -> Result<(), Error> {
+        let mut value = Vec::with_capacity(result.len() + 1);
+        value.push(AC_VALUE_VERSION);
+        value.extend_from_slice(result);
+        Ok(self.db.put_cf_opt(
+            self.cf(CF_AC),
+            ac_key(instance, action),
+            value,
+            &self.write_options(),
+        )?)
+    }
+
+    /// Committed bytes of the partial upload under `resource`, if there is one.
+    pub fn upload_committed(&self, resource: &str) -> Result<Option<u64>, Error> {
+        Ok(self.upload_record(resource)?.map(|r| r.committed))
+    }
+
+    fn upload_record(&self, resource: &str) -> Result<Option<UploadRecord>, Error> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_UPLOADS), resource.as_bytes())?
+        {
+            None => Ok(None),
+            Some(v) => UploadRecord::decode(&v).map(Some).ok_or_else(|| {
+                Error::Corrupt(format!("upload record of {resource:?} is malformed"))
+            }),
+        }
+    }
+
+    /// Adds the deletion of an upload (its record and chunks) to `batch`.
+    fn delete_upload(&self, batch: &mut WriteBatch, resource: &str, blob_id: u64) {
+        batch.delete_cf(self.cf(CF_UPLOADS), resource.as_bytes());
+        batch.delete_range_cf(
+            self.cf(CF_CHUNKS),
+            chunk_key(blob_id, 0),
+            chunk_key(blob_id + 1, 0),
+        );
+    }
+
+    /// Deletes partial uploads not written to for `max_age`, except those a
+    /// stream is writing now. Returns how many were deleted.
+    pub fn expire_uploads(&self, max_age: Duration) -> Result<usize, Error> {
+        let cutoff = now_secs().saturating_sub(max_age.as_secs());
+        let mut stale = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_UPLOADS), IteratorMode::Start)
+        {
+            let (key, value) = item?;
+            let resource = String::from_utf8_lossy(&key).into_owned();
+            match UploadRecord::decode(&value) {
+                Some(r) if r.updated > cutoff => {}
+                record => stale.push((resource, record.map(|r| r.blob_id))),
+            }
+        }
+        let active = self
+            .active_uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut batch = WriteBatch::default();
+        let mut deleted = 0;
+        for (resource, blob_id) in stale.iter().filter(|(r, _)| !active.contains(r)) {
+            match blob_id {
+                Some(id) => self.delete_upload(&mut batch, resource, *id),
+                None => batch.delete_cf(self.cf(CF_UPLOADS), resource.as_bytes()),
+            }
+            deleted += 1;
+        }
+        self.write(batch)?;
+        Ok(deleted)
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "data does not match its digest: declared {expected}, the bytes received hash to {actual}"
+    )]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error(
+        "upload {0:?} is being written by another stream right now; retry when that stream ends"
+    )]
+    UploadBusy(String),
+    #[error(
+        "write_offset {offset} does not continue upload {resource:?}, which has {committed} bytes committed: resume at QueryWriteStatus' committed_size, or start over at 0"
+    )]
+    BadOffset {
+        resource: String,
+        offset: u64,
+        committed: u64,
+    },
+    #[error("{0}")]
+    Vanished(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Open(String),
+    #[error("the batch could not be stored: {0}")]
+    Batch(String),
+    #[error("RocksDB: {0}")]
+    Db(#[from] rocksdb::Error),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,301 @@
+//! Test harness: runs the real `larder serve` binary on an ephemeral port and
+//! talks to it with tonic clients.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use larder::digest::Digest;
+use larder::proto::bytestream::byte_stream_client::ByteStreamClient;
+use larder::proto::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
+use larder::proto::reapi;
+use larder::proto::reapi::action_cache_client::ActionCacheClient;
+use larder::proto::reapi::capabilities_client::CapabilitiesClient;
+use larder::proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+pub struct TestServer {
+    child: Child,
+    pub addr: String,
+    pub dir: PathBuf,
+}
+
+impl TestServer {
+    /// Starts `larder serve` on `dir` with extra flags, and waits until it listens.
+    pub fn start(dir: &Path, extra: &[&str]) -> TestServer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_larder"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .env_remove("XDG_CACHE_HOME")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn larder");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the server never writes into a closed pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("larder did not report its address: {:?}", child.wait())
+            });
+        let addr = line
+            .split("serving REAPI on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+            .to_string();
+        TestServer {
+            child,
+            addr,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// kill -9: no chance to flush or close anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        unsafe_sigterm(self.child.id());
+        self.child.wait().expect("wait for larder")
+    }
+
+    pub async fn clients(&self) -> Clients {
+        Clients::connect(&self.addr).await
+    }
+
+    /// Peak resident memory of the server so far, from /proc.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+}
+
+fn unsafe_sigterm(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Clients {
+    pub cas: ContentAddressableStorageClient<Channel>,
+    pub bs: ByteStreamClient<Channel>,
+    pub ac: ActionCacheClient<Channel>,
+    pub caps: CapabilitiesClient<Channel>,
+}
+
+const LIMIT: usize = 256 << 20;
+
+impl Clients {
+    pub async fn connect(addr: &str) -> Clients {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        Clients {
+            cas: ContentAddressableStorageClient::new(channel.clone())
+                .max_decoding_message_size(LIMIT)
+                .max_encoding_message_size(LIMIT),
+            bs: ByteStreamClient::new(channel.clone()).max_decoding_message_size(LIMIT),
+            ac: ActionCacheClient::new(channel.clone()).max_decoding_message_size(LIMIT),
+            caps: CapabilitiesClient::new(channel),
+        }
+    }
+
+    /// Uploads `data` with ByteStream.Write in `chunk`-byte messages.
+    pub async fn write(&mut self, name: &str, data: &[u8], chunk: usize) -> Result<i64, Status> {
+        let messages = write_messages(name, data, 0, chunk, true);
+        Ok(self
+            .bs
+            .write(tokio_stream::iter(messages))
+            .await?
+            .into_inner()
+            .committed_size)
+    }
+
+    /// Reads a whole resource with ByteStream.Read.
+    pub async fn read(&mut self, name: &str, offset: i64, limit: i64) -> Result<Vec<u8>, Status> {
+        let request = ReadRequest {
+            resource_name: name.to_string(),
+            read_offset: offset,
+            read_limit: limit,
+        };
+        let mut stream = self.bs.read(request).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(message) = stream.message().await? {
+            out.extend_from_slice(&message.data);
+        }
+        Ok(out)
+    }
+
+    pub async fn query(&mut self, name: &str) -> (i64, bool) {
+        let r = self
+            .bs
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name.to_string(),
+            })
+            .await
+            .expect("QueryWriteStatus")
+            .into_inner();
+        (r.committed_size, r.complete)
+    }
+
+    pub async fn find_missing(&mut self, digests: &[reapi::Digest]) -> Vec<reapi::Digest> {
+        self.cas
+            .find_missing_blobs(reapi::FindMissingBlobsRequest {
+                blob_digests: digests.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("FindMissingBlobs")
+            .into_inner()
+            .missing_blob_digests
+    }
+
+    pub async fn batch_update(&mut self, blobs: &[&[u8]]) -> Vec<i32> {
+        let requests = blobs
+            .iter()
+            .map(|b| reapi::batch_update_blobs_request::Request {
+                digest: Some(digest(b)),
+                data: bytes::Bytes::copy_from_slice(b),
+                compressor: 0,
+            })
+            .collect();
+        self.cas
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                requests,
+                ..Default::default()
+            })
+            .await
+            .expect("BatchUpdateBlobs")
+            .into_inner()
+            .responses
+            .iter()
+            .map(|r| r.status.as_ref().unwrap().code)
+            .collect()
+    }
+}
+
+/// The messages of a ByteStream.Write of `data` starting at `offset`.
+pub fn write_messages(
+    name: &str,
+    data: &[u8],
+    offset: usize,
+    chunk: usize,
+    finish: bool,
+) -> Vec<WriteRequest> {
+    let mut messages = Vec::new();
+    let mut at = offset;
+    loop {
+        let end = (at + chunk).min(data.len());
+        messages.push(WriteRequest {
+            resource_name: if messages.is_empty() {
+                name.to_string()
+            } else {
+                String::new()
+            },
+            write_offset: at as i64,
+            finish_write: finish && end == data.len(),
+            data: bytes::Bytes::copy_from_slice(&data[at..end]),
+        });
+        at = end;
+        if at == data.len() {
+            break;
+        }
+    }
+    messages
+}
+
+pub fn digest(data: &[u8]) -> reapi::Digest {
+    Digest::of(data).to_proto()
+}
+
+pub fn upload_name(instance: &str, uuid: &str, data: &[u8]) -> String {
+    let d = digest(data);
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
+    format!("{prefix}uploads/{uuid}/blobs/{}/{}", d.hash, d.size_bytes)
+}
+
+pub fn read_name(instance: &str, data: &[u8]) -> String {
+    let d = digest(data);
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
+    format!("{prefix}blobs/{}/{}", d.hash, d.size_bytes)
+}
+
+/// Deterministic incompressible bytes (xorshift), cheap to make in bulk.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Compressible bytes resembling source text.
+pub fn text_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let words = [
+        "fn ", "let ", "mut ", "impl ", "return ", "self", "(x)", "{\n", "}\n", "; ", "0x1f",
+        "match ",
+    ];
+    let noise = random_bytes(len / 4 + 8, seed);
+    let mut out = Vec::with_capacity(len + 16);
+    let mut i = 0;
+    while out.len() < len {
+        out.extend_from_slice(words[noise[i % noise.len()] as usize % words.len()].as_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
+    match result {
+        Err(status) if status.code() == code => status,
+        other => panic!("expected {code:?}, got {other:?}"),
+    }
+}

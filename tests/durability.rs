@@ -1,0 +1,233 @@
+//! Restarts, crashes and memory bounds of `larder serve` on one data directory.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use larder::proto::bytestream::{ReadRequest, WriteRequest};
+use larder::proto::reapi;
+use sha2::{Digest as _, Sha256};
+
+#[tokio::test]
+async fn an_upload_resumes_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let data = random_bytes(3_000_000, 21);
+    let name = upload_name("", "restart", &data);
+    let server = TestServer::start(&dir, &[]);
+    let mut c = server.clients().await;
+    let first = write_messages(&name, &data[..1_700_000], 0, 100_000, false);
+    assert_eq!(
+        c.bs.write(tokio_stream::iter(first))
+            .await
+            .unwrap()
+            .into_inner()
+            .committed_size,
+        1_700_000
+    );
+    let action = digest(b"an action");
+    c.ac.update_action_result(reapi::UpdateActionResultRequest {
+        action_digest: Some(action.clone()),
+        action_result: Some(reapi::ActionResult {
+            exit_code: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    server.kill();
+
+    let server = TestServer::start(&dir, &[]);
+    let mut c = server.clients().await;
+    assert_eq!(c.query(&name).await, (1_700_000, false));
+    let rest = write_messages(&name, &data, 1_700_000, 100_000, true);
+    c.bs.write(tokio_stream::iter(rest)).await.unwrap();
+    assert_eq!(c.read(&read_name("", &data), 0, 0).await.unwrap(), data);
+    let request = reapi::GetActionResultRequest {
+        action_digest: Some(action),
+        ..Default::default()
+    };
+    assert_eq!(
+        c.ac.get_action_result(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .exit_code,
+        3
+    );
+    drop(c);
+    assert!(server.stop().success(), "SIGTERM exits cleanly");
+}
+
+#[tokio::test]
+async fn stale_partial_uploads_expire() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("larder.toml");
+    std::fs::write(&config, "partial_upload_max_age = \"1s\"\n").unwrap();
+    let server = TestServer::start(
+        &tmp.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let mut c = server.clients().await;
+    let data = text_bytes(50_000, 1);
+    let name = upload_name("", "stale", &data);
+    let first = write_messages(&name, &data[..20_000], 0, 20_000, false);
+    c.bs.write(tokio_stream::iter(first)).await.unwrap();
+    assert_eq!(c.query(&name).await, (20_000, false));
+    let mut expired = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if c.query(&name).await == (0, false) {
+            expired = true;
+            break;
+        }
+    }
+    assert!(expired, "the partial upload was deleted after its max age");
+}
+
+/// kill -9 while many uploads run: afterwards every blob reported present
+/// reads back byte-identical, and every interrupted upload resumes or starts
+/// over cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_uploads_loses_nothing_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let server = TestServer::start(&dir, &[]);
+    let blobs: Vec<Vec<u8>> = (0..48)
+        .map(|i| {
+            if i % 2 == 0 {
+                random_bytes(1_500_000 + i * 7_919, i as u64)
+            } else {
+                text_bytes(900_000 + i * 31, i as u64)
+            }
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let addr = server.addr.clone();
+        let mine: Vec<(usize, Vec<u8>)> = blobs
+            .iter()
+            .cloned()
+            .enumerate()
+            .filter(|(i, _)| i % 8 == worker)
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Clients::connect(&addr).await;
+            for (i, data) in mine {
+                let _ = c
+                    .write(
+                        &upload_name("", &format!("crash-{i}"), &data),
+                        &data,
+                        64 << 10,
+                    )
+                    .await;
+            }
+        }));
+    }
+    // Kill as soon as a few uploads have finished, with most still running.
+    let digests: Vec<reapi::Digest> = blobs.iter().map(|b| digest(b)).collect();
+    let mut watcher = server.clients().await;
+    for _ in 0..500 {
+        if blobs.len() - watcher.find_missing(&digests).await.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill();
+    for t in tasks {
+        let _ = t.await;
+    }
+
+    let server = TestServer::start(&dir, &[]);
+    let mut c = server.clients().await;
+    let missing = c.find_missing(&digests).await;
+    let (mut present, mut resumed, mut restarted) = (0, 0, 0);
+    for (i, data) in blobs.iter().enumerate() {
+        let name = upload_name("", &format!("crash-{i}"), data);
+        if !missing.contains(&digests[i]) {
+            present += 1;
+            assert!(
+                c.read(&read_name("", data), 0, 0).await.unwrap() == *data,
+                "blob {i} reads back intact"
+            );
+            continue;
+        }
+        let (committed, complete) = c.query(&name).await;
+        assert!(!complete);
+        // Alternate: resume where it stopped, or start over from zero.
+        let from = if i % 3 == 0 { 0 } else { committed as usize };
+        if from > 0 {
+            resumed += 1
+        } else {
+            restarted += 1
+        }
+        let messages = write_messages(&name, data, from, 64 << 10, true);
+        let done =
+            c.bs.write(tokio_stream::iter(messages))
+                .await
+                .unwrap()
+                .into_inner();
+        assert_eq!(done.committed_size, data.len() as i64);
+        assert!(
+            c.read(&read_name("", data), 0, 0).await.unwrap() == *data,
+            "blob {i} after retry"
+        );
+    }
+    eprintln!("after kill -9: {present} present, {resumed} resumed, {restarted} started over");
+    assert!(present > 0, "some uploads finished before the kill");
+    assert!(present < blobs.len(), "the kill interrupted some uploads");
+}
+
+/// A 2 GiB blob up and down: the server's memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2_gib_blob_streams_in_bounded_memory() {
+    const SIZE: usize = 2 << 30;
+    const PIECE: usize = 1 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("data"), &[]);
+    let mut c = server.clients().await;
+    // The same pseudo-random pieces twice: once to hash, once to send.
+    let piece = |i: usize| random_bytes(PIECE, i as u64 + 1);
+    let mut hasher = Sha256::new();
+    for i in 0..SIZE / PIECE {
+        hasher.update(piece(i));
+    }
+    let hash = hex::encode(hasher.finalize());
+    let name = format!("uploads/big/blobs/{hash}/{SIZE}");
+    let messages = (0..SIZE / PIECE).map(move |i| WriteRequest {
+        resource_name: if i == 0 { name.clone() } else { String::new() },
+        write_offset: (i * PIECE) as i64,
+        finish_write: i == SIZE / PIECE - 1,
+        data: piece(i).into(),
+    });
+    let response =
+        c.bs.write(tokio_stream::iter(messages))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(response.committed_size, SIZE as i64);
+    let after_write = server.peak_rss_bytes();
+
+    let request = ReadRequest {
+        resource_name: format!("blobs/{hash}/{SIZE}"),
+        read_offset: 0,
+        read_limit: 0,
+    };
+    let mut stream = c.bs.read(request).await.unwrap().into_inner();
+    let (mut hasher, mut total) = (Sha256::new(), 0);
+    while let Some(message) = stream.message().await.unwrap() {
+        total += message.data.len();
+        hasher.update(&message.data);
+    }
+    assert_eq!(total, SIZE);
+    assert_eq!(hex::encode(hasher.finalize()), hash);
+    let peak = server.peak_rss_bytes();
+    eprintln!(
+        "2 GiB blob: server peak RSS {} MiB after write, {} MiB after read",
+        after_write >> 20,
+        peak >> 20
+    );
+    assert!(peak < 200 << 20, "server peak RSS {} MiB", peak >> 20);
+}
