@@ -4,10 +4,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(
-        [
-            "build/bazel/remote/execution/v2/remote_execution.proto",
-            "google/bytestream/bytestream.proto",
-        ],
+        ["build/bazel/remote/execution/v2/remote_execution.proto", "google/bytestream/bytestream.proto"],
         ["proto"],
     )?;
     tonic_prost_build::configure()

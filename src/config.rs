@@ -83,10 +83,7 @@ impl Config {
         if self.max_message_size.0 < self.max_batch_size.0 + (1 << 20) {
             return invalid(
                 "max_message_size",
-                format!(
-                    "must exceed max_batch_size ({}) by at least 1MiB",
-                    self.max_batch_size
-                ),
+                format!("must exceed max_batch_size ({}) by at least 1MiB", self.max_batch_size),
             );
         }
         if self.max_message_size.0 > 1 << 30 {
@@ -102,10 +99,9 @@ fn default_dir() -> Result<PathBuf, Error> {
     }
     match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
         Some(home) => Ok(PathBuf::from(home).join(".cache").join("larder")),
-        None => Err(Error::Invalid(
-            "dir".into(),
-            "neither XDG_CACHE_HOME nor HOME is set: pass --dir".into(),
-        )),
+        None => {
+            Err(Error::Invalid("dir".into(), "neither XDG_CACHE_HOME nor HOME is set: pass --dir".into()))
+        }
     }
 }
 
@@ -118,13 +114,10 @@ impl FromStr for ByteSize {
 
     fn from_str(s: &str) -> Result<ByteSize, String> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
         let (number, unit) = s.split_at(split);
-        let number: f64 = number
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64KiB, 10GiB, 1TB)"))?;
+        let number: f64 =
+            number.parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64KiB, 10GiB, 1TB)"))?;
         let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" => 1_000,
@@ -179,9 +172,8 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!("{s:?} is not a duration like 90s, 30m or 2h: {e}"))
-    })
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 90s, 30m or 2h: {e}")))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,14 +215,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("larder.toml");
         std::fs::write(&file, "listen = \"127.0.0.1:1\"\nmax_size = \"1GiB\"\n").unwrap();
-        let config = Config::load(
-            Some(&file),
-            Overrides {
-                max_size: Some("2GiB".into()),
-                ..Overrides::default()
-            },
-        )
-        .unwrap();
+        let config =
+            Config::load(Some(&file), Overrides { max_size: Some("2GiB".into()), ..Overrides::default() })
+                .unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:1");
         assert_eq!(config.max_size, ByteSize(2 << 30));
         std::fs::write(&file, "no_such_key = 1\n").unwrap();

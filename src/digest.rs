@@ -25,9 +25,7 @@ impl Function {
             Ok(reapi::digest_function::Value::Unknown | reapi::digest_function::Value::Sha256) => {
                 Ok(Function::Sha256)
             }
-            Ok(other) => Err(Error::UnsupportedFunction(
-                other.as_str_name().to_lowercase(),
-            )),
+            Ok(other) => Err(Error::UnsupportedFunction(other.as_str_name().to_lowercase())),
             Err(_) => Err(Error::UnsupportedFunction(format!("enum value {value}"))),
         }
     }
@@ -43,8 +41,8 @@ pub struct Digest {
 
 /// SHA-256 of no bytes: the empty blob every server must pretend to hold.
 const EMPTY_SHA256: [u8; 32] = [
-    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24,
-    0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
+    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27,
+    0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
 ];
 
 impl Digest {
@@ -54,50 +52,31 @@ impl Digest {
     }
 
     /// Like [`Digest::from_proto`], for an optional field: `None` when unset.
-    pub fn from_optional(
-        d: Option<&reapi::Digest>,
-        function: Function,
-    ) -> Result<Option<Digest>, Error> {
+    pub fn from_optional(d: Option<&reapi::Digest>, function: Function) -> Result<Option<Digest>, Error> {
         d.map(|d| Digest::from_proto(d, function)).transpose()
     }
 
     pub fn parse(hash: &str, size: i64, function: Function) -> Result<Digest, Error> {
         let size = u64::try_from(size).map_err(|_| Error::NegativeSize(size))?;
         if hash.len() != 64 {
-            return Err(Error::BadHash(
-                hash.to_string(),
-                "must be 64 hex digits for SHA-256",
-            ));
+            return Err(Error::BadHash(hash.to_string(), "must be 64 hex digits for SHA-256"));
         }
         if hash.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(Error::BadHash(hash.to_string(), "must be lowercase hex"));
         }
         let mut out = [0u8; 32];
-        hex::decode_to_slice(hash, &mut out)
-            .map_err(|_| Error::BadHash(hash.to_string(), "is not hex"))?;
-        Ok(Digest {
-            function,
-            hash: out,
-            size,
-        })
+        hex::decode_to_slice(hash, &mut out).map_err(|_| Error::BadHash(hash.to_string(), "is not hex"))?;
+        Ok(Digest { function, hash: out, size })
     }
 
     /// Hashes `data` (on the calling thread: keep large inputs off the runtime).
     pub fn of(data: &[u8]) -> Digest {
-        Digest {
-            function: Function::Sha256,
-            hash: Sha256::digest(data).into(),
-            size: data.len() as u64,
-        }
+        Digest { function: Function::Sha256, hash: Sha256::digest(data).into(), size: data.len() as u64 }
     }
 
     pub fn empty(function: Function) -> Digest {
         match function {
-            Function::Sha256 => Digest {
-                function,
-                hash: EMPTY_SHA256,
-                size: 0,
-            },
+            Function::Sha256 => Digest { function, hash: EMPTY_SHA256, size: 0 },
         }
     }
 
@@ -110,10 +89,7 @@ impl Digest {
     }
 
     pub fn to_proto(&self) -> reapi::Digest {
-        reapi::Digest {
-            hash: self.hex(),
-            size_bytes: self.size as i64,
-        }
+        reapi::Digest { hash: self.hex(), size_bytes: self.size as i64 }
     }
 }
 
@@ -143,11 +119,7 @@ impl Hasher {
     }
 
     pub fn finish(self) -> Digest {
-        Digest {
-            function: Function::Sha256,
-            hash: self.inner.finalize().into(),
-            size: self.len,
-        }
+        Digest { function: Function::Sha256, hash: self.inner.finalize().into(), size: self.len }
     }
 }
 
@@ -161,15 +133,8 @@ pub struct BlobResource {
 
 /// Segments an instance name may not contain, because they mark the start of
 /// the blob part of a resource name.
-const RESERVED: &[&str] = &[
-    "blobs",
-    "uploads",
-    "actions",
-    "actionResults",
-    "operations",
-    "capabilities",
-    "compressed-blobs",
-];
+const RESERVED: &[&str] =
+    &["blobs", "uploads", "actions", "actionResults", "operations", "capabilities", "compressed-blobs"];
 
 /// Parses `{instance}/blobs/{hash}/{size}` or
 /// `{instance}/compressed-blobs/{compressor}/{hash}/{size}` (a Read).
@@ -181,15 +146,9 @@ pub fn parse_read_resource(name: &str) -> Result<BlobResource, Error> {
         .ok_or_else(|| Error::BadResource(name.to_string(), "has no blobs/ segment"))?;
     let (blob, rest) = parse_blob_part(name, &segments[marker..])?;
     if !rest.is_empty() {
-        return Err(Error::BadResource(
-            name.to_string(),
-            "has segments after the size",
-        ));
+        return Err(Error::BadResource(name.to_string(), "has segments after the size"));
     }
-    Ok(BlobResource {
-        instance: segments[..marker].join("/"),
-        ..blob
-    })
+    Ok(BlobResource { instance: segments[..marker].join("/"), ..blob })
 }
 
 /// Parses `{instance}/uploads/{uuid}/blobs/{hash}/{size}{/metadata...}` (a Write).
@@ -200,25 +159,16 @@ pub fn parse_write_resource(name: &str) -> Result<BlobResource, Error> {
         .position(|s| *s == "uploads")
         .ok_or_else(|| Error::BadResource(name.to_string(), "has no uploads/ segment"))?;
     if segments.len() < marker + 2 || segments[marker + 1].is_empty() {
-        return Err(Error::BadResource(
-            name.to_string(),
-            "has no upload id after uploads/",
-        ));
+        return Err(Error::BadResource(name.to_string(), "has no upload id after uploads/"));
     }
     // Anything after the size is client metadata and is ignored.
     let (blob, _metadata) = parse_blob_part(name, &segments[marker + 2..])?;
-    Ok(BlobResource {
-        instance: segments[..marker].join("/"),
-        ..blob
-    })
+    Ok(BlobResource { instance: segments[..marker].join("/"), ..blob })
 }
 
 /// Parses `blobs/[function/]hash/size...` or `compressed-blobs/comp/[function/]hash/size...`,
 /// returning the blob and the segments after the size.
-fn parse_blob_part<'a>(
-    name: &str,
-    segments: &'a [&'a str],
-) -> Result<(BlobResource, &'a [&'a str]), Error> {
+fn parse_blob_part<'a>(name: &str, segments: &'a [&'a str]) -> Result<(BlobResource, &'a [&'a str]), Error> {
     let bad = |why| Error::BadResource(name.to_string(), why);
     let (compressor, rest) = match segments.first() {
         Some(&"blobs") => (None, &segments[1..]),
@@ -240,25 +190,13 @@ fn parse_blob_part<'a>(
     let [hash, size, rest @ ..] = rest else {
         return Err(bad("must end in {hash}/{size}"));
     };
-    let size: i64 = size
-        .parse()
-        .map_err(|_| bad("has a size that is not a number"))?;
+    let size: i64 = size.parse().map_err(|_| bad("has a size that is not a number"))?;
     let digest = Digest::parse(hash, size, function)?;
-    Ok((
-        BlobResource {
-            instance: String::new(),
-            compressor,
-            digest,
-        },
-        rest,
-    ))
+    Ok((BlobResource { instance: String::new(), compressor, digest }, rest))
 }
 
 fn is_function_name(s: &str) -> bool {
-    matches!(
-        s,
-        "sha1" | "sha384" | "sha512" | "md5" | "blake3" | "sha256tree" | "vso" | "gitsha1"
-    )
+    matches!(s, "sha1" | "sha384" | "sha512" | "md5" | "blake3" | "sha256tree" | "vso" | "gitsha1")
 }
 
 /// Checks an instance name given in a request field.

@@ -9,11 +9,7 @@ use larder::config::{Config, Overrides};
 use larder::server::Server;
 
 #[derive(Parser)]
-#[command(
-    name = "larder",
-    version,
-    about = "A remote build cache (REAPI v2 over gRPC) on RocksDB"
-)]
+#[command(name = "larder", version, about = "A remote build cache (REAPI v2 over gRPC) on RocksDB")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,14 +60,9 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
-    let overrides = Overrides {
-        listen: args.listen,
-        dir: args.dir,
-        max_size: args.max_size,
-    };
+    let overrides = Overrides { listen: args.listen, dir: args.dir, max_size: args.max_size };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
-    let runtime =
-        tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async {
         let (dir, max_size) = (config.dir.clone(), config.max_size);
         let server = Server::bind(config).await.map_err(|e| e.to_string())?;
@@ -82,10 +73,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             server.local_addr(),
             dir.display()
         );
-        server
-            .run(shutdown_signal())
-            .await
-            .map_err(|e| e.to_string())
+        server.run(shutdown_signal()).await.map_err(|e| e.to_string())
     })
 }
 

@@ -46,35 +46,23 @@ impl Server {
         let store = tokio::task::spawn_blocking(move || Store::open(&dir, options))
             .await
             .map_err(|e| Error::Store(store::Error::Open(e.to_string())))??;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| Error::Bind(config.listen, e))?;
+        let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Bind(config.listen, e))?;
         let shared = Arc::new(Shared {
             store: Arc::new(store),
             max_batch_size: config.max_batch_size.0,
             max_message_size: config.max_message_size.0 as usize,
         });
-        Ok(Server {
-            listener,
-            shared,
-            config,
-        })
+        Ok(Server { listener, shared, config })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.listener.local_addr().expect("a bound listener has an address")
     }
 
     /// Serves until `shutdown` completes, then lets in-flight calls finish
     /// and writes pending access times.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let Server {
-            listener,
-            shared,
-            config,
-        } = self;
+        let Server { listener, shared, config } = self;
         let store = Arc::clone(&shared.store);
         let maintenance = tokio::spawn(maintain(Arc::clone(&store), config.partial_upload_max_age));
         let limit = shared.max_message_size;
@@ -161,9 +149,7 @@ async fn maintain(store: Arc<Store>, upload_max_age: Duration) {
 pub enum Error {
     #[error(transparent)]
     Store(#[from] store::Error),
-    #[error(
-        "cannot listen on {0}: {1} (is another server using the port? choose one with --listen)"
-    )]
+    #[error("cannot listen on {0}: {1} (is another server using the port? choose one with --listen)")]
     Bind(SocketAddr, std::io::Error),
     #[error("the gRPC server failed: {0}")]
     Serve(tonic::transport::Error),

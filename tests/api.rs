@@ -19,30 +19,13 @@ fn server() -> (tempfile::TempDir, TestServer) {
 async fn capabilities_describe_a_cache_only_server() {
     let (_tmp, server) = server();
     let mut c = server.clients().await;
-    let caps = c
-        .caps
-        .get_capabilities(reapi::GetCapabilitiesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let caps = c.caps.get_capabilities(reapi::GetCapabilitiesRequest::default()).await.unwrap().into_inner();
     assert!(caps.execution_capabilities.is_none());
     let cache = caps.cache_capabilities.unwrap();
-    assert!(
-        cache
-            .digest_functions
-            .contains(&(digest_function::Value::Sha256 as i32))
-    );
-    assert!(
-        cache
-            .action_cache_update_capabilities
-            .unwrap()
-            .update_enabled
-    );
+    assert!(cache.digest_functions.contains(&(digest_function::Value::Sha256 as i32)));
+    assert!(cache.action_cache_update_capabilities.unwrap().update_enabled);
     assert_eq!(cache.max_batch_total_size_bytes, 4 << 20);
-    let (low, high) = (
-        caps.low_api_version.unwrap(),
-        caps.high_api_version.unwrap(),
-    );
+    let (low, high) = (caps.low_api_version.unwrap(), caps.high_api_version.unwrap());
     assert_eq!((low.major, low.minor), (2, 0));
     assert!(high.major == 2 && high.minor >= low.minor);
 }
@@ -54,21 +37,13 @@ async fn find_missing_reports_only_absent_blobs() {
     let present = b"present blob".as_slice();
     assert_eq!(c.batch_update(&[present]).await, vec![0]);
     let absent = digest(b"never uploaded");
-    let missing = c
-        .find_missing(&[digest(present), absent.clone(), digest(b"")])
-        .await;
+    let missing = c.find_missing(&[digest(present), absent.clone(), digest(b"")]).await;
     assert_eq!(missing, vec![absent], "the empty blob always exists");
 
-    let bad = reapi::Digest {
-        hash: "xyz".into(),
-        size_bytes: 1,
-    };
+    let bad = reapi::Digest { hash: "xyz".into(), size_bytes: 1 };
     let err = c
         .cas
-        .find_missing_blobs(reapi::FindMissingBlobsRequest {
-            blob_digests: vec![bad],
-            ..Default::default()
-        })
+        .find_missing_blobs(reapi::FindMissingBlobsRequest { blob_digests: vec![bad], ..Default::default() })
         .await;
     assert_code(err, Code::InvalidArgument);
     let err = c
@@ -78,11 +53,7 @@ async fn find_missing_reports_only_absent_blobs() {
             ..Default::default()
         })
         .await;
-    assert!(
-        assert_code(err, Code::InvalidArgument)
-            .message()
-            .contains("blake3")
-    );
+    assert!(assert_code(err, Code::InvalidArgument).message().contains("blake3"));
     let err = c
         .cas
         .find_missing_blobs(reapi::FindMissingBlobsRequest {
@@ -113,63 +84,34 @@ async fn batch_update_and_read_have_per_blob_statuses() {
         data: Bytes::copy_from_slice(data),
         compressor: 0,
     };
-    let requests = vec![
-        ok(good),
-        wrong_hash,
-        ok(b""),
-        wrong_size,
-        ok(&big),
-        ok(good),
-    ];
+    let requests = vec![ok(good), wrong_hash, ok(b""), wrong_size, ok(&big), ok(good)];
     let responses = c
         .cas
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            requests,
-            ..Default::default()
-        })
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest { requests, ..Default::default() })
         .await
         .unwrap()
         .into_inner()
         .responses;
-    let codes: Vec<i32> = responses
-        .iter()
-        .map(|r| r.status.as_ref().unwrap().code)
-        .collect();
+    let codes: Vec<i32> = responses.iter().map(|r| r.status.as_ref().unwrap().code).collect();
     let invalid = Code::InvalidArgument as i32;
     assert_eq!(codes, vec![0, invalid, 0, invalid, 0, 0]);
     assert_eq!(responses[0].digest, Some(digest(good)));
-    assert_eq!(
-        c.find_missing(&[digest(b"something elsf"), digest(b"1234")])
-            .await
-            .len(),
-        2
-    );
+    assert_eq!(c.find_missing(&[digest(b"something elsf"), digest(b"1234")]).await.len(), 2);
 
     let wanted = vec![digest(good), digest(b"absent"), digest(b""), digest(&big)];
     let read = c
         .cas
-        .batch_read_blobs(reapi::BatchReadBlobsRequest {
-            digests: wanted.clone(),
-            ..Default::default()
-        })
+        .batch_read_blobs(reapi::BatchReadBlobsRequest { digests: wanted.clone(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()
         .responses;
-    let codes: Vec<i32> = read
-        .iter()
-        .map(|r| r.status.as_ref().unwrap().code)
-        .collect();
+    let codes: Vec<i32> = read.iter().map(|r| r.status.as_ref().unwrap().code).collect();
     assert_eq!(codes, vec![0, Code::NotFound as i32, 0, 0]);
     assert_eq!(read[0].data, good);
     assert!(read[2].data.is_empty());
     assert_eq!(read[3].data, big);
-    assert_eq!(
-        read.iter()
-            .map(|r| r.digest.clone().unwrap())
-            .collect::<Vec<_>>(),
-        wanted
-    );
+    assert_eq!(read.iter().map(|r| r.digest.clone().unwrap()).collect::<Vec<_>>(), wanted);
 
     // Over the advertised batch limit: the whole call is refused.
     let huge = vec![0u8; (4 << 20) + 1];
@@ -181,16 +123,10 @@ async fn batch_update_and_read_have_per_blob_statuses() {
         })
         .await;
     assert_code(err, Code::InvalidArgument);
-    let too_many = reapi::Digest {
-        hash: digest(b"x").hash,
-        size_bytes: 5 << 20,
-    };
+    let too_many = reapi::Digest { hash: digest(b"x").hash, size_bytes: 5 << 20 };
     let err = c
         .cas
-        .batch_read_blobs(reapi::BatchReadBlobsRequest {
-            digests: vec![too_many],
-            ..Default::default()
-        })
+        .batch_read_blobs(reapi::BatchReadBlobsRequest { digests: vec![too_many], ..Default::default() })
         .await;
     assert_code(err, Code::InvalidArgument);
 }
@@ -249,19 +185,12 @@ async fn get_tree_walks_breadth_first_in_pages() {
     let a = directory(&[], &[("leaf", &leaf)]);
     let b = directory(&[("g", b"g")], &[("leaf", &leaf)]);
     let root = directory(&[], &[("a", &a), ("b", &b)]);
-    let blobs: Vec<Vec<u8>> = [&root, &a, &b, &leaf]
-        .iter()
-        .map(|d| d.encode_to_vec())
-        .collect();
+    let blobs: Vec<Vec<u8>> = [&root, &a, &b, &leaf].iter().map(|d| d.encode_to_vec()).collect();
     let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
     assert_eq!(c.batch_update(&refs).await, vec![0; 4]);
 
     let (all, token) = get_tree(&mut c, &root, 0, "").await;
-    assert_eq!(
-        all,
-        vec![root.clone(), a.clone(), b.clone(), leaf.clone()],
-        "breadth-first, each once"
-    );
+    assert_eq!(all, vec![root.clone(), a.clone(), b.clone(), leaf.clone()], "breadth-first, each once");
     assert_eq!(token, "");
 
     let (first, token) = get_tree(&mut c, &root, 2, "").await;
@@ -304,12 +233,7 @@ fn get_request(instance: &str, action: &reapi::Digest) -> reapi::GetActionResult
     }
 }
 
-async fn update(
-    c: &mut Clients,
-    instance: &str,
-    action: &reapi::Digest,
-    result: reapi::ActionResult,
-) {
+async fn update(c: &mut Clients, instance: &str, action: &reapi::Digest, result: reapi::ActionResult) {
     c.ac.update_action_result(reapi::UpdateActionResultRequest {
         instance_name: instance.into(),
         action_digest: Some(action.clone()),
@@ -340,26 +264,13 @@ async fn action_cache_is_per_instance_and_checks_completeness() {
     };
     update(&mut c, "team", &action, result.clone()).await;
     // Outputs not uploaded yet: a hit would break builds without the bytes.
-    assert_code(
-        c.ac.get_action_result(get_request("team", &action)).await,
-        Code::NotFound,
-    );
+    assert_code(c.ac.get_action_result(get_request("team", &action)).await, Code::NotFound);
     assert_eq!(c.batch_update(&[output, stdout]).await, vec![0, 0]);
-    let hit =
-        c.ac.get_action_result(get_request("team", &action))
-            .await
-            .unwrap()
-            .into_inner();
+    let hit = c.ac.get_action_result(get_request("team", &action)).await.unwrap().into_inner();
     assert_eq!(hit, result);
     // Namespaced by instance.
-    assert_code(
-        c.ac.get_action_result(get_request("other", &action)).await,
-        Code::NotFound,
-    );
-    assert_code(
-        c.ac.get_action_result(get_request("", &action)).await,
-        Code::NotFound,
-    );
+    assert_code(c.ac.get_action_result(get_request("other", &action)).await, Code::NotFound);
+    assert_code(c.ac.get_action_result(get_request("", &action)).await, Code::NotFound);
 
     // Inlining on request.
     let mut request = get_request("team", &action);
@@ -372,17 +283,11 @@ async fn action_cache_is_per_instance_and_checks_completeness() {
     // An all-default result is a hit, not an absence.
     let empty_action = digest(b"action 2");
     update(&mut c, "", &empty_action, reapi::ActionResult::default()).await;
-    let hit =
-        c.ac.get_action_result(get_request("", &empty_action))
-            .await
-            .unwrap()
-            .into_inner();
+    let hit = c.ac.get_action_result(get_request("", &empty_action)).await.unwrap().into_inner();
     assert_eq!(hit, reapi::ActionResult::default());
 
     // Malformed requests.
-    let err =
-        c.ac.get_action_result(reapi::GetActionResultRequest::default())
-            .await;
+    let err = c.ac.get_action_result(reapi::GetActionResultRequest::default()).await;
     assert_code(err, Code::InvalidArgument);
     let err =
         c.ac.update_action_result(reapi::UpdateActionResultRequest {
@@ -399,10 +304,7 @@ async fn action_results_need_every_file_of_their_output_trees() {
     let mut c = server.clients().await;
     let inner_file: &[u8] = b"generated header";
     let sub = directory(&[("gen.h", inner_file)], &[]);
-    let tree = reapi::Tree {
-        root: Some(directory(&[], &[("sub", &sub)])),
-        children: vec![sub.clone()],
-    };
+    let tree = reapi::Tree { root: Some(directory(&[], &[("sub", &sub)])), children: vec![sub.clone()] };
     let tree_bytes = tree.encode_to_vec();
     let action = digest(b"action with tree");
     let result = reapi::ActionResult {
@@ -415,17 +317,8 @@ async fn action_results_need_every_file_of_their_output_trees() {
     };
     update(&mut c, "", &action, result).await;
     assert_eq!(c.batch_update(&[&tree_bytes]).await, vec![0]);
-    let miss = assert_code(
-        c.ac.get_action_result(get_request("", &action)).await,
-        Code::NotFound,
-    );
-    assert!(
-        miss.message().contains(&digest(inner_file).hash),
-        "{}",
-        miss.message()
-    );
+    let miss = assert_code(c.ac.get_action_result(get_request("", &action)).await, Code::NotFound);
+    assert!(miss.message().contains(&digest(inner_file).hash), "{}", miss.message());
     assert_eq!(c.batch_update(&[inner_file]).await, vec![0]);
-    c.ac.get_action_result(get_request("", &action))
-        .await
-        .unwrap();
+    c.ac.get_action_result(get_request("", &action)).await.unwrap();
 }

@@ -18,21 +18,11 @@ async fn an_upload_resumes_after_a_restart() {
     let server = TestServer::start(&dir, &[]);
     let mut c = server.clients().await;
     let first = write_messages(&name, &data[..1_700_000], 0, 100_000, false);
-    assert_eq!(
-        c.bs.write(tokio_stream::iter(first))
-            .await
-            .unwrap()
-            .into_inner()
-            .committed_size,
-        1_700_000
-    );
+    assert_eq!(c.bs.write(tokio_stream::iter(first)).await.unwrap().into_inner().committed_size, 1_700_000);
     let action = digest(b"an action");
     c.ac.update_action_result(reapi::UpdateActionResultRequest {
         action_digest: Some(action.clone()),
-        action_result: Some(reapi::ActionResult {
-            exit_code: 3,
-            ..Default::default()
-        }),
+        action_result: Some(reapi::ActionResult { exit_code: 3, ..Default::default() }),
         ..Default::default()
     })
     .await
@@ -45,18 +35,8 @@ async fn an_upload_resumes_after_a_restart() {
     let rest = write_messages(&name, &data, 1_700_000, 100_000, true);
     c.bs.write(tokio_stream::iter(rest)).await.unwrap();
     assert_eq!(c.read(&read_name("", &data), 0, 0).await.unwrap(), data);
-    let request = reapi::GetActionResultRequest {
-        action_digest: Some(action),
-        ..Default::default()
-    };
-    assert_eq!(
-        c.ac.get_action_result(request)
-            .await
-            .unwrap()
-            .into_inner()
-            .exit_code,
-        3
-    );
+    let request = reapi::GetActionResultRequest { action_digest: Some(action), ..Default::default() };
+    assert_eq!(c.ac.get_action_result(request).await.unwrap().into_inner().exit_code, 3);
     drop(c);
     assert!(server.stop().success(), "SIGTERM exits cleanly");
 }
@@ -66,10 +46,7 @@ async fn stale_partial_uploads_expire() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("larder.toml");
     std::fs::write(&config, "partial_upload_max_age = \"1s\"\n").unwrap();
-    let server = TestServer::start(
-        &tmp.path().join("data"),
-        &["--config", config.to_str().unwrap()],
-    );
+    let server = TestServer::start(&tmp.path().join("data"), &["--config", config.to_str().unwrap()]);
     let mut c = server.clients().await;
     let data = text_bytes(50_000, 1);
     let name = upload_name("", "stale", &data);
@@ -95,42 +72,65 @@ async fn kill_9_during_uploads_loses_nothing_committed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let server = TestServer::start(&dir, &[]);
+    // Small blobs go through RocksDB's WAL, large ones (over 8 chunks) skip
+    // it: both paths must survive the kill.
     let blobs: Vec<Vec<u8>> = (0..48)
-        .map(|i| {
-            if i % 2 == 0 {
-                random_bytes(1_500_000 + i * 7_919, i as u64)
-            } else {
-                text_bytes(900_000 + i * 31, i as u64)
-            }
+        .map(|i| match i % 4 {
+            0 => random_bytes(10_000_000 + i * 7_919, i as u64),
+            1 | 2 => random_bytes(1_500_000 + i * 7_919, i as u64),
+            _ => text_bytes(900_000 + i * 31, i as u64),
         })
         .collect();
     let mut tasks = Vec::new();
-    for worker in 0..8 {
+    for worker in 0..6 {
         let addr = server.addr.clone();
-        let mine: Vec<(usize, Vec<u8>)> = blobs
-            .iter()
-            .cloned()
-            .enumerate()
-            .filter(|(i, _)| i % 8 == worker)
-            .collect();
+        let mine: Vec<(usize, Vec<u8>)> =
+            blobs.iter().cloned().enumerate().filter(|(i, _)| i % 6 == worker).collect();
         tasks.push(tokio::spawn(async move {
             let mut c = Clients::connect(&addr).await;
             for (i, data) in mine {
-                let _ = c
-                    .write(
-                        &upload_name("", &format!("crash-{i}"), &data),
-                        &data,
-                        64 << 10,
-                    )
-                    .await;
+                let _ = c.write(&upload_name("", &format!("crash-{i}"), &data), &data, 64 << 10).await;
             }
         }));
     }
-    // Kill as soon as a few uploads have finished, with most still running.
+    // Uploads the test holds open midway: two on the WAL path, two off it.
+    let held: Vec<Vec<u8>> = [5_000_000, 6_000_000, 12_000_000, 13_000_000]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| random_bytes(n, 100 + i as u64))
+        .collect();
+    let mut held_streams = Vec::new();
+    let mut c = server.clients().await;
+    for (i, data) in held.iter().enumerate() {
+        let name = upload_name("", &format!("held-{i}"), data);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        for m in write_messages(&name, &data[..(3 << 20) + 1000], 0, 64 << 10, false) {
+            tx.send(m).await.unwrap();
+        }
+        let mut bs = c.bs.clone();
+        held_streams.push((
+            tx,
+            tokio::spawn(async move { bs.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await }),
+        ));
+    }
+    let mut before = Vec::new();
+    for (i, data) in held.iter().enumerate() {
+        let name = upload_name("", &format!("held-{i}"), data);
+        let mut committed = 0;
+        for _ in 0..200 {
+            committed = c.query(&name).await.0;
+            if committed == 3 << 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(committed, 3 << 20, "held upload {i} committed its full chunks");
+        before.push(committed);
+    }
+    // And a few of the background uploads finished.
     let digests: Vec<reapi::Digest> = blobs.iter().map(|b| digest(b)).collect();
-    let mut watcher = server.clients().await;
     for _ in 0..500 {
-        if blobs.len() - watcher.find_missing(&digests).await.len() >= 4 {
+        if blobs.len() - c.find_missing(&digests).await.len() >= 4 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -139,45 +139,52 @@ async fn kill_9_during_uploads_loses_nothing_committed() {
     for t in tasks {
         let _ = t.await;
     }
+    drop(held_streams);
 
     let server = TestServer::start(&dir, &[]);
     let mut c = server.clients().await;
+    for (i, data) in held.iter().enumerate() {
+        let (after, complete) = c.query(&upload_name("", &format!("held-{i}"), data)).await;
+        assert!(!complete);
+        if data.len() <= 8 << 20 {
+            assert_eq!(after, before[i], "WAL-path upload {i} keeps all it committed");
+        } else {
+            assert!(after <= before[i], "WAL-free upload {i} may lose a suffix, nothing more");
+        }
+    }
+    let all: Vec<(String, &Vec<u8>)> = blobs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (format!("crash-{i}"), b))
+        .chain(held.iter().enumerate().map(|(i, b)| (format!("held-{i}"), b)))
+        .collect();
+    let digests: Vec<reapi::Digest> = all.iter().map(|(_, b)| digest(b)).collect();
     let missing = c.find_missing(&digests).await;
     let (mut present, mut resumed, mut restarted) = (0, 0, 0);
-    for (i, data) in blobs.iter().enumerate() {
-        let name = upload_name("", &format!("crash-{i}"), data);
+    for (i, (uuid, data)) in all.iter().enumerate() {
         if !missing.contains(&digests[i]) {
             present += 1;
-            assert!(
-                c.read(&read_name("", data), 0, 0).await.unwrap() == *data,
-                "blob {i} reads back intact"
-            );
+            assert!(c.read(&read_name("", data), 0, 0).await.unwrap() == **data, "{uuid} reads back intact");
             continue;
         }
+        let name = upload_name("", uuid, data);
         let (committed, complete) = c.query(&name).await;
         assert!(!complete);
-        // Alternate: resume where it stopped, or start over from zero.
-        let from = if i % 3 == 0 { 0 } else { committed as usize };
+        // Resume where it stopped, or (every second time) start over from zero.
+        let from = if committed > 0 && resumed <= restarted { committed as usize } else { 0 };
         if from > 0 {
             resumed += 1
         } else {
             restarted += 1
         }
         let messages = write_messages(&name, data, from, 64 << 10, true);
-        let done =
-            c.bs.write(tokio_stream::iter(messages))
-                .await
-                .unwrap()
-                .into_inner();
+        let done = c.bs.write(tokio_stream::iter(messages)).await.unwrap().into_inner();
         assert_eq!(done.committed_size, data.len() as i64);
-        assert!(
-            c.read(&read_name("", data), 0, 0).await.unwrap() == *data,
-            "blob {i} after retry"
-        );
+        assert!(c.read(&read_name("", data), 0, 0).await.unwrap() == **data, "{uuid} after retry");
     }
     eprintln!("after kill -9: {present} present, {resumed} resumed, {restarted} started over");
     assert!(present > 0, "some uploads finished before the kill");
-    assert!(present < blobs.len(), "the kill interrupted some uploads");
+    assert!(resumed > 0 && restarted > 0, "interrupted uploads resumed and started over");
 }
 
 /// A 2 GiB blob up and down: the server's memory stays bounded.
@@ -202,19 +209,12 @@ async fn a_2_gib_blob_streams_in_bounded_memory() {
         finish_write: i == SIZE / PIECE - 1,
         data: piece(i).into(),
     });
-    let response =
-        c.bs.write(tokio_stream::iter(messages))
-            .await
-            .unwrap()
-            .into_inner();
+    let response = c.bs.write(tokio_stream::iter(messages)).await.unwrap().into_inner();
     assert_eq!(response.committed_size, SIZE as i64);
     let after_write = server.peak_rss_bytes();
 
-    let request = ReadRequest {
-        resource_name: format!("blobs/{hash}/{SIZE}"),
-        read_offset: 0,
-        read_limit: 0,
-    };
+    let request =
+        ReadRequest { resource_name: format!("blobs/{hash}/{SIZE}"), read_offset: 0, read_limit: 0 };
     let mut stream = c.bs.read(request).await.unwrap().into_inner();
     let (mut hasher, mut total) = (Sha256::new(), 0);
     while let Some(message) = stream.message().await.unwrap() {

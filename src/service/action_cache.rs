@@ -44,7 +44,9 @@ impl ActionCache for ActionCacheService {
             let mut result = ActionResult::decode(bytes)
                 .map_err(|e| store::Error::Corrupt(format!("action result of {action}: {e}")))?;
             if let Some(missing) = first_missing_blob(&store, &result, function)? {
-                return Ok(Err(format!("the action result of {action} refers to blob {missing}, which is not in the CAS")));
+                return Ok(Err(format!(
+                    "the action result of {action} refers to blob {missing}, which is not in the CAS"
+                )));
             }
             inline(&store, &mut result, &request, function, limit)?;
             Ok(Ok(result))
@@ -60,9 +62,8 @@ impl ActionCache for ActionCacheService {
         let request = request.into_inner();
         let function = request_function(&request.instance_name, request.digest_function)?;
         let action = required_digest(request.action_digest.as_ref(), "action_digest", function)?;
-        let result = request
-            .action_result
-            .ok_or_else(|| Status::invalid_argument("action_result is required"))?;
+        let result =
+            request.action_result.ok_or_else(|| Status::invalid_argument("action_result is required"))?;
         // Refuse results that could never be served back.
         referenced_blobs(&result, function)?;
         let encoded = result.encode_to_vec();
@@ -89,14 +90,8 @@ fn referenced_blobs(result: &ActionResult, function: Function) -> Result<Vec<Dig
         add(f.digest.as_ref(), &format!("output file {:?}", f.path))?;
     }
     for d in &result.output_directories {
-        add(
-            d.tree_digest.as_ref(),
-            &format!("output directory {:?}", d.path),
-        )?;
-        add(
-            d.root_directory_digest.as_ref(),
-            &format!("output directory {:?}", d.path),
-        )?;
+        add(d.tree_digest.as_ref(), &format!("output directory {:?}", d.path))?;
+        add(d.root_directory_digest.as_ref(), &format!("output directory {:?}", d.path))?;
     }
     add(result.stdout_digest.as_ref(), "stdout_digest")?;
     add(result.stderr_digest.as_ref(), "stderr_digest")?;
@@ -112,9 +107,7 @@ fn first_missing_blob(
     function: Function,
 ) -> Result<Option<Digest>, store::Error> {
     let Ok(direct) = referenced_blobs(result, function) else {
-        return Err(store::Error::Corrupt(
-            "a stored action result has a malformed digest".into(),
-        ));
+        return Err(store::Error::Corrupt("a stored action result has a malformed digest".into()));
     };
     if let Some(missing) = first_absent(store, &direct)? {
         return Ok(Some(missing));
@@ -122,22 +115,17 @@ fn first_missing_blob(
     let mut inner = Vec::new();
     let mut seen = HashSet::new();
     let parse = |d: &Option<crate::proto::reapi::Digest>| {
-        d.as_ref()
-            .and_then(|d| Digest::from_proto(d, function).ok())
+        d.as_ref().and_then(|d| Digest::from_proto(d, function).ok())
     };
     let add_directory = |dir: &Directory, inner: &mut Vec<Digest>| {
         inner.extend(dir.files.iter().filter_map(|f| parse(&f.digest)));
-        dir.directories
-            .iter()
-            .filter_map(|d| parse(&d.digest))
-            .collect::<Vec<_>>()
+        dir.directories.iter().filter_map(|d| parse(&d.digest)).collect::<Vec<_>>()
     };
     for output in &result.output_directories {
         if let Some(tree_digest) = parse(&output.tree_digest) {
             let data = store.read_all(&tree_digest)?.unwrap_or_default();
-            let tree = Tree::decode(data).map_err(|e| {
-                store::Error::Corrupt(format!("Tree {tree_digest} does not decode: {e}"))
-            })?;
+            let tree = Tree::decode(data)
+                .map_err(|e| store::Error::Corrupt(format!("Tree {tree_digest} does not decode: {e}")))?;
             for dir in tree.root.iter().chain(&tree.children) {
                 add_directory(dir, &mut inner);
             }
@@ -151,9 +139,8 @@ fn first_missing_blob(
                 let Some(data) = store.read_all(&d)? else {
                     return Ok(Some(d));
                 };
-                let dir = Directory::decode(data).map_err(|e| {
-                    store::Error::Corrupt(format!("Directory {d} does not decode: {e}"))
-                })?;
+                let dir = Directory::decode(data)
+                    .map_err(|e| store::Error::Corrupt(format!("Directory {d} does not decode: {e}")))?;
                 queue.extend(add_directory(&dir, &mut inner));
             }
         }
@@ -165,11 +152,7 @@ fn first_missing_blob(
 
 fn first_absent(store: &Store, digests: &[Digest]) -> Result<Option<Digest>, store::Error> {
     let present = store.contains(digests)?;
-    Ok(digests
-        .iter()
-        .zip(present)
-        .find(|(_, p)| !p)
-        .map(|(d, _)| *d))
+    Ok(digests.iter().zip(present).find(|(_, p)| !p).map(|(d, _)| *d))
 }
 
 /// Inlines stdout, stderr and the requested output files, as far as they fit
@@ -183,23 +166,19 @@ fn inline(
 ) -> Result<(), store::Error> {
     // Headroom for the response framing.
     let mut budget = limit.saturating_sub(result.encoded_len() + (64 << 10));
-    let mut fetch =
-        |d: &Option<crate::proto::reapi::Digest>| -> Result<Option<bytes::Bytes>, store::Error> {
-            let Some(d) = d
-                .as_ref()
-                .and_then(|d| Digest::from_proto(d, function).ok())
-            else {
-                return Ok(None);
-            };
-            if d.size as usize > budget {
-                return Ok(None);
-            }
-            let data = store.read_all(&d)?;
-            if let Some(data) = &data {
-                budget -= data.len();
-            }
-            Ok(data)
+    let mut fetch = |d: &Option<crate::proto::reapi::Digest>| -> Result<Option<bytes::Bytes>, store::Error> {
+        let Some(d) = d.as_ref().and_then(|d| Digest::from_proto(d, function).ok()) else {
+            return Ok(None);
         };
+        if d.size as usize > budget {
+            return Ok(None);
+        }
+        let data = store.read_all(&d)?;
+        if let Some(data) = &data {
+            budget -= data.len();
+        }
+        Ok(data)
+    };
     if request.inline_stdout
         && result.stdout_raw.is_empty()
         && let Some(data) = fetch(&result.stdout_digest)?
@@ -212,15 +191,9 @@ fn inline(
     {
         result.stderr_raw = data;
     }
-    let wanted: HashSet<&str> = request
-        .inline_output_files
-        .iter()
-        .map(String::as_str)
-        .collect();
-    for file in result
-        .output_files
-        .iter_mut()
-        .filter(|f| wanted.contains(f.path.as_str()) && f.contents.is_empty())
+    let wanted: HashSet<&str> = request.inline_output_files.iter().map(String::as_str).collect();
+    for file in
+        result.output_files.iter_mut().filter(|f| wanted.contains(f.path.as_str()) && f.contents.is_empty())
     {
         if let Some(data) = fetch(&file.digest)? {
             file.contents = data;

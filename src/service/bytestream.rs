@@ -54,10 +54,7 @@ impl ByteStream for ByteStreamService {
         identity_only(&resource)?;
         let digest = resource.digest;
         if request.read_limit < 0 {
-            return Err(Status::invalid_argument(format!(
-                "read_limit {} is negative",
-                request.read_limit
-            )));
+            return Err(Status::invalid_argument(format!("read_limit {} is negative", request.read_limit)));
         }
         if request.read_offset < 0 || request.read_offset as u64 > digest.size {
             return Err(Status::out_of_range(format!(
@@ -100,9 +97,7 @@ impl ByteStream for ByteStreamService {
                 }
             }
         });
-        Ok(Response::new(
-            Box::pin(ReceiverStream::new(rx)) as ReadStream
-        ))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as ReadStream))
     }
 
     async fn write(
@@ -110,28 +105,22 @@ impl ByteStream for ByteStreamService {
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
         let mut stream = request.into_inner();
-        let first = stream.message().await?.ok_or_else(|| {
-            Status::invalid_argument("the write stream ended before its first message")
-        })?;
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the write stream ended before its first message"))?;
         if first.resource_name.is_empty() {
-            return Err(Status::invalid_argument(
-                "resource_name is required on the first write message",
-            ));
+            return Err(Status::invalid_argument("resource_name is required on the first write message"));
         }
         let resource = digest::parse_write_resource(&first.resource_name)?;
         identity_only(&resource)?;
         let digest = resource.digest;
-        let done = Response::new(WriteResponse {
-            committed_size: digest.size as i64,
-        });
+        let done = Response::new(WriteResponse { committed_size: digest.size as i64 });
         if self.present(digest).await? {
             return Ok(done);
         }
         if first.write_offset < 0 {
-            return Err(Status::invalid_argument(format!(
-                "write_offset {} is negative",
-                first.write_offset
-            )));
+            return Err(Status::invalid_argument(format!("write_offset {} is negative", first.write_offset)));
         }
         let name = first.resource_name.clone();
         let store = Arc::clone(&self.shared.store);
@@ -173,9 +162,9 @@ impl ByteStream for ByteStreamService {
                 Ok(None) | Err(_) => {
                     return Ok(match sink.persist_tail().await? {
                         Progress::AlreadyPresent => done,
-                        Progress::Continue => Response::new(WriteResponse {
-                            committed_size: sink.received as i64,
-                        }),
+                        Progress::Continue => {
+                            Response::new(WriteResponse { committed_size: sink.received as i64 })
+                        }
                     });
                 }
             };
@@ -191,14 +180,9 @@ impl ByteStream for ByteStreamService {
         }
         // Messages after finish_write break the protocol: store nothing then.
         if let Some(Ok(Some(_))) = stream.message().now_or_never() {
-            return sink.fail(Status::invalid_argument(
-                "the stream went on after finish_write",
-            ));
+            return sink.fail(Status::invalid_argument("the stream went on after finish_write"));
         }
-        let upload = sink
-            .upload
-            .take()
-            .expect("persist_tail leaves the upload in place");
+        let upload = sink.upload.take().expect("persist_tail leaves the upload in place");
         blocking(move || upload.finish()).await?;
         Ok(done)
     }
@@ -218,13 +202,8 @@ impl ByteStream for ByteStreamService {
             }));
         }
         let store = Arc::clone(&self.shared.store);
-        let committed = blocking(move || store.upload_committed(&name))
-            .await?
-            .unwrap_or(0);
-        Ok(Response::new(QueryWriteStatusResponse {
-            committed_size: committed as i64,
-            complete: false,
-        }))
+        let committed = blocking(move || store.upload_committed(&name)).await?.unwrap_or(0);
+        Ok(Response::new(QueryWriteStatusResponse { committed_size: committed as i64, complete: false }))
     }
 }
 
@@ -249,13 +228,7 @@ struct Sink {
 impl Sink {
     fn new(store: Arc<Store>, upload: Upload) -> Sink {
         let received = upload.committed();
-        Sink {
-            store,
-            upload: Some(upload),
-            pending: None,
-            buffer: BytesMut::new(),
-            received,
-        }
+        Sink { store, upload: Some(upload), pending: None, buffer: BytesMut::new(), received }
     }
 
     async fn push(&mut self, data: Bytes) -> Result<Progress, Status> {

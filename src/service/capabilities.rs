@@ -22,18 +22,8 @@ impl CapabilitiesService {
 }
 
 /// The REAPI versions whose cache features are served in full.
-const LOW_API: SemVer = SemVer {
-    major: 2,
-    minor: 0,
-    patch: 0,
-    prerelease: String::new(),
-};
-const HIGH_API: SemVer = SemVer {
-    major: 2,
-    minor: 1,
-    patch: 0,
-    prerelease: String::new(),
-};
+const LOW_API: SemVer = SemVer { major: 2, minor: 0, patch: 0, prerelease: String::new() };
+const HIGH_API: SemVer = SemVer { major: 2, minor: 1, patch: 0, prerelease: String::new() };
 
 #[tonic::async_trait]
 impl Capabilities for CapabilitiesService {
@@ -50,8 +40,7 @@ impl Capabilities for CapabilitiesService {
                 }),
                 max_batch_total_size_bytes: self.shared.max_batch_size as i64,
                 // A cache stores what clients send; it never follows symlinks.
-                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed
-                    as i32,
+                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
                 supported_compressors: vec![],
                 supported_batch_update_compressors: vec![],
                 ..Default::default()

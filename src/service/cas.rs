@@ -11,15 +11,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{
-    READ_MESSAGE_SIZE, Shared, blocking, ok_status, request_function, required_digest, rpc_status,
-};
+use super::{READ_MESSAGE_SIZE, Shared, blocking, ok_status, request_function, required_digest, rpc_status};
 use crate::digest::{Digest, Function};
 use crate::proto::reapi::{
-    BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
-    BatchUpdateBlobsResponse, Directory, FindMissingBlobsRequest, FindMissingBlobsResponse,
-    GetTreeRequest, GetTreeResponse, batch_read_blobs_response, batch_update_blobs_response,
-    compressor, content_addressable_storage_server::ContentAddressableStorage,
+    BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse,
+    Directory, FindMissingBlobsRequest, FindMissingBlobsResponse, GetTreeRequest, GetTreeResponse,
+    batch_read_blobs_response, batch_update_blobs_response, compressor,
+    content_addressable_storage_server::ContentAddressableStorage,
 };
 use crate::store::Store;
 
@@ -67,15 +65,8 @@ impl ContentAddressableStorage for CasService {
             Ok((digests, present))
         })
         .await?;
-        let missing = digests
-            .iter()
-            .zip(present)
-            .filter(|(_, p)| !p)
-            .map(|(d, _)| d.to_proto())
-            .collect();
-        Ok(Response::new(FindMissingBlobsResponse {
-            missing_blob_digests: missing,
-        }))
+        let missing = digests.iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| d.to_proto()).collect();
+        Ok(Response::new(FindMissingBlobsResponse { missing_blob_digests: missing }))
     }
 
     async fn batch_update_blobs(
@@ -84,10 +75,7 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         let request = request.into_inner();
         let function = request_function(&request.instance_name, request.digest_function)?;
-        self.check_batch_size(
-            request.requests.iter().map(|r| r.data.len() as u64).sum(),
-            "the batch",
-        )?;
+        self.check_batch_size(request.requests.iter().map(|r| r.data.len() as u64).sum(), "the batch")?;
         // Validate each blob; the valid ones go to the store together.
         let mut outcomes = Vec::with_capacity(request.requests.len());
         let mut valid = Vec::new();
@@ -114,9 +102,7 @@ impl ContentAddressableStorage for CasService {
             outcomes.push((r.digest, checked.map(|_| ())));
         }
         let store = Arc::clone(&self.shared.store);
-        let mut stored = blocking(move || Ok(store.put_blobs(&valid)))
-            .await?
-            .into_iter();
+        let mut stored = blocking(move || Ok(store.put_blobs(&valid))).await?.into_iter();
         let responses = outcomes
             .into_iter()
             .map(|(digest, checked)| {
@@ -128,10 +114,7 @@ impl ContentAddressableStorage for CasService {
                     Ok(()) => ok_status(),
                     Err(status) => rpc_status(&status),
                 };
-                batch_update_blobs_response::Response {
-                    digest,
-                    status: Some(status),
-                }
+                batch_update_blobs_response::Response { digest, status: Some(status) }
             })
             .collect();
         Ok(Response::new(BatchUpdateBlobsResponse { responses }))
@@ -143,15 +126,9 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         let request = request.into_inner();
         let function = request_function(&request.instance_name, request.digest_function)?;
-        let digests: Vec<Result<Digest, Status>> = request
-            .digests
-            .iter()
-            .map(|d| Digest::from_proto(d, function).map_err(Status::from))
-            .collect();
-        self.check_batch_size(
-            digests.iter().flatten().map(|d| d.size).sum(),
-            "the requested blobs",
-        )?;
+        let digests: Vec<Result<Digest, Status>> =
+            request.digests.iter().map(|d| Digest::from_proto(d, function).map_err(Status::from)).collect();
+        self.check_batch_size(digests.iter().flatten().map(|d| d.size).sum(), "the requested blobs")?;
         let store = Arc::clone(&self.shared.store);
         let responses = blocking(move || {
             let mut responses = Vec::with_capacity(digests.len());
@@ -182,26 +159,19 @@ impl ContentAddressableStorage for CasService {
 
     type GetTreeStream = TreeStream;
 
-    async fn get_tree(
-        &self,
-        request: Request<GetTreeRequest>,
-    ) -> Result<Response<TreeStream>, Status> {
+    async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<TreeStream>, Status> {
         let request = request.into_inner();
         let function = request_function(&request.instance_name, request.digest_function)?;
         let root = required_digest(request.root_digest.as_ref(), "root_digest", function)?;
         let skip: usize = match request.page_token.as_str() {
             "" => 0,
             token => token.parse().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "page_token {token:?} was not issued by this server"
-                ))
+                Status::invalid_argument(format!("page_token {token:?} was not issued by this server"))
             })?,
         };
         let page_size = match request.page_size {
             n if n < 0 => {
-                return Err(Status::invalid_argument(format!(
-                    "page_size {n} is negative"
-                )));
+                return Err(Status::invalid_argument(format!("page_size {n} is negative")));
             }
             0 => DEFAULT_TREE_PAGE,
             n => n as usize,
@@ -212,9 +182,7 @@ impl ContentAddressableStorage for CasService {
             blocking(move || store.contains(&[root])).await?[0]
         };
         if !root_present {
-            return Err(Status::not_found(format!(
-                "root directory {root} is not in the CAS"
-            )));
+            return Err(Status::not_found(format!("root directory {root} is not in the CAS")));
         }
         let (tx, rx) = mpsc::channel(2);
         tokio::task::spawn_blocking(move || {
@@ -223,9 +191,7 @@ impl ContentAddressableStorage for CasService {
                 let _ = tx.blocking_send(Err(Status::from(e)));
             }
         });
-        Ok(Response::new(
-            Box::pin(ReceiverStream::new(rx)) as TreeStream
-        ))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as TreeStream))
     }
 }
 
@@ -250,11 +216,7 @@ fn walk_tree(
     let mut message_bytes = 0;
     let send = |directories, next_page_token| {
         // An error means the client went away: stop walking.
-        tx.blocking_send(Ok(GetTreeResponse {
-            directories,
-            next_page_token,
-        }))
-        .is_ok()
+        tx.blocking_send(Ok(GetTreeResponse { directories, next_page_token })).is_ok()
     };
     while let Some(digest) = queue.pop_front() {
         let Some(data) = store.read_all(&digest)? else {
@@ -264,10 +226,7 @@ fn walk_tree(
             continue;
         };
         for child in &directory.directories {
-            if let Some(Ok(d)) = child
-                .digest
-                .as_ref()
-                .map(|d| Digest::from_proto(d, function))
+            if let Some(Ok(d)) = child.digest.as_ref().map(|d| Digest::from_proto(d, function))
                 && seen.insert(d)
             {
                 queue.push_back(d);
@@ -281,11 +240,7 @@ fn walk_tree(
         message.push(directory);
         listed += 1;
         if listed == page_size {
-            let token = if queue.is_empty() {
-                String::new()
-            } else {
-                position.to_string()
-            };
+            let token = if queue.is_empty() { String::new() } else { position.to_string() };
             send(std::mem::take(&mut message), token);
             return Ok(());
         }

@@ -62,11 +62,7 @@ impl From<digest::Error> for Status {
 
 /// A `google.rpc.Status` for per-item results in batch responses.
 pub fn rpc_status(status: &Status) -> rpc::Status {
-    rpc::Status {
-        code: status.code() as i32,
-        message: status.message().to_string(),
-        details: vec![],
-    }
+    rpc::Status { code: status.code() as i32, message: status.message().to_string(), details: vec![] }
 }
 
 pub fn ok_status() -> rpc::Status {

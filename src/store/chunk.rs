@@ -23,18 +23,15 @@ thread_local! {
         const { RefCell::new(None) };
 }
 
+/// Chunks at least this large are probed before being compressed whole.
+const PROBE_FROM: usize = 64 << 10;
+const PROBE_SLICES: usize = 4;
+const PROBE_SLICE: usize = 4 << 10;
+
 /// Encodes a chunk for storage at the given zstd level.
 pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
-    if data.len() >= MIN_COMPRESS {
-        let compressed = COMPRESSOR.with(|cell| {
-            let mut cell = cell.borrow_mut();
-            if cell.as_ref().map(|(l, _)| *l) != Some(level) {
-                let mut c = zstd::bulk::Compressor::new(level).ok()?;
-                c.include_checksum(true).ok()?;
-                c.include_contentsize(true).ok()?;
-                *cell = Some((level, c));
-            }
-            let (_, c) = cell.as_mut()?;
+    if data.len() >= MIN_COMPRESS && (data.len() < PROBE_FROM || looks_compressible(data, level)) {
+        let compressed = with_compressor(level, |c| {
             let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()) + 1);
             let n = c.compress_to_buffer(data, &mut out).ok()?;
             // A frame that does not save at least 1/32 is not worth decompressing.
@@ -42,7 +39,8 @@ pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
                 out.push(ZSTD);
                 out
             })
-        });
+        })
+        .flatten();
         if let Some(out) = compressed {
             return out;
         }
@@ -51,6 +49,33 @@ pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
     out.extend_from_slice(data);
     out.push(RAW);
     out
+}
+
+/// Runs `f` with this thread's compressor at `level`; `None` if zstd failed to set up.
+fn with_compressor<T>(level: i32, f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> T) -> Option<T> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().map(|(l, _)| *l) != Some(level) {
+            let mut c = zstd::bulk::Compressor::new(level).ok()?;
+            c.include_checksum(true).ok()?;
+            c.include_contentsize(true).ok()?;
+            *cell = Some((level, c));
+        }
+        cell.as_mut().map(|(_, c)| f(c))
+    })
+}
+
+/// Compresses a few slices spread over `data`: incompressible data (already
+/// compressed archives, media, random bytes) is then stored raw for about 2 %
+/// of the cost of trying to compress it all.
+fn looks_compressible(data: &[u8], level: i32) -> bool {
+    let step = data.len() / PROBE_SLICES;
+    let mut sample = Vec::with_capacity(PROBE_SLICES * PROBE_SLICE);
+    for i in 0..PROBE_SLICES {
+        sample.extend_from_slice(&data[i * step..i * step + PROBE_SLICE]);
+    }
+    let compressed = with_compressor(level, |c| c.compress(&sample).ok()).flatten();
+    compressed.is_some_and(|c| c.len() < sample.len() - sample.len() / 16)
 }
 
 /// Decodes a stored chunk. `None` means the value is corrupt.
@@ -80,9 +105,7 @@ mod tests {
     #[test]
     fn round_trip_compressible_random_and_tiny() {
         let text: Vec<u8> = b"fn main() { println!(\"hello\"); }\n".repeat(4096);
-        let random: Vec<u8> = (0..100_000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
+        let random: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         for data in [&text[..], &random[..], b"tiny", b""] {
             let stored = encode(data, 1);
             assert_eq!(decode(&stored).unwrap(), data);

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `index`   | function (1) · hash (32) · size (8, BE) | [`IndexEntry`] |
 //! | `chunks`  | blob id (8, BE) · uncompressed offset (8, BE) | payload · tag (1) (see `chunk`) |
+//! | `chunks`  | blob id (8, BE) · `u64::MAX` | [`UploadProgress`] of an unfinished upload |
 //! | `uploads` | ByteStream resource name (UTF-8) | [`UploadRecord`] |
 //! | `ac`      | instance name · 0x00 · index key | 0x01 · ActionResult protobuf |
 //! | `default` | `layout` | layout version (ASCII) |
@@ -15,6 +16,11 @@
 //! becomes visible by one atomic write of its index entry. The index is the
 //! single source of truth for "present"; chunks without an index entry or an
 //! upload record are garbage.
+//!
+//! An upload's progress lives beside its chunks, in the same column family,
+//! and is written in the same batch as each chunk: one memtable holds both,
+//! so a flush persists both or neither. That lets large uploads skip the WAL
+//! (see `upload`) without a crash ever leaving progress that claims lost chunks.
 
 use crate::digest::{Digest, Function};
 
@@ -58,10 +64,7 @@ pub fn chunk_key(blob_id: u64, offset: u64) -> [u8; 16] {
 
 pub fn split_chunk_key(k: &[u8]) -> Option<(u64, u64)> {
     let k: &[u8; 16] = k.try_into().ok()?;
-    Some((
-        u64::from_be_bytes(k[..8].try_into().ok()?),
-        u64::from_be_bytes(k[8..].try_into().ok()?),
-    ))
+    Some((u64::from_be_bytes(k[..8].try_into().ok()?), u64::from_be_bytes(k[8..].try_into().ok()?)))
 }
 
 pub fn ac_key(instance: &str, action: &Digest) -> Vec<u8> {
@@ -113,11 +116,40 @@ impl IndexEntry {
     }
 }
 
-/// A partial upload: where its chunks are and how far it got.
+/// Where a partial upload's chunks are (written through the WAL when the
+/// upload writes its first chunk).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UploadRecord {
     pub blob_id: u64,
-    /// Uncompressed bytes persisted so far (what QueryWriteStatus reports).
+    /// Seconds since the Unix epoch, for expiry of uploads with no progress.
+    pub created: u64,
+}
+
+impl UploadRecord {
+    const VERSION: u8 = 1;
+    const LEN: usize = 17;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut v = [0u8; Self::LEN];
+        v[0] = Self::VERSION;
+        v[1..9].copy_from_slice(&self.blob_id.to_be_bytes());
+        v[9..17].copy_from_slice(&self.created.to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<UploadRecord> {
+        (v.len() == Self::LEN && v[0] == Self::VERSION)
+            .then(|| UploadRecord { blob_id: u64_at(v, 1), created: u64_at(v, 9) })
+    }
+}
+
+/// The chunk offset under which an unfinished upload keeps its progress.
+pub const PROGRESS_OFFSET: u64 = u64::MAX;
+
+/// How far a partial upload got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UploadProgress {
+    /// Uncompressed bytes persisted (what QueryWriteStatus reports).
     pub committed: u64,
     /// Bytes its chunks take on disk.
     pub stored: u64,
@@ -125,26 +157,24 @@ pub struct UploadRecord {
     pub updated: u64,
 }
 
-impl UploadRecord {
+impl UploadProgress {
     const VERSION: u8 = 1;
-    const LEN: usize = 33;
+    const LEN: usize = 25;
 
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut v = [0u8; Self::LEN];
         v[0] = Self::VERSION;
-        v[1..9].copy_from_slice(&self.blob_id.to_be_bytes());
-        v[9..17].copy_from_slice(&self.committed.to_be_bytes());
-        v[17..25].copy_from_slice(&self.stored.to_be_bytes());
-        v[25..33].copy_from_slice(&self.updated.to_be_bytes());
+        v[1..9].copy_from_slice(&self.committed.to_be_bytes());
+        v[9..17].copy_from_slice(&self.stored.to_be_bytes());
+        v[17..25].copy_from_slice(&self.updated.to_be_bytes());
         v
     }
 
-    pub fn decode(v: &[u8]) -> Option<UploadRecord> {
-        (v.len() == Self::LEN && v[0] == Self::VERSION).then(|| UploadRecord {
-            blob_id: u64_at(v, 1),
-            committed: u64_at(v, 9),
-            stored: u64_at(v, 17),
-            updated: u64_at(v, 25),
+    pub fn decode(v: &[u8]) -> Option<UploadProgress> {
+        (v.len() == Self::LEN && v[0] == Self::VERSION).then(|| UploadProgress {
+            committed: u64_at(v, 1),
+            stored: u64_at(v, 9),
+            updated: u64_at(v, 17),
         })
     }
 }
@@ -158,19 +188,12 @@ mod tests {
         let d = Digest::of(b"hello");
         assert_eq!(digest_of_index_key(&index_key(&d)), Some(d));
         assert_eq!(split_chunk_key(&chunk_key(7, 1 << 40)), Some((7, 1 << 40)));
-        let e = IndexEntry {
-            blob_id: 1,
-            stored: 2,
-            atime: 3,
-        };
+        let e = IndexEntry { blob_id: 1, stored: 2, atime: 3 };
         assert_eq!(IndexEntry::decode(&e.encode()), Some(e));
-        let u = UploadRecord {
-            blob_id: 1,
-            committed: 2,
-            stored: 3,
-            updated: 4,
-        };
+        let u = UploadRecord { blob_id: 1, created: 2 };
         assert_eq!(UploadRecord::decode(&u.encode()), Some(u));
+        let p = UploadProgress { committed: 1, stored: 2, updated: 3 };
+        assert_eq!(UploadProgress::decode(&p.encode()), Some(p));
         assert_eq!(IndexEntry::decode(&[1, 2, 3]), None);
     }
 

@@ -10,12 +10,12 @@ use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
-    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode,
+    Options, ReadOptions, WriteBatch, WriteOptions,
 };
 
 use crate::digest::Digest;
@@ -34,11 +34,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions {
-            chunk_size: 1 << 20,
-            zstd_level: 1,
-            sync_writes: false,
-        }
+        StoreOptions { chunk_size: 1 << 20, zstd_level: 1, sync_writes: false }
     }
 }
 
@@ -147,9 +143,7 @@ impl Store {
             active_uploads: Mutex::new(HashSet::new()),
             accessed: Mutex::new(HashSet::new()),
         };
-        store
-            .next_blob_id
-            .store(store.highest_blob_id()? + 1, Ordering::Relaxed);
+        store.next_blob_id.store(store.highest_blob_id()? + 1, Ordering::Relaxed);
         Ok(store)
     }
 
@@ -158,9 +152,7 @@ impl Store {
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("column families are created at open")
+        self.db.cf_handle(name).expect("column families are created at open")
     }
 
     fn write_options(&self) -> WriteOptions {
@@ -177,18 +169,11 @@ impl Store {
     /// it are free. (A prefix of deleted ids may be reused; nothing refers to them.)
     fn highest_blob_id(&self) -> Result<u64, Error> {
         let mut highest = 0;
-        if let Some(item) = self
-            .db
-            .iterator_cf(self.cf(CF_CHUNKS), IteratorMode::End)
-            .next()
-        {
+        if let Some(item) = self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::End).next() {
             let (key, _) = item?;
             highest = split_chunk_key(&key).map_or(0, |(id, _)| id);
         }
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_UPLOADS), IteratorMode::Start)
-        {
+        for item in self.db.iterator_cf(self.cf(CF_UPLOADS), IteratorMode::Start) {
             let (_, value) = item?;
             if let Some(record) = UploadRecord::decode(&value) {
                 highest = highest.max(record.blob_id);
@@ -202,9 +187,7 @@ impl Store {
     }
 
     fn stripe(&self, d: &Digest) -> MutexGuard<'_, ()> {
-        self.stripes[d.hash[0] as usize % STRIPES]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.stripes[d.hash[0] as usize % STRIPES].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn get_entry(&self, d: &Digest) -> Result<Option<IndexEntry>, Error> {
@@ -231,32 +214,20 @@ impl Store {
         for (d, result) in digests.iter().zip(found) {
             present.push(d.is_empty_blob() || result?.is_some());
         }
-        self.touch(
-            digests
-                .iter()
-                .zip(&present)
-                .filter(|(_, p)| **p)
-                .map(|(d, _)| *d),
-        );
+        self.touch(digests.iter().zip(&present).filter(|(_, p)| **p).map(|(d, _)| *d));
         Ok(present)
     }
 
     /// Finds a blob for reading; `None` if absent. Counts as a use.
     pub fn locate(&self, digest: &Digest) -> Result<Option<Blob>, Error> {
         if digest.is_empty_blob() {
-            return Ok(Some(Blob {
-                digest: *digest,
-                blob_id: 0,
-            }));
+            return Ok(Some(Blob { digest: *digest, blob_id: 0 }));
         }
         let entry = self.get_entry(digest)?;
         if entry.is_some() {
             self.touch([*digest]);
         }
-        Ok(entry.map(|e| Blob {
-            digest: *digest,
-            blob_id: e.blob_id,
-        }))
+        Ok(entry.map(|e| Blob { digest: *digest, blob_id: e.blob_id }))
     }
 
     /// The blob's bytes from `offset` to the end of the chunk holding it:
@@ -266,23 +237,14 @@ impl Store {
             return Ok(Bytes::new());
         }
         let (start, value) = self.chunk_at(blob.blob_id, offset)?.ok_or_else(|| {
-            Error::Vanished(format!(
-                "blob {} has no chunk at offset {offset}",
-                blob.digest
-            ))
+            Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
         })?;
         let data = chunk::decode(&value).ok_or_else(|| {
-            Error::Corrupt(format!(
-                "chunk at offset {start} of blob {} is corrupt",
-                blob.digest
-            ))
+            Error::Corrupt(format!("chunk at offset {start} of blob {} is corrupt", blob.digest))
         })?;
         let skip = (offset - start) as usize;
         if skip >= data.len() {
-            return Err(Error::Corrupt(format!(
-                "blob {} has a gap at offset {offset}",
-                blob.digest
-            )));
+            return Err(Error::Corrupt(format!("blob {} has a gap at offset {offset}", blob.digest)));
         }
         Ok(data.slice(skip..))
     }
@@ -330,10 +292,7 @@ impl Store {
                 if actual == *digest {
                     Ok(Written::Stored)
                 } else {
-                    Err(Error::DigestMismatch {
-                        expected: *digest,
-                        actual,
-                    })
+                    Err(Error::DigestMismatch { expected: *digest, actual })
                 }
             })
             .collect();
@@ -390,26 +349,15 @@ impl Store {
             for (n, part) in data.chunks(self.options.chunk_size).enumerate() {
                 let value = chunk::encode(part, self.options.zstd_level);
                 stored += value.len() as u64;
-                chunks.push((
-                    chunk_key(blob_id, (n * self.options.chunk_size) as u64),
-                    value,
-                ));
+                chunks.push((chunk_key(blob_id, (n * self.options.chunk_size) as u64), value));
             }
-            let entry = IndexEntry {
-                blob_id,
-                stored,
-                atime: now,
-            };
+            let entry = IndexEntry { blob_id, stored, atime: now };
             prepared.push((i, *digest, entry, chunks));
         }
-        let stripe_ids: BTreeSet<usize> = prepared
-            .iter()
-            .map(|(_, d, _, _)| d.hash[0] as usize % STRIPES)
-            .collect();
-        let _guards: Vec<_> = stripe_ids
-            .iter()
-            .map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner()))
-            .collect();
+        let stripe_ids: BTreeSet<usize> =
+            prepared.iter().map(|(_, d, _, _)| d.hash[0] as usize % STRIPES).collect();
+        let _guards: Vec<_> =
+            stripe_ids.iter().map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())).collect();
         let mut batch = WriteBatch::default();
         for (i, digest, entry, chunks) in prepared {
             // Another writer may have stored it since the check above.
@@ -445,8 +393,7 @@ impl Store {
                 && entry.atime < now
             {
                 entry.atime = now;
-                self.db
-                    .put_cf_opt(self.cf(CF_INDEX), key, entry.encode(), &opts)?;
+                self.db.put_cf_opt(self.cf(CF_INDEX), key, entry.encode(), &opts)?;
                 updated += 1;
             }
         }
@@ -454,124 +401,38 @@ impl Store {
     }
 
     /// The stored action result for `action` under `instance`, as protobuf bytes.
-    pub fn get_action_result(
-        &self,
-        instance: &str,
-        action: &Digest,
-    ) -> Result<Option<Bytes>, Error> {
+    pub fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<Bytes>, Error> {
         match self.db.get_cf(self.cf(CF_AC), ac_key(instance, action))? {
             None => Ok(None),
             Some(v) => match v.split_first() {
                 Some((&AC_VALUE_VERSION, rest)) => Ok(Some(Bytes::copy_from_slice(rest))),
-                _ => Err(Error::Corrupt(format!(
-                    "action cache entry of {action} is malformed"
-                ))),
+                _ => Err(Error::Corrupt(format!("action cache entry of {action} is malformed"))),
             },
         }
     }
 
-    pub fn put_action_result(
-        &self,
-        instance: &str,
-        action: &Digest,
-        result: &[u8],
-    ) -> Result<(), Error> {
+    pub fn put_action_result(&self, instance: &str, action: &Digest, result: &[u8]) -> Result<(), Error> {
         let mut value = Vec::with_capacity(result.len() + 1);
         value.push(AC_VALUE_VERSION);
         value.extend_from_slice(result);
-        Ok(self.db.put_cf_opt(
-            self.cf(CF_AC),
-            ac_key(instance, action),
-            value,
-            &self.write_options(),
-        )?)
-    }
-
-    /// Committed bytes of the partial upload under `resource`, if there is one.
-    pub fn upload_committed(&self, resource: &str) -> Result<Option<u64>, Error> {
-        Ok(self.upload_record(resource)?.map(|r| r.committed))
-    }
-
-    fn upload_record(&self, resource: &str) -> Result<Option<UploadRecord>, Error> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(CF_UPLOADS), resource.as_bytes())?
-        {
-            None => Ok(None),
-            Some(v) => UploadRecord::decode(&v).map(Some).ok_or_else(|| {
-                Error::Corrupt(format!("upload record of {resource:?} is malformed"))
-            }),
-        }
-    }
-
-    /// Adds the deletion of an upload (its record and chunks) to `batch`.
-    fn delete_upload(&self, batch: &mut WriteBatch, resource: &str, blob_id: u64) {
-        batch.delete_cf(self.cf(CF_UPLOADS), resource.as_bytes());
-        batch.delete_range_cf(
-            self.cf(CF_CHUNKS),
-            chunk_key(blob_id, 0),
-            chunk_key(blob_id + 1, 0),
-        );
-    }
-
-    /// Deletes partial uploads not written to for `max_age`, except those a
-    /// stream is writing now. Returns how many were deleted.
-    pub fn expire_uploads(&self, max_age: Duration) -> Result<usize, Error> {
-        let cutoff = now_secs().saturating_sub(max_age.as_secs());
-        let mut stale = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_UPLOADS), IteratorMode::Start)
-        {
-            let (key, value) = item?;
-            let resource = String::from_utf8_lossy(&key).into_owned();
-            match UploadRecord::decode(&value) {
-                Some(r) if r.updated > cutoff => {}
-                record => stale.push((resource, record.map(|r| r.blob_id))),
-            }
-        }
-        let active = self
-            .active_uploads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let mut batch = WriteBatch::default();
-        let mut deleted = 0;
-        for (resource, blob_id) in stale.iter().filter(|(r, _)| !active.contains(r)) {
-            match blob_id {
-                Some(id) => self.delete_upload(&mut batch, resource, *id),
-                None => batch.delete_cf(self.cf(CF_UPLOADS), resource.as_bytes()),
-            }
-            deleted += 1;
-        }
-        self.write(batch)?;
-        Ok(deleted)
+        Ok(self.db.put_cf_opt(self.cf(CF_AC), ac_key(instance, action), value, &self.write_options())?)
     }
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(
-        "data does not match its digest: declared {expected}, the bytes received hash to {actual}"
-    )]
+    #[error("data does not match its digest: declared {expected}, the bytes received hash to {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
-    #[error(
-        "upload {0:?} is being written by another stream right now; retry when that stream ends"
-    )]
+    #[error("upload {0:?} is being written by another stream right now; retry when that stream ends")]
     UploadBusy(String),
     #[error(
         "write_offset {offset} does not continue upload {resource:?}, which has {committed} bytes committed: resume at QueryWriteStatus' committed_size, or start over at 0"
     )]
-    BadOffset {
-        resource: String,
-        offset: u64,
-        committed: u64,
-    },
+    BadOffset { resource: String, offset: u64, committed: u64 },
     #[error("{0}")]
     Vanished(String),
     #[error("stored data is corrupt: {0}")]

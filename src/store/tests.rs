@@ -8,17 +8,12 @@ use bytes::Bytes;
 use super::*;
 
 fn open(dir: &Path) -> Arc<Store> {
-    let options = StoreOptions {
-        chunk_size: 64 << 10,
-        ..StoreOptions::default()
-    };
+    let options = StoreOptions { chunk_size: 64 << 10, ..StoreOptions::default() };
     Arc::new(Store::open(dir, options).unwrap())
 }
 
 fn bytes(len: usize, seed: u8) -> Bytes {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
-        .collect()
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect()
 }
 
 fn read_whole(store: &Store, d: &Digest) -> Vec<u8> {
@@ -32,33 +27,19 @@ fn put_blobs_verifies_and_reads_back_across_chunks() {
     let big = bytes(300_000, 1); // five chunks of 64 KiB
     let small = Bytes::from_static(b"small");
     let wrong = (Digest::of(b"other"), Bytes::from_static(b"small"));
-    let results = store.put_blobs(&[
-        (Digest::of(&big), big.clone()),
-        wrong,
-        (Digest::of(&small), small.clone()),
-    ]);
+    let results =
+        store.put_blobs(&[(Digest::of(&big), big.clone()), wrong, (Digest::of(&small), small.clone())]);
     assert!(matches!(results[0], Ok(Written::Stored)));
     assert!(matches!(results[1], Err(Error::DigestMismatch { .. })));
     assert!(matches!(results[2], Ok(Written::Stored)));
-    assert_eq!(
-        store
-            .contains(&[Digest::of(&big), Digest::of(b"other")])
-            .unwrap(),
-        vec![true, false]
-    );
+    assert_eq!(store.contains(&[Digest::of(&big), Digest::of(b"other")]).unwrap(), vec![true, false]);
     assert_eq!(read_whole(&store, &Digest::of(&big)), big);
     // A read inside a chunk returns the rest of that chunk only.
     let blob = store.locate(&Digest::of(&big)).unwrap().unwrap();
-    assert_eq!(
-        store.read_at(&blob, 70_000).unwrap(),
-        big.slice(70_000..131_072)
-    );
+    assert_eq!(store.read_at(&blob, 70_000).unwrap(), big.slice(70_000..131_072));
     assert!(store.read_at(&blob, 300_000).unwrap().is_empty());
     // Storing again is a no-op.
-    assert!(matches!(
-        store.put_blobs(&[(Digest::of(&small), small)])[0],
-        Ok(Written::AlreadyPresent)
-    ));
+    assert!(matches!(store.put_blobs(&[(Digest::of(&small), small)])[0], Ok(Written::AlreadyPresent)));
 }
 
 #[test]
@@ -70,25 +51,12 @@ fn an_upload_is_invisible_until_finished_and_survives_reopen() {
         let store = open(tmp.path());
         let mut upload = store.begin_upload("u/1", digest, 0).unwrap();
         upload.append(&data[..100_000]).unwrap();
-        assert_eq!(
-            store.contains(&[digest]).unwrap(),
-            vec![false],
-            "not visible while partial"
-        );
-        assert!(matches!(
-            store.begin_upload("u/1", digest, 0),
-            Err(Error::UploadBusy(_))
-        ));
+        assert_eq!(store.contains(&[digest]).unwrap(), vec![false], "not visible while partial");
+        assert!(matches!(store.begin_upload("u/1", digest, 0), Err(Error::UploadBusy(_))));
     }
     let store = open(tmp.path());
     assert_eq!(store.upload_committed("u/1").unwrap(), Some(100_000));
-    assert!(matches!(
-        store.begin_upload("u/1", digest, 5),
-        Err(Error::BadOffset {
-            committed: 100_000,
-            ..
-        })
-    ));
+    assert!(matches!(store.begin_upload("u/1", digest, 5), Err(Error::BadOffset { committed: 100_000, .. })));
     let mut upload = store.begin_upload("u/1", digest, 100_000).unwrap();
     upload.append(&data[100_000..]).unwrap();
     assert_eq!(upload.finish().unwrap(), Written::Stored);
@@ -101,9 +69,7 @@ fn a_mismatched_upload_stores_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
     let data = bytes(1000, 3);
-    let mut upload = store
-        .begin_upload("u/bad", Digest::of(b"not these bytes"), 0)
-        .unwrap();
+    let mut upload = store.begin_upload("u/bad", Digest::of(b"not these bytes"), 0).unwrap();
     upload.append(&data).unwrap();
     assert!(matches!(upload.finish(), Err(Error::DigestMismatch { .. })));
     assert_eq!(store.upload_committed("u/bad").unwrap(), None);
@@ -124,10 +90,7 @@ fn racing_uploads_of_one_blob_leave_one_copy() {
     assert_eq!(b.finish().unwrap(), Written::AlreadyPresent);
     assert_eq!(read_whole(&store, &digest), data);
     // Only the winner's chunk remains (each append writes one chunk).
-    let chunks = store
-        .db
-        .iterator_cf(store.cf(CF_CHUNKS), IteratorMode::Start)
-        .count();
+    let chunks = store.db.iterator_cf(store.cf(CF_CHUNKS), IteratorMode::Start).count();
     assert_eq!(chunks, 1);
 }
 
@@ -153,16 +116,8 @@ fn expiry_spares_fresh_and_active_uploads() {
     let mut idle = store.begin_upload("idle", Digest::of(b"b"), 0).unwrap();
     idle.append(b"b").unwrap();
     drop(idle);
-    assert_eq!(
-        store.expire_uploads(Duration::from_secs(3600)).unwrap(),
-        0,
-        "all fresh"
-    );
-    assert_eq!(
-        store.expire_uploads(Duration::ZERO).unwrap(),
-        1,
-        "only the idle one"
-    );
+    assert_eq!(store.expire_uploads(Duration::from_secs(3600)).unwrap(), 0, "all fresh");
+    assert_eq!(store.expire_uploads(Duration::ZERO).unwrap(), 1, "only the idle one");
     assert_eq!(store.upload_committed("idle").unwrap(), None);
     assert_eq!(store.upload_committed("active").unwrap(), Some(1));
 }
@@ -177,11 +132,34 @@ fn access_times_are_flushed_for_present_blobs() {
     store.flush_access_times().unwrap();
     let mut entry = store.get_entry(&d).unwrap().unwrap();
     entry.atime = 1;
-    store
-        .db
-        .put_cf(store.cf(CF_INDEX), index_key(&d), entry.encode())
-        .unwrap();
+    store.db.put_cf(store.cf(CF_INDEX), index_key(&d), entry.encode()).unwrap();
     store.contains(&[d, Digest::of(b"absent")]).unwrap();
     assert_eq!(store.flush_access_times().unwrap(), 1);
     assert!(store.get_entry(&d).unwrap().unwrap().atime > 1);
+}
+
+#[test]
+fn large_uploads_skip_the_wal_and_still_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Over 8 chunks of 64 KiB: chunks are written without the WAL.
+    let data = bytes(1_000_000, 5);
+    let digest = Digest::of(&data);
+    {
+        let store = open(tmp.path());
+        let mut upload = store.begin_upload("big", digest, 0).unwrap();
+        assert!(upload.skips_wal());
+        for part in data[..600_000].chunks(64 << 10) {
+            upload.append(part).unwrap();
+        }
+    } // a clean close flushes what the WAL does not hold
+    let store = open(tmp.path());
+    assert_eq!(store.upload_committed("big").unwrap(), Some(600_000));
+    let mut upload = store.begin_upload("big", digest, 600_000).unwrap();
+    upload.append(&data[600_000..]).unwrap();
+    assert_eq!(upload.finish().unwrap(), Written::Stored);
+    assert_eq!(read_whole(&store, &digest), data);
+    assert_eq!(store.upload_committed("big").unwrap(), None);
+    // No progress key is left among the chunks.
+    let keys = store.db.iterator_cf(store.cf(CF_CHUNKS), IteratorMode::Start).count();
+    assert_eq!(keys, 600_000usize.div_ceil(64 << 10) + 1);
 }

@@ -47,23 +47,17 @@ impl TestServer {
             // Keep draining so the server never writes into a closed pipe.
             for _ in lines {}
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!("larder did not report its address: {:?}", child.wait())
-            });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("larder did not report its address: {:?}", child.wait())
+        });
         let addr = line
             .split("serving REAPI on ")
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected first line: {line}"))
             .to_string();
-        TestServer {
-            child,
-            addr,
-            dir: dir.to_path_buf(),
-        }
+        TestServer { child, addr, dir: dir.to_path_buf() }
     }
 
     pub fn pid(&self) -> u32 {
@@ -96,9 +90,7 @@ impl TestServer {
 }
 
 fn unsafe_sigterm(pid: u32) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
 }
 
 impl Drop for TestServer {
@@ -119,11 +111,8 @@ const LIMIT: usize = 256 << 20;
 
 impl Clients {
     pub async fn connect(addr: &str) -> Clients {
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect");
+        let channel =
+            Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
         Clients {
             cas: ContentAddressableStorageClient::new(channel.clone())
                 .max_decoding_message_size(LIMIT)
@@ -137,21 +126,12 @@ impl Clients {
     /// Uploads `data` with ByteStream.Write in `chunk`-byte messages.
     pub async fn write(&mut self, name: &str, data: &[u8], chunk: usize) -> Result<i64, Status> {
         let messages = write_messages(name, data, 0, chunk, true);
-        Ok(self
-            .bs
-            .write(tokio_stream::iter(messages))
-            .await?
-            .into_inner()
-            .committed_size)
+        Ok(self.bs.write(tokio_stream::iter(messages)).await?.into_inner().committed_size)
     }
 
     /// Reads a whole resource with ByteStream.Read.
     pub async fn read(&mut self, name: &str, offset: i64, limit: i64) -> Result<Vec<u8>, Status> {
-        let request = ReadRequest {
-            resource_name: name.to_string(),
-            read_offset: offset,
-            read_limit: limit,
-        };
+        let request = ReadRequest { resource_name: name.to_string(), read_offset: offset, read_limit: limit };
         let mut stream = self.bs.read(request).await?.into_inner();
         let mut out = Vec::new();
         while let Some(message) = stream.message().await? {
@@ -163,9 +143,7 @@ impl Clients {
     pub async fn query(&mut self, name: &str) -> (i64, bool) {
         let r = self
             .bs
-            .query_write_status(QueryWriteStatusRequest {
-                resource_name: name.to_string(),
-            })
+            .query_write_status(QueryWriteStatusRequest { resource_name: name.to_string() })
             .await
             .expect("QueryWriteStatus")
             .into_inner();
@@ -194,10 +172,7 @@ impl Clients {
             })
             .collect();
         self.cas
-            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-                requests,
-                ..Default::default()
-            })
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest { requests, ..Default::default() })
             .await
             .expect("BatchUpdateBlobs")
             .into_inner()
@@ -221,11 +196,7 @@ pub fn write_messages(
     loop {
         let end = (at + chunk).min(data.len());
         messages.push(WriteRequest {
-            resource_name: if messages.is_empty() {
-                name.to_string()
-            } else {
-                String::new()
-            },
+            resource_name: if messages.is_empty() { name.to_string() } else { String::new() },
             write_offset: at as i64,
             finish_write: finish && end == data.len(),
             data: bytes::Bytes::copy_from_slice(&data[at..end]),
@@ -244,21 +215,13 @@ pub fn digest(data: &[u8]) -> reapi::Digest {
 
 pub fn upload_name(instance: &str, uuid: &str, data: &[u8]) -> String {
     let d = digest(data);
-    let prefix = if instance.is_empty() {
-        String::new()
-    } else {
-        format!("{instance}/")
-    };
+    let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
     format!("{prefix}uploads/{uuid}/blobs/{}/{}", d.hash, d.size_bytes)
 }
 
 pub fn read_name(instance: &str, data: &[u8]) -> String {
     let d = digest(data);
-    let prefix = if instance.is_empty() {
-        String::new()
-    } else {
-        format!("{instance}/")
-    };
+    let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
     format!("{prefix}blobs/{}/{}", d.hash, d.size_bytes)
 }
 
@@ -278,10 +241,8 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// Compressible bytes resembling source text.
 pub fn text_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let words = [
-        "fn ", "let ", "mut ", "impl ", "return ", "self", "(x)", "{\n", "}\n", "; ", "0x1f",
-        "match ",
-    ];
+    let words =
+        ["fn ", "let ", "mut ", "impl ", "return ", "self", "(x)", "{\n", "}\n", "; ", "0x1f", "match "];
     let noise = random_bytes(len / 4 + 8, seed);
     let mut out = Vec::with_capacity(len + 16);
     let mut i = 0;
