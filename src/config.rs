@@ -37,6 +37,13 @@ pub struct Config {
     pub partial_upload_max_age: Duration,
     /// fsync the write-ahead log on every commit (survives power loss, costs throughput).
     pub sync_writes: bool,
+    /// Eviction starts when disk use passes this fraction of max_size...
+    pub eviction_high_watermark: f64,
+    /// ...and stops below this fraction.
+    pub eviction_low_watermark: f64,
+    /// Blobs used more recently than this are never evicted.
+    #[serde(deserialize_with = "duration")]
+    pub eviction_min_age: Duration,
 }
 
 /// Values given on the command line; `None` leaves the lower layers' value.
@@ -85,6 +92,21 @@ impl Config {
                 "max_message_size",
                 format!("must exceed max_batch_size ({}) by at least 1MiB", self.max_batch_size),
             );
+        }
+        if !(0.0 < self.eviction_low_watermark
+            && self.eviction_low_watermark < self.eviction_high_watermark
+            && self.eviction_high_watermark <= 1.0)
+        {
+            return invalid(
+                "eviction_low_watermark",
+                format!(
+                    "watermarks must satisfy 0 < low ({}) < high ({}) <= 1",
+                    self.eviction_low_watermark, self.eviction_high_watermark
+                ),
+            );
+        }
+        if self.max_size.0 < 16 << 20 {
+            return invalid("max_size", format!("{} is too small: use at least 16MiB", self.max_size));
         }
         if self.max_message_size.0 > 1 << 30 {
             return invalid("max_message_size", "must be at most 1GiB".into());

@@ -2,10 +2,12 @@
 //!
 //! Data flows one way: [`service`] (thin gRPC adapters) → [`store`] (the
 //! RocksDB layout) → RocksDB. [`server`] wires the services to a listener;
-//! [`config`] layers defaults, file, environment and flags.
+//! [`config`] layers defaults, file, environment and flags; [`eviction`]
+//! keeps the data directory under its size budget.
 
 pub mod config;
 pub mod digest;
+pub mod eviction;
 pub mod proto;
 pub mod server;
 pub mod service;

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
+use crate::eviction;
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
 use crate::proto::reapi::action_cache_server::ActionCacheServer;
 use crate::proto::reapi::capabilities_server::CapabilitiesServer;
@@ -41,6 +42,7 @@ impl Server {
             chunk_size: config.chunk_size.0 as usize,
             zstd_level: config.zstd_level,
             sync_writes: config.sync_writes,
+            max_size: config.max_size.0,
         };
         let dir = config.dir.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&dir, options))
@@ -65,6 +67,14 @@ impl Server {
         let Server { listener, shared, config } = self;
         let store = Arc::clone(&shared.store);
         let maintenance = tokio::spawn(maintain(Arc::clone(&store), config.partial_upload_max_age));
+        // Started after the listener is bound: any backlog is worked off while serving.
+        let budget = eviction::Budget {
+            max_size: config.max_size.0,
+            high_watermark: config.eviction_high_watermark,
+            low_watermark: config.eviction_low_watermark,
+            min_age: config.eviction_min_age,
+        };
+        let eviction = tokio::spawn(eviction::run(Arc::clone(&store), budget));
         let limit = shared.max_message_size;
         // Small RPCs must not wait on Nagle's algorithm; fixed, generous HTTP/2
         // windows avoid the stalls adaptive windows cause on large streams.
@@ -109,6 +119,7 @@ impl Server {
             }
         };
         maintenance.abort();
+        eviction.abort();
         let flushed = tokio::task::spawn_blocking(move || store.flush_access_times()).await;
         if let Ok(Err(e)) = flushed {
             tracing::warn!("could not write access times at shutdown: {e}");

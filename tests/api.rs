@@ -263,9 +263,12 @@ async fn action_cache_is_per_instance_and_checks_completeness() {
         ..Default::default()
     };
     update(&mut c, "team", &action, result.clone()).await;
-    // Outputs not uploaded yet: a hit would break builds without the bytes.
+    // Outputs not uploaded yet: a hit would break builds without the bytes,
+    // so the entry answers NOT_FOUND and is removed.
     assert_code(c.ac.get_action_result(get_request("team", &action)).await, Code::NotFound);
     assert_eq!(c.batch_update(&[output, stdout]).await, vec![0, 0]);
+    assert_code(c.ac.get_action_result(get_request("team", &action)).await, Code::NotFound);
+    update(&mut c, "team", &action, result.clone()).await;
     let hit = c.ac.get_action_result(get_request("team", &action)).await.unwrap().into_inner();
     assert_eq!(hit, result);
     // Namespaced by instance.
@@ -315,10 +318,11 @@ async fn action_results_need_every_file_of_their_output_trees() {
         }],
         ..Default::default()
     };
-    update(&mut c, "", &action, result).await;
+    update(&mut c, "", &action, result.clone()).await;
     assert_eq!(c.batch_update(&[&tree_bytes]).await, vec![0]);
     let miss = assert_code(c.ac.get_action_result(get_request("", &action)).await, Code::NotFound);
     assert!(miss.message().contains(&digest(inner_file).hash), "{}", miss.message());
     assert_eq!(c.batch_update(&[inner_file]).await, vec![0]);
+    update(&mut c, "", &action, result).await;
     c.ac.get_action_result(get_request("", &action)).await.unwrap();
 }

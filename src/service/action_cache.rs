@@ -44,6 +44,8 @@ impl ActionCache for ActionCacheService {
             let mut result = ActionResult::decode(bytes)
                 .map_err(|e| store::Error::Corrupt(format!("action result of {action}: {e}")))?;
             if let Some(missing) = first_missing_blob(&store, &result, function)? {
+                // Its outputs were evicted: the entry can never be a hit again.
+                store.delete_action_result(&request.instance_name, &action)?;
                 return Ok(Err(format!(
                     "the action result of {action} refers to blob {missing}, which is not in the CAS"
                 )));

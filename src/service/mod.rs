@@ -47,8 +47,9 @@ impl From<store::Error> for Status {
             UploadBusy(_) => Code::Aborted,
             Vanished(_) => Code::NotFound,
             Corrupt(_) => Code::DataLoss,
+            Full { .. } => Code::ResourceExhausted,
             Open(_) => Code::Unavailable,
-            Batch(_) | Db(_) => Code::Internal,
+            Batch(_) | Db(_) | Measure(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }

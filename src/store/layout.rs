@@ -7,6 +7,8 @@
 //! | `index`   | function (1) · hash (32) · size (8, BE) | [`IndexEntry`] |
 //! | `chunks`  | blob id (8, BE) · uncompressed offset (8, BE) | payload · tag (1) (see `chunk`) |
 //! | `chunks`  | blob id (8, BE) · `u64::MAX` | [`UploadProgress`] of an unfinished upload |
+//! | `chunks`  | `0` (8) · `0` (8) | stored bytes of all blobs and uploads (i64 LE, merge-added) |
+//! | `lru`     | last access (8, BE, ms) · index key | empty: the eviction order |
 //! | `uploads` | ByteStream resource name (UTF-8) | [`UploadRecord`] |
 //! | `ac`      | instance name · 0x00 · index key | 0x01 · ActionResult protobuf |
 //! | `default` | `layout` | layout version (ASCII) |
@@ -28,6 +30,42 @@ pub const CF_INDEX: &str = "index";
 pub const CF_CHUNKS: &str = "chunks";
 pub const CF_UPLOADS: &str = "uploads";
 pub const CF_AC: &str = "ac";
+pub const CF_LRU: &str = "lru";
+
+/// Where the stored-bytes counter lives: in the chunks column family, so that
+/// it shares a memtable (and crash fate) with the chunk writes it counts.
+/// Blob ids start at 1, so no chunk ever has this key.
+pub const USAGE_KEY: [u8; 16] = [0; 16];
+
+/// A stored-bytes delta, as a merge operand of [`USAGE_KEY`].
+pub fn usage_delta(delta: i64) -> [u8; 8] {
+    delta.to_le_bytes()
+}
+
+/// The merge operator of the chunks column family: adds the deltas.
+pub fn merge_usage(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let read = |v: &[u8]| v.try_into().map(i64::from_le_bytes).unwrap_or(0);
+    let total = operands.iter().fold(existing.map_or(0, read), |sum, op| sum.wrapping_add(read(op)));
+    Some(total.to_le_bytes().to_vec())
+}
+
+pub fn lru_key(atime_ms: u64, key: &IndexKey) -> [u8; 49] {
+    let mut k = [0u8; 49];
+    k[..8].copy_from_slice(&atime_ms.to_be_bytes());
+    k[8..].copy_from_slice(key);
+    k
+}
+
+pub fn split_lru_key(k: &[u8]) -> Option<(u64, Digest)> {
+    if k.len() != 49 {
+        return None;
+    }
+    Some((u64::from_be_bytes(k[..8].try_into().ok()?), digest_of_index_key(&k[8..])?))
+}
 
 pub const LAYOUT_KEY: &[u8] = b"layout";
 pub const LAYOUT_VERSION: &[u8] = b"1";
@@ -90,7 +128,7 @@ pub struct IndexEntry {
     pub blob_id: u64,
     /// Bytes the chunks take (after compression), for size accounting.
     pub stored: u64,
-    /// Last access, seconds since the Unix epoch; refreshed coarsely.
+    /// Last access, milliseconds since the Unix epoch; refreshed coarsely.
     pub atime: u64,
 }
 
@@ -201,5 +239,9 @@ mod tests {
     fn chunk_keys_sort_by_blob_then_offset() {
         assert!(chunk_key(1, u64::MAX) < chunk_key(2, 0));
         assert!(chunk_key(1, 255) < chunk_key(1, 256));
+        assert!(USAGE_KEY < chunk_key(1, 0));
+        let d = Digest::of(b"x");
+        assert!(lru_key(1, &index_key(&d)) < lru_key(2, &index_key(&Digest::of(b"a"))));
+        assert_eq!(split_lru_key(&lru_key(7, &index_key(&d))), Some((7, d)));
     }
 }

@@ -3,11 +3,12 @@
 //! disk or CPU: async callers run them on the blocking pool.
 
 mod chunk;
+mod evict;
 mod layout;
 mod upload;
 
-use std::collections::{BTreeSet, HashSet};
-use std::path::Path;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,6 +20,7 @@ use rocksdb::{
 };
 
 use crate::digest::Digest;
+pub use evict::Evicted;
 use layout::*;
 pub use upload::Upload;
 
@@ -30,16 +32,20 @@ pub struct StoreOptions {
     pub zstd_level: i32,
     /// fsync the WAL on every commit.
     pub sync_writes: bool,
+    /// The size budget: memtables and the WAL are sized to fit well inside
+    /// it, and writes are refused (see [`Store::set_hard_limit`]) above it.
+    pub max_size: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { chunk_size: 1 << 20, zstd_level: 1, sync_writes: false }
+        StoreOptions { chunk_size: 1 << 20, zstd_level: 1, sync_writes: false, max_size: 10 << 30 }
     }
 }
 
 pub struct Store {
     db: DB,
+    path: PathBuf,
     options: StoreOptions,
     next_blob_id: AtomicU64,
     /// Striped by digest: serializes "is it there? then write" for one digest,
@@ -47,8 +53,15 @@ pub struct Store {
     stripes: Box<[Mutex<()>]>,
     /// Uploads being written by a stream right now, by resource name.
     active_uploads: Mutex<HashSet<String>>,
-    /// Blobs read since the last access-time flush (see [`Store::flush_access_times`]).
-    accessed: Mutex<HashSet<IndexKey>>,
+    /// Blobs used since the last access-time flush, with the time of their
+    /// last use (see [`Store::flush_access_times`]).
+    accessed: Mutex<HashMap<IndexKey, u64>>,
+    /// Writes are refused while the disk use estimate is above this.
+    hard_limit: AtomicU64,
+    /// Bytes of the data directory at the last measurement.
+    measured_disk: AtomicU64,
+    /// Bytes admitted for writing since that measurement.
+    written_since: AtomicU64,
 }
 
 /// A present blob, located for reading.
@@ -67,6 +80,10 @@ pub enum Written {
 
 const STRIPES: usize = 256;
 
+fn stripe_of(d: &Digest) -> usize {
+    d.hash[0] as usize % STRIPES
+}
+
 impl Store {
     pub fn open(path: &Path, options: StoreOptions) -> Result<Store, Error> {
         std::fs::create_dir_all(path)
@@ -77,10 +94,15 @@ impl Store {
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(2);
         db_opts.set_bytes_per_sync(1 << 20);
-        // Chunk bytes pass through the WAL; bound it so old logs are flushed away.
-        db_opts.set_max_total_wal_size(256 << 20);
-        db_opts.set_keep_log_file_num(3);
-        db_opts.set_max_log_file_size(8 << 20);
+        // Memtables and the WAL are bytes the budget must hold: small budgets
+        // (tests, laptops) get small ones.
+        let buffer = (options.max_size / 32).clamp(1 << 20, 32 << 20) as usize;
+        db_opts.set_max_total_wal_size((options.max_size / 32).clamp(1 << 20, 256 << 20));
+        // RocksDB's own log lives in the data directory and counts against
+        // the budget: warnings only, at most 2 MiB of it.
+        db_opts.set_log_level(rocksdb::LogLevel::Warn);
+        db_opts.set_keep_log_file_num(2);
+        db_opts.set_max_log_file_size(1 << 20);
 
         let mut point = BlockBasedOptions::default();
         point.set_block_cache(&cache);
@@ -90,7 +112,7 @@ impl Store {
         let mut index = Options::default();
         index.set_block_based_table_factory(&point);
         index.set_compression_type(DBCompressionType::None); // hashes do not compress
-        index.set_write_buffer_size(32 << 20);
+        index.set_write_buffer_size(buffer);
 
         // Chunks are compressed by larder itself, in parallel worker threads;
         // RocksDB must not compress them again. Large values go to blob files,
@@ -99,10 +121,17 @@ impl Store {
         chunks.set_compression_type(DBCompressionType::None);
         chunks.set_enable_blob_files(true);
         chunks.set_min_blob_size(4096);
-        chunks.set_blob_file_size(256 << 20);
-        chunks.set_enable_blob_gc(true);
-        chunks.set_write_buffer_size(32 << 20);
+        // Small enough that garbage collection frees space in fine steps.
+        chunks.set_blob_file_size((options.max_size / 64).clamp(1 << 20, 256 << 20));
+        // Eviction deletes the oldest blobs first, so blob files mostly die
+        // whole and are deleted without garbage collection, which would
+        // rewrite live chunks (temporarily doubling them on disk). Eviction
+        // turns it on only when garbage dominates (see compact_all_chunks).
+        chunks.set_enable_blob_gc(false);
+        chunks.set_blob_gc_age_cutoff(1.0);
+        chunks.set_write_buffer_size(buffer);
         chunks.set_max_write_buffer_number(2);
+        chunks.set_merge_operator_associative("larder-usage", merge_usage);
         let mut chunk_table = BlockBasedOptions::default();
         chunk_table.set_block_cache(&cache);
         chunks.set_block_based_table_factory(&chunk_table);
@@ -111,8 +140,12 @@ impl Store {
         ac.set_block_based_table_factory(&point);
         ac.set_compression_type(DBCompressionType::Zstd);
 
+        let mut lru = Options::default();
+        lru.set_write_buffer_size(buffer);
+
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_INDEX, index),
+            ColumnFamilyDescriptor::new(CF_LRU, lru),
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_UPLOADS, Options::default()),
             ColumnFamilyDescriptor::new(CF_AC, ac),
@@ -137,12 +170,17 @@ impl Store {
         }
         let store = Store {
             db,
+            path: path.to_path_buf(),
             options,
             next_blob_id: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             active_uploads: Mutex::new(HashSet::new()),
-            accessed: Mutex::new(HashSet::new()),
+            accessed: Mutex::new(HashMap::new()),
+            hard_limit: AtomicU64::new(u64::MAX),
+            measured_disk: AtomicU64::new(0),
+            written_since: AtomicU64::new(0),
         };
+        store.measure_disk()?;
         store.next_blob_id.store(store.highest_blob_id()? + 1, Ordering::Relaxed);
         Ok(store)
     }
@@ -187,7 +225,7 @@ impl Store {
     }
 
     fn stripe(&self, d: &Digest) -> MutexGuard<'_, ()> {
-        self.stripes[d.hash[0] as usize % STRIPES].lock().unwrap_or_else(|e| e.into_inner())
+        self.stripes[stripe_of(d)].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn get_entry(&self, d: &Digest) -> Result<Option<IndexEntry>, Error> {
@@ -200,8 +238,63 @@ impl Store {
     }
 
     fn touch(&self, digests: impl IntoIterator<Item = Digest>) {
+        let now = now_ms();
         let mut accessed = self.accessed.lock().unwrap_or_else(|e| e.into_inner());
-        accessed.extend(digests.into_iter().map(|d| index_key(&d)));
+        accessed.extend(digests.into_iter().map(|d| (index_key(&d), now)));
+    }
+
+    /// Stored bytes of all blobs and partial uploads (after compression):
+    /// the logical size of the cache, kept up to date by every write.
+    pub fn stored_bytes(&self) -> Result<u64, Error> {
+        let value = self.db.get_cf(self.cf(CF_CHUNKS), USAGE_KEY)?;
+        let total = value.and_then(|v| v.as_slice().try_into().ok()).map_or(0, i64::from_le_bytes);
+        Ok(total.max(0) as u64)
+    }
+
+    /// Measures the bytes the data directory takes on disk (every file
+    /// RocksDB keeps there: SST and blob files, WAL, manifest), plus what the
+    /// memtables hold, and restarts the estimate of writes since.
+    pub fn measure_disk(&self) -> Result<u64, Error> {
+        let mut total = 0;
+        for entry in std::fs::read_dir(&self.path).map_err(Error::Measure)? {
+            // Files vanish under us as RocksDB compacts: skip them.
+            if let Ok(meta) = entry.and_then(|e| e.metadata())
+                && meta.is_file()
+            {
+                total += meta.len();
+            }
+        }
+        // Memtables will be files soon: count them now.
+        let cf_names = [CF_INDEX, CF_LRU, CF_CHUNKS, CF_UPLOADS, CF_AC];
+        for name in cf_names {
+            let memtables = self.db.property_int_value_cf(self.cf(name), "rocksdb.cur-size-all-mem-tables");
+            total += memtables.ok().flatten().unwrap_or(0);
+        }
+        self.measured_disk.store(total, Ordering::Relaxed);
+        self.written_since.store(0, Ordering::Relaxed);
+        Ok(total)
+    }
+
+    /// The last disk measurement plus what was written since.
+    pub fn disk_estimate(&self) -> u64 {
+        self.measured_disk.load(Ordering::Relaxed) + self.written_since.load(Ordering::Relaxed)
+    }
+
+    /// Writes that would take the disk estimate above `limit` are refused
+    /// with [`Error::Full`]; reads go on.
+    pub fn set_hard_limit(&self, limit: u64) {
+        self.hard_limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Admits `bytes` of new data, or refuses them at the hard limit.
+    fn admit(&self, bytes: u64) -> Result<(), Error> {
+        let limit = self.hard_limit.load(Ordering::Relaxed);
+        let estimate = self.disk_estimate();
+        if estimate.saturating_add(bytes) > limit {
+            return Err(Error::Full { estimate, limit });
+        }
+        self.written_since.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Which of `digests` are present (the empty blob always is). One batched
@@ -299,7 +392,10 @@ impl Store {
         if let Err(e) = self.store_verified(blobs, &mut results) {
             let message = e.to_string();
             for r in results.iter_mut().filter(|r| r.is_ok()) {
-                *r = Err(Error::Batch(message.clone()));
+                *r = Err(match e {
+                    Error::Full { estimate, limit } => Error::Full { estimate, limit },
+                    _ => Error::Batch(message.clone()),
+                });
             }
         }
         results
@@ -338,8 +434,9 @@ impl Store {
         if candidates.is_empty() {
             return Ok(());
         }
+        self.admit(candidates.iter().map(|&i| blobs[i].0.size).sum())?;
         // Compress outside the locks.
-        let now = now_secs();
+        let now = now_ms();
         let mut prepared = Vec::with_capacity(candidates.len());
         for &i in &candidates {
             let (digest, data) = &blobs[i];
@@ -354,8 +451,7 @@ impl Store {
             let entry = IndexEntry { blob_id, stored, atime: now };
             prepared.push((i, *digest, entry, chunks));
         }
-        let stripe_ids: BTreeSet<usize> =
-            prepared.iter().map(|(_, d, _, _)| d.hash[0] as usize % STRIPES).collect();
+        let stripe_ids: BTreeSet<usize> = prepared.iter().map(|(_, d, _, _)| stripe_of(d)).collect();
         let _guards: Vec<_> =
             stripe_ids.iter().map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())).collect();
         let mut batch = WriteBatch::default();
@@ -368,34 +464,55 @@ impl Store {
             for (key, value) in chunks {
                 batch.put_cf(self.cf(CF_CHUNKS), key, value);
             }
-            batch.put_cf(self.cf(CF_INDEX), index_key(&digest), entry.encode());
+            self.add_entry(&mut batch, &digest, &entry);
+            self.count_stored(&mut batch, entry.stored as i64);
         }
         self.write(batch)
     }
 
-    /// Writes access times recorded since the last call into the index. They
-    /// skip the WAL: a crash may lose the last interval's refreshes, nothing else.
+    /// Adds a new index entry to `batch`, with its place in the eviction order.
+    fn add_entry(&self, batch: &mut WriteBatch, digest: &Digest, entry: &IndexEntry) {
+        let key = index_key(digest);
+        batch.put_cf(self.cf(CF_INDEX), key, entry.encode());
+        batch.put_cf(self.cf(CF_LRU), lru_key(entry.atime, &key), []);
+    }
+
+    /// Adds a change of the stored-bytes counter to `batch`.
+    fn count_stored(&self, batch: &mut WriteBatch, delta: i64) {
+        batch.merge_cf(self.cf(CF_CHUNKS), USAGE_KEY, usage_delta(delta));
+    }
+
+    /// Writes access times recorded since the last call into the index and
+    /// the eviction order, one batch per lock stripe. A crash may lose the
+    /// last interval's refreshes, nothing else.
     pub fn flush_access_times(&self) -> Result<usize, Error> {
-        let keys: Vec<IndexKey> = {
+        let mut by_stripe: Vec<Vec<(Digest, u64)>> = vec![Vec::new(); STRIPES];
+        {
             let mut accessed = self.accessed.lock().unwrap_or_else(|e| e.into_inner());
-            accessed.drain().collect()
-        };
-        let now = now_secs();
-        let mut opts = WriteOptions::default();
-        opts.disable_wal(true);
-        let mut updated = 0;
-        for key in keys {
-            let Some(digest) = digest_of_index_key(&key) else {
-                continue;
-            };
-            let _guard = self.stripe(&digest);
-            if let Some(mut entry) = self.get_entry(&digest)?
-                && entry.atime < now
-            {
-                entry.atime = now;
-                self.db.put_cf_opt(self.cf(CF_INDEX), key, entry.encode(), &opts)?;
-                updated += 1;
+            for (key, atime) in accessed.drain() {
+                if let Some(digest) = digest_of_index_key(&key) {
+                    by_stripe[stripe_of(&digest)].push((digest, atime));
+                }
             }
+        }
+        let mut updated = 0;
+        for (stripe, accessed) in by_stripe.iter().enumerate().filter(|(_, a)| !a.is_empty()) {
+            // Under the lock, so an eviction cannot slip between read and write.
+            let _guard = self.stripes[stripe].lock().unwrap_or_else(|e| e.into_inner());
+            let mut batch = WriteBatch::default();
+            for (digest, atime) in accessed {
+                if let Some(mut entry) = self.get_entry(digest)?
+                    && entry.atime < *atime
+                {
+                    let key = index_key(digest);
+                    batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, &key));
+                    entry.atime = *atime;
+                    batch.put_cf(self.cf(CF_INDEX), key, entry.encode());
+                    batch.put_cf(self.cf(CF_LRU), lru_key(*atime, &key), []);
+                    updated += 1;
+                }
+            }
+            self.write(batch)?;
         }
         Ok(updated)
     }
@@ -411,6 +528,11 @@ impl Store {
         }
     }
 
+    /// Removes an action result (one whose outputs are gone).
+    pub fn delete_action_result(&self, instance: &str, action: &Digest) -> Result<(), Error> {
+        Ok(self.db.delete_cf_opt(self.cf(CF_AC), ac_key(instance, action), &self.write_options())?)
+    }
+
     pub fn put_action_result(&self, instance: &str, action: &Digest, result: &[u8]) -> Result<(), Error> {
         let mut value = Vec::with_capacity(result.len() + 1);
         value.push(AC_VALUE_VERSION);
@@ -420,7 +542,11 @@ impl Store {
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    now_ms() / 1000
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -433,6 +559,12 @@ pub enum Error {
         "write_offset {offset} does not continue upload {resource:?}, which has {committed} bytes committed: resume at QueryWriteStatus' committed_size, or start over at 0"
     )]
     BadOffset { resource: String, offset: u64, committed: u64 },
+    #[error(
+        "the cache is full: about {estimate} bytes on disk against a limit of {limit}; eviction is freeing space, retry shortly (or raise max_size)"
+    )]
+    Full { estimate: u64, limit: u64 },
+    #[error("cannot measure the data directory: {0}")]
+    Measure(std::io::Error),
     #[error("{0}")]
     Vanished(String),
     #[error("stored data is corrupt: {0}")]

@@ -16,6 +16,18 @@ fn bytes(len: usize, seed: u8) -> Bytes {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect()
 }
 
+/// Sizes of the stored chunk values and upload progress records, without the usage counter.
+fn chunk_values(store: &Store) -> Vec<u64> {
+    store
+        .db
+        .iterator_cf(store.cf(CF_CHUNKS), IteratorMode::Start)
+        .map(Result::unwrap)
+        .filter(|(k, _)| **k != USAGE_KEY)
+        .filter(|(k, _)| split_chunk_key(k).is_some_and(|(_, offset)| offset != PROGRESS_OFFSET))
+        .map(|(_, v)| v.len() as u64)
+        .collect()
+}
+
 fn read_whole(store: &Store, d: &Digest) -> Vec<u8> {
     store.read_all(d).unwrap().expect("present").to_vec()
 }
@@ -90,8 +102,7 @@ fn racing_uploads_of_one_blob_leave_one_copy() {
     assert_eq!(b.finish().unwrap(), Written::AlreadyPresent);
     assert_eq!(read_whole(&store, &digest), data);
     // Only the winner's chunk remains (each append writes one chunk).
-    let chunks = store.db.iterator_cf(store.cf(CF_CHUNKS), IteratorMode::Start).count();
-    assert_eq!(chunks, 1);
+    assert_eq!(chunk_values(&store).len(), 1);
 }
 
 #[test]
@@ -160,6 +171,74 @@ fn large_uploads_skip_the_wal_and_still_resume() {
     assert_eq!(read_whole(&store, &digest), data);
     assert_eq!(store.upload_committed("big").unwrap(), None);
     // No progress key is left among the chunks.
-    let keys = store.db.iterator_cf(store.cf(CF_CHUNKS), IteratorMode::Start).count();
-    assert_eq!(keys, 600_000usize.div_ceil(64 << 10) + 1);
+    assert_eq!(chunk_values(&store).len(), 600_000usize.div_ceil(64 << 10) + 1);
+}
+
+fn put(store: &Store, data: &Bytes) -> Digest {
+    let d = Digest::of(data);
+    assert!(store.put_blobs(&[(d, data.clone())])[0].is_ok());
+    d
+}
+
+#[test]
+fn eviction_takes_the_least_recently_used_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let blobs: Vec<Bytes> = (0..10).map(|i| bytes(10_000, i)).collect();
+    let mut digests = Vec::new();
+    for b in &blobs {
+        digests.push(put(&store, b));
+        std::thread::sleep(Duration::from_millis(3)); // distinct write times
+    }
+    // Use the two oldest: they become the most recent.
+    store.contains(&digests[..2]).unwrap();
+    let before = store.stored_bytes().unwrap();
+    let each = before / 10;
+    let evicted = store.evict_lru(3 * each, now_ms() + 1).unwrap();
+    assert_eq!(evicted.blobs, 3);
+    let present = store.contains(&digests).unwrap();
+    assert_eq!(present, [true, true, false, false, false, true, true, true, true, true]);
+    assert_eq!(store.stored_bytes().unwrap(), before - evicted.bytes);
+    // Nothing used after the cutoff is taken, however much is wanted.
+    let evicted = store.evict_lru(u64::MAX, 0).unwrap();
+    assert_eq!(evicted.blobs, 0);
+}
+
+#[test]
+fn stored_bytes_are_counted_and_survive_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let counted = {
+        let store = open(tmp.path());
+        assert_eq!(store.stored_bytes().unwrap(), 0);
+        put(&store, &bytes(200_000, 1));
+        let text = Bytes::from("some text ".repeat(10_000));
+        put(&store, &text);
+        let mut upload = store.begin_upload("partial", Digest::of(b"x"), 0).unwrap();
+        upload.append(&bytes(50_000, 2)).unwrap();
+        let counted = store.stored_bytes().unwrap();
+        assert_eq!(counted, chunk_values(&store).iter().sum::<u64>(), "the counter is exact");
+        counted
+    };
+    let store = open(tmp.path());
+    assert_eq!(store.stored_bytes().unwrap(), counted);
+    assert_eq!(store.expire_uploads(Duration::ZERO).unwrap(), 1);
+    let evicted = store.evict_lru(u64::MAX, u64::MAX).unwrap();
+    assert_eq!(evicted.blobs, 2);
+    assert_eq!(store.stored_bytes().unwrap(), 0);
+}
+
+#[test]
+fn writes_are_refused_at_the_hard_limit_and_reads_go_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let kept = put(&store, &bytes(1000, 1));
+    store.set_hard_limit(store.disk_estimate() + 100_000);
+    put(&store, &bytes(60_000, 2));
+    let refused = store.put_blobs(&[(Digest::of(&bytes(60_000, 3)), bytes(60_000, 3))]);
+    assert!(matches!(refused[0], Err(Error::Full { .. })), "{refused:?}");
+    let mut upload = store.begin_upload("u", Digest::of(&bytes(60_000, 3)), 0).unwrap();
+    assert!(matches!(upload.append(&bytes(60_000, 3)), Err(Error::Full { .. })));
+    assert_eq!(read_whole(&store, &kept), bytes(1000, 1));
+    store.set_hard_limit(u64::MAX);
+    put(&store, &bytes(60_000, 3));
 }

@@ -15,10 +15,9 @@ use std::time::Duration;
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
 
 use super::layout::{
-    CF_CHUNKS, CF_INDEX, CF_UPLOADS, IndexEntry, PROGRESS_OFFSET, UploadProgress, UploadRecord, chunk_key,
-    index_key,
+    CF_CHUNKS, CF_UPLOADS, IndexEntry, PROGRESS_OFFSET, UploadProgress, UploadRecord, chunk_key,
 };
-use super::{Error, Store, Written, chunk, now_secs};
+use super::{Error, Store, Written, chunk, now_ms, now_secs};
 use crate::digest::{Digest, Hasher};
 
 /// Uploads of blobs larger than this many chunks skip the WAL.
@@ -67,9 +66,9 @@ impl Store {
                 (upload.record, upload.progress, upload.recorded) = (record, progress, true);
                 upload.rehash()?;
             }
-            Some((record, _)) if offset == 0 => {
+            Some((record, progress)) if offset == 0 => {
                 let mut batch = WriteBatch::default();
-                self.delete_upload(&mut batch, resource, record.blob_id);
+                self.delete_upload(&mut batch, resource, record.blob_id, progress.stored);
                 self.write(batch)?;
                 upload.record.blob_id = self.allocate_blob_id();
             }
@@ -106,10 +105,12 @@ impl Store {
         Ok(Some((record, progress)))
     }
 
-    /// Adds the deletion of an upload (its record, progress and chunks) to `batch`.
-    fn delete_upload(&self, batch: &mut WriteBatch, resource: &str, blob_id: u64) {
+    /// Adds the deletion of an upload (its record, progress and chunks, which
+    /// take `stored` bytes) to `batch`.
+    fn delete_upload(&self, batch: &mut WriteBatch, resource: &str, blob_id: u64, stored: u64) {
         batch.delete_cf(self.cf(CF_UPLOADS), resource.as_bytes());
         batch.delete_range_cf(self.cf(CF_CHUNKS), chunk_key(blob_id, 0), chunk_key(blob_id + 1, 0));
+        self.count_stored(batch, -(stored as i64));
     }
 
     /// Deletes partial uploads not written to for `max_age`, except those a
@@ -122,7 +123,7 @@ impl Store {
             let resource = String::from_utf8_lossy(&key).into_owned();
             match self.upload_state(&resource) {
                 Ok(Some((record, progress))) if record.created.max(progress.updated) > cutoff => {}
-                Ok(state) => stale.push((resource, state.map(|(r, _)| r.blob_id))),
+                Ok(state) => stale.push((resource, state.map(|(r, p)| (r.blob_id, p.stored)))),
                 Err(_) => stale.push((resource, None)),
             }
         }
@@ -131,7 +132,7 @@ impl Store {
         let mut deleted = 0;
         for (resource, blob_id) in stale.iter().filter(|(r, _)| !active.contains(r)) {
             match blob_id {
-                Some(id) => self.delete_upload(&mut batch, resource, *id),
+                Some((id, stored)) => self.delete_upload(&mut batch, resource, *id, *stored),
                 None => batch.delete_cf(self.cf(CF_UPLOADS), resource.as_bytes()),
             }
             deleted += 1;
@@ -178,6 +179,7 @@ impl Upload {
         if data.is_empty() {
             return Ok(());
         }
+        self.store.admit(data.len() as u64)?;
         self.hasher.update(data);
         let value = chunk::encode(data, self.store.options.zstd_level);
         let progress = UploadProgress {
@@ -190,6 +192,7 @@ impl Upload {
         let mut batch = WriteBatch::default();
         batch.put_cf(store.cf(CF_CHUNKS), chunk_key(blob_id, self.progress.committed), value);
         batch.put_cf(store.cf(CF_CHUNKS), chunk_key(blob_id, PROGRESS_OFFSET), progress.encode());
+        store.count_stored(&mut batch, (progress.stored - self.progress.stored) as i64);
         if self.skips_wal() {
             if !self.recorded {
                 // The record goes through the WAL: after a crash it still
@@ -232,17 +235,16 @@ impl Upload {
         }
         let _guard = store.stripe(&self.digest);
         if store.get_entry(&self.digest)?.is_some() {
-            let mut batch = WriteBatch::default();
-            store.delete_upload(&mut batch, &self.resource, blob_id);
-            store.write(batch)?;
+            self.discard()?;
             return Ok(Written::AlreadyPresent);
         }
-        // The chunks stay where they are: only the record and progress go.
+        // The chunks stay where they are (and stay counted): only the record
+        // and progress go.
         let mut batch = WriteBatch::default();
         batch.delete_cf(store.cf(CF_UPLOADS), self.resource.as_bytes());
         batch.delete_cf(store.cf(CF_CHUNKS), chunk_key(blob_id, PROGRESS_OFFSET));
-        let entry = IndexEntry { blob_id, stored: self.progress.stored, atime: now_secs() };
-        batch.put_cf(store.cf(CF_INDEX), index_key(&self.digest), entry.encode());
+        let entry = IndexEntry { blob_id, stored: self.progress.stored, atime: now_ms() };
+        store.add_entry(&mut batch, &self.digest, &entry);
         store.write(batch)?;
         Ok(Written::Stored)
     }
@@ -251,7 +253,7 @@ impl Upload {
     /// or a blob that another writer stored meanwhile).
     pub fn discard(&self) -> Result<(), Error> {
         let mut batch = WriteBatch::default();
-        self.store.delete_upload(&mut batch, &self.resource, self.record.blob_id);
+        self.store.delete_upload(&mut batch, &self.resource, self.record.blob_id, self.progress.stored);
         self.store.write(batch)
     }
 }

@@ -1,0 +1,88 @@
+//! The eviction compactor: keeps the data directory under its size budget.
+//!
+//! It measures the real bytes on disk a few times a second. Past the high
+//! watermark it deletes least recently used blobs (and idle partial uploads)
+//! down to the low watermark, then compacts the deleted ranges so RocksDB
+//! gives the space back. Writes that would pass the budget itself are
+//! refused by the store until eviction catches up; reads always go on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::store::{Store, now_ms};
+
+/// The size budget and how eviction keeps to it.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Bytes on disk never to exceed.
+    pub max_size: u64,
+    /// Eviction starts above this fraction of `max_size`...
+    pub high_watermark: f64,
+    /// ...and stops below this one.
+    pub low_watermark: f64,
+    /// Blobs used more recently than this are never evicted.
+    pub min_age: Duration,
+}
+
+impl Budget {
+    /// Writes are refused above this: halfway between the high watermark and
+    /// `max_size`, so that compaction's temporary files fit in the budget.
+    pub fn hard_limit(&self) -> u64 {
+        (self.max_size as f64 * (1.0 + self.high_watermark) / 2.0) as u64
+    }
+}
+
+/// How often disk use is measured.
+const MEASURE_EVERY: Duration = Duration::from_millis(250);
+
+/// Runs for as long as the server does.
+pub async fn run(store: Arc<Store>, budget: Budget) {
+    store.set_hard_limit(budget.hard_limit());
+    let mut tick = tokio::time::interval(MEASURE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = Arc::clone(&store);
+        match tokio::task::spawn_blocking(move || pass(&store, budget)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("eviction failed: {e}"),
+            Err(e) => tracing::warn!("eviction task failed: {e}"),
+        }
+    }
+}
+
+/// One measurement, and an eviction if it is over the high watermark: the
+/// least recently used blobs go until disk use (live data plus the WAL,
+/// memtables and garbage that compaction has yet to reclaim) would be at the
+/// low watermark. Their chunks are compacted away at once; when nothing was
+/// old enough to evict, all chunks are compacted to reclaim garbage.
+pub fn pass(store: &Store, budget: Budget) -> Result<(), crate::store::Error> {
+    let high = (budget.max_size as f64 * budget.high_watermark) as u64;
+    let low = (budget.max_size as f64 * budget.low_watermark) as u64;
+    let disk = store.measure_disk()?;
+    if disk <= high {
+        return Ok(());
+    }
+    let uploads = store.expire_uploads(budget.min_age)?;
+    let used_before = now_ms().saturating_sub(budget.min_age.as_millis() as u64);
+    let evicted = store.evict_lru(disk - low, used_before)?;
+    match evicted.blob_ids {
+        Some(range) => store.compact_chunks(range),
+        None => store.compact_all_chunks()?,
+    }
+    let after = store.measure_disk()?;
+    if evicted.blobs > 0 || uploads > 0 {
+        tracing::info!(
+            "evicted {} blobs ({} stored bytes) and {uploads} idle partial uploads: {disk} -> {after} bytes on disk",
+            evicted.blobs,
+            evicted.bytes
+        );
+    } else if after > budget.max_size {
+        tracing::warn!(
+            "{after} bytes on disk, over the {} byte budget, and nothing is old enough to evict (min age {:?})",
+            budget.max_size,
+            budget.min_age
+        );
+    }
+    Ok(())
+}

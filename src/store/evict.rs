@@ -1,0 +1,119 @@
+//! Eviction primitives: delete the least recently used blobs, and make
+//! RocksDB give their space back. The policy (when, how much) lives in
+//! `crate::eviction`.
+
+use rocksdb::{IteratorMode, WriteBatch};
+
+use super::layout::{CF_CHUNKS, CF_INDEX, CF_LRU, chunk_key, index_key, lru_key, split_lru_key};
+use super::{Error, Store};
+
+/// What one eviction pass removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Evicted {
+    pub blobs: u64,
+    /// Stored (compressed) bytes of the evicted blobs.
+    pub bytes: u64,
+    /// The lowest and highest blob id evicted: the chunk range to compact.
+    pub blob_ids: Option<(u64, u64)>,
+}
+
+/// Blobs deleted per write batch (and per hold of a stripe lock).
+const BATCH: usize = 256;
+
+impl Store {
+    /// Deletes least recently used blobs, oldest first, until `want` stored
+    /// bytes are gone or the next blob was used after `used_before_ms`.
+    pub fn evict_lru(&self, want: u64, used_before_ms: u64) -> Result<Evicted, Error> {
+        // Access times still in memory decide the order too.
+        self.flush_access_times()?;
+        let mut evicted = Evicted::default();
+        let mut candidates = Vec::with_capacity(BATCH);
+        // Bytes of the candidates collected so far; rechecked under the lock.
+        let mut planned = 0;
+        let iter = self.db.iterator_cf(self.cf(CF_LRU), IteratorMode::Start);
+        for item in iter {
+            let (key, _) = item?;
+            let Some((atime, digest)) = split_lru_key(&key) else {
+                return Err(Error::Corrupt(format!("eviction order key {} is malformed", hex::encode(&key))));
+            };
+            if atime >= used_before_ms || planned >= want {
+                break;
+            }
+            if let Some(entry) = self.get_entry(&digest)?
+                && entry.atime == atime
+            {
+                planned += entry.stored;
+            }
+            candidates.push((atime, digest));
+            if candidates.len() == BATCH {
+                self.evict_batch(&candidates, &mut evicted)?;
+                candidates.clear();
+            }
+        }
+        self.evict_batch(&candidates, &mut evicted)?;
+        Ok(evicted)
+    }
+
+    fn evict_batch(
+        &self,
+        candidates: &[(u64, crate::digest::Digest)],
+        evicted: &mut Evicted,
+    ) -> Result<(), Error> {
+        let mut batch = WriteBatch::default();
+        let mut guards = Vec::new();
+        let mut stripes: Vec<usize> = candidates.iter().map(|(_, d)| super::stripe_of(d)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        for s in stripes {
+            guards.push(self.stripes[s].lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        let mut done = std::collections::HashSet::new();
+        for (atime, digest) in candidates {
+            let key = index_key(digest);
+            batch.delete_cf(self.cf(CF_LRU), lru_key(*atime, &key));
+            if done.contains(digest) {
+                continue;
+            }
+            let Some(entry) = self.get_entry(digest)? else { continue };
+            if entry.atime != *atime {
+                // A stale position (the blob was used since): keep the current one.
+                batch.put_cf(self.cf(CF_LRU), lru_key(entry.atime, &key), []);
+                continue;
+            }
+            done.insert(*digest);
+            batch.delete_cf(self.cf(CF_INDEX), key);
+            batch.delete_range_cf(
+                self.cf(CF_CHUNKS),
+                chunk_key(entry.blob_id, 0),
+                chunk_key(entry.blob_id + 1, 0),
+            );
+            self.count_stored(&mut batch, -(entry.stored as i64));
+            evicted.blobs += 1;
+            evicted.bytes += entry.stored;
+            evicted.blob_ids = Some(match evicted.blob_ids {
+                None => (entry.blob_id, entry.blob_id),
+                Some((lo, hi)) => (lo.min(entry.blob_id), hi.max(entry.blob_id)),
+            });
+        }
+        self.write(batch)
+    }
+
+    /// Compacts the chunks of the given blob id range, so that deleted chunks
+    /// leave the SST files and blob files with no live chunk are deleted.
+    pub fn compact_chunks(&self, (lo, hi): (u64, u64)) {
+        self.db.compact_range_cf(self.cf(CF_CHUNKS), Some(chunk_key(lo, 0)), Some(chunk_key(hi + 1, 0)));
+    }
+
+    /// Compacts all chunks with garbage collection, which relocates the live
+    /// chunks of blob files that also hold evicted ones: reclaims garbage that
+    /// live chunks pin. Costs a rewrite of those live chunks, so eviction
+    /// calls it only when the disk is over its watermark with nothing left
+    /// to evict.
+    pub fn compact_all_chunks(&self) -> Result<(), Error> {
+        let cf = self.cf(CF_CHUNKS);
+        self.db.set_options_cf(cf, &[("enable_blob_garbage_collection", "true")])?;
+        self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        self.db.set_options_cf(cf, &[("enable_blob_garbage_collection", "false")])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,150 @@
+//! The size budget through the gRPC surface: `larder serve` with a small
+//! max_size, written well past it.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use larder::proto::reapi;
+use tonic::Code;
+
+const BUDGET: u64 = 64 << 20;
+
+fn start(tmp: &Path, min_age: &str) -> TestServer {
+    let config = tmp.join("larder.toml");
+    std::fs::write(&config, format!("max_size = \"64MiB\"\neviction_min_age = \"{min_age}\"\n")).unwrap();
+    TestServer::start(&tmp.join("data"), &["--config", config.to_str().unwrap()])
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Writes `data` through ByteStream, retrying while the cache is full.
+async fn write_retrying(c: &mut Clients, name: &str, data: &[u8]) -> u32 {
+    let mut refusals = 0;
+    loop {
+        match c.write(name, data, 256 << 10).await {
+            Ok(_) => return refusals,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                refusals += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("write failed: {status:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_budgets_of_writes_stay_within_it_and_keep_the_hot_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "0s");
+    let mut c = server.clients().await;
+    // A hot set of 10 % of the budget, read again and again.
+    let hot: Vec<Vec<u8>> = (0..25).map(|i| random_bytes(256 << 10, 1000 + i)).collect();
+    for (i, h) in hot.iter().enumerate() {
+        write_retrying(&mut c, &upload_name("", &format!("hot-{i}"), h), h).await;
+    }
+    let hot_digests: Vec<reapi::Digest> = hot.iter().map(|h| digest(h)).collect();
+    let (mut written, mut peak, mut refusals, mut n) = (0u64, 0u64, 0, 0);
+    while written < 3 * BUDGET {
+        let data = random_bytes(512 << 10 | (n % 7) << 16, n as u64);
+        refusals += write_retrying(&mut c, &upload_name("", &format!("cold-{n}"), &data), &data).await;
+        written += data.len() as u64;
+        n += 1;
+        if n % 4 == 0 {
+            for part in hot_digests.chunks(12) {
+                let request = reapi::BatchReadBlobsRequest { digests: part.to_vec(), ..Default::default() };
+                let read = c.cas.batch_read_blobs(request).await.unwrap().into_inner();
+                let failed: Vec<_> =
+                    read.responses.iter().filter(|r| r.status.as_ref().unwrap().code != 0).collect();
+                assert!(failed.is_empty(), "hot blob lost: {:?}", failed[0].status);
+            }
+        }
+        peak = peak.max(dir_bytes(&server.dir));
+    }
+    eprintln!(
+        "wrote {} MiB through a 64 MiB budget: peak {:.1} MiB on disk, {refusals} refusals",
+        written >> 20,
+        peak as f64 / (1 << 20) as f64
+    );
+    assert!(peak <= BUDGET + BUDGET / 10, "peak {peak} bytes on disk, budget {BUDGET}");
+    assert!(c.find_missing(&hot_digests).await.is_empty(), "every hot blob is still present");
+    for h in &hot {
+        assert!(c.read(&read_name("", h), 0, 0).await.unwrap() == *h);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_past_the_hard_limit_fail_until_eviction_catches_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Nothing younger than 3 s may be evicted: fast writes must hit the limit.
+    let server = start(tmp.path(), "3s");
+    let mut c = server.clients().await;
+    let first = random_bytes(1 << 20, 1);
+    c.write(&upload_name("", "first", &first), &first, 1 << 20).await.unwrap();
+    let mut n = 0;
+    let refused = loop {
+        n += 1;
+        assert!(n < 200, "never refused");
+        let data = random_bytes(1 << 20, 10 + n);
+        match c.write(&upload_name("", &format!("fill-{n}"), &data), &data, 1 << 20).await {
+            Ok(_) => continue,
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("full"), "{}", refused.message());
+    // Reads go on while writes are refused.
+    assert_eq!(c.read(&read_name("", &first), 0, 0).await.unwrap(), first);
+    // Once blobs are old enough, eviction makes room without a restart.
+    let data = random_bytes(1 << 20, 5000);
+    let start = Instant::now();
+    let refusals = write_retrying(&mut c, &upload_name("", "after", &data), &data).await;
+    eprintln!("write accepted again after {:?} and {refusals} refusals", start.elapsed());
+    assert!(refusals > 0);
+    assert!(dir_bytes(&server.dir) <= BUDGET + BUDGET / 10);
+}
+
+#[tokio::test]
+async fn evicted_outputs_remove_their_action_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "0s");
+    let mut c = server.clients().await;
+    let output = random_bytes(100_000, 3);
+    c.write(&upload_name("", "out", &output), &output, 1 << 20).await.unwrap();
+    let action = digest(b"evicted action");
+    let result = reapi::ActionResult {
+        output_files: vec![reapi::OutputFile {
+            path: "o".into(),
+            digest: Some(digest(&output)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let update = reapi::UpdateActionResultRequest {
+        action_digest: Some(action.clone()),
+        action_result: Some(result),
+        ..Default::default()
+    };
+    c.ac.update_action_result(update).await.unwrap();
+    let get = reapi::GetActionResultRequest { action_digest: Some(action.clone()), ..Default::default() };
+    c.ac.get_action_result(get.clone()).await.unwrap();
+    // Push the output out with newer blobs.
+    for n in 0..160 {
+        let data = random_bytes(1 << 20, 100 + n);
+        write_retrying(&mut c, &upload_name("", &format!("push-{n}"), &data), &data).await;
+    }
+    assert_eq!(c.find_missing(&[digest(&output)]).await.len(), 1, "the output was evicted");
+    assert_code(c.ac.get_action_result(get.clone()).await, Code::NotFound);
+    // Removed: even with the output back, the stale entry does not return.
+    c.write(&upload_name("", "again", &output), &output, 1 << 20).await.unwrap();
+    assert_code(c.ac.get_action_result(get).await, Code::NotFound);
+}
