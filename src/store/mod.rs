@@ -541,6 +541,18 @@ impl Store {
     }
 }
 
+impl Drop for Store {
+    /// A clean close flushes the memtables, so the next open has no WAL to
+    /// replay (a crash replays at most max_total_wal_size of it).
+    fn drop(&mut self) {
+        for name in [CF_INDEX, CF_LRU, CF_CHUNKS, CF_UPLOADS, CF_AC] {
+            if let Err(e) = self.db.flush_cf(self.cf(name)) {
+                tracing::warn!("could not flush {name} at close: {e}");
+            }
+        }
+    }
+}
+
 pub fn now_secs() -> u64 {
     now_ms() / 1000
 }
