@@ -12,21 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use larder::bench::data::random_bytes;
 use larder::digest::Digest;
 use larder::eviction::{Budget, pass};
 use larder::store::{Error, Store, StoreOptions};
 
 fn blob(n: u64, len: usize) -> Bytes {
-    let mut state = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out.into()
+    random_bytes(len, n).into()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use larder::bench::data::random_bytes;
 use larder::config::{Config, Overrides};
 use larder::digest::Digest;
 use larder::proto::bytestream::byte_stream_client::ByteStreamClient;
@@ -17,22 +18,9 @@ use tonic::transport::Channel;
 
 const MIB: usize = 1 << 20;
 
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Build-output-like bytes: runs of structured text mixed with noise.
 fn mixed(len: usize, seed: u64) -> Vec<u8> {
-    let noise = random(len, seed);
+    let noise = random_bytes(len, seed);
     let mut out = Vec::with_capacity(len + 64);
     let mut i = 0;
     while out.len() < len {
@@ -55,7 +43,7 @@ fn mbps(bytes: usize, elapsed: Duration) -> f64 {
 }
 
 fn sha256_mbps() -> f64 {
-    let data = random(64 * MIB, 99);
+    let data = random_bytes(64 * MIB, 99);
     let start = Instant::now();
     let mut total = 0;
     while start.elapsed() < Duration::from_secs(1) {
@@ -112,7 +100,7 @@ async fn main() {
     let sha = tokio::task::spawn_blocking(sha256_mbps).await.unwrap();
     println!("machine: single-core SHA-256 {sha:.0} MB/s");
 
-    for (kind, make) in [("random", random as fn(usize, u64) -> Vec<u8>), ("build-like", mixed)] {
+    for (kind, make) in [("random", random_bytes as fn(usize, u64) -> Vec<u8>), ("build-like", mixed)] {
         let blobs: Vec<Vec<u8>> =
             (0..4 * scale).map(|i| make(64 * MIB, i as u64 + 1000 * kind.len() as u64)).collect();
         let total: usize = blobs.iter().map(Vec::len).sum();

@@ -5,6 +5,7 @@
 //! [`config`] layers defaults, file, environment and flags; [`eviction`]
 //! keeps the data directory under its size budget.
 
+pub mod bench;
 pub mod config;
 pub mod digest;
 pub mod eviction;

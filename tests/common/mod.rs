@@ -1,7 +1,7 @@
 //! Test harness: runs the real `larder serve` binary on an ephemeral port and
 //! talks to it with tonic clients.
 
-#![allow(dead_code)] // each test binary uses its own subset
+#![allow(dead_code, unused_imports)] // each test binary uses its own subset
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub use larder::bench::data::{random_bytes, text_bytes};
 use larder::digest::Digest;
 use larder::proto::bytestream::byte_stream_client::ByteStreamClient;
 use larder::proto::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
@@ -223,35 +224,6 @@ pub fn read_name(instance: &str, data: &[u8]) -> String {
     let d = digest(data);
     let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
     format!("{prefix}blobs/{}/{}", d.hash, d.size_bytes)
-}
-
-/// Deterministic incompressible bytes (xorshift), cheap to make in bulk.
-pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// Compressible bytes resembling source text.
-pub fn text_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let words =
-        ["fn ", "let ", "mut ", "impl ", "return ", "self", "(x)", "{\n", "}\n", "; ", "0x1f", "match "];
-    let noise = random_bytes(len / 4 + 8, seed);
-    let mut out = Vec::with_capacity(len + 16);
-    let mut i = 0;
-    while out.len() < len {
-        out.extend_from_slice(words[noise[i % noise.len()] as usize % words.len()].as_bytes());
-        i += 1;
-    }
-    out.truncate(len);
-    out
 }
 
 pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
