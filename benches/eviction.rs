@@ -71,7 +71,6 @@ fn main() {
     let store = Arc::new(Store::open(&tmp.path().join("busy"), options).unwrap());
     let budget =
         Budget { max_size: 64 << 20, high_watermark: 0.9, low_watermark: 0.8, min_age: Duration::ZERO };
-    store.set_hard_limit(budget.hard_limit());
     let running = Arc::new(AtomicBool::new(true));
     let evictor = {
         let (store, running) = (Arc::clone(&store), Arc::clone(&running));

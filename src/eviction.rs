@@ -25,6 +25,16 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// The budget the disk can actually hold: `max_size`, or less when the
+    /// filesystem would fill first (current use plus free space, less a
+    /// reserve). A full disk is then handled like a full budget: writes are
+    /// refused and eviction makes room, instead of RocksDB meeting ENOSPC.
+    pub fn within(self, used: u64, free: u64) -> Budget {
+        let capacity = used + free;
+        let reserve = (capacity / 16).min(64 << 20);
+        Budget { max_size: self.max_size.min(capacity.saturating_sub(reserve)), ..self }
+    }
+
     /// Writes are refused above this: halfway between the high watermark and
     /// `max_size`, so that compaction's temporary files fit in the budget.
     pub fn hard_limit(&self) -> u64 {
@@ -37,7 +47,6 @@ const MEASURE_EVERY: Duration = Duration::from_millis(250);
 
 /// Runs for as long as the server does.
 pub async fn run(store: Arc<Store>, budget: Budget) {
-    store.set_hard_limit(budget.hard_limit());
     let mut tick = tokio::time::interval(MEASURE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -57,9 +66,11 @@ pub async fn run(store: Arc<Store>, budget: Budget) {
 /// low watermark. Their chunks are compacted away at once; when nothing was
 /// old enough to evict, all chunks are compacted to reclaim garbage.
 pub fn pass(store: &Store, budget: Budget) -> Result<(), crate::store::Error> {
+    let disk = store.measure_disk()?;
+    let budget = budget.within(disk, store.free_disk()?);
+    store.set_hard_limit(budget.hard_limit());
     let high = (budget.max_size as f64 * budget.high_watermark) as u64;
     let low = (budget.max_size as f64 * budget.low_watermark) as u64;
-    let disk = store.measure_disk()?;
     if disk <= high {
         return Ok(());
     }

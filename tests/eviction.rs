@@ -13,8 +13,13 @@ use tonic::Code;
 const BUDGET: u64 = 64 << 20;
 
 fn start(tmp: &Path, min_age: &str) -> TestServer {
+    start_with(tmp, "64MiB", min_age)
+}
+
+fn start_with(tmp: &Path, max_size: &str, min_age: &str) -> TestServer {
     let config = tmp.join("larder.toml");
-    std::fs::write(&config, format!("max_size = \"64MiB\"\neviction_min_age = \"{min_age}\"\n")).unwrap();
+    std::fs::write(&config, format!("max_size = \"{max_size}\"\neviction_min_age = \"{min_age}\"\n"))
+        .unwrap();
     TestServer::start(&tmp.join("data"), &["--config", config.to_str().unwrap()])
 }
 
@@ -147,4 +152,46 @@ async fn evicted_outputs_remove_their_action_results() {
     // Removed: even with the output back, the stale entry does not return.
     c.write(&upload_name("", "again", &output), &output, 1 << 20).await.unwrap();
     assert_code(c.ac.get_action_result(get).await, Code::NotFound);
+}
+
+/// Unmounts (lazily) when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A filesystem that fills before the budget is reached: writes are refused
+/// and then accepted again as eviction makes room, never an error, never a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_before_the_budget_is_handled_like_the_budget() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a 48 MiB tmpfs");
+    let _mount = Mount(small.clone());
+    // A 1 GiB budget on a 48 MiB disk.
+    let mut server = start_with(&small, "1GiB", "0s");
+    let mut c = server.clients().await;
+    let mut refusals = 0;
+    for n in 0..120 {
+        let data = random_bytes(1 << 20, 7000 + n);
+        refusals += write_retrying(&mut c, &upload_name("", &format!("disk-{n}"), &data), &data).await;
+    }
+    eprintln!("120 MiB written to a 48 MiB disk with {refusals} refusals");
+    assert!(server.is_running());
+    let last = random_bytes(1 << 20, 7119);
+    assert_eq!(c.read(&read_name("", &last), 0, 0).await.unwrap(), last);
 }

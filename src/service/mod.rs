@@ -48,6 +48,8 @@ impl From<store::Error> for Status {
             Vanished(_) => Code::NotFound,
             Corrupt(_) => Code::DataLoss,
             Full { .. } => Code::ResourceExhausted,
+            // Eviction keeps writes off a full disk; should one slip through, say so.
+            Db(e) if e.to_string().contains("No space left") => Code::ResourceExhausted,
             Open(_) => Code::Unavailable,
             Batch(_) | Db(_) | Measure(_) => Code::Internal,
         };

@@ -94,10 +94,12 @@ impl Store {
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(2);
         db_opts.set_bytes_per_sync(1 << 20);
-        // Memtables and the WAL are bytes the budget must hold: small budgets
-        // (tests, laptops) get small ones.
-        let buffer = (options.max_size / 32).clamp(1 << 20, 32 << 20) as usize;
-        db_opts.set_max_total_wal_size((options.max_size / 32).clamp(1 << 20, 256 << 20));
+        // Memtables and the WAL are bytes the budget (or a smaller disk) must
+        // hold: small budgets and small disks get small ones.
+        let (disk_size, _) = filesystem_space(path).map_err(Error::Measure)?;
+        let room = options.max_size.min(disk_size);
+        let buffer = (room / 32).clamp(1 << 20, 32 << 20) as usize;
+        db_opts.set_max_total_wal_size((room / 32).clamp(1 << 20, 256 << 20));
         // RocksDB's own log lives in the data directory and counts against
         // the budget: warnings only, at most 2 MiB of it.
         db_opts.set_log_level(rocksdb::LogLevel::Warn);
@@ -122,7 +124,7 @@ impl Store {
         chunks.set_enable_blob_files(true);
         chunks.set_min_blob_size(4096);
         // Small enough that garbage collection frees space in fine steps.
-        chunks.set_blob_file_size((options.max_size / 64).clamp(1 << 20, 256 << 20));
+        chunks.set_blob_file_size((room / 64).clamp(1 << 20, 256 << 20));
         // Eviction deletes the oldest blobs first, so blob files mostly die
         // whole and are deleted without garbage collection, which would
         // rewrite live chunks (temporarily doubling them on disk). Eviction
@@ -273,6 +275,12 @@ impl Store {
         self.measured_disk.store(total, Ordering::Relaxed);
         self.written_since.store(0, Ordering::Relaxed);
         Ok(total)
+    }
+
+    /// Bytes still free on the filesystem of the data directory (for an
+    /// unprivileged writer).
+    pub fn free_disk(&self) -> Result<u64, Error> {
+        Ok(filesystem_space(&self.path).map_err(Error::Measure)?.1)
     }
 
     /// The last disk measurement plus what was written since.
@@ -551,6 +559,21 @@ impl Drop for Store {
             }
         }
     }
+}
+
+/// The size of the filesystem holding `path`, and its bytes free for an
+/// unprivileged writer.
+fn filesystem_space(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statvfs is plain old data; all zeroes is a valid value.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stat` a valid out-pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let block = stat.f_frsize as u64;
+    Ok((stat.f_blocks as u64 * block, stat.f_bavail as u64 * block))
 }
 
 pub fn now_secs() -> u64 {

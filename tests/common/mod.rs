@@ -61,6 +61,11 @@ impl TestServer {
         TestServer { child, addr, dir: dir.to_path_buf() }
     }
 
+    /// Whether the server process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
