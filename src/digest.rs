@@ -4,88 +4,192 @@
 //! [`Digest`]; the rest of larder never looks at hex strings or resource names.
 
 use std::fmt;
+use std::sync::LazyLock;
 
-use sha2::{Digest as _, Sha256};
+use sha2::Digest as _;
 
 use crate::proto::reapi;
+use crate::proto::reapi::digest_function::Value as WireFunction;
 
 /// The hash functions larder stores blobs under. The discriminant is part of
 /// the on-disk key layout: never renumber.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum Function {
     Sha256 = 1,
+    Sha1 = 2,
+    Sha384 = 3,
+    Sha512 = 4,
+    Blake3 = 5,
 }
 
+/// The longest hash of any function served (SHA-512).
+pub const MAX_HASH_LEN: usize = 64;
+
 impl Function {
-    /// Resolves the `digest_function` field of a request. UNKNOWN (0) means
-    /// "infer from the hash length", which for the functions served is SHA-256.
-    pub fn from_request(value: i32) -> Result<Function, Error> {
-        match reapi::digest_function::Value::try_from(value) {
-            Ok(reapi::digest_function::Value::Unknown | reapi::digest_function::Value::Sha256) => {
-                Ok(Function::Sha256)
-            }
-            Ok(other) => Err(Error::UnsupportedFunction(other.as_str_name().to_lowercase())),
+    /// Every function served, in the order Capabilities advertises them.
+    pub const ALL: [Function; 5] =
+        [Function::Sha256, Function::Blake3, Function::Sha384, Function::Sha512, Function::Sha1];
+
+    /// Hash length in bytes.
+    pub fn hash_len(self) -> usize {
+        match self {
+            Function::Sha1 => 20,
+            Function::Sha256 | Function::Blake3 => 32,
+            Function::Sha384 => 48,
+            Function::Sha512 => 64,
+        }
+    }
+
+    /// The lowercase name used in resource names and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Function::Sha256 => "sha256",
+            Function::Sha1 => "sha1",
+            Function::Sha384 => "sha384",
+            Function::Sha512 => "sha512",
+            Function::Blake3 => "blake3",
+        }
+    }
+
+    pub fn to_wire(self) -> WireFunction {
+        match self {
+            Function::Sha256 => WireFunction::Sha256,
+            Function::Sha1 => WireFunction::Sha1,
+            Function::Sha384 => WireFunction::Sha384,
+            Function::Sha512 => WireFunction::Sha512,
+            Function::Blake3 => WireFunction::Blake3,
+        }
+    }
+
+    /// The function behind a key byte (its discriminant).
+    pub fn from_byte(b: u8) -> Option<Function> {
+        Function::ALL.into_iter().find(|f| *f as u8 == b)
+    }
+
+    /// Resolves the `digest_function` field of a request. Unset (UNKNOWN)
+    /// means the client predates REAPI 2.3: each hash's length tells.
+    pub fn from_request(value: i32) -> Result<FunctionHint, Error> {
+        match WireFunction::try_from(value) {
+            Ok(WireFunction::Unknown) => Ok(FunctionHint::ByLength),
+            Ok(wire) => Function::ALL
+                .into_iter()
+                .find(|f| f.to_wire() == wire)
+                .map(FunctionHint::Given)
+                .ok_or_else(|| Error::UnsupportedFunction(wire.as_str_name().to_lowercase())),
             Err(_) => Err(Error::UnsupportedFunction(format!("enum value {value}"))),
         }
     }
+
+    /// Hashes `data` (on the calling thread: keep large inputs off the runtime).
+    pub fn digest(self, data: &[u8]) -> Digest {
+        let mut hasher = Hasher::new(self);
+        hasher.update(data);
+        hasher.finish()
+    }
+
+    fn hex_len_rule(self) -> &'static str {
+        match self {
+            Function::Sha1 => "must be 40 hex digits for sha1",
+            Function::Sha256 => "must be 64 hex digits for sha256",
+            Function::Blake3 => "must be 64 hex digits for blake3",
+            Function::Sha384 => "must be 96 hex digits for sha384",
+            Function::Sha512 => "must be 128 hex digits for sha512",
+        }
+    }
+
+    /// The function whose hashes have `hex_len` hex digits, among those that
+    /// may be inferred (BLAKE3 shares SHA-256's length and never is).
+    fn by_hex_len(hex_len: usize) -> Option<Function> {
+        [Function::Sha256, Function::Sha1, Function::Sha384, Function::Sha512]
+            .into_iter()
+            .find(|f| f.hash_len() * 2 == hex_len)
+    }
+}
+
+/// Which function a request's digests use: named by the request (REAPI 2.3+),
+/// or inferred from each hash's length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FunctionHint {
+    Given(Function),
+    ByLength,
 }
 
 /// A parsed, validated content digest.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     pub function: Function,
-    pub hash: [u8; 32],
+    /// The hash, zero-padded past the function's length (so that derived
+    /// equality and hashing see only the real bytes).
+    hash: [u8; MAX_HASH_LEN],
     pub size: u64,
 }
 
-/// SHA-256 of no bytes: the empty blob every server must pretend to hold.
-const EMPTY_SHA256: [u8; 32] = [
-    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27,
-    0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
-];
+/// The digests of no bytes: the empty blob every server must pretend to hold.
+static EMPTY: LazyLock<Vec<Digest>> = LazyLock::new(|| Function::ALL.map(|f| f.digest(b"")).to_vec());
 
 impl Digest {
+    /// A digest from raw hash bytes; `None` if their length does not fit the function.
+    pub fn new(function: Function, hash: &[u8], size: u64) -> Option<Digest> {
+        if hash.len() != function.hash_len() {
+            return None;
+        }
+        let mut padded = [0u8; MAX_HASH_LEN];
+        padded[..hash.len()].copy_from_slice(hash);
+        Some(Digest { function, hash: padded, size })
+    }
+
     /// Validates a digest from the wire.
-    pub fn from_proto(d: &reapi::Digest, function: Function) -> Result<Digest, Error> {
+    pub fn from_proto(d: &reapi::Digest, function: FunctionHint) -> Result<Digest, Error> {
         Digest::parse(&d.hash, d.size_bytes, function)
     }
 
     /// Like [`Digest::from_proto`], for an optional field: `None` when unset.
-    pub fn from_optional(d: Option<&reapi::Digest>, function: Function) -> Result<Option<Digest>, Error> {
+    pub fn from_optional(d: Option<&reapi::Digest>, function: FunctionHint) -> Result<Option<Digest>, Error> {
         d.map(|d| Digest::from_proto(d, function)).transpose()
     }
 
-    pub fn parse(hash: &str, size: i64, function: Function) -> Result<Digest, Error> {
+    pub fn parse(hash: &str, size: i64, function: FunctionHint) -> Result<Digest, Error> {
         let size = u64::try_from(size).map_err(|_| Error::NegativeSize(size))?;
-        if hash.len() != 64 {
-            return Err(Error::BadHash(hash.to_string(), "must be 64 hex digits for SHA-256"));
-        }
+        let function = match function {
+            FunctionHint::Given(f) if hash.len() == f.hash_len() * 2 => f,
+            FunctionHint::Given(f) => return Err(Error::BadHash(hash.to_string(), f.hex_len_rule())),
+            FunctionHint::ByLength => Function::by_hex_len(hash.len()).ok_or_else(|| {
+                Error::BadHash(
+                    hash.to_string(),
+                    "has a length of no digest function (40, 64, 96 or 128 hex digits for sha1, sha256, sha384, sha512; name blake3 explicitly)",
+                )
+            })?,
+        };
         if hash.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(Error::BadHash(hash.to_string(), "must be lowercase hex"));
         }
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(hash, &mut out).map_err(|_| Error::BadHash(hash.to_string(), "is not hex"))?;
+        let mut out = [0u8; MAX_HASH_LEN];
+        hex::decode_to_slice(hash, &mut out[..function.hash_len()])
+            .map_err(|_| Error::BadHash(hash.to_string(), "is not hex"))?;
         Ok(Digest { function, hash: out, size })
     }
 
-    /// Hashes `data` (on the calling thread: keep large inputs off the runtime).
+    /// The SHA-256 digest of `data`: the function clients use unless they
+    /// name another.
     pub fn of(data: &[u8]) -> Digest {
-        Digest { function: Function::Sha256, hash: Sha256::digest(data).into(), size: data.len() as u64 }
+        Function::Sha256.digest(data)
     }
 
     pub fn empty(function: Function) -> Digest {
-        match function {
-            Function::Sha256 => Digest { function, hash: EMPTY_SHA256, size: 0 },
-        }
+        EMPTY[Function::ALL.iter().position(|f| *f == function).expect("ALL lists every function")]
     }
 
     pub fn is_empty_blob(&self) -> bool {
         self.size == 0 && *self == Digest::empty(self.function)
     }
 
+    pub fn hash(&self) -> &[u8] {
+        &self.hash[..self.function.hash_len()]
+    }
+
     pub fn hex(&self) -> String {
-        hex::encode(self.hash)
+        hex::encode(self.hash())
     }
 
     pub fn to_proto(&self) -> reapi::Digest {
@@ -94,7 +198,11 @@ impl Digest {
 }
 
 impl fmt::Display for Digest {
+    /// `hash/size`, with the function first unless it is SHA-256.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.function != Function::Sha256 {
+            write!(f, "{}:", self.function.name())?;
+        }
         write!(f, "{}/{}", self.hex(), self.size)
     }
 }
@@ -105,29 +213,75 @@ impl fmt::Debug for Digest {
     }
 }
 
-/// A streaming SHA-256 that yields a [`Digest`].
-#[derive(Clone, Default)]
+/// A streaming hash of any served function that yields a [`Digest`].
+#[derive(Clone)]
 pub struct Hasher {
-    inner: Sha256,
+    function: Function,
+    state: State,
     len: u64,
 }
 
+#[derive(Clone)]
+enum State {
+    Sha256(sha2::Sha256),
+    Sha1(sha1::Sha1),
+    Sha384(sha2::Sha384),
+    Sha512(sha2::Sha512),
+    // Boxed: its state is about 2 KiB.
+    Blake3(Box<blake3::Hasher>),
+}
+
 impl Hasher {
+    pub fn new(function: Function) -> Hasher {
+        let state = match function {
+            Function::Sha256 => State::Sha256(Default::default()),
+            Function::Sha1 => State::Sha1(Default::default()),
+            Function::Sha384 => State::Sha384(Default::default()),
+            Function::Sha512 => State::Sha512(Default::default()),
+            Function::Blake3 => State::Blake3(Default::default()),
+        };
+        Hasher { function, state, len: 0 }
+    }
+
     pub fn update(&mut self, data: &[u8]) {
-        self.inner.update(data);
+        match &mut self.state {
+            State::Sha256(h) => h.update(data),
+            State::Sha1(h) => h.update(data),
+            State::Sha384(h) => h.update(data),
+            State::Sha512(h) => h.update(data),
+            State::Blake3(h) => {
+                h.update(data);
+            }
+        }
         self.len += data.len() as u64;
     }
 
     pub fn finish(self) -> Digest {
-        Digest { function: Function::Sha256, hash: self.inner.finalize().into(), size: self.len }
+        let mut hash = [0u8; MAX_HASH_LEN];
+        let mut put = |bytes: &[u8]| hash[..bytes.len()].copy_from_slice(bytes);
+        match self.state {
+            State::Sha256(h) => put(&h.finalize()),
+            State::Sha1(h) => put(&h.finalize()),
+            State::Sha384(h) => put(&h.finalize()),
+            State::Sha512(h) => put(&h.finalize()),
+            State::Blake3(h) => put(h.finalize().as_bytes()),
+        }
+        Digest { function: self.function, hash, size: self.len }
     }
+}
+/// How a blob's bytes travel on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    /// A zstd stream of one or more frames (`compressed-blobs/zstd/`).
+    Zstd,
 }
 
 /// The blob a ByteStream resource name designates.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlobResource {
     pub instance: String,
-    pub compressor: Option<String>,
+    pub encoding: Encoding,
     pub digest: Digest,
 }
 
@@ -170,37 +324,43 @@ pub fn parse_write_resource(name: &str) -> Result<BlobResource, Error> {
 /// returning the blob and the segments after the size.
 fn parse_blob_part<'a>(name: &str, segments: &'a [&'a str]) -> Result<(BlobResource, &'a [&'a str]), Error> {
     let bad = |why| Error::BadResource(name.to_string(), why);
-    let (compressor, rest) = match segments.first() {
-        Some(&"blobs") => (None, &segments[1..]),
+    let (encoding, rest) = match segments.first() {
+        Some(&"blobs") => (Encoding::Identity, &segments[1..]),
         Some(&"compressed-blobs") => match segments.get(1) {
-            Some(c) if !c.is_empty() => (Some(c.to_string()), &segments[2..]),
+            Some(&"zstd") => (Encoding::Zstd, &segments[2..]),
+            Some(c) if !c.is_empty() => return Err(Error::UnsupportedCompressor(c.to_string())),
             _ => return Err(bad("has no compressor after compressed-blobs/")),
         },
         _ => return Err(bad("has no blobs/ or compressed-blobs/ segment")),
     };
-    // An explicit digest function segment precedes the hash only for functions
-    // whose hash length is ambiguous; none of those is served yet.
+    // A digest function segment precedes the hash for functions whose hash
+    // length is ambiguous (and is accepted for the others); without one,
+    // the length tells.
     let (function, rest) = match rest.first() {
-        Some(&"sha256") => (Function::Sha256, &rest[1..]),
-        Some(f) if is_function_name(f) => {
-            return Err(Error::UnsupportedFunction(f.to_string()));
-        }
-        _ => (Function::Sha256, rest),
+        Some(s) if FUNCTION_NAMES.contains(s) => match Function::ALL.into_iter().find(|f| f.name() == *s) {
+            Some(f) => (FunctionHint::Given(f), &rest[1..]),
+            None => return Err(Error::UnsupportedFunction(s.to_string())),
+        },
+        _ => (FunctionHint::ByLength, rest),
     };
     let [hash, size, rest @ ..] = rest else {
         return Err(bad("must end in {hash}/{size}"));
     };
     let size: i64 = size.parse().map_err(|_| bad("has a size that is not a number"))?;
     let digest = Digest::parse(hash, size, function)?;
-    Ok((BlobResource { instance: String::new(), compressor, digest }, rest))
+    Ok((BlobResource { instance: String::new(), encoding, digest }, rest))
 }
 
-fn is_function_name(s: &str) -> bool {
-    matches!(s, "sha1" | "sha384" | "sha512" | "md5" | "blake3" | "sha256tree" | "vso" | "gitsha1")
-}
+/// Every digest function name REAPI defines, served or not.
+const FUNCTION_NAMES: &[&str] =
+    &["sha256", "sha1", "md5", "vso", "sha384", "sha512", "murmur3", "sha256tree", "blake3", "gitsha1"];
 
 /// Checks an instance name given in a request field.
 pub fn check_instance(name: &str) -> Result<(), Error> {
+    if name.contains('\0') {
+        // NUL separates the instance from the digest in action cache keys.
+        return Err(Error::BadInstance(name.to_string(), "\0".to_string()));
+    }
     match name.split('/').find(|s| RESERVED.contains(s)) {
         Some(seg) => Err(Error::BadInstance(name.to_string(), seg.to_string())),
         None => Ok(()),
@@ -215,9 +375,13 @@ pub enum Error {
     BadHash(String, &'static str),
     #[error("resource name {0:?} {1}")]
     BadResource(String, &'static str),
-    #[error("digest function {0} is not supported by this server (it serves sha256)")]
+    #[error(
+        "digest function {0} is not supported by this server (it serves sha256, blake3, sha384, sha512 and sha1)"
+    )]
     UnsupportedFunction(String),
-    #[error("instance name {0:?} contains the reserved segment {1:?}")]
+    #[error("compressor {0:?} is not supported by this server (it serves zstd)")]
+    UnsupportedCompressor(String),
+    #[error("instance name {0:?} contains the reserved segment or character {1:?}")]
     BadInstance(String, String),
 }
 
@@ -228,27 +392,75 @@ mod tests {
     const H: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
     #[test]
-    fn empty_constant_is_sha256_of_nothing() {
-        assert_eq!(Digest::of(b""), Digest::empty(Function::Sha256));
+    fn empty_digests_are_the_hashes_of_nothing() {
+        assert_eq!(Digest::of(b"").hex(), H);
         assert!(Digest::of(b"").is_empty_blob());
         assert!(!Digest::of(b"x").is_empty_blob());
+        // Known answers for the empty input.
+        let known = [
+            (Function::Sha1, "da39a3ee5e6b4b0d3255bfef95601890afd80709"),
+            (Function::Blake3, "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"),
+        ];
+        for (f, hex) in known {
+            assert_eq!(Digest::empty(f).hex(), hex);
+            assert!(Digest::empty(f).is_empty_blob());
+        }
+        for f in Function::ALL {
+            assert_eq!(Digest::empty(f).hash().len(), f.hash_len());
+        }
+        // The same hash bytes under another function are another digest.
+        let blake3_as_sha256 = Digest::new(Function::Sha256, Digest::empty(Function::Blake3).hash(), 0);
+        assert!(!blake3_as_sha256.unwrap().is_empty_blob());
+    }
+
+    #[test]
+    fn streaming_hash_equals_one_shot() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        for f in Function::ALL {
+            let mut h = Hasher::new(f);
+            for part in data.chunks(999) {
+                h.update(part);
+            }
+            assert_eq!(h.finish(), f.digest(&data));
+        }
+    }
+
+    #[test]
+    fn functions_from_requests_and_lengths() {
+        assert_eq!(Function::from_request(0).unwrap(), FunctionHint::ByLength);
+        assert_eq!(Function::from_request(9).unwrap(), FunctionHint::Given(Function::Blake3));
+        assert!(matches!(Function::from_request(3), Err(Error::UnsupportedFunction(f)) if f == "md5"));
+        assert!(Function::from_request(99).is_err());
+        let sha1 = "da39a3ee5e6b4b0d3255bfef95601890afd80709";
+        assert_eq!(Digest::parse(sha1, 0, FunctionHint::ByLength).unwrap().function, Function::Sha1);
+        assert_eq!(Digest::parse(H, 0, FunctionHint::ByLength).unwrap().function, Function::Sha256);
+        let blake3 = Digest::parse(H, 0, FunctionHint::Given(Function::Blake3)).unwrap();
+        assert_eq!((blake3.function, blake3.hex().as_str()), (Function::Blake3, H));
+        assert!(Digest::parse(sha1, 0, FunctionHint::Given(Function::Sha256)).is_err());
+        assert!(Digest::parse(&H[..62], 0, FunctionHint::ByLength).is_err());
     }
 
     #[test]
     fn read_resources() {
         let r = parse_read_resource(&format!("blobs/{H}/0")).unwrap();
-        assert_eq!((r.instance.as_str(), r.digest.size), ("", 0));
+        assert_eq!((r.instance.as_str(), r.digest.size, r.encoding), ("", 0, Encoding::Identity));
         let r = parse_read_resource(&format!("a/b/blobs/sha256/{H}/12")).unwrap();
         assert_eq!((r.instance.as_str(), r.digest.size), ("a/b", 12));
         let r = parse_read_resource(&format!("x/compressed-blobs/zstd/{H}/5")).unwrap();
-        assert_eq!(r.compressor.as_deref(), Some("zstd"));
+        assert_eq!(r.encoding, Encoding::Zstd);
+        let r = parse_read_resource(&format!("compressed-blobs/zstd/blake3/{H}/5")).unwrap();
+        assert_eq!((r.encoding, r.digest.function), (Encoding::Zstd, Function::Blake3));
         assert!(parse_read_resource(&format!("blobs/{H}")).is_err());
         assert!(parse_read_resource(&format!("blobs/{H}/1/extra")).is_err());
         assert!(parse_read_resource(&format!("blobs/{H}/-1")).is_err());
         assert!(parse_read_resource(&format!("blobs/{}/1", H.to_uppercase())).is_err());
         assert!(matches!(
-            parse_read_resource(&format!("blobs/blake3/{H}/1")),
+            parse_read_resource(&format!("blobs/md5/{}/1", &H[..32])),
             Err(Error::UnsupportedFunction(_))
+        ));
+        assert!(matches!(
+            parse_read_resource(&format!("compressed-blobs/deflate/{H}/1")),
+            Err(Error::UnsupportedCompressor(_))
         ));
     }
 
@@ -259,6 +471,8 @@ mod tests {
         // Metadata after the size may contain anything, even marker words.
         let r = parse_write_resource(&format!("i/j/uploads/u/blobs/{H}/3/blobs/x")).unwrap();
         assert_eq!(r.instance, "i/j");
+        let r = parse_write_resource(&format!("uploads/u/compressed-blobs/zstd/blake3/{H}/3")).unwrap();
+        assert_eq!((r.encoding, r.digest.function), (Encoding::Zstd, Function::Blake3));
         assert!(parse_write_resource(&format!("uploads/blobs/{H}/3")).is_err());
         assert!(parse_write_resource(&format!("blobs/{H}/3")).is_err());
     }

@@ -9,7 +9,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, blocking, request_function, required_digest};
-use crate::digest::{Digest, Function};
+use crate::digest::{Digest, FunctionHint};
 use crate::proto::reapi::{
     ActionResult, Directory, GetActionResultRequest, Tree, UpdateActionResultRequest,
     action_cache_server::ActionCache,
@@ -78,7 +78,7 @@ impl ActionCache for ActionCacheService {
 
 /// The blobs an action result names directly (outputs, stdout, stderr, and
 /// the Tree or root Directory of each output directory).
-fn referenced_blobs(result: &ActionResult, function: Function) -> Result<Vec<Digest>, Status> {
+fn referenced_blobs(result: &ActionResult, function: FunctionHint) -> Result<Vec<Digest>, Status> {
     let mut digests = Vec::new();
     let mut add = |d: Option<&crate::proto::reapi::Digest>, what: &str| -> Result<(), Status> {
         if let Some(d) = d {
@@ -106,7 +106,7 @@ fn referenced_blobs(result: &ActionResult, function: Function) -> Result<Vec<Dig
 fn first_missing_blob(
     store: &Store,
     result: &ActionResult,
-    function: Function,
+    function: FunctionHint,
 ) -> Result<Option<Digest>, store::Error> {
     let Ok(direct) = referenced_blobs(result, function) else {
         return Err(store::Error::Corrupt("a stored action result has a malformed digest".into()));
@@ -147,7 +147,7 @@ fn first_missing_blob(
             }
         }
     }
-    inner.sort_unstable_by_key(|d| (d.hash, d.size));
+    inner.sort_unstable();
     inner.dedup();
     first_absent(store, &inner)
 }
@@ -163,7 +163,7 @@ fn inline(
     store: &Store,
     result: &mut ActionResult,
     request: &GetActionResultRequest,
-    function: Function,
+    function: FunctionHint,
     limit: usize,
 ) -> Result<(), store::Error> {
     // Headroom for the response framing.

@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{READ_MESSAGE_SIZE, Shared, blocking};
-use crate::digest::{self, BlobResource, Digest};
+use crate::digest::{self, BlobResource, Digest, Encoding};
 use crate::proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
     WriteResponse, byte_stream_server::ByteStream,
@@ -36,11 +36,11 @@ impl ByteStreamService {
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
 fn identity_only(resource: &BlobResource) -> Result<(), Status> {
-    match &resource.compressor {
-        None => Ok(()),
-        Some(c) => Err(Status::invalid_argument(format!(
-            "compressed-blobs/{c} is not served: this server advertises no compressors"
-        ))),
+    match resource.encoding {
+        Encoding::Identity => Ok(()),
+        Encoding::Zstd => Err(Status::invalid_argument(
+            "compressed-blobs/zstd is not served: this server advertises no compressors",
+        )),
     }
 }
 

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, request_function};
+use crate::digest::Function;
 use crate::proto::reapi::{
     ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, ServerCapabilities,
-    capabilities_server::Capabilities, digest_function, symlink_absolute_path_strategy,
+    capabilities_server::Capabilities, symlink_absolute_path_strategy,
 };
 use crate::proto::semver::SemVer;
 
@@ -34,7 +35,7 @@ impl Capabilities for CapabilitiesService {
         request_function(&request.get_ref().instance_name, 0)?;
         Ok(Response::new(ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
-                digest_functions: vec![digest_function::Value::Sha256 as i32],
+                digest_functions: Function::ALL.iter().map(|f| f.to_wire() as i32).collect(),
                 action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
                     update_enabled: true,
                 }),

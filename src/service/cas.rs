@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{READ_MESSAGE_SIZE, Shared, blocking, ok_status, request_function, required_digest, rpc_status};
-use crate::digest::{Digest, Function};
+use crate::digest::{Digest, FunctionHint};
 use crate::proto::reapi::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse,
     Directory, FindMissingBlobsRequest, FindMissingBlobsResponse, GetTreeRequest, GetTreeResponse,
@@ -203,7 +203,7 @@ impl ContentAddressableStorage for CasService {
 fn walk_tree(
     store: &Store,
     root: Digest,
-    function: Function,
+    function: FunctionHint,
     skip: usize,
     page_size: usize,
     tx: &mpsc::Sender<Result<GetTreeResponse, Status>>,

@@ -43,7 +43,7 @@ impl From<store::Error> for Status {
     fn from(e: store::Error) -> Status {
         use store::Error::*;
         let code = match &e {
-            DigestMismatch { .. } | BadOffset { .. } => Code::InvalidArgument,
+            DigestMismatch(_) | BadOffset { .. } => Code::InvalidArgument,
             UploadBusy(_) => Code::Aborted,
             Vanished(_) => Code::NotFound,
             Corrupt(_) => Code::DataLoss,
@@ -73,7 +73,7 @@ pub fn ok_status() -> rpc::Status {
 }
 
 /// Validates the instance name and digest function common to REAPI requests.
-pub fn request_function(instance: &str, function: i32) -> Result<digest::Function, Status> {
+pub fn request_function(instance: &str, function: i32) -> Result<digest::FunctionHint, Status> {
     digest::check_instance(instance)?;
     Ok(digest::Function::from_request(function)?)
 }
@@ -82,7 +82,7 @@ pub fn request_function(instance: &str, function: i32) -> Result<digest::Functio
 pub fn required_digest(
     d: Option<&reapi::Digest>,
     field: &str,
-    function: digest::Function,
+    function: digest::FunctionHint,
 ) -> Result<digest::Digest, Status> {
     digest::Digest::from_optional(d, function)?
         .ok_or_else(|| Status::invalid_argument(format!("{field} is required")))

@@ -69,19 +69,18 @@ impl Store {
         }
         let mut done = std::collections::HashSet::new();
         for (atime, digest) in candidates {
-            let key = index_key(digest);
-            batch.delete_cf(self.cf(CF_LRU), lru_key(*atime, &key));
+            batch.delete_cf(self.cf(CF_LRU), lru_key(*atime, digest));
             if done.contains(digest) {
                 continue;
             }
             let Some(entry) = self.get_entry(digest)? else { continue };
             if entry.atime != *atime {
                 // A stale position (the blob was used since): keep the current one.
-                batch.put_cf(self.cf(CF_LRU), lru_key(entry.atime, &key), []);
+                batch.put_cf(self.cf(CF_LRU), lru_key(entry.atime, digest), []);
                 continue;
             }
             done.insert(*digest);
-            batch.delete_cf(self.cf(CF_INDEX), key);
+            batch.delete_cf(self.cf(CF_INDEX), index_key(digest));
             batch.delete_range_cf(
                 self.cf(CF_CHUNKS),
                 chunk_key(entry.blob_id, 0),

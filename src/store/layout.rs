@@ -4,7 +4,7 @@
 //!
 //! | column family | key | value |
 //! |---|---|---|
-//! | `index`   | function (1) · hash (32) · size (8, BE) | [`IndexEntry`] |
+//! | `index`   | function (1) · hash (20 to 64, by function) · size (8, BE) | [`IndexEntry`] |
 //! | `chunks`  | blob id (8, BE) · uncompressed offset (8, BE) | payload · tag (1) (see `chunk`) |
 //! | `chunks`  | blob id (8, BE) · `u64::MAX` | [`UploadProgress`] of an unfinished upload |
 //! | `chunks`  | `0` (8) · `0` (8) | stored bytes of all blobs and uploads (i64 LE, merge-added) |
@@ -24,7 +24,9 @@
 //! so a flush persists both or neither. That lets large uploads skip the WAL
 //! (see `upload`) without a crash ever leaving progress that claims lost chunks.
 
-use crate::digest::{Digest, Function};
+use std::ops::Deref;
+
+use crate::digest::{Digest, Function, MAX_HASH_LEN};
 
 pub const CF_INDEX: &str = "index";
 pub const CF_CHUNKS: &str = "chunks";
@@ -53,44 +55,73 @@ pub fn merge_usage(
     Some(total.to_le_bytes().to_vec())
 }
 
-pub fn lru_key(atime_ms: u64, key: &IndexKey) -> [u8; 49] {
-    let mut k = [0u8; 49];
-    k[..8].copy_from_slice(&atime_ms.to_be_bytes());
-    k[8..].copy_from_slice(key);
+pub fn lru_key(atime_ms: u64, d: &Digest) -> Key {
+    let mut k = Key::default();
+    k.push(&atime_ms.to_be_bytes());
+    k.push(&index_key(d));
     k
 }
 
 pub fn split_lru_key(k: &[u8]) -> Option<(u64, Digest)> {
-    if k.len() != 49 {
-        return None;
-    }
-    Some((u64::from_be_bytes(k[..8].try_into().ok()?), digest_of_index_key(&k[8..])?))
+    let (atime, index) = k.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*atime), digest_of_index_key(index)?))
 }
 
 pub const LAYOUT_KEY: &[u8] = b"layout";
 pub const LAYOUT_VERSION: &[u8] = b"1";
 
-pub type IndexKey = [u8; 41];
+/// A key of at most [`Key::MAX`] bytes, built on the stack: index keys and
+/// the keys that embed one.
+#[derive(Clone, Copy)]
+pub struct Key {
+    bytes: [u8; Key::MAX],
+    len: usize,
+}
 
-pub fn index_key(d: &Digest) -> IndexKey {
-    let mut k = [0u8; 41];
-    k[0] = d.function as u8;
-    k[1..33].copy_from_slice(&d.hash);
-    k[33..].copy_from_slice(&d.size.to_be_bytes());
+impl Key {
+    /// An eviction-order key: a time stamp and the longest index key.
+    const MAX: usize = 8 + 1 + MAX_HASH_LEN + 8;
+
+    fn push(&mut self, part: &[u8]) {
+        self.bytes[self.len..self.len + part.len()].copy_from_slice(part);
+        self.len += part.len();
+    }
+}
+
+impl Default for Key {
+    fn default() -> Key {
+        Key { bytes: [0; Key::MAX], len: 0 }
+    }
+}
+
+impl Deref for Key {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl AsRef<[u8]> for Key {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+/// The function's key byte is first, and fixes the hash length: keys of
+/// different functions never collide, and every index key is prefix-free.
+pub fn index_key(d: &Digest) -> Key {
+    let mut k = Key::default();
+    k.push(&[d.function as u8]);
+    k.push(d.hash());
+    k.push(&d.size.to_be_bytes());
     k
 }
 
 pub fn digest_of_index_key(k: &[u8]) -> Option<Digest> {
-    let k: &IndexKey = k.try_into().ok()?;
-    let function = match k[0] {
-        1 => Function::Sha256,
-        _ => return None,
-    };
-    Some(Digest {
-        function,
-        hash: k[1..33].try_into().ok()?,
-        size: u64::from_be_bytes(k[33..].try_into().ok()?),
-    })
+    let (&function, rest) = k.split_first()?;
+    let function = Function::from_byte(function)?;
+    let (hash, size) = rest.split_at_checked(function.hash_len())?;
+    Digest::new(function, hash, u64::from_be_bytes(size.try_into().ok()?))
 }
 
 pub fn chunk_key(blob_id: u64, offset: u64) -> [u8; 16] {
@@ -106,10 +137,11 @@ pub fn split_chunk_key(k: &[u8]) -> Option<(u64, u64)> {
 }
 
 pub fn ac_key(instance: &str, action: &Digest) -> Vec<u8> {
-    let mut k = Vec::with_capacity(instance.len() + 42);
+    let action = index_key(action);
+    let mut k = Vec::with_capacity(instance.len() + 1 + action.len());
     k.extend_from_slice(instance.as_bytes());
     k.push(0);
-    k.extend_from_slice(&index_key(action));
+    k.extend_from_slice(&action);
     k
 }
 
@@ -223,8 +255,12 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let d = Digest::of(b"hello");
-        assert_eq!(digest_of_index_key(&index_key(&d)), Some(d));
+        for f in Function::ALL {
+            let d = f.digest(b"hello");
+            assert_eq!(digest_of_index_key(&index_key(&d)), Some(d));
+            assert_eq!(split_lru_key(&lru_key(9, &d)), Some((9, d)));
+        }
+        assert_eq!(digest_of_index_key(&index_key(&Digest::of(b"x"))[..40]), None);
         assert_eq!(split_chunk_key(&chunk_key(7, 1 << 40)), Some((7, 1 << 40)));
         let e = IndexEntry { blob_id: 1, stored: 2, atime: 3 };
         assert_eq!(IndexEntry::decode(&e.encode()), Some(e));
@@ -241,7 +277,6 @@ mod tests {
         assert!(chunk_key(1, 255) < chunk_key(1, 256));
         assert!(USAGE_KEY < chunk_key(1, 0));
         let d = Digest::of(b"x");
-        assert!(lru_key(1, &index_key(&d)) < lru_key(2, &index_key(&Digest::of(b"a"))));
-        assert_eq!(split_lru_key(&lru_key(7, &index_key(&d))), Some((7, d)));
+        assert!(*lru_key(1, &d) < *lru_key(2, &Digest::of(b"a")));
     }
 }

@@ -55,7 +55,7 @@ pub struct Store {
     active_uploads: Mutex<HashSet<String>>,
     /// Blobs used since the last access-time flush, with the time of their
     /// last use (see [`Store::flush_access_times`]).
-    accessed: Mutex<HashMap<IndexKey, u64>>,
+    accessed: Mutex<HashMap<Digest, u64>>,
     /// Writes are refused while the disk use estimate is above this.
     hard_limit: AtomicU64,
     /// Bytes of the data directory at the last measurement.
@@ -81,7 +81,7 @@ pub enum Written {
 const STRIPES: usize = 256;
 
 fn stripe_of(d: &Digest) -> usize {
-    d.hash[0] as usize % STRIPES
+    d.hash()[0] as usize % STRIPES
 }
 
 impl Store {
@@ -242,7 +242,7 @@ impl Store {
     fn touch(&self, digests: impl IntoIterator<Item = Digest>) {
         let now = now_ms();
         let mut accessed = self.accessed.lock().unwrap_or_else(|e| e.into_inner());
-        accessed.extend(digests.into_iter().map(|d| (index_key(&d), now)));
+        accessed.extend(digests.into_iter().map(|d| (d, now)));
     }
 
     /// Stored bytes of all blobs and partial uploads (after compression):
@@ -308,7 +308,7 @@ impl Store {
     /// Which of `digests` are present (the empty blob always is). One batched
     /// RocksDB lookup; present blobs count as used.
     pub fn contains(&self, digests: &[Digest]) -> Result<Vec<bool>, Error> {
-        let keys: Vec<IndexKey> = digests.iter().map(index_key).collect();
+        let keys: Vec<Key> = digests.iter().map(index_key).collect();
         let cf = self.cf(CF_INDEX);
         let found = self.db.batched_multi_get_cf(cf, &keys, false);
         let mut present = Vec::with_capacity(digests.len());
@@ -389,11 +389,11 @@ impl Store {
         let mut results: Vec<Result<Written, Error>> = blobs
             .iter()
             .map(|(digest, data)| {
-                let actual = Digest::of(data);
+                let actual = digest.function.digest(data);
                 if actual == *digest {
                     Ok(Written::Stored)
                 } else {
-                    Err(Error::DigestMismatch { expected: *digest, actual })
+                    Err(Error::DigestMismatch(Box::new(Mismatch { expected: *digest, actual })))
                 }
             })
             .collect();
@@ -480,9 +480,8 @@ impl Store {
 
     /// Adds a new index entry to `batch`, with its place in the eviction order.
     fn add_entry(&self, batch: &mut WriteBatch, digest: &Digest, entry: &IndexEntry) {
-        let key = index_key(digest);
-        batch.put_cf(self.cf(CF_INDEX), key, entry.encode());
-        batch.put_cf(self.cf(CF_LRU), lru_key(entry.atime, &key), []);
+        batch.put_cf(self.cf(CF_INDEX), index_key(digest), entry.encode());
+        batch.put_cf(self.cf(CF_LRU), lru_key(entry.atime, digest), []);
     }
 
     /// Adds a change of the stored-bytes counter to `batch`.
@@ -497,10 +496,8 @@ impl Store {
         let mut by_stripe: Vec<Vec<(Digest, u64)>> = vec![Vec::new(); STRIPES];
         {
             let mut accessed = self.accessed.lock().unwrap_or_else(|e| e.into_inner());
-            for (key, atime) in accessed.drain() {
-                if let Some(digest) = digest_of_index_key(&key) {
-                    by_stripe[stripe_of(&digest)].push((digest, atime));
-                }
+            for (digest, atime) in accessed.drain() {
+                by_stripe[stripe_of(&digest)].push((digest, atime));
             }
         }
         let mut updated = 0;
@@ -512,11 +509,10 @@ impl Store {
                 if let Some(mut entry) = self.get_entry(digest)?
                     && entry.atime < *atime
                 {
-                    let key = index_key(digest);
-                    batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, &key));
+                    batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
                     entry.atime = *atime;
-                    batch.put_cf(self.cf(CF_INDEX), key, entry.encode());
-                    batch.put_cf(self.cf(CF_LRU), lru_key(*atime, &key), []);
+                    batch.put_cf(self.cf(CF_INDEX), index_key(digest), entry.encode());
+                    batch.put_cf(self.cf(CF_LRU), lru_key(*atime, digest), []);
                     updated += 1;
                 }
             }
@@ -584,10 +580,17 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The digest a client declared, and the digest of what it sent.
+#[derive(Debug)]
+pub struct Mismatch {
+    pub expected: Digest,
+    pub actual: Digest,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("data does not match its digest: declared {expected}, the bytes received hash to {actual}")]
-    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("data does not match its digest: declared {}, the bytes received hash to {}", .0.expected, .0.actual)]
+    DigestMismatch(Box<Mismatch>),
     #[error("upload {0:?} is being written by another stream right now; retry when that stream ends")]
     UploadBusy(String),
     #[error(

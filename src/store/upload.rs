@@ -17,7 +17,7 @@ use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
 use super::layout::{
     CF_CHUNKS, CF_UPLOADS, IndexEntry, PROGRESS_OFFSET, UploadProgress, UploadRecord, chunk_key,
 };
-use super::{Error, Store, Written, chunk, now_ms, now_secs};
+use super::{Error, Mismatch, Store, Written, chunk, now_ms, now_secs};
 use crate::digest::{Digest, Hasher};
 
 /// Uploads of blobs larger than this many chunks skip the WAL.
@@ -59,7 +59,7 @@ impl Store {
             record: UploadRecord { blob_id: 0, created: now_secs() },
             recorded: false,
             progress: UploadProgress::default(),
-            hasher: Hasher::default(),
+            hasher: Hasher::new(digest.function),
         };
         match self.upload_state(resource)? {
             Some((record, progress)) if offset == progress.committed && offset > 0 => {
@@ -227,7 +227,7 @@ impl Upload {
         let blob_id = self.record.blob_id;
         if actual != self.digest {
             self.discard()?;
-            return Err(Error::DigestMismatch { expected: self.digest, actual });
+            return Err(Error::DigestMismatch(Box::new(Mismatch { expected: self.digest, actual })));
         }
         if self.skips_wal() {
             // The index entry must never point at chunks a crash could lose.
