@@ -15,7 +15,7 @@ use bytes::Bytes;
 use larder::bench::data::random_bytes;
 use larder::digest::Digest;
 use larder::eviction::{Budget, pass};
-use larder::store::{Error, Store, StoreOptions};
+use larder::store::{Error, NewBlob, Store, StoreOptions};
 
 fn blob(n: u64, len: usize) -> Bytes {
     random_bytes(len, n).into()
@@ -35,7 +35,7 @@ fn write_latencies(store: &Store, first: u64, count: u64) -> (Vec<Duration>, u64
         let d = Digest::of(&data);
         let start = Instant::now();
         loop {
-            match store.put_blobs(&[(d, data.clone())]).remove(0) {
+            match store.put_blobs(&[NewBlob::new(d, data.clone())]).remove(0) {
                 Ok(_) => break,
                 Err(Error::Full { .. }) => {
                     refusals += 1;
@@ -101,10 +101,10 @@ fn main() {
     {
         let store = Store::open(&dir, StoreOptions::default()).unwrap();
         for batch in 0..count / 1000 {
-            let blobs: Vec<(Digest, Bytes)> = (0..1000)
+            let blobs: Vec<NewBlob> = (0..1000)
                 .map(|i| {
                     let data = blob(batch * 1000 + i + 10_000_000, 100);
-                    (Digest::of(&data), data)
+                    NewBlob::new(Digest::of(&data), data)
                 })
                 .collect();
             assert!(store.put_blobs(&blobs).iter().all(Result::is_ok));

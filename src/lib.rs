@@ -6,6 +6,7 @@
 //! keeps the data directory under its size budget.
 
 pub mod bench;
+pub mod compression;
 pub mod config;
 pub mod digest;
 pub mod eviction;

@@ -62,7 +62,7 @@ async fn instances_and_metadata_in_resource_names() {
     assert_eq!(c.read(&read_name("a/b", &data), 0, 0).await.unwrap(), data);
     assert_eq!(c.read(&read_name("other", &data), 0, 0).await.unwrap(), data, "the CAS is shared");
     let d = digest(&data);
-    let compressed = format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes);
+    let compressed = format!("compressed-blobs/lz4/{}/{}", d.hash, d.size_bytes);
     assert_code(c.read(&compressed, 0, 0).await, Code::InvalidArgument);
 }
 

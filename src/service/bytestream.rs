@@ -1,4 +1,5 @@
-//! google.bytestream.ByteStream over the CAS: Read, Write, QueryWriteStatus.
+//! google.bytestream.ByteStream over the CAS: Read, Write, QueryWriteStatus,
+//! of plain (`blobs/`) and zstd (`compressed-blobs/zstd/`) resources.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,15 +9,16 @@ use futures::{FutureExt, Stream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::{READ_MESSAGE_SIZE, Shared, blocking};
-use crate::digest::{self, BlobResource, Digest, Encoding};
+use crate::compression::Decoder;
+use crate::digest::{self, Digest, Encoding};
 use crate::proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
     WriteResponse, byte_stream_server::ByteStream,
 };
-use crate::store::{self, Store, Upload};
+use crate::store::{Store, Upload};
 
 pub struct ByteStreamService {
     shared: Arc<Shared>,
@@ -35,15 +37,6 @@ impl ByteStreamService {
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
-fn identity_only(resource: &BlobResource) -> Result<(), Status> {
-    match resource.encoding {
-        Encoding::Identity => Ok(()),
-        Encoding::Zstd => Err(Status::invalid_argument(
-            "compressed-blobs/zstd is not served: this server advertises no compressors",
-        )),
-    }
-}
-
 #[tonic::async_trait]
 impl ByteStream for ByteStreamService {
     type ReadStream = ReadStream;
@@ -51,11 +44,18 @@ impl ByteStream for ByteStreamService {
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
         let request = request.into_inner();
         let resource = digest::parse_read_resource(&request.resource_name)?;
-        identity_only(&resource)?;
         let digest = resource.digest;
         if request.read_limit < 0 {
             return Err(Status::invalid_argument(format!("read_limit {} is negative", request.read_limit)));
         }
+        let zstd = resource.encoding == Encoding::Zstd;
+        if zstd && request.read_limit != 0 {
+            return Err(Status::invalid_argument(format!(
+                "read_limit {} is set on a compressed-blobs read: it must be 0",
+                request.read_limit
+            )));
+        }
+        // Offsets count uncompressed bytes, compressed reads included.
         if request.read_offset < 0 || request.read_offset as u64 > digest.size {
             return Err(Status::out_of_range(format!(
                 "read_offset {} is outside blob {digest} (0 to {})",
@@ -73,27 +73,44 @@ impl ByteStream for ByteStreamService {
             0 => digest.size,
             limit => digest.size.min(start.saturating_add(limit)),
         };
-        // A small channel: the reader decompresses one chunk ahead of the
-        // sender, and memory stays bounded whatever the blob's size.
+        // A small channel: the reader fetches one chunk ahead of the sender,
+        // and memory stays bounded whatever the blob's size.
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
             let mut offset = start;
-            while offset < end {
+            loop {
                 let store = Arc::clone(&store);
-                let mut data = match blocking(move || store.read_at(&blob, offset)).await {
-                    Ok(data) => data,
+                // Each piece is the rest of one stored chunk: plain bytes, or
+                // (for zstd) one frame of them, the stored frame where it can be.
+                let piece = blocking(move || {
+                    if zstd {
+                        store.read_frame_at(&blob, offset)
+                    } else {
+                        let data = store.read_at(&blob, offset)?;
+                        let len = data.len() as u64;
+                        Ok((data, len))
+                    }
+                })
+                .await;
+                let (mut data, len) = match piece {
+                    Ok(piece) => piece,
                     Err(status) => {
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
                 };
-                data.truncate((end - offset) as usize);
-                offset += data.len() as u64;
+                if !zstd {
+                    data.truncate((end - offset) as usize);
+                }
+                offset += len.min(end - offset);
                 while !data.is_empty() {
                     let part = data.split_to(data.len().min(READ_MESSAGE_SIZE));
                     if tx.send(Ok(ReadResponse { data: part })).await.is_err() {
                         return; // the client went away
                     }
+                }
+                if offset >= end {
+                    return;
                 }
             }
         });
@@ -113,22 +130,30 @@ impl ByteStream for ByteStreamService {
             return Err(Status::invalid_argument("resource_name is required on the first write message"));
         }
         let resource = digest::parse_write_resource(&first.resource_name)?;
-        identity_only(&resource)?;
         let digest = resource.digest;
-        let done = Response::new(WriteResponse { committed_size: digest.size as i64 });
+        // REAPI: an upload that finds its blob stored ends at once with the
+        // full size, or -1 for compressed uploads.
+        let done = Response::new(WriteResponse {
+            committed_size: match resource.encoding {
+                Encoding::Identity => digest.size as i64,
+                Encoding::Zstd => -1,
+            },
+        });
         if self.present(digest).await? {
             return Ok(done);
         }
         if first.write_offset < 0 {
             return Err(Status::invalid_argument(format!("write_offset {} is negative", first.write_offset)));
         }
+        // The first offset counts uncompressed bytes for either encoding: it
+        // resumes at what QueryWriteStatus reported.
         let name = first.resource_name.clone();
         let store = Arc::clone(&self.shared.store);
         let upload = {
             let (store, name) = (Arc::clone(&store), name.clone());
             blocking(move || store.begin_upload(&name, digest, first.write_offset as u64)).await?
         };
-        let mut sink = Sink::new(store, upload);
+        let mut sink = Sink::new(store, upload, resource.encoding)?;
         let mut message = first;
         loop {
             if !message.resource_name.is_empty() && message.resource_name != name {
@@ -137,17 +162,23 @@ impl ByteStream for ByteStreamService {
                     message.resource_name
                 )));
             }
-            if message.write_offset != sink.received as i64 {
+            if message.write_offset != sink.wire as i64 {
                 return sink.fail(Status::invalid_argument(format!(
                     "write_offset {} does not follow the {} bytes already written",
-                    message.write_offset, sink.received
+                    message.write_offset, sink.wire
                 )));
             }
-            if sink.received + message.data.len() as u64 > digest.size {
-                let total = sink.received + message.data.len() as u64;
-                return sink.fail(Status::invalid_argument(format!(
-                    "{total} bytes written to blob {digest}, more than its declared size"
-                )));
+            let total = sink.wire + message.data.len() as u64;
+            if total > sink.wire_limit {
+                return sink.fail(Status::invalid_argument(match resource.encoding {
+                    Encoding::Identity => {
+                        format!("{total} bytes written to blob {digest}, more than its declared size")
+                    }
+                    Encoding::Zstd => format!(
+                        "{} compressed bytes written to blob {digest}: no zstd stream of it is that large",
+                        total - sink.first_offset
+                    ),
+                }));
             }
             match sink.push(message.data).await? {
                 Progress::Continue => {}
@@ -163,28 +194,26 @@ impl ByteStream for ByteStreamService {
                     return Ok(match sink.persist_tail().await? {
                         Progress::AlreadyPresent => done,
                         Progress::Continue => {
-                            Response::new(WriteResponse { committed_size: sink.received as i64 })
+                            Response::new(WriteResponse { committed_size: sink.wire as i64 })
                         }
                     });
                 }
             };
         }
-        if sink.received != digest.size {
-            return sink.fail(Status::invalid_argument(format!(
-                "finish_write after {} bytes, but blob {digest} declares {}",
-                sink.received, digest.size
-            )));
-        }
         if let Progress::AlreadyPresent = sink.persist_tail().await? {
             return Ok(done);
+        }
+        let writer = sink.writer.as_ref().expect("persist_tail leaves the writer in place");
+        if let Err(status) = writer.check_complete() {
+            return sink.fail(status);
         }
         // Messages after finish_write break the protocol: store nothing then.
         if let Some(Ok(Some(_))) = stream.message().now_or_never() {
             return sink.fail(Status::invalid_argument("the stream went on after finish_write"));
         }
-        let upload = sink.upload.take().expect("persist_tail leaves the upload in place");
+        let upload = sink.writer.take().expect("checked above").upload;
         blocking(move || upload.finish()).await?;
-        Ok(done)
+        Ok(Response::new(WriteResponse { committed_size: sink.wire as i64 }))
     }
 
     async fn query_write_status(
@@ -192,15 +221,15 @@ impl ByteStream for ByteStreamService {
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let name = request.into_inner().resource_name;
-        let resource = digest::parse_write_resource(&name)?;
-        identity_only(&resource)?;
-        let digest = resource.digest;
+        let digest = digest::parse_write_resource(&name)?.digest;
         if self.present(digest).await? {
             return Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: digest.size as i64,
                 complete: true,
             }));
         }
+        // Uncompressed bytes for either encoding: a compressed upload resumes
+        // at this offset of the blob with a new zstd stream.
         let store = Arc::clone(&self.shared.store);
         let committed = blocking(move || store.upload_committed(&name)).await?.unwrap_or(0);
         Ok(Response::new(QueryWriteStatusResponse { committed_size: committed as i64, complete: false }))
@@ -212,75 +241,118 @@ enum Progress {
     AlreadyPresent,
 }
 
-/// The receiving end of an upload: buffers messages into chunks and persists
-/// each full chunk on the blocking pool while the next one arrives.
+/// The receiving end of an upload: gathers messages into pieces and hands
+/// each to a [`Writer`] on the blocking pool while the next one arrives.
 struct Sink {
     store: Arc<Store>,
-    /// The upload, when no chunk is being persisted.
-    upload: Option<Upload>,
-    /// The chunk being persisted; it hands the upload back.
-    pending: Option<JoinHandle<Result<(Upload, bool), store::Error>>>,
+    encoding: Encoding,
+    /// The writer, when no piece is being written.
+    writer: Option<Writer>,
+    /// The piece being written; it hands the writer back.
+    pending: Option<JoinHandle<Result<(Writer, bool), Status>>>,
     buffer: BytesMut,
-    /// Bytes received so far, counting those committed by earlier streams.
-    received: u64,
+    /// The offset the next message must carry. REAPI: the first offset plus
+    /// the bytes received since, compressed bytes for zstd uploads.
+    wire: u64,
+    first_offset: u64,
+    /// More wire bytes than this cannot be the blob.
+    wire_limit: u64,
 }
 
 impl Sink {
-    fn new(store: Arc<Store>, upload: Upload) -> Sink {
-        let received = upload.committed();
-        Sink { store, upload: Some(upload), pending: None, buffer: BytesMut::new(), received }
+    fn new(store: Arc<Store>, upload: Upload, encoding: Encoding) -> Result<Sink, Status> {
+        let first_offset = upload.committed();
+        let remaining = upload.digest().size - first_offset;
+        let (wire_limit, inflater) = match encoding {
+            Encoding::Identity => (upload.digest().size, None),
+            // zstd's worst case adds a little per 128 KiB block and per
+            // frame; this leaves plenty of room for both.
+            Encoding::Zstd => (
+                first_offset + remaining + remaining / 8 + (1 << 20),
+                Some(Inflater::new(remaining, store.options().chunk_size)?),
+            ),
+        };
+        Ok(Sink {
+            store,
+            encoding,
+            writer: Some(Writer { upload, inflater }),
+            pending: None,
+            buffer: BytesMut::new(),
+            wire: first_offset,
+            first_offset,
+            wire_limit,
+        })
+    }
+
+    /// How many wire bytes make a piece: a chunk's worth when plain; for
+    /// zstd, enough compressed bytes to be worth a trip to the pool.
+    fn piece_size(&self) -> usize {
+        let chunk_size = self.store.options().chunk_size;
+        match self.encoding {
+            Encoding::Identity => chunk_size,
+            Encoding::Zstd => (chunk_size / 4).max(64 << 10),
+        }
     }
 
     async fn push(&mut self, data: Bytes) -> Result<Progress, Status> {
-        self.received += data.len() as u64;
+        self.wire += data.len() as u64;
         self.buffer.extend_from_slice(&data);
-        let chunk_size = self.store.options().chunk_size;
-        while self.buffer.len() >= chunk_size {
-            let chunk = self.buffer.split_to(chunk_size).freeze();
-            if self.persist(chunk).await? {
+        let piece_size = self.piece_size();
+        while self.buffer.len() >= piece_size {
+            let piece = self.buffer.split_to(piece_size).freeze();
+            if self.write(piece, false).await? {
                 return Ok(Progress::AlreadyPresent);
             }
         }
         Ok(Progress::Continue)
     }
 
-    /// Waits for the chunk in flight; true if another writer stored the blob
+    /// Waits for the piece in flight; true if another writer stored the blob
     /// meanwhile (then this upload is discarded).
     async fn settle(&mut self) -> Result<bool, Status> {
         let Some(pending) = self.pending.take() else {
             return Ok(false);
         };
-        let (upload, present) = pending
-            .await
-            .map_err(|e| Status::internal(format!("a storage worker failed: {e}")))?
-            .map_err(Status::from)?;
+        let (writer, present) =
+            pending.await.map_err(|e| Status::internal(format!("a storage worker failed: {e}")))??;
         if present {
-            blocking(move || upload.discard()).await?;
+            blocking(move || writer.upload.discard()).await?;
             return Ok(true);
         }
-        self.upload = Some(upload);
+        self.writer = Some(writer);
         Ok(false)
     }
 
-    /// Starts persisting `chunk` once the previous chunk is done.
-    async fn persist(&mut self, chunk: Bytes) -> Result<bool, Status> {
+    /// Starts writing `piece` once the previous one is written; `last`
+    /// also stores whatever the writer still holds.
+    async fn write(&mut self, piece: Bytes, last: bool) -> Result<bool, Status> {
         if self.settle().await? {
             return Ok(true);
         }
-        let mut upload = self.upload.take().expect("settled");
+        let mut writer = self.writer.take().expect("settled");
         let store = Arc::clone(&self.store);
         self.pending = Some(tokio::task::spawn_blocking(move || {
-            upload.append(&chunk)?;
-            let present = store.contains(&[upload.digest()])?[0];
-            Ok((upload, present))
+            let written = writer.write(&piece).and_then(|()| if last { writer.flush() } else { Ok(()) });
+            if let Err(status) = written {
+                // A stream that broke a rule (a zstd bomb, a corrupt frame)
+                // stores nothing; a storage error keeps what was committed.
+                if status.code() == Code::InvalidArgument {
+                    let _ = writer.upload.discard();
+                }
+                return Err(status);
+            }
+            let present = store.contains(&[writer.upload.digest()])?[0];
+            Ok((writer, present))
         }));
         Ok(false)
     }
 
-    /// Persists everything received, including a partial last chunk.
+    /// Stores everything received, including a partial last chunk.
     async fn persist_tail(&mut self) -> Result<Progress, Status> {
         let tail = std::mem::take(&mut self.buffer).freeze();
-        if (!tail.is_empty() && self.persist(tail).await?) || self.settle().await? {
+        // A zstd writer may hold decompressed bytes even when no wire bytes do.
+        let holding = !tail.is_empty() || self.encoding == Encoding::Zstd;
+        if (holding && self.write(tail, true).await?) || self.settle().await? {
             return Ok(Progress::AlreadyPresent);
         }
         Ok(Progress::Continue)
@@ -288,17 +360,130 @@ impl Sink {
 
     /// Ends a stream that broke a rule: the upload is deleted.
     fn fail(&mut self, status: Status) -> Result<Response<WriteResponse>, Status> {
-        let (upload, pending) = (self.upload.take(), self.pending.take());
+        let (writer, pending) = (self.writer.take(), self.pending.take());
         tokio::spawn(async move {
-            let upload = match (upload, pending) {
-                (Some(u), _) => Some(u),
-                (None, Some(p)) => p.await.ok().and_then(Result::ok).map(|(u, _)| u),
+            let writer = match (writer, pending) {
+                (Some(w), _) => Some(w),
+                (None, Some(p)) => p.await.ok().and_then(Result::ok).map(|(w, _)| w),
                 (None, None) => None,
             };
-            if let Some(upload) = upload {
-                let _ = tokio::task::spawn_blocking(move || upload.discard()).await;
+            if let Some(writer) = writer {
+                let _ = tokio::task::spawn_blocking(move || writer.upload.discard()).await;
             }
         });
         Err(status)
+    }
+}
+
+/// The blocking half of an upload: turns wire bytes into stored chunks.
+struct Writer {
+    upload: Upload,
+    /// Decompresses a zstd upload.
+    inflater: Option<Inflater>,
+}
+
+impl Writer {
+    fn write(&mut self, piece: &[u8]) -> Result<(), Status> {
+        match &mut self.inflater {
+            None => Ok(self.upload.append(piece, None)?),
+            Some(inflater) => inflater.write(&mut self.upload, piece),
+        }
+    }
+
+    /// Stores the partial chunk a zstd upload holds.
+    fn flush(&mut self) -> Result<(), Status> {
+        if let Some(inflater) = &mut self.inflater {
+            inflater.frame = None;
+            self.upload.append(&inflater.out, None)?;
+            inflater.out.clear();
+        }
+        Ok(())
+    }
+
+    /// At finish_write: all bytes arrived, and a zstd stream ended cleanly.
+    fn check_complete(&self) -> Result<(), Status> {
+        let digest = self.upload.digest();
+        if self.upload.committed() != digest.size {
+            return Err(Status::invalid_argument(format!(
+                "finish_write after {} bytes, but blob {digest} declares {}",
+                self.upload.committed(),
+                digest.size
+            )));
+        }
+        if let Some(inflater) = &self.inflater {
+            inflater.decoder.finish()?;
+        }
+        Ok(())
+    }
+}
+
+/// Decompresses a zstd upload as it streams, into chunks. A client frame
+/// that holds a whole chunk's bytes is kept and stored as it is.
+struct Inflater {
+    decoder: Decoder,
+    chunk_size: usize,
+    /// Decompressed bytes not stored yet: less than a chunk.
+    out: Vec<u8>,
+    /// The compressed bytes of the current frame, while it may still become
+    /// a chunk of its own (it began a chunk, and is no larger than one).
+    frame: Option<Vec<u8>>,
+}
+
+impl Inflater {
+    /// `remaining`: the uncompressed bytes the stream may produce; any more
+    /// and it is cut off.
+    fn new(remaining: u64, chunk_size: usize) -> Result<Inflater, Status> {
+        Ok(Inflater {
+            decoder: Decoder::new(remaining)?,
+            chunk_size,
+            out: Vec::with_capacity(chunk_size),
+            frame: Some(Vec::new()),
+        })
+    }
+
+    fn write(&mut self, upload: &mut Upload, mut input: &[u8]) -> Result<(), Status> {
+        let chunk_size = self.chunk_size;
+        loop {
+            let step = self.decoder.step(input)?;
+            if let Some(frame) = &mut self.frame {
+                frame.extend_from_slice(&input[..step.consumed]);
+                if frame.len() > chunk_size {
+                    self.frame = None; // larger than the bytes it could hold raw
+                }
+            }
+            input = &input[step.consumed..];
+            let mut data = step.data;
+            while !data.is_empty() {
+                let n = data.len().min(chunk_size - self.out.len());
+                self.out.extend_from_slice(&data[..n]);
+                data = &data[n..];
+                // A full chunk inside a frame: that frame spans chunks.
+                if self.out.len() == chunk_size && !(step.frame_end && data.is_empty()) {
+                    self.frame = None;
+                    upload.append(&self.out, None)?;
+                    self.out.clear();
+                }
+            }
+            if step.frame_end {
+                let ends_blob = upload.committed() + self.out.len() as u64 == upload.digest().size;
+                let whole = self.out.len() >= chunk_size / 4 || ends_blob;
+                match self.frame.take() {
+                    // The frame holds exactly these bytes: keep it.
+                    Some(frame) if !self.out.is_empty() && whole => {
+                        upload.append(&self.out, Some(&frame))?;
+                        self.out.clear();
+                    }
+                    _ if self.out.len() == chunk_size => {
+                        upload.append(&self.out, None)?;
+                        self.out.clear();
+                    }
+                    _ => {}
+                }
+                self.frame = self.out.is_empty().then(Vec::new);
+            }
+            if input.is_empty() && !step.more {
+                return Ok(());
+            }
+        }
     }
 }

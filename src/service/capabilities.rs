@@ -8,7 +8,7 @@ use super::{Shared, request_function};
 use crate::digest::Function;
 use crate::proto::reapi::{
     ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, ServerCapabilities,
-    capabilities_server::Capabilities, symlink_absolute_path_strategy,
+    capabilities_server::Capabilities, compressor, symlink_absolute_path_strategy,
 };
 use crate::proto::semver::SemVer;
 
@@ -22,9 +22,11 @@ impl CapabilitiesService {
     }
 }
 
-/// The REAPI versions whose cache features are served in full.
+/// The REAPI versions whose cache features are served in full: up to 2.8,
+/// which added BLAKE3 (after zstd compression of ByteStream and batches, and
+/// the digest_function fields of requests).
 const LOW_API: SemVer = SemVer { major: 2, minor: 0, patch: 0, prerelease: String::new() };
-const HIGH_API: SemVer = SemVer { major: 2, minor: 1, patch: 0, prerelease: String::new() };
+const HIGH_API: SemVer = SemVer { major: 2, minor: 8, patch: 0, prerelease: String::new() };
 
 #[tonic::async_trait]
 impl Capabilities for CapabilitiesService {
@@ -42,8 +44,8 @@ impl Capabilities for CapabilitiesService {
                 max_batch_total_size_bytes: self.shared.max_batch_size as i64,
                 // A cache stores what clients send; it never follows symlinks.
                 symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
-                supported_compressors: vec![],
-                supported_batch_update_compressors: vec![],
+                supported_compressors: vec![compressor::Value::Zstd as i32],
+                supported_batch_update_compressors: vec![compressor::Value::Zstd as i32],
                 ..Default::default()
             }),
             execution_capabilities: None,

@@ -12,14 +12,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{READ_MESSAGE_SIZE, Shared, blocking, ok_status, request_function, required_digest, rpc_status};
-use crate::digest::{Digest, FunctionHint};
+use crate::compression::{self, Decoder};
+use crate::digest::{Digest, Encoding, FunctionHint};
 use crate::proto::reapi::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse,
     Directory, FindMissingBlobsRequest, FindMissingBlobsResponse, GetTreeRequest, GetTreeResponse,
-    batch_read_blobs_response, batch_update_blobs_response, compressor,
+    batch_read_blobs_response, batch_update_blobs_request, batch_update_blobs_response, compressor,
     content_addressable_storage_server::ContentAddressableStorage,
 };
-use crate::store::Store;
+use crate::store::{NewBlob, Store};
 
 pub struct CasService {
     shared: Arc<Shared>,
@@ -75,48 +76,51 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         let request = request.into_inner();
         let function = request_function(&request.instance_name, request.digest_function)?;
-        self.check_batch_size(request.requests.iter().map(|r| r.data.len() as u64).sum(), "the batch")?;
-        // Validate each blob; the valid ones go to the store together.
-        let mut outcomes = Vec::with_capacity(request.requests.len());
-        let mut valid = Vec::new();
-        for r in request.requests {
-            let checked = required_digest(r.digest.as_ref(), "digest", function).and_then(|d| {
-                if r.compressor != compressor::Value::Identity as i32 {
-                    return Err(Status::invalid_argument(format!(
-                        "compressor {} is not supported for batch updates (none is advertised)",
-                        r.compressor
-                    )));
-                }
-                if r.data.len() as u64 != d.size {
-                    return Err(Status::invalid_argument(format!(
-                        "digest {d} declares {} bytes but {} were sent",
-                        d.size,
-                        r.data.len()
-                    )));
-                }
-                Ok(d)
-            });
-            if let Ok(d) = checked {
-                valid.push((d, r.data));
+        // Clients batch by uncompressed size; a zstd blob may decompress to
+        // its declared size, and no further.
+        let logical = |r: &batch_update_blobs_request::Request| match r.compressor {
+            c if c == compressor::Value::Zstd as i32 => {
+                r.digest.as_ref().map_or(0, |d| u64::try_from(d.size_bytes).unwrap_or(0))
             }
-            outcomes.push((r.digest, checked.map(|_| ())));
-        }
+            _ => r.data.len() as u64,
+        };
+        self.check_batch_size(request.requests.iter().map(logical).sum(), "the batch")?;
         let store = Arc::clone(&self.shared.store);
-        let mut stored = blocking(move || Ok(store.put_blobs(&valid))).await?.into_iter();
-        let responses = outcomes
-            .into_iter()
-            .map(|(digest, checked)| {
-                let result = checked.and_then(|()| {
-                    let written = stored.next().expect("one result per valid blob");
-                    written.map(|_| ()).map_err(Status::from)
-                });
-                let status = match result {
-                    Ok(()) => ok_status(),
-                    Err(status) => rpc_status(&status),
+        let responses = blocking(move || {
+            // Validate (and decompress) each blob; the valid ones go to the store together.
+            let mut decoder = None;
+            let mut outcomes = Vec::with_capacity(request.requests.len());
+            let mut valid = Vec::new();
+            for r in request.requests {
+                let checked = required_digest(r.digest.as_ref(), "digest", function)
+                    .and_then(|d| incoming_blob(d, r.compressor, r.data, &mut decoder));
+                let outcome = match checked {
+                    Ok(blob) => {
+                        valid.push(blob);
+                        Ok(())
+                    }
+                    Err(status) => Err(status),
                 };
-                batch_update_blobs_response::Response { digest, status: Some(status) }
-            })
-            .collect();
+                outcomes.push((r.digest, outcome));
+            }
+            let mut stored = store.put_blobs(&valid).into_iter();
+            let responses = outcomes
+                .into_iter()
+                .map(|(digest, checked)| {
+                    let result = checked.and_then(|()| {
+                        let written = stored.next().expect("one result per valid blob");
+                        written.map(|_| ()).map_err(Status::from)
+                    });
+                    let status = match result {
+                        Ok(()) => ok_status(),
+                        Err(status) => rpc_status(&status),
+                    };
+                    batch_update_blobs_response::Response { digest, status: Some(status) }
+                })
+                .collect();
+            Ok(responses)
+        })
+        .await?;
         Ok(Response::new(BatchUpdateBlobsResponse { responses }))
     }
 
@@ -129,25 +133,31 @@ impl ContentAddressableStorage for CasService {
         let digests: Vec<Result<Digest, Status>> =
             request.digests.iter().map(|d| Digest::from_proto(d, function).map_err(Status::from)).collect();
         self.check_batch_size(digests.iter().flatten().map(|d| d.size).sum(), "the requested blobs")?;
+        // IDENTITY is always acceptable; zstd when the client lists it.
+        let zstd = request.acceptable_compressors.contains(&(compressor::Value::Zstd as i32));
         let store = Arc::clone(&self.shared.store);
         let responses = blocking(move || {
             let mut responses = Vec::with_capacity(digests.len());
             for (wire, digest) in request.digests.into_iter().zip(digests) {
-                let (data, status) = match digest {
-                    Err(status) => (Bytes::new(), rpc_status(&status)),
-                    Ok(d) => match store.read_all(&d) {
-                        Ok(Some(data)) => (data, ok_status()),
-                        Ok(None) => (
-                            Bytes::new(),
-                            rpc_status(&Status::not_found(format!("blob {d} is not in the CAS"))),
-                        ),
-                        Err(e) => (Bytes::new(), rpc_status(&Status::from(e))),
-                    },
+                let read = digest.and_then(|d| {
+                    let found = match zstd {
+                        true => store.read_all_encoded(&d),
+                        false => store.read_all(&d).map(|data| data.map(|data| (data, Encoding::Identity))),
+                    };
+                    found?.ok_or_else(|| Status::not_found(format!("blob {d} is not in the CAS")))
+                });
+                let (data, encoding, status) = match read {
+                    Ok((data, encoding)) => (data, encoding, ok_status()),
+                    Err(status) => (Bytes::new(), Encoding::Identity, rpc_status(&status)),
+                };
+                let compressor = match encoding {
+                    Encoding::Identity => compressor::Value::Identity,
+                    Encoding::Zstd => compressor::Value::Zstd,
                 };
                 responses.push(batch_read_blobs_response::Response {
                     digest: Some(wire),
                     data,
-                    compressor: compressor::Value::Identity as i32,
+                    compressor: compressor as i32,
                     status: Some(status),
                 });
             }
@@ -193,6 +203,45 @@ impl ContentAddressableStorage for CasService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as TreeStream))
     }
+}
+
+/// Checks one blob of a batch update, decompressing a zstd one (with the
+/// batch's `decoder`, made on first use) and noting its frames.
+fn incoming_blob(
+    digest: Digest,
+    encoding: i32,
+    data: Bytes,
+    decoder: &mut Option<Decoder>,
+) -> Result<NewBlob, Status> {
+    let (blob, arrived) = match compressor::Value::try_from(encoding) {
+        Ok(compressor::Value::Identity) => (NewBlob::new(digest, data), "were sent"),
+        Ok(compressor::Value::Zstd) => {
+            let decoder = match decoder {
+                Some(decoder) => decoder,
+                None => decoder.insert(Decoder::new(0)?),
+            };
+            let out = compression::decompress(decoder, &data, digest.size)
+                .map_err(|e| Status::invalid_argument(format!("blob {digest}: {e}")))?;
+            (NewBlob { digest, data: out.data, frames: out.frames }, "is what the zstd data decompresses to")
+        }
+        Ok(other) => {
+            return Err(Status::invalid_argument(format!(
+                "compressor {} is not supported for batch updates (zstd is)",
+                other.as_str_name()
+            )));
+        }
+        Err(_) => {
+            return Err(Status::invalid_argument(format!("compressor {encoding} is not a known value")));
+        }
+    };
+    if blob.data.len() as u64 != digest.size {
+        return Err(Status::invalid_argument(format!(
+            "digest {digest} declares {} bytes but {} {arrived}",
+            digest.size,
+            blob.data.len()
+        )));
+    }
+    Ok(blob)
 }
 
 /// Sends one GetTree page: directories breadth-first from `root`, starting

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tonic::{Code, Status};
 
 use crate::proto::{reapi, rpc};
-use crate::{digest, store};
+use crate::{compression, digest, store};
 
 /// What every service shares: the store and the limits clients are told about.
 pub struct Shared {
@@ -54,6 +54,12 @@ impl From<store::Error> for Status {
             Batch(_) | Db(_) | Measure(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
+    }
+}
+
+impl From<compression::Error> for Status {
+    fn from(e: compression::Error) -> Status {
+        Status::invalid_argument(e.to_string())
     }
 }
 

@@ -2,12 +2,15 @@
 //! (at the end, so zstd can write its frame straight into the value).
 //!
 //! - `RAW`: the bytes as they are (tiny chunks, and chunks zstd cannot shrink);
-//! - `ZSTD`: one complete zstd frame with its content size and checksum, so
-//!   that it can be decompressed alone and later sent as-is to zstd clients.
+//! - `ZSTD`: one complete zstd frame with its content size, so that it can be
+//!   decompressed alone, and sent as it is to clients that read zstd. Frames
+//!   larder makes carry a checksum; frames kept from clients may not.
 
 use std::cell::RefCell;
 
 use bytes::Bytes;
+
+use crate::compression;
 
 const RAW: u8 = 0;
 const ZSTD: u8 = 1;
@@ -45,6 +48,27 @@ pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
             return out;
         }
     }
+    raw(data)
+}
+
+/// Encodes a chunk that arrived as the client's zstd `frame` of `data`:
+/// keeps the frame (completing its header) when it saves what our own
+/// compression must, stores `data` raw when the client's compressor could not
+/// shrink it, and compresses `data` itself only if the frame cannot be kept.
+pub fn encode_frame(frame: &[u8], data: &[u8], level: i32) -> Vec<u8> {
+    if frame.len() >= data.len() - data.len() / 32 {
+        return raw(data);
+    }
+    match compression::with_content_size(frame, data.len() as u64) {
+        Some(mut out) => {
+            out.push(ZSTD);
+            out
+        }
+        None => encode(data, level),
+    }
+}
+
+fn raw(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + 1);
     out.extend_from_slice(data);
     out.push(RAW);
@@ -98,6 +122,38 @@ pub fn decode(value: &[u8]) -> Option<Bytes> {
     }
 }
 
+/// How many bytes of the blob a stored chunk holds, read from its header
+/// alone. `None` means the value is corrupt.
+pub fn content_len(value: &[u8]) -> Option<u64> {
+    let (&tag, payload) = value.split_last()?;
+    match tag {
+        RAW => Some(payload.len() as u64),
+        ZSTD => zstd::zstd_safe::get_frame_content_size(payload).ok()?,
+        _ => None,
+    }
+}
+
+pub fn is_compressed(value: &[u8]) -> bool {
+    value.last() == Some(&ZSTD)
+}
+
+/// The chunk's bytes from `skip` on, as one zstd frame: a stored frame as it
+/// is (no copy), raw bytes wrapped in raw blocks (no compression). Only a
+/// compressed chunk entered past its start is decompressed, to be wrapped
+/// raw. `None` means the value is corrupt.
+pub fn to_frame(mut value: Vec<u8>, skip: usize) -> Option<Bytes> {
+    let (&tag, payload) = value.split_last()?;
+    match tag {
+        RAW => Some(Bytes::from(compression::raw_frame(payload.get(skip..)?))),
+        ZSTD if skip == 0 => {
+            value.pop();
+            Some(Bytes::from(value))
+        }
+        ZSTD => Some(Bytes::from(compression::raw_frame(decode(&value)?.get(skip..)?))),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +168,45 @@ mod tests {
         }
         assert!(encode(&text, 1).len() < text.len() / 10, "text compresses");
         assert_eq!(encode(b"tiny", 1).last(), Some(&RAW));
+    }
+
+    #[test]
+    fn chunks_become_frames_from_any_offset() {
+        let text: Vec<u8> = b"fn main() { println!(\"hello\"); }\n".repeat(4096);
+        let random = crate::bench::data::random_bytes(100_000, 1);
+        for data in [&text[..], &random[..]] {
+            let stored = encode(data, 1);
+            assert_eq!(content_len(&stored), Some(data.len() as u64));
+            for skip in [0, 1, 5000, data.len() - 1, data.len()] {
+                let frame = to_frame(stored.clone(), skip).unwrap();
+                assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), &data[skip..], "skip {skip}");
+            }
+            assert!(to_frame(stored.clone(), data.len() + 1).is_none());
+        }
+        let stored = encode(&text, 1);
+        assert!(is_compressed(&stored));
+        assert_eq!(to_frame(stored.clone(), 0).unwrap(), stored[..stored.len() - 1], "sent as stored");
+    }
+
+    #[test]
+    fn client_frames_are_kept_completed_or_stored_raw() {
+        let text: Vec<u8> = b"let x = compile(unit);\n".repeat(5000);
+        let mut e = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        std::io::Write::write_all(&mut e, &text).unwrap();
+        let frame = e.finish().unwrap();
+        let stored = encode_frame(&frame, &text, 1);
+        assert!(stored.ends_with(&[ZSTD]) && stored.len() < frame.len() + 8, "kept, not recompressed");
+        assert_eq!(decode(&stored).unwrap(), text);
+        assert_eq!(content_len(&stored), Some(text.len() as u64));
+
+        let random = crate::bench::data::random_bytes(50_000, 2);
+        let frame = zstd::bulk::compress(&random, 3).unwrap();
+        assert_eq!(encode_frame(&frame, &random, 1).last(), Some(&RAW), "incompressible: raw");
+        // Two frames are not one chunk frame: compressed afresh instead.
+        let two =
+            [zstd::bulk::compress(&text[..10], 1).unwrap(), zstd::bulk::compress(&text[10..], 1).unwrap()];
+        let stored = encode_frame(&two.concat(), &text, 1);
+        assert_eq!(decode(&stored).unwrap(), text);
     }
 
     #[test]

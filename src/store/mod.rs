@@ -8,6 +8,7 @@ mod layout;
 mod upload;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -19,7 +20,7 @@ use rocksdb::{
     Options, ReadOptions, WriteBatch, WriteOptions,
 };
 
-use crate::digest::Digest;
+use crate::digest::{Digest, Encoding};
 pub use evict::Evicted;
 use layout::*;
 pub use upload::Upload;
@@ -69,6 +70,22 @@ pub struct Store {
 pub struct Blob {
     pub digest: Digest,
     blob_id: u64,
+}
+
+/// A whole blob to store (see [`Store::put_blobs`]).
+pub struct NewBlob {
+    pub digest: Digest,
+    pub data: Bytes,
+    /// The zstd frames the client sent, each with the range of `data` it
+    /// decodes to (see [`crate::compression::decompress`]): a frame that
+    /// holds exactly one chunk is stored as it is, not compressed again.
+    pub frames: Vec<(Range<u64>, Bytes)>,
+}
+
+impl NewBlob {
+    pub fn new(digest: Digest, data: Bytes) -> NewBlob {
+        NewBlob { digest, data, frames: Vec::new() }
+    }
 }
 
 /// Whether a write stored new bytes or found the blob already there.
@@ -350,6 +367,27 @@ impl Store {
         Ok(data.slice(skip..))
     }
 
+    /// The blob's bytes from `offset` to the end of the chunk holding it, as
+    /// one zstd frame (see [`chunk::to_frame`]), and how many bytes of the
+    /// blob it holds. At or past the end of the blob: an empty frame.
+    pub fn read_frame_at(&self, blob: &Blob, offset: u64) -> Result<(Bytes, u64), Error> {
+        if offset >= blob.digest.size {
+            return Ok((Bytes::from(crate::compression::raw_frame(&[])), 0));
+        }
+        let (start, value) = self.chunk_at(blob.blob_id, offset)?.ok_or_else(|| {
+            Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
+        })?;
+        let corrupt =
+            || Error::Corrupt(format!("chunk at offset {start} of blob {} is corrupt", blob.digest));
+        let len = chunk::content_len(&value).ok_or_else(corrupt)?;
+        let skip = offset - start;
+        if skip >= len {
+            return Err(Error::Corrupt(format!("blob {} has a gap at offset {offset}", blob.digest)));
+        }
+        let frame = chunk::to_frame(value, skip as usize).ok_or_else(corrupt)?;
+        Ok((frame, len - skip))
+    }
+
     /// The stored chunk of `blob_id` that holds `offset`, with its start offset.
     fn chunk_at(&self, blob_id: u64, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
         let cf = self.cf(CF_CHUNKS);
@@ -383,12 +421,45 @@ impl Store {
         Ok(Some(Bytes::from(out)))
     }
 
+    /// A whole small blob for a client that accepts zstd: the stored frames
+    /// as they are when any chunk is compressed (raw chunks wrapped), else
+    /// the plain bytes. `None` if absent.
+    pub fn read_all_encoded(&self, digest: &Digest) -> Result<Option<(Bytes, Encoding)>, Error> {
+        let Some(blob) = self.locate(digest)? else {
+            return Ok(None);
+        };
+        let mut values = Vec::new();
+        let mut offset = 0;
+        while offset < digest.size {
+            let (start, value) =
+                self.chunk_at(blob.blob_id, offset)?.filter(|(start, _)| *start == offset).ok_or_else(
+                    || Error::Corrupt(format!("blob {digest} has no chunk starting at offset {offset}")),
+                )?;
+            offset += chunk::content_len(&value).filter(|n| *n > 0).ok_or_else(|| {
+                Error::Corrupt(format!("chunk at offset {start} of blob {digest} is corrupt"))
+            })?;
+            values.push(value);
+        }
+        let corrupt = || Error::Corrupt(format!("a chunk of blob {digest} is corrupt"));
+        let encoding =
+            if values.iter().any(|v| chunk::is_compressed(v)) { Encoding::Zstd } else { Encoding::Identity };
+        let mut out = Vec::with_capacity(values.iter().map(Vec::len).sum());
+        for value in values {
+            let part = match encoding {
+                Encoding::Zstd => chunk::to_frame(value, 0),
+                Encoding::Identity => chunk::decode(&value),
+            };
+            out.extend_from_slice(&part.ok_or_else(corrupt)?);
+        }
+        Ok(Some((Bytes::from(out), encoding)))
+    }
+
     /// Stores whole blobs (a BatchUpdateBlobs): verifies each against its
     /// digest, then makes all new ones visible in one atomic write.
-    pub fn put_blobs(&self, blobs: &[(Digest, Bytes)]) -> Vec<Result<Written, Error>> {
+    pub fn put_blobs(&self, blobs: &[NewBlob]) -> Vec<Result<Written, Error>> {
         let mut results: Vec<Result<Written, Error>> = blobs
             .iter()
-            .map(|(digest, data)| {
+            .map(|NewBlob { digest, data, .. }| {
                 let actual = digest.function.digest(data);
                 if actual == *digest {
                     Ok(Written::Stored)
@@ -409,15 +480,11 @@ impl Store {
         results
     }
 
-    fn store_verified(
-        &self,
-        blobs: &[(Digest, Bytes)],
-        results: &mut [Result<Written, Error>],
-    ) -> Result<(), Error> {
+    fn store_verified(&self, blobs: &[NewBlob], results: &mut [Result<Written, Error>]) -> Result<(), Error> {
         // Candidates: verified, not the empty blob, first occurrence of their digest.
         let mut seen = HashSet::new();
         let mut candidates = Vec::new();
-        for (i, (digest, _)) in blobs.iter().enumerate() {
+        for (i, NewBlob { digest, .. }) in blobs.iter().enumerate() {
             if results[i].is_err() {
                 continue;
             }
@@ -427,7 +494,7 @@ impl Store {
                 candidates.push(i);
             }
         }
-        let digests: Vec<Digest> = candidates.iter().map(|&i| blobs[i].0).collect();
+        let digests: Vec<Digest> = candidates.iter().map(|&i| blobs[i].digest).collect();
         let present = self.contains(&digests)?;
         let candidates: Vec<usize> = candidates
             .into_iter()
@@ -442,19 +509,25 @@ impl Store {
         if candidates.is_empty() {
             return Ok(());
         }
-        self.admit(candidates.iter().map(|&i| blobs[i].0.size).sum())?;
+        self.admit(candidates.iter().map(|&i| blobs[i].digest.size).sum())?;
         // Compress outside the locks.
         let now = now_ms();
         let mut prepared = Vec::with_capacity(candidates.len());
         for &i in &candidates {
-            let (digest, data) = &blobs[i];
+            let NewBlob { digest, data, frames } = &blobs[i];
             let blob_id = self.allocate_blob_id();
             let mut chunks = Vec::new();
             let mut stored = 0;
             for (n, part) in data.chunks(self.options.chunk_size).enumerate() {
-                let value = chunk::encode(part, self.options.zstd_level);
+                let offset = (n * self.options.chunk_size) as u64;
+                let level = self.options.zstd_level;
+                let range = offset..offset + part.len() as u64;
+                let value = match frames.iter().find(|(r, _)| *r == range) {
+                    Some((_, frame)) => chunk::encode_frame(frame, part, level),
+                    None => chunk::encode(part, level),
+                };
                 stored += value.len() as u64;
-                chunks.push((chunk_key(blob_id, (n * self.options.chunk_size) as u64), value));
+                chunks.push((chunk_key(blob_id, offset), value));
             }
             let entry = IndexEntry { blob_id, stored, atime: now };
             prepared.push((i, *digest, entry, chunks));

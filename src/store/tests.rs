@@ -38,9 +38,12 @@ fn put_blobs_verifies_and_reads_back_across_chunks() {
     let store = open(tmp.path());
     let big = bytes(300_000, 1); // five chunks of 64 KiB
     let small = Bytes::from_static(b"small");
-    let wrong = (Digest::of(b"other"), Bytes::from_static(b"small"));
-    let results =
-        store.put_blobs(&[(Digest::of(&big), big.clone()), wrong, (Digest::of(&small), small.clone())]);
+    let wrong = NewBlob::new(Digest::of(b"other"), Bytes::from_static(b"small"));
+    let results = store.put_blobs(&[
+        NewBlob::new(Digest::of(&big), big.clone()),
+        wrong,
+        NewBlob::new(Digest::of(&small), small.clone()),
+    ]);
     assert!(matches!(results[0], Ok(Written::Stored)));
     assert!(matches!(results[1], Err(Error::DigestMismatch(_))));
     assert!(matches!(results[2], Ok(Written::Stored)));
@@ -51,7 +54,10 @@ fn put_blobs_verifies_and_reads_back_across_chunks() {
     assert_eq!(store.read_at(&blob, 70_000).unwrap(), big.slice(70_000..131_072));
     assert!(store.read_at(&blob, 300_000).unwrap().is_empty());
     // Storing again is a no-op.
-    assert!(matches!(store.put_blobs(&[(Digest::of(&small), small)])[0], Ok(Written::AlreadyPresent)));
+    assert!(matches!(
+        store.put_blobs(&[NewBlob::new(Digest::of(&small), small)])[0],
+        Ok(Written::AlreadyPresent)
+    ));
 }
 
 #[test]
@@ -62,7 +68,7 @@ fn an_upload_is_invisible_until_finished_and_survives_reopen() {
     {
         let store = open(tmp.path());
         let mut upload = store.begin_upload("u/1", digest, 0).unwrap();
-        upload.append(&data[..100_000]).unwrap();
+        upload.append(&data[..100_000], None).unwrap();
         assert_eq!(store.contains(&[digest]).unwrap(), vec![false], "not visible while partial");
         assert!(matches!(store.begin_upload("u/1", digest, 0), Err(Error::UploadBusy(_))));
     }
@@ -70,7 +76,7 @@ fn an_upload_is_invisible_until_finished_and_survives_reopen() {
     assert_eq!(store.upload_committed("u/1").unwrap(), Some(100_000));
     assert!(matches!(store.begin_upload("u/1", digest, 5), Err(Error::BadOffset { committed: 100_000, .. })));
     let mut upload = store.begin_upload("u/1", digest, 100_000).unwrap();
-    upload.append(&data[100_000..]).unwrap();
+    upload.append(&data[100_000..], None).unwrap();
     assert_eq!(upload.finish().unwrap(), Written::Stored);
     assert_eq!(read_whole(&store, &digest), data);
     assert_eq!(store.upload_committed("u/1").unwrap(), None);
@@ -82,7 +88,7 @@ fn a_mismatched_upload_stores_nothing() {
     let store = open(tmp.path());
     let data = bytes(1000, 3);
     let mut upload = store.begin_upload("u/bad", Digest::of(b"not these bytes"), 0).unwrap();
-    upload.append(&data).unwrap();
+    upload.append(&data, None).unwrap();
     assert!(matches!(upload.finish(), Err(Error::DigestMismatch(_))));
     assert_eq!(store.upload_committed("u/bad").unwrap(), None);
     assert!(store.locate(&Digest::of(&data)).unwrap().is_none());
@@ -96,8 +102,8 @@ fn racing_uploads_of_one_blob_leave_one_copy() {
     let digest = Digest::of(&data);
     let mut a = store.begin_upload("a", digest, 0).unwrap();
     let mut b = store.begin_upload("b", digest, 0).unwrap();
-    a.append(&data).unwrap();
-    b.append(&data).unwrap();
+    a.append(&data, None).unwrap();
+    b.append(&data, None).unwrap();
     assert_eq!(a.finish().unwrap(), Written::Stored);
     assert_eq!(b.finish().unwrap(), Written::AlreadyPresent);
     assert_eq!(read_whole(&store, &digest), data);
@@ -111,7 +117,7 @@ fn blob_ids_are_not_reused_after_reopen() {
     let first = {
         let store = open(tmp.path());
         let mut upload = store.begin_upload("pending", Digest::of(b"x"), 0).unwrap();
-        upload.append(b"partial").unwrap();
+        upload.append(b"partial", None).unwrap();
         store.next_blob_id.load(Ordering::Relaxed)
     };
     let store = open(tmp.path());
@@ -123,9 +129,9 @@ fn expiry_spares_fresh_and_active_uploads() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
     let mut active = store.begin_upload("active", Digest::of(b"a"), 0).unwrap();
-    active.append(b"a").unwrap();
+    active.append(b"a", None).unwrap();
     let mut idle = store.begin_upload("idle", Digest::of(b"b"), 0).unwrap();
-    idle.append(b"b").unwrap();
+    idle.append(b"b", None).unwrap();
     drop(idle);
     assert_eq!(store.expire_uploads(Duration::from_secs(3600)).unwrap(), 0, "all fresh");
     assert_eq!(store.expire_uploads(Duration::ZERO).unwrap(), 1, "only the idle one");
@@ -139,7 +145,7 @@ fn access_times_are_flushed_for_present_blobs() {
     let store = open(tmp.path());
     let data = Bytes::from_static(b"touch me");
     let d = Digest::of(&data);
-    store.put_blobs(&[(d, data)]);
+    store.put_blobs(&[NewBlob::new(d, data)]);
     store.flush_access_times().unwrap();
     let mut entry = store.get_entry(&d).unwrap().unwrap();
     entry.atime = 1;
@@ -160,13 +166,13 @@ fn large_uploads_skip_the_wal_and_still_resume() {
         let mut upload = store.begin_upload("big", digest, 0).unwrap();
         assert!(upload.skips_wal());
         for part in data[..600_000].chunks(64 << 10) {
-            upload.append(part).unwrap();
+            upload.append(part, None).unwrap();
         }
     } // a clean close flushes what the WAL does not hold
     let store = open(tmp.path());
     assert_eq!(store.upload_committed("big").unwrap(), Some(600_000));
     let mut upload = store.begin_upload("big", digest, 600_000).unwrap();
-    upload.append(&data[600_000..]).unwrap();
+    upload.append(&data[600_000..], None).unwrap();
     assert_eq!(upload.finish().unwrap(), Written::Stored);
     assert_eq!(read_whole(&store, &digest), data);
     assert_eq!(store.upload_committed("big").unwrap(), None);
@@ -176,7 +182,7 @@ fn large_uploads_skip_the_wal_and_still_resume() {
 
 fn put(store: &Store, data: &Bytes) -> Digest {
     let d = Digest::of(data);
-    assert!(store.put_blobs(&[(d, data.clone())])[0].is_ok());
+    assert!(store.put_blobs(&[NewBlob::new(d, data.clone())])[0].is_ok());
     d
 }
 
@@ -214,7 +220,7 @@ fn stored_bytes_are_counted_and_survive_reopen() {
         let text = Bytes::from("some text ".repeat(10_000));
         put(&store, &text);
         let mut upload = store.begin_upload("partial", Digest::of(b"x"), 0).unwrap();
-        upload.append(&bytes(50_000, 2)).unwrap();
+        upload.append(&bytes(50_000, 2), None).unwrap();
         let counted = store.stored_bytes().unwrap();
         assert_eq!(counted, chunk_values(&store).iter().sum::<u64>(), "the counter is exact");
         counted
@@ -234,11 +240,36 @@ fn writes_are_refused_at_the_hard_limit_and_reads_go_on() {
     let kept = put(&store, &bytes(1000, 1));
     store.set_hard_limit(store.disk_estimate() + 100_000);
     put(&store, &bytes(60_000, 2));
-    let refused = store.put_blobs(&[(Digest::of(&bytes(60_000, 3)), bytes(60_000, 3))]);
+    let refused = store.put_blobs(&[NewBlob::new(Digest::of(&bytes(60_000, 3)), bytes(60_000, 3))]);
     assert!(matches!(refused[0], Err(Error::Full { .. })), "{refused:?}");
     let mut upload = store.begin_upload("u", Digest::of(&bytes(60_000, 3)), 0).unwrap();
-    assert!(matches!(upload.append(&bytes(60_000, 3)), Err(Error::Full { .. })));
+    assert!(matches!(upload.append(&bytes(60_000, 3), None), Err(Error::Full { .. })));
     assert_eq!(read_whole(&store, &kept), bytes(1000, 1));
     store.set_hard_limit(u64::MAX);
     put(&store, &bytes(60_000, 3));
+}
+
+#[test]
+fn client_frames_are_kept_only_where_they_hold_exactly_one_chunk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path()); // 64 KiB chunks
+    let text: Bytes = crate::bench::data::text_bytes(100_000, 1).into();
+    let frame = |r: Range<usize>| Bytes::from(zstd::bulk::compress(&text[r], 19).unwrap());
+    let first = frame(0..65_536);
+    // Frames for the first chunk (kept), and one misaligned with the second.
+    let blob = NewBlob {
+        digest: Digest::of(&text),
+        data: text.clone(),
+        frames: vec![(0..65_536, first.clone()), (65_536..99_999, frame(65_536..99_999))],
+    };
+    assert!(store.put_blobs(&[blob])[0].is_ok());
+    let located = store.locate(&Digest::of(&text)).unwrap().unwrap();
+    let (sent, len) = store.read_frame_at(&located, 0).unwrap();
+    assert_eq!((sent, len), (first, 65_536), "the client's level-19 frame, as it was");
+    let (second, len) = store.read_frame_at(&located, 65_536).unwrap();
+    assert_eq!(len, 100_000 - 65_536);
+    assert_eq!(zstd::stream::decode_all(&second[..]).unwrap(), &text[65_536..]);
+    let (encoded, encoding) = store.read_all_encoded(&Digest::of(&text)).unwrap().unwrap();
+    assert_eq!(encoding, Encoding::Zstd);
+    assert_eq!(zstd::stream::decode_all(&encoded[..]).unwrap(), text);
 }

@@ -174,14 +174,20 @@ impl Upload {
         Ok(())
     }
 
-    /// Persists `data` as the next chunk. Blocks on compression and disk.
-    pub fn append(&mut self, data: &[u8]) -> Result<(), Error> {
+    /// Persists `data` as the next chunk. `frame`, if given, is the client's
+    /// zstd frame that decodes to exactly `data`: stored as it is instead of
+    /// compressing `data` again. Blocks on compression and disk.
+    pub fn append(&mut self, data: &[u8], frame: Option<&[u8]>) -> Result<(), Error> {
         if data.is_empty() {
             return Ok(());
         }
         self.store.admit(data.len() as u64)?;
         self.hasher.update(data);
-        let value = chunk::encode(data, self.store.options.zstd_level);
+        let level = self.store.options.zstd_level;
+        let value = match frame {
+            Some(frame) => chunk::encode_frame(frame, data, level),
+            None => chunk::encode(data, level),
+        };
         let progress = UploadProgress {
             committed: self.progress.committed + data.len() as u64,
             stored: self.progress.stored + value.len() as u64,
