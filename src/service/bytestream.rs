@@ -393,7 +393,7 @@ impl Writer {
     /// Stores the partial chunk a zstd upload holds.
     fn flush(&mut self) -> Result<(), Status> {
         if let Some(inflater) = &mut self.inflater {
-            inflater.frame = None;
+            inflater.capturing = false;
             self.upload.append(&inflater.out, None)?;
             inflater.out.clear();
         }
@@ -424,9 +424,11 @@ struct Inflater {
     chunk_size: usize,
     /// Decompressed bytes not stored yet: less than a chunk.
     out: Vec<u8>,
-    /// The compressed bytes of the current frame, while it may still become
-    /// a chunk of its own (it began a chunk, and is no larger than one).
-    frame: Option<Vec<u8>>,
+    /// The compressed bytes of the current frame, while `capturing`: while
+    /// it may still become a chunk of its own (it began a chunk, and is no
+    /// larger than one). Reused from frame to frame.
+    frame: Vec<u8>,
+    capturing: bool,
 }
 
 impl Inflater {
@@ -437,7 +439,8 @@ impl Inflater {
             decoder: Decoder::new(remaining)?,
             chunk_size,
             out: Vec::with_capacity(chunk_size),
-            frame: Some(Vec::new()),
+            frame: Vec::new(),
+            capturing: true,
         })
     }
 
@@ -445,11 +448,10 @@ impl Inflater {
         let chunk_size = self.chunk_size;
         loop {
             let step = self.decoder.step(input)?;
-            if let Some(frame) = &mut self.frame {
-                frame.extend_from_slice(&input[..step.consumed]);
-                if frame.len() > chunk_size {
-                    self.frame = None; // larger than the bytes it could hold raw
-                }
+            if self.capturing {
+                self.frame.extend_from_slice(&input[..step.consumed]);
+                // Larger than the bytes it could hold raw: never kept.
+                self.capturing = self.frame.len() <= chunk_size;
             }
             input = &input[step.consumed..];
             let mut data = step.data;
@@ -459,7 +461,7 @@ impl Inflater {
                 data = &data[n..];
                 // A full chunk inside a frame: that frame spans chunks.
                 if self.out.len() == chunk_size && !(step.frame_end && data.is_empty()) {
-                    self.frame = None;
+                    self.capturing = false;
                     upload.append(&self.out, None)?;
                     self.out.clear();
                 }
@@ -467,19 +469,16 @@ impl Inflater {
             if step.frame_end {
                 let ends_blob = upload.committed() + self.out.len() as u64 == upload.digest().size;
                 let whole = self.out.len() >= chunk_size / 4 || ends_blob;
-                match self.frame.take() {
+                if self.capturing && !self.out.is_empty() && whole {
                     // The frame holds exactly these bytes: keep it.
-                    Some(frame) if !self.out.is_empty() && whole => {
-                        upload.append(&self.out, Some(&frame))?;
-                        self.out.clear();
-                    }
-                    _ if self.out.len() == chunk_size => {
-                        upload.append(&self.out, None)?;
-                        self.out.clear();
-                    }
-                    _ => {}
+                    upload.append(&self.out, Some(&self.frame))?;
+                    self.out.clear();
+                } else if self.out.len() == chunk_size {
+                    upload.append(&self.out, None)?;
+                    self.out.clear();
                 }
-                self.frame = self.out.is_empty().then(Vec::new);
+                self.frame.clear();
+                self.capturing = self.out.is_empty();
             }
             if input.is_empty() && !step.more {
                 return Ok(());
