@@ -1,5 +1,8 @@
 //! Compiles proto/ into Rust with protox (a protobuf compiler in Rust), so a
-//! fresh machine needs no system protoc.
+//! fresh machine needs no system protoc, and generates the canonical proto3
+//! JSON mapping of every message (pbjson) for the REST face.
+
+use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -7,9 +10,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ["build/bazel/remote/execution/v2/remote_execution.proto", "google/bytestream/bytestream.proto"],
         ["proto"],
     )?;
+    let descriptors = fds.encode_to_vec();
     tonic_prost_build::configure()
         // Blob payloads are `bytes::Bytes`: passed along without copying.
         .bytes(".")
+        // Well-known types with serde support, for the JSON mapping.
+        .compile_well_known_types(true)
+        .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(fds)?;
+    pbjson_build::Builder::new().register_descriptors(&descriptors)?.build(&[
+        ".build.bazel",
+        ".google.bytestream",
+        ".google.rpc",
+    ])?;
     Ok(())
 }

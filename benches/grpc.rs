@@ -85,8 +85,11 @@ async fn read_blob(bs: &mut ByteStreamClient<Channel>, d: Digest) -> usize {
 async fn main() {
     let scale: usize = std::env::var("LARDER_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let tmp = tempfile::tempdir().unwrap();
-    let overrides =
-        Overrides { listen: Some("127.0.0.1:0".into()), dir: Some(tmp.path().join("data")), max_size: None };
+    let overrides = Overrides {
+        listen: Some("127.0.0.1:0".into()),
+        dir: Some(tmp.path().join("data")),
+        ..Overrides::default()
+    };
     let config = Config::load(None, overrides).unwrap();
     let server = Server::bind(config).await.unwrap();
     let addr = server.local_addr();

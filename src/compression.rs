@@ -20,6 +20,9 @@ const STEP_OUTPUT: usize = 128 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The server's fault, not the stream's.
+    #[error("cannot set up zstd decompression: {0}")]
+    Setup(&'static str),
     #[error("the zstd data decompresses to more than the declared {0} bytes")]
     TooLarge(u64),
     #[error(
@@ -55,14 +58,17 @@ pub struct Step<'a> {
 impl Decoder {
     /// A decoder for a stream that may decompress to at most `limit` bytes.
     pub fn new(limit: u64) -> Result<Decoder, Error> {
-        let mut ctx = DCtx::try_create().ok_or(Error::Invalid("no memory for a zstd context"))?;
-        ctx.set_parameter(DParameter::WindowLogMax(MAX_WINDOW_LOG)).map_err(zstd_error)?;
+        let mut ctx = DCtx::try_create().ok_or(Error::Setup("no memory for a zstd context"))?;
+        ctx.set_parameter(DParameter::WindowLogMax(MAX_WINDOW_LOG))
+            .map_err(|code| Error::Setup(zstd_safe::get_error_name(code)))?;
         Ok(Decoder { ctx, scratch: vec![0; STEP_OUTPUT].into_boxed_slice(), room: limit, in_frame: false })
     }
 
     /// Starts a new stream with a new limit, reusing the context.
     pub fn reset(&mut self, limit: u64) -> Result<(), Error> {
-        self.ctx.reset(ResetDirective::SessionOnly).map_err(zstd_error)?;
+        self.ctx
+            .reset(ResetDirective::SessionOnly)
+            .map_err(|code| Error::Setup(zstd_safe::get_error_name(code)))?;
         (self.room, self.in_frame) = (limit, false);
         Ok(())
     }
@@ -111,8 +117,8 @@ fn zstd_error(code: usize) -> Error {
 /// A whole zstd stream decompressed, with where each of its frames lies.
 pub struct Decompressed {
     pub data: Bytes,
-    /// Each frame: the range of `data` it decodes to, and its bytes (a
-    /// slice of the input).
+    /// Each frame that holds bytes, in order: the range of `data` it decodes
+    /// to, and its bytes (a slice of the input).
     pub frames: Vec<(std::ops::Range<u64>, Bytes)>,
 }
 
@@ -120,7 +126,10 @@ pub struct Decompressed {
 /// `size` bytes.
 pub fn decompress(decoder: &mut Decoder, input: &Bytes, size: u64) -> Result<Decompressed, Error> {
     decoder.reset(size)?;
-    let mut data = Vec::with_capacity(usize::try_from(size).map_err(|_| Error::TooLarge(size))?);
+    // The declared size is the client's word: grow past what the input
+    // could plausibly hold only as the output really grows.
+    let guess = size.min(input.len() as u64 * 8 + 4096);
+    let mut data = Vec::with_capacity(usize::try_from(guess).map_err(|_| Error::TooLarge(size))?);
     let mut frames = Vec::new();
     let (mut at, mut frame_start) = (0, (0, 0));
     loop {
@@ -128,8 +137,10 @@ pub fn decompress(decoder: &mut Decoder, input: &Bytes, size: u64) -> Result<Dec
         data.extend_from_slice(step.data);
         at += step.consumed;
         if step.frame_end {
-            let start = frame_start.1 as u64;
-            frames.push((start..data.len() as u64, input.slice(frame_start.0..at)));
+            // Frames that hold nothing (empty or skippable) never make a chunk.
+            if data.len() > frame_start.1 {
+                frames.push((frame_start.1 as u64..data.len() as u64, input.slice(frame_start.0..at)));
+            }
             frame_start = (at, data.len());
         }
         if at == input.len() && !step.more {

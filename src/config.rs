@@ -17,8 +17,12 @@ pub const DEFAULT_TOML: &str = include_str!("../config/larder.toml");
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Address the gRPC server listens on.
+    /// Address every client is served on: gRPC, and HTTP (REST and Bazel's
+    /// HTTP cache) routed by content type.
     pub listen: SocketAddr,
+    /// A second address for HTTP clients, if any ("" for none).
+    #[serde(deserialize_with = "optional_addr")]
+    pub http_listen: Option<SocketAddr>,
     /// Data directory; empty means `$XDG_CACHE_HOME/larder` (else `~/.cache/larder`).
     #[serde(default)]
     pub dir: PathBuf,
@@ -50,6 +54,7 @@ pub struct Config {
 #[derive(Debug, Default)]
 pub struct Overrides {
     pub listen: Option<String>,
+    pub http_listen: Option<String>,
     pub dir: Option<PathBuf>,
     pub max_size: Option<String>,
 }
@@ -69,6 +74,7 @@ impl Config {
         builder = builder.add_source(Environment::with_prefix("LARDER"));
         builder = builder
             .set_override_option("listen", overrides.listen)?
+            .set_override_option("http_listen", overrides.http_listen)?
             .set_override_option("dir", overrides.dir.map(|d| d.display().to_string()))?
             .set_override_option("max_size", overrides.max_size)?;
         let mut config: Config = builder.build()?.try_deserialize()?;
@@ -113,6 +119,17 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// An address, or nothing for "".
+fn optional_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an address like 127.0.0.1:8080")))
 }
 
 fn default_dir() -> Result<PathBuf, Error> {

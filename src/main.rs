@@ -30,6 +30,9 @@ struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:9092]. Port 0 picks a free port.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
+    /// A second address for HTTP clients (the main one serves them too).
+    #[arg(long, value_name = "ADDR:PORT")]
+    http_listen: Option<String>,
     /// Data directory [default: $XDG_CACHE_HOME/larder, else ~/.cache/larder].
     #[arg(long, value_name = "PATH")]
     dir: Option<PathBuf>,
@@ -60,7 +63,12 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
-    let overrides = Overrides { listen: args.listen, dir: args.dir, max_size: args.max_size };
+    let overrides = Overrides {
+        listen: args.listen,
+        http_listen: args.http_listen,
+        dir: args.dir,
+        max_size: args.max_size,
+    };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async {

@@ -1,5 +1,6 @@
-//! Generated protobuf and gRPC code for the wire formats larder serves. The
-//! module tree mirrors the protobuf packages, as the generated paths expect.
+//! Generated protobuf and gRPC code for the wire formats larder serves, with
+//! the canonical proto3 JSON mapping of each message (serde, from pbjson).
+//! The module tree mirrors the protobuf packages, as the generated paths expect.
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
@@ -9,11 +10,13 @@ pub mod build {
             pub mod execution {
                 pub mod v2 {
                     tonic::include_proto!("build.bazel.remote.execution.v2");
+                    include!(concat!(env!("OUT_DIR"), "/build.bazel.remote.execution.v2.serde.rs"));
                 }
             }
         }
         pub mod semver {
             tonic::include_proto!("build.bazel.semver");
+            include!(concat!(env!("OUT_DIR"), "/build.bazel.semver.serde.rs"));
         }
     }
 }
@@ -21,9 +24,11 @@ pub mod build {
 pub mod google {
     pub mod bytestream {
         tonic::include_proto!("google.bytestream");
+        include!(concat!(env!("OUT_DIR"), "/google.bytestream.serde.rs"));
     }
     pub mod rpc {
         tonic::include_proto!("google.rpc");
+        include!(concat!(env!("OUT_DIR"), "/google.rpc.serde.rs"));
     }
 }
 

@@ -76,11 +76,10 @@ async fn write_zstd(
     Ok(c.bs.write(tokio_stream::iter(messages)).await?.into_inner().committed_size)
 }
 
-/// BatchUpdateBlobs of (digest, data as sent, compressor): the status codes.
-async fn batch_update<const N: usize>(
-    c: &mut Clients,
+/// A BatchUpdateBlobs of (digest, data as sent, compressor).
+fn batch_request<const N: usize>(
     blobs: [(reapi::Digest, Vec<u8>, Compressor); N],
-) -> Vec<i32> {
+) -> reapi::BatchUpdateBlobsRequest {
     let requests = blobs
         .into_iter()
         .map(|(digest, data, compressor)| reapi::batch_update_blobs_request::Request {
@@ -89,8 +88,15 @@ async fn batch_update<const N: usize>(
             compressor: compressor as i32,
         })
         .collect();
-    let request = reapi::BatchUpdateBlobsRequest { requests, ..Default::default() };
-    let response = c.cas.batch_update_blobs(request).await.unwrap().into_inner();
+    reapi::BatchUpdateBlobsRequest { requests, ..Default::default() }
+}
+
+/// The status codes of a BatchUpdateBlobs.
+async fn batch_update<const N: usize>(
+    c: &mut Clients,
+    blobs: [(reapi::Digest, Vec<u8>, Compressor); N],
+) -> Vec<i32> {
+    let response = c.cas.batch_update_blobs(batch_request(blobs)).await.unwrap().into_inner();
     response.responses.iter().map(|r| r.status.as_ref().unwrap().code).collect()
 }
 
@@ -313,4 +319,20 @@ async fn blake3_blobs_travel_compressed() {
     assert!(unzstd(&out) == data);
     // Not under SHA-256.
     assert_code(c.read(&zstd_read_name(&data), 0, 0).await, Code::NotFound);
+}
+
+#[tokio::test]
+async fn huge_declared_sizes_cannot_slip_past_the_batch_limit() {
+    let (_tmp, server) = server();
+    let mut c = server.clients().await;
+    // Four blobs declaring 2^62 bytes each: a wrapping sum would be 0.
+    let huge = |i: u8| reapi::Digest { hash: format!("{i:02x}").repeat(32), size_bytes: 1 << 62 };
+    let blobs = [0, 1, 2, 3].map(|i| (huge(i), frame(b"tiny", 1), Compressor::Zstd));
+    assert_code(c.cas.batch_update_blobs(batch_request(blobs)).await, Code::InvalidArgument);
+    let request = reapi::BatchReadBlobsRequest { digests: vec![huge(1); 4], ..Default::default() };
+    assert_code(c.cas.batch_read_blobs(request).await, Code::InvalidArgument);
+    // One blob declaring a huge size: over the limit alone.
+    let one = batch_request([(huge(9), frame(b"tiny", 1), Compressor::Zstd)]);
+    assert_code(c.cas.batch_update_blobs(one).await, Code::InvalidArgument);
+    assert_eq!(c.find_missing(&[digest(b"alive")]).await.len(), 1, "the server is still up");
 }

@@ -35,6 +35,8 @@ impl ActionCache for ActionCacheService {
         let request = request.into_inner();
         let function = request_function(&request.instance_name, request.digest_function)?;
         let action = required_digest(request.action_digest.as_ref(), "action_digest", function)?;
+        // The blobs a result names use the action's function.
+        let function = FunctionHint::Given(action.function);
         let store = Arc::clone(&self.shared.store);
         let limit = self.shared.max_message_size;
         let lookup = blocking(move || {
@@ -64,6 +66,8 @@ impl ActionCache for ActionCacheService {
         let request = request.into_inner();
         let function = request_function(&request.instance_name, request.digest_function)?;
         let action = required_digest(request.action_digest.as_ref(), "action_digest", function)?;
+        // The blobs a result names use the action's function.
+        let function = FunctionHint::Given(action.function);
         let result =
             request.action_result.ok_or_else(|| Status::invalid_argument("action_result is required"))?;
         // Refuse results that could never be served back.

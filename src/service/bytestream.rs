@@ -3,9 +3,10 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::{FutureExt, Stream};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -18,7 +19,7 @@ use crate::proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
     WriteResponse, byte_stream_server::ByteStream,
 };
-use crate::store::{Store, Upload};
+use crate::store::{Store, Upload, Written};
 
 pub struct ByteStreamService {
     shared: Arc<Shared>,
@@ -33,16 +34,9 @@ impl ByteStreamService {
         let store = Arc::clone(&self.shared.store);
         Ok(blocking(move || store.contains(&[digest])).await?[0])
     }
-}
 
-type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl ByteStream for ByteStreamService {
-    type ReadStream = ReadStream;
-
-    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
-        let request = request.into_inner();
+    /// The rules of a ByteStream read; the HTTP cache protocol reads through it too.
+    pub async fn read_stream(&self, request: ReadRequest) -> Result<ReadStream, Status> {
         let resource = digest::parse_read_resource(&request.resource_name)?;
         let digest = resource.digest;
         if request.read_limit < 0 {
@@ -114,18 +108,15 @@ impl ByteStream for ByteStreamService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as ReadStream))
+        Ok(Box::pin(ReceiverStream::new(rx)) as ReadStream)
     }
 
-    async fn write(
-        &self,
-        request: Request<Streaming<WriteRequest>>,
-    ) -> Result<Response<WriteResponse>, Status> {
-        let mut stream = request.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("the write stream ended before its first message"))?;
+    /// The rules of a ByteStream write over any stream of messages: a gRPC
+    /// stream, or the body of an HTTP PUT.
+    pub async fn write_stream<S>(&self, first: WriteRequest, mut stream: S) -> Result<WriteResponse, Status>
+    where
+        S: Stream<Item = Result<WriteRequest, Status>> + Unpin + Send,
+    {
         if first.resource_name.is_empty() {
             return Err(Status::invalid_argument("resource_name is required on the first write message"));
         }
@@ -133,12 +124,12 @@ impl ByteStream for ByteStreamService {
         let digest = resource.digest;
         // REAPI: an upload that finds its blob stored ends at once with the
         // full size, or -1 for compressed uploads.
-        let done = Response::new(WriteResponse {
+        let done = WriteResponse {
             committed_size: match resource.encoding {
                 Encoding::Identity => digest.size as i64,
                 Encoding::Zstd => -1,
             },
-        });
+        };
         if self.present(digest).await? {
             return Ok(done);
         }
@@ -187,15 +178,13 @@ impl ByteStream for ByteStreamService {
             if message.finish_write {
                 break;
             }
-            message = match stream.message().await {
+            message = match stream.next().await.transpose() {
                 Ok(Some(next)) => next,
                 // A disconnect, not an error: keep what arrived so the client can resume.
                 Ok(None) | Err(_) => {
                     return Ok(match sink.persist_tail().await? {
                         Progress::AlreadyPresent => done,
-                        Progress::Continue => {
-                            Response::new(WriteResponse { committed_size: sink.wire as i64 })
-                        }
+                        Progress::Continue => WriteResponse { committed_size: sink.wire as i64 },
                     });
                 }
             };
@@ -208,12 +197,37 @@ impl ByteStream for ByteStreamService {
             return sink.fail(status);
         }
         // Messages after finish_write break the protocol: store nothing then.
-        if let Some(Ok(Some(_))) = stream.message().now_or_never() {
+        if let Some(Some(Ok(_))) = stream.next().now_or_never() {
             return sink.fail(Status::invalid_argument("the stream went on after finish_write"));
         }
         let upload = sink.writer.take().expect("checked above").upload;
-        blocking(move || upload.finish()).await?;
-        Ok(Response::new(WriteResponse { committed_size: sink.wire as i64 }))
+        if blocking(move || upload.finish()).await? == Written::AlreadyPresent {
+            return Ok(done); // stored by another writer meanwhile
+        }
+        Ok(WriteResponse { committed_size: sink.wire as i64 })
+    }
+}
+
+pub type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ByteStream for ByteStreamService {
+    type ReadStream = ReadStream;
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        self.read_stream(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the write stream ended before its first message"))?;
+        self.write_stream(first, stream).await.map(Response::new)
     }
 
     async fn query_write_status(
@@ -228,9 +242,17 @@ impl ByteStream for ByteStreamService {
                 complete: true,
             }));
         }
+        // A stream that just broke off may still be storing what it received:
+        // wait for it, or the client would resume at an offset already passed.
+        let store = Arc::clone(&self.shared.store);
+        for _ in 0..100 {
+            if !store.upload_active(&name) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // Uncompressed bytes for either encoding: a compressed upload resumes
         // at this offset of the blob with a new zstd stream.
-        let store = Arc::clone(&self.shared.store);
         let committed = blocking(move || store.upload_committed(&name)).await?.unwrap_or(0);
         Ok(Response::new(QueryWriteStatusResponse { committed_size: committed as i64, complete: false }))
     }
@@ -359,7 +381,7 @@ impl Sink {
     }
 
     /// Ends a stream that broke a rule: the upload is deleted.
-    fn fail(&mut self, status: Status) -> Result<Response<WriteResponse>, Status> {
+    fn fail(&mut self, status: Status) -> Result<WriteResponse, Status> {
         let (writer, pending) = (self.writer.take(), self.pending.take());
         tokio::spawn(async move {
             let writer = match (writer, pending) {

@@ -31,7 +31,10 @@ impl CasService {
         CasService { shared }
     }
 
-    fn check_batch_size(&self, total: u64, what: &str) -> Result<(), Status> {
+    /// Refuses batches over the advertised limit (sums saturate: declared
+    /// sizes come from the client).
+    fn check_batch_size(&self, sizes: impl Iterator<Item = u64>, what: &str) -> Result<(), Status> {
+        let total = sizes.fold(0u64, u64::saturating_add);
         if total > self.shared.max_batch_size {
             return Err(Status::invalid_argument(format!(
                 "{what} totals {total} bytes, over max_batch_total_size_bytes ({}): send large blobs through ByteStream",
@@ -84,7 +87,7 @@ impl ContentAddressableStorage for CasService {
             }
             _ => r.data.len() as u64,
         };
-        self.check_batch_size(request.requests.iter().map(logical).sum(), "the batch")?;
+        self.check_batch_size(request.requests.iter().map(logical), "the batch")?;
         let store = Arc::clone(&self.shared.store);
         let responses = blocking(move || {
             // Validate (and decompress) each blob; the valid ones go to the store together.
@@ -132,7 +135,7 @@ impl ContentAddressableStorage for CasService {
         let function = request_function(&request.instance_name, request.digest_function)?;
         let digests: Vec<Result<Digest, Status>> =
             request.digests.iter().map(|d| Digest::from_proto(d, function).map_err(Status::from)).collect();
-        self.check_batch_size(digests.iter().flatten().map(|d| d.size).sum(), "the requested blobs")?;
+        self.check_batch_size(digests.iter().flatten().map(|d| d.size), "the requested blobs")?;
         // IDENTITY is always acceptable; zstd when the client lists it.
         let zstd = request.acceptable_compressors.contains(&(compressor::Value::Zstd as i32));
         let store = Arc::clone(&self.shared.store);
@@ -173,6 +176,8 @@ impl ContentAddressableStorage for CasService {
         let request = request.into_inner();
         let function = request_function(&request.instance_name, request.digest_function)?;
         let root = required_digest(request.root_digest.as_ref(), "root_digest", function)?;
+        // Subdirectories use the root's function.
+        let function = FunctionHint::Given(root.function);
         let skip: usize = match request.page_token.as_str() {
             "" => 0,
             token => token.parse().map_err(|_| {

@@ -6,6 +6,9 @@ pub mod action_cache;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
+pub mod http;
+mod http_cache;
+mod rest;
 
 use std::sync::Arc;
 
@@ -59,7 +62,10 @@ impl From<store::Error> for Status {
 
 impl From<compression::Error> for Status {
     fn from(e: compression::Error) -> Status {
-        Status::invalid_argument(e.to_string())
+        match e {
+            compression::Error::Setup(_) => Status::internal(e.to_string()),
+            _ => Status::invalid_argument(e.to_string()),
+        }
     }
 }
 

@@ -56,7 +56,8 @@ pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
 /// compression must, stores `data` raw when the client's compressor could not
 /// shrink it, and compresses `data` itself only if the frame cannot be kept.
 pub fn encode_frame(frame: &[u8], data: &[u8], level: i32) -> Vec<u8> {
-    if frame.len() >= data.len() - data.len() / 32 {
+    // With room for the content size the header may gain.
+    if frame.len() + 8 >= data.len() - data.len() / 32 {
         return raw(data);
     }
     match compression::with_content_size(frame, data.len() as u64) {

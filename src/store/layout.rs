@@ -1,6 +1,6 @@
 //! Keys and values of every column family, in one place.
 //!
-//! Layout version 1:
+//! Layout version 2:
 //!
 //! | column family | key | value |
 //! |---|---|---|
@@ -10,7 +10,7 @@
 //! | `chunks`  | `0` (8) · `0` (8) | stored bytes of all blobs and uploads (i64 LE, merge-added) |
 //! | `lru`     | last access (8, BE, ms) · index key | empty: the eviction order |
 //! | `uploads` | ByteStream resource name (UTF-8) | [`UploadRecord`] |
-//! | `ac`      | instance name · 0x00 · index key | 0x01 · ActionResult protobuf |
+//! | `ac`      | instance name · 0x00 · function (1) · hash | 0x01 · ActionResult protobuf |
 //! | `default` | `layout` | layout version (ASCII) |
 //!
 //! A blob's chunks live under a blob id, allocated when its upload starts, not
@@ -68,7 +68,10 @@ pub fn split_lru_key(k: &[u8]) -> Option<(u64, Digest)> {
 }
 
 pub const LAYOUT_KEY: &[u8] = b"layout";
-pub const LAYOUT_VERSION: &[u8] = b"1";
+pub const LAYOUT_VERSION: &[u8] = b"2";
+/// Version 1 differs only in the action cache key, which ended in the
+/// action's size; opening a version 1 directory re-keys it.
+pub const LAYOUT_VERSION_1: &[u8] = b"1";
 
 /// A key of at most [`Key::MAX`] bytes, built on the stack: index keys and
 /// the keys that embed one.
@@ -136,13 +139,23 @@ pub fn split_chunk_key(k: &[u8]) -> Option<(u64, u64)> {
     Some((u64::from_be_bytes(k[..8].try_into().ok()?), u64::from_be_bytes(k[8..].try_into().ok()?)))
 }
 
+/// Action results are keyed by the action's hash without its size: Bazel's
+/// HTTP cache protocol names them by hash alone, and the hash fixes the size.
 pub fn ac_key(instance: &str, action: &Digest) -> Vec<u8> {
-    let action = index_key(action);
-    let mut k = Vec::with_capacity(instance.len() + 1 + action.len());
+    let mut k = Vec::with_capacity(instance.len() + 2 + action.hash().len());
     k.extend_from_slice(instance.as_bytes());
     k.push(0);
-    k.extend_from_slice(&action);
+    k.push(action.function as u8);
+    k.extend_from_slice(action.hash());
     k
+}
+
+/// A version 1 action cache key (instance · 0 · index key) as version 2
+/// has it; `None` if `k` is not one (already re-keyed, or malformed).
+pub fn ac_key_from_v1(k: &[u8]) -> Option<Vec<u8>> {
+    let nul = k.iter().position(|b| *b == 0)?;
+    let action = digest_of_index_key(&k[nul + 1..])?;
+    Some(ac_key(std::str::from_utf8(&k[..nul]).ok()?, &action))
 }
 
 /// A stored action result is prefixed with a version byte, so that an
@@ -269,6 +282,16 @@ mod tests {
         let p = UploadProgress { committed: 1, stored: 2, updated: 3 };
         assert_eq!(UploadProgress::decode(&p.encode()), Some(p));
         assert_eq!(IndexEntry::decode(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn version_1_action_keys_are_re_keyed_once() {
+        let action = Function::Blake3.digest(b"action");
+        let mut v1 = b"team/main\0".to_vec();
+        v1.extend_from_slice(&index_key(&action));
+        let v2 = ac_key_from_v1(&v1).unwrap();
+        assert_eq!(v2, ac_key("team/main", &action));
+        assert_eq!(ac_key_from_v1(&v2), None, "a re-keyed key is left alone");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use rocksdb::{
     Options, ReadOptions, WriteBatch, WriteOptions,
 };
 
-use crate::digest::{Digest, Encoding};
+use crate::digest::{Digest, Encoding, Function};
 pub use evict::Evicted;
 use layout::*;
 pub use upload::Upload;
@@ -76,9 +76,9 @@ pub struct Blob {
 pub struct NewBlob {
     pub digest: Digest,
     pub data: Bytes,
-    /// The zstd frames the client sent, each with the range of `data` it
-    /// decodes to (see [`crate::compression::decompress`]): a frame that
-    /// holds exactly one chunk is stored as it is, not compressed again.
+    /// The zstd frames the client sent, in order, each with the range of
+    /// `data` it decodes to (see [`crate::compression::decompress`]): a frame
+    /// that holds exactly one chunk is stored as it is, not compressed again.
     pub frames: Vec<(Range<u64>, Bytes)>,
 }
 
@@ -178,6 +178,7 @@ impl Store {
         match db.get(LAYOUT_KEY)? {
             None => db.put(LAYOUT_KEY, LAYOUT_VERSION)?,
             Some(v) if v == LAYOUT_VERSION => {}
+            Some(v) if v == LAYOUT_VERSION_1 => upgrade_from_v1(&db)?,
             Some(v) => {
                 return Err(Error::Open(format!(
                     "{} holds layout version {}, this larder reads version {}: use a new --dir",
@@ -334,6 +335,21 @@ impl Store {
         }
         self.touch(digests.iter().zip(&present).filter(|(_, p)| **p).map(|(d, _)| *d));
         Ok(present)
+    }
+
+    /// The stored blob of `function` whose hash is `hash`, whatever its size
+    /// (Bazel's HTTP cache names blobs by hash alone). The empty blob is
+    /// always found. Does not count as a use: reading it does.
+    pub fn find_by_hash(&self, function: Function, hash: &[u8]) -> Result<Option<Digest>, Error> {
+        if let Some(empty) = Digest::new(function, hash, 0).filter(Digest::is_empty_blob) {
+            return Ok(Some(empty));
+        }
+        let mut prefix = vec![function as u8];
+        prefix.extend_from_slice(hash);
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_INDEX));
+        it.seek(&prefix);
+        it.status()?;
+        Ok(it.key().filter(|k| k.starts_with(&prefix)).and_then(digest_of_index_key))
     }
 
     /// Finds a blob for reading; `None` if absent. Counts as a use.
@@ -522,9 +538,11 @@ impl Store {
                 let offset = (n * self.options.chunk_size) as u64;
                 let level = self.options.zstd_level;
                 let range = offset..offset + part.len() as u64;
-                let value = match frames.iter().find(|(r, _)| *r == range) {
-                    Some((_, frame)) => chunk::encode_frame(frame, part, level),
-                    None => chunk::encode(part, level),
+                // Frames are in order: a binary search finds the one starting here.
+                let frame = frames.binary_search_by_key(&offset, |(r, _)| r.start).ok().map(|i| &frames[i]);
+                let value = match frame {
+                    Some((r, frame)) if *r == range => chunk::encode_frame(frame, part, level),
+                    _ => chunk::encode(part, level),
                 };
                 stored += value.len() as u64;
                 chunks.push((chunk_key(blob_id, offset), value));
@@ -628,6 +646,30 @@ impl Drop for Store {
             }
         }
     }
+}
+
+/// Re-keys the action cache of a layout version 1 directory (its keys ended
+/// in the action's size), in batches; a crash midway is finished on the next
+/// open, since re-keyed keys are told apart from old ones.
+fn upgrade_from_v1(db: &DB) -> Result<(), Error> {
+    let cf = db.cf_handle(CF_AC).expect("column families are created at open");
+    let mut batch = WriteBatch::default();
+    let mut moved = 0usize;
+    for item in db.iterator_cf(cf, IteratorMode::Start) {
+        let (key, value) = item?;
+        if let Some(new_key) = ac_key_from_v1(&key) {
+            batch.delete_cf(cf, &key);
+            batch.put_cf(cf, new_key, value);
+            moved += 1;
+        }
+        if batch.len() >= 10_000 {
+            db.write(std::mem::take(&mut batch))?;
+        }
+    }
+    batch.put(LAYOUT_KEY, LAYOUT_VERSION);
+    db.write(batch)?;
+    tracing::info!("upgraded the data directory to layout version 2 ({moved} action cache keys)");
+    Ok(())
 }
 
 /// The size of the filesystem holding `path`, and its bytes free for an

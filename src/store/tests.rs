@@ -273,3 +273,20 @@ fn client_frames_are_kept_only_where_they_hold_exactly_one_chunk() {
     assert_eq!(encoding, Encoding::Zstd);
     assert_eq!(zstd::stream::decode_all(&encoded[..]).unwrap(), text);
 }
+
+#[test]
+fn a_version_1_directory_keeps_its_action_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let action = Digest::of(b"action");
+    {
+        let store = open(tmp.path());
+        // What version 1 wrote: the key ends in the whole index key.
+        let mut key = b"inst\0".to_vec();
+        key.extend_from_slice(&index_key(&action));
+        store.db.put_cf(store.cf(CF_AC), key, [&[AC_VALUE_VERSION][..], b"result"].concat()).unwrap();
+        store.db.put(LAYOUT_KEY, LAYOUT_VERSION_1).unwrap();
+    }
+    let store = open(tmp.path());
+    assert_eq!(store.get_action_result("inst", &action).unwrap().unwrap(), b"result".as_slice());
+    assert_eq!(store.db.get(LAYOUT_KEY).unwrap().unwrap(), LAYOUT_VERSION);
+}

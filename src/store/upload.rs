@@ -84,6 +84,11 @@ impl Store {
         Ok(upload)
     }
 
+    /// Whether a stream is writing the upload under `resource` right now.
+    pub fn upload_active(&self, resource: &str) -> bool {
+        self.active_uploads.lock().unwrap_or_else(|e| e.into_inner()).contains(resource)
+    }
+
     /// Committed bytes of the partial upload under `resource`, if there is one.
     pub fn upload_committed(&self, resource: &str) -> Result<Option<u64>, Error> {
         Ok(self.upload_state(resource)?.map(|(_, p)| p.committed))

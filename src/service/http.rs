@@ -1,0 +1,206 @@
+//! The HTTP face: routes requests to REAPI's REST/JSON mapping (under `/v2/`)
+//! or Bazel's HTTP cache protocol (`/ac/`, `/cas/`), both thin adapters over
+//! the gRPC service code, and writes every error in Google's JSON error form.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tonic::body::Body;
+use tonic::{Code, Status};
+
+use super::action_cache::ActionCacheService;
+use super::bytestream::ByteStreamService;
+use super::capabilities::CapabilitiesService;
+use super::cas::CasService;
+use super::{Shared, http_cache, rest};
+
+/// The gRPC services, called in-process by the HTTP adapters.
+pub struct HttpApi {
+    pub shared: Arc<Shared>,
+    pub cas: CasService,
+    pub bytestream: ByteStreamService,
+    pub action_cache: ActionCacheService,
+    pub capabilities: CapabilitiesService,
+}
+
+impl HttpApi {
+    pub fn new(shared: Arc<Shared>) -> HttpApi {
+        HttpApi {
+            cas: CasService::new(Arc::clone(&shared)),
+            bytestream: ByteStreamService::new(Arc::clone(&shared)),
+            action_cache: ActionCacheService::new(Arc::clone(&shared)),
+            capabilities: CapabilitiesService::new(Arc::clone(&shared)),
+            shared,
+        }
+    }
+
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let path = request.uri().path().to_string();
+        let result = if let Some(rest) = path.strip_prefix("/v2/") {
+            rest::handle(self, request, rest).await
+        } else if let Some(target) = http_cache::Target::parse(&path) {
+            http_cache::handle(self, request, target).await
+        } else {
+            Err(HttpError::route(&path))
+        };
+        result.unwrap_or_else(HttpError::into_response)
+    }
+}
+
+/// A failed HTTP request: a gRPC status from the shared service code, or a
+/// rule of HTTP itself.
+#[derive(Debug)]
+pub enum HttpError {
+    Status(Status),
+    Http { code: StatusCode, message: String, allow: Option<&'static str> },
+}
+
+impl From<Status> for HttpError {
+    fn from(status: Status) -> HttpError {
+        HttpError::Status(status)
+    }
+}
+
+impl HttpError {
+    pub fn bad_request(message: impl Into<String>) -> HttpError {
+        HttpError::Status(Status::invalid_argument(message))
+    }
+
+    pub fn route(path: &str) -> HttpError {
+        HttpError::Http {
+            code: StatusCode::NOT_FOUND,
+            message: format!(
+                "no route for {path:?}: larder serves REAPI's REST mapping under /v2/ and Bazel's HTTP cache under /ac/ and /cas/"
+            ),
+            allow: None,
+        }
+    }
+
+    pub fn method(method: &Method, path: &str, allow: &'static str) -> HttpError {
+        HttpError::Http {
+            code: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("{method} is not allowed on {path:?}: use {allow}"),
+            allow: Some(allow),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let (code, status, message, allow) = match self {
+            HttpError::Status(s) => {
+                (http_code(s.code()), code_name(s.code()).to_string(), s.message().to_string(), None)
+            }
+            HttpError::Http { code, message, allow } => {
+                let name = code.canonical_reason().unwrap_or("ERROR").to_uppercase().replace(' ', "_");
+                (code, name, message, allow)
+            }
+        };
+        let body = serde_json::json!({
+            "error": { "code": code.as_u16(), "message": message, "status": status }
+        });
+        let mut response = json_response(code, body.to_string().into_bytes());
+        if let Some(allow) = allow {
+            response.headers_mut().insert(ALLOW, http::HeaderValue::from_static(allow));
+        }
+        response
+    }
+}
+
+/// The HTTP status of a gRPC code, as Google's APIs map them.
+pub fn http_code(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::Cancelled => StatusCode::from_u16(499).expect("499 is a valid status"),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+pub fn json_response(code: StatusCode, body: Vec<u8>) -> Response<Body> {
+    bytes_response(code, "application/json; charset=utf-8", Bytes::from(body))
+}
+
+pub fn bytes_response(code: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    let length = body.len();
+    let mut response = Response::new(Body::new(Full::new(body)));
+    *response.status_mut() = code;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    headers.insert(CONTENT_LENGTH, length.into());
+    response
+}
+
+/// A whole request body of at most `limit` bytes (JSON requests, action
+/// results); larger ones are refused with 413 before they are read.
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, HttpError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(HttpError::Http {
+            code: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("the request body is larger than {limit} bytes (max_message_size)"),
+            allow: None,
+        }),
+        Err(e) => Err(HttpError::Status(Status::cancelled(format!("the request body broke off: {e}")))),
+    }
+}
+
+/// Decodes `%XX` escapes (and `+` as a space in query strings).
+pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, HttpError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+                out.push(
+                    byte.ok_or_else(|| HttpError::bad_request(format!("{s:?} has a malformed % escape")))?,
+                );
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| HttpError::bad_request(format!("{s:?} is not UTF-8 once decoded")))
+}

@@ -1,0 +1,364 @@
+//! The HTTP face over HTTP/1.1 (and h2c): REAPI's REST/JSON mapping and
+//! Bazel's HTTP cache protocol, against `larder serve`, next to gRPC.
+
+mod common;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use common::*;
+use larder::proto::reapi;
+use prost::Message;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn server() -> (tempfile::TempDir, TestServer) {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("data"), &[]);
+    (tmp, server)
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().http1_only().build().unwrap()
+}
+
+fn sha256(data: &[u8]) -> String {
+    digest(data).hash
+}
+
+/// A JSON digest, size as a string (int64) as the mapping writes it.
+fn jd(data: &[u8]) -> Value {
+    let d = digest(data);
+    json!({"hash": d.hash, "sizeBytes": d.size_bytes.to_string()})
+}
+
+async fn post(c: &reqwest::Client, url: String, body: Value) -> (StatusCode, Value) {
+    let r = c.post(url).body(body.to_string()).send().await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap())
+}
+
+async fn get(c: &reqwest::Client, url: String) -> (StatusCode, Value) {
+    let r = c.get(url).send().await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap())
+}
+
+/// Checks Google's JSON error form and returns its message.
+fn error(status: StatusCode, body: &Value, code: u16, name: &str) -> String {
+    assert_eq!(status.as_u16(), code, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert_eq!(body["error"]["status"], name, "{body}");
+    body["error"]["message"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn rest_blobs_routes_with_every_instance_form() {
+    let (_tmp, server) = server();
+    let (c, base) = (http(), format!("http://{}", server.addr));
+    let blob = b"stored through REST".as_slice();
+    let other = b"never stored".as_slice();
+
+    for instance in ["", "main", "team/a/b"] {
+        let (status, caps) = get(&c, format!("{base}/v2/{instance}/capabilities?alt=json")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(caps["cacheCapabilities"]["actionCacheUpdateCapabilities"]["updateEnabled"], true);
+        assert!(caps["cacheCapabilities"]["digestFunctions"].as_array().unwrap().contains(&json!("SHA256")));
+        assert_eq!(caps["cacheCapabilities"]["maxBatchTotalSizeBytes"], "4194304", "int64 as a string");
+    }
+    let update = json!({"requests": [{"digest": jd(blob), "data": B64.encode(blob)}]});
+    let (status, body) = post(&c, format!("{base}/v2//blobs:batchUpdate?alt=json"), update).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["responses"][0]["status"], json!({}), "OK is the empty status");
+
+    // Input forms the mapping allows: sizes as numbers, original field names.
+    for body in [
+        json!({"blobDigests": [jd(blob), jd(other)]}),
+        json!({"blob_digests": [{"hash": sha256(blob), "size_bytes": blob.len()}, jd(other)]}),
+    ] {
+        for url in [format!("{base}/v2//blobs:findMissing"), format!("{base}/v2/a/b/blobs:findMissing")] {
+            let (status, missing) = post(&c, url, body.clone()).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(missing, json!({"missingBlobDigests": [jd(other)]}));
+        }
+    }
+    let (_, read) =
+        post(&c, format!("{base}/v2/main/blobs:batchRead"), json!({"digests": [jd(blob), jd(other)]})).await;
+    assert_eq!(read["responses"][0]["data"], B64.encode(blob));
+    assert_eq!(read["responses"][1]["status"]["code"], 5, "NOT_FOUND for that blob only");
+    // An enum given by name or number.
+    for f in [json!("SHA256"), json!(1)] {
+        let body = json!({"digests": [jd(blob)], "digestFunction": f});
+        let (status, read) = post(&c, format!("{base}/v2//blobs:batchRead"), body).await;
+        assert_eq!((status, &read["responses"][0]["data"]), (StatusCode::OK, &json!(B64.encode(blob))));
+    }
+}
+
+#[tokio::test]
+async fn rest_get_tree_pages() {
+    let (_tmp, server) = server();
+    let (c, base) = (http(), format!("http://{}", server.addr));
+    let mut clients = server.clients().await;
+    let leaves: Vec<reapi::Directory> = (0..3)
+        .map(|i| reapi::Directory {
+            files: vec![reapi::FileNode { name: format!("f{i}"), ..Default::default() }],
+            ..Default::default()
+        })
+        .collect();
+    let root = reapi::Directory {
+        directories: leaves
+            .iter()
+            .enumerate()
+            .map(|(i, d)| reapi::DirectoryNode {
+                name: format!("d{i}"),
+                digest: Some(digest(&d.encode_to_vec())),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let encoded: Vec<Vec<u8>> = std::iter::once(&root).chain(&leaves).map(|d| d.encode_to_vec()).collect();
+    let refs: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+    assert!(clients.batch_update(&refs).await.iter().all(|c| *c == 0));
+    let d = digest(&encoded[0]);
+    let url = format!("{base}/v2/main/blobs/{}/{}:getTree?pageSize=2&alt=json", d.hash, d.size_bytes);
+    let (status, page) = get(&c, url).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["directories"].as_array().unwrap().len(), 2);
+    let token = page["nextPageToken"].as_str().unwrap().to_string();
+    let url =
+        format!("{base}/v2/main/blobs/{}/{}:getTree?pageSize=2&pageToken={token}", d.hash, d.size_bytes);
+    let (_, rest) = get(&c, url).await;
+    assert_eq!(rest["directories"].as_array().unwrap().len(), 2);
+    assert!(rest.get("nextPageToken").is_none(), "the last page has no token: {rest}");
+    let url = format!("{base}/v2/main/blobs/{}/{}:getTree", "ab".repeat(32), 5);
+    let (status, body) = get(&c, url).await;
+    error(status, &body, 404, "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn rest_action_results_round_trip_with_inlining() {
+    let (_tmp, server) = server();
+    let (c, base) = (http(), format!("http://{}", server.addr));
+    let output = b"object code".as_slice();
+    let stdout = b"compiled 1 file".as_slice();
+    let mut clients = server.clients().await;
+    assert_eq!(clients.batch_update(&[output, stdout]).await, vec![0, 0]);
+    let action = digest(b"the action");
+    let url = format!("{base}/v2/ci/actionResults/{}/{}", action.hash, action.size_bytes);
+    let result = json!({
+        "outputFiles": [{"path": "out/a.o", "digest": jd(output), "isExecutable": true}],
+        "stdoutDigest": jd(stdout),
+        "exitCode": 0,
+    });
+    let r = c.put(&url).body(result.to_string()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let (status, got) = get(&c, format!("{url}?inlineStdout=true&inlineOutputFiles=out/a.o&alt=json")).await;
+    assert_eq!(status, StatusCode::OK, "{got}");
+    assert_eq!(got["stdoutRaw"], B64.encode(stdout));
+    assert_eq!(got["outputFiles"][0]["contents"], B64.encode(output));
+    assert_eq!(got["outputFiles"][0]["isExecutable"], true);
+    // The same entry through gRPC; other instances do not see it.
+    let grpc = reapi::GetActionResultRequest {
+        instance_name: "ci".into(),
+        action_digest: Some(action.clone()),
+        ..Default::default()
+    };
+    let hit = clients.ac.get_action_result(grpc).await.unwrap().into_inner();
+    assert_eq!(hit.output_files[0].path, "out/a.o");
+    let (status, body) =
+        get(&c, format!("{base}/v2/other/actionResults/{}/{}", action.hash, action.size_bytes)).await;
+    error(status, &body, 404, "NOT_FOUND");
+    // A result naming a blob that is not there is no hit.
+    let missing = json!({"outputFiles": [{"path": "x", "digest": jd(b"absent")}]});
+    let url2 = format!("{base}/v2/ci/actionResults/{}/7", sha256(b"action 2"));
+    assert_eq!(c.put(&url2).body(missing.to_string()).send().await.unwrap().status(), StatusCode::OK);
+    let (status, body) = get(&c, url2).await;
+    assert!(error(status, &body, 404, "NOT_FOUND").contains("not in the CAS"));
+}
+
+#[tokio::test]
+async fn rest_errors_are_precise() {
+    let (_tmp, server) = server();
+    let (c, base) = (http(), format!("http://{}", server.addr));
+    let h = "ab".repeat(32);
+    let (status, body) = post(&c, format!("{base}/v2//blobs:findMissing"), json!("not an object")).await;
+    assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("JSON"));
+    let r = c.post(format!("{base}/v2//blobs:batchRead")).body("{\"digests\": [").send().await.unwrap();
+    let status = r.status();
+    error(status, &r.json().await.unwrap(), 400, "INVALID_ARGUMENT");
+    let (status, body) = get(&c, format!("{base}/v2//blobs:findMissing")).await;
+    assert!(error(status, &body, 405, "METHOD_NOT_ALLOWED").contains("POST"));
+    let r = c.delete(format!("{base}/v2/x/actionResults/{h}/1")).send().await.unwrap();
+    assert_eq!(r.headers()["allow"], "GET, PUT");
+    let (status, body) = get(&c, format!("{base}/v2//nothing")).await;
+    error(status, &body, 404, "NOT_FOUND");
+    let (status, body) = get(&c, format!("{base}/elsewhere")).await;
+    error(status, &body, 404, "NOT_FOUND");
+    let (status, body) = get(&c, format!("{base}/v2//capabilities?alt=proto")).await;
+    error(status, &body, 400, "INVALID_ARGUMENT");
+    let bad_digest = json!({"blobDigests": [{"hash": "xyz", "sizeBytes": "1"}]});
+    let (status, body) = post(&c, format!("{base}/v2//blobs:findMissing"), bad_digest).await;
+    error(status, &body, 400, "INVALID_ARGUMENT");
+    let (status, body) = get(&c, format!("{base}/v2/x/actionResults/{h}/1?inlineStdout=maybe")).await;
+    error(status, &body, 400, "INVALID_ARGUMENT");
+    let (status, body) = get(&c, format!("{base}/v2/team/blobs/x/capabilities")).await;
+    error(status, &body, 400, "INVALID_ARGUMENT");
+    // Over the batch limit: refused whole.
+    let big = vec![7u8; 3 << 20];
+    let update = json!({"requests": [
+        {"digest": jd(&big), "data": B64.encode(&big)},
+        {"digest": jd(&big[1..]), "data": B64.encode(&big[1..])},
+    ]});
+    let (status, body) = post(&c, format!("{base}/v2//blobs:batchUpdate"), update).await;
+    assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("max_batch_total_size_bytes"));
+    // A digest mismatch is that blob's status.
+    let update = json!({"requests": [{"digest": jd(b"one"), "data": B64.encode(b"two")}]});
+    let (_, body) = post(&c, format!("{base}/v2//blobs:batchUpdate"), update).await;
+    assert_eq!(body["responses"][0]["status"]["code"], 3);
+}
+
+#[tokio::test]
+async fn rest_over_h2c() {
+    let (_tmp, server) = server();
+    let c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let r = c.get(format!("http://{}/v2//capabilities", server.addr)).send().await.unwrap();
+    assert_eq!((r.status(), r.version()), (StatusCode::OK, reqwest::Version::HTTP_2));
+}
+
+#[tokio::test]
+async fn bazel_http_cache_cas_and_ac() {
+    let (_tmp, server) = server();
+    let (c, base) = (http(), format!("http://{}", server.addr));
+    let blob = text_bytes(3 << 20, 1);
+    let url = format!("{base}/cas/{}", sha256(&blob));
+    assert_eq!(c.get(&url).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(c.put(&url).body(blob.clone()).send().await.unwrap().status(), StatusCode::OK);
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.headers()["content-length"], blob.len().to_string().as_str());
+    assert!(r.bytes().await.unwrap() == blob);
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-length"], blob.len().to_string().as_str());
+    // The empty blob exists; a PUT is verified before it is visible.
+    let r = c.get(format!("{base}/cas/{}", sha256(b""))).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let wrong = format!("{base}/cas/{}", sha256(b"declared"));
+    let r = c.put(&wrong).body("other bytes").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(c.head(&wrong).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    // Without Content-Length (a chunked body) the size is unknown.
+    let chunks = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"x"))]);
+    let r =
+        c.put(format!("{base}/cas/{}", sha256(b"x"))).body(reqwest::Body::wrap_stream(chunks)).send().await;
+    assert_eq!(r.unwrap().status(), StatusCode::LENGTH_REQUIRED);
+    let r = c.delete(&url).send().await.unwrap();
+    assert_eq!(
+        (r.status(), r.headers()["allow"].to_str().unwrap()),
+        (StatusCode::METHOD_NOT_ALLOWED, "GET, HEAD, PUT")
+    );
+    let r = c.get(format!("{base}/cas/not-a-hash")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // Action results: serialized protos, checked for completeness, per instance.
+    let output = b"linked binary".as_slice();
+    assert_eq!(
+        c.put(format!("{base}/cas/{}", sha256(output))).body(output).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    let result = reapi::ActionResult {
+        output_files: vec![reapi::OutputFile {
+            path: "bin".into(),
+            digest: Some(digest(output)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let ac = format!("{base}/team/ac/{}", sha256(b"action"));
+    let r = c.put(&ac).body(result.encode_to_vec()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let got = c.get(&ac).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(reapi::ActionResult::decode(got).unwrap(), result);
+    assert_eq!(
+        c.get(format!("{base}/ac/{}", sha256(b"action"))).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    let r = c.put(&ac).body("\u{ff}garbage").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let dangling = reapi::ActionResult {
+        output_files: vec![reapi::OutputFile {
+            path: "x".into(),
+            digest: Some(digest(b"gone")),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let ac2 = format!("{base}/ac/{}", sha256(b"action 2"));
+    c.put(&ac2).body(dangling.encode_to_vec()).send().await.unwrap();
+    assert_eq!(c.get(&ac2).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_blob_written_over_one_protocol_reads_over_the_others() {
+    let (_tmp, server) = server();
+    let (c, base) = (http(), format!("http://{}", server.addr));
+    let mut g = server.clients().await;
+    let (a, b, d) = (b"via gRPC".as_slice(), b"via Bazel HTTP".as_slice(), b"via REST".as_slice());
+    g.write(&upload_name("", "u", a), a, 4).await.unwrap();
+    c.put(format!("{base}/cas/{}", sha256(b))).body(b).send().await.unwrap();
+    let update = json!({"requests": [{"digest": jd(d), "data": B64.encode(d)}]});
+    post(&c, format!("{base}/v2//blobs:batchUpdate"), update).await;
+    for blob in [a, b, d] {
+        assert_eq!(g.read(&read_name("", blob), 0, 0).await.unwrap(), blob, "gRPC");
+        let got = c.get(format!("{base}/cas/{}", sha256(blob))).send().await.unwrap().bytes().await.unwrap();
+        assert_eq!(got, blob, "Bazel HTTP");
+        let (_, read) = post(&c, format!("{base}/v2//blobs:batchRead"), json!({"digests": [jd(blob)]})).await;
+        assert_eq!(read["responses"][0]["data"], B64.encode(blob), "REST");
+    }
+}
+
+#[tokio::test]
+async fn a_separate_http_port_serves_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server =
+        TestServer::start(&tmp.path().join("data"), &["--http-listen", &format!("127.0.0.1:{port}")]);
+    let c = http();
+    let blob = b"one store behind both ports".as_slice();
+    c.put(format!("http://127.0.0.1:{port}/cas/{}", sha256(blob))).body(blob).send().await.unwrap();
+    let got = c.get(format!("http://{}/cas/{}", server.addr, sha256(blob))).send().await.unwrap();
+    assert_eq!(got.bytes().await.unwrap(), blob);
+}
+
+#[tokio::test]
+async fn a_2_gib_http_put_and_get_stream_in_bounded_memory() {
+    let (_tmp, server) = server();
+    let c = http();
+    const SIZE: usize = 2 << 30;
+    const PART: usize = 4 << 20;
+    let part = random_bytes(PART, 3);
+    // 512 copies of one part: the hash is computed as they are made.
+    let mut hasher = larder::digest::Hasher::new(larder::digest::Function::Sha256);
+    for _ in 0..SIZE / PART {
+        hasher.update(&part);
+    }
+    let hash = hasher.finish().hex();
+    let url = format!("http://{}/cas/{hash}", server.addr);
+    let shared = Bytes::from(part);
+    let body = futures::stream::iter((0..SIZE / PART).map(move |_| Ok::<_, std::io::Error>(shared.clone())));
+    let r = c
+        .put(&url)
+        .header("content-length", SIZE)
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut r = c.get(&url).send().await.unwrap();
+    let mut got = 0;
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        got += chunk.len();
+    }
+    assert_eq!(got, SIZE);
+    let rss = server.peak_rss_bytes();
+    assert!(rss < 200 << 20, "peak RSS {} MiB", rss >> 20);
+}
