@@ -5,8 +5,7 @@
 //!
 //!     cargo bench --bench compression       (LARDER_BENCH_SCALE=4 for longer runs)
 
-use std::io::{BufRead, BufReader, Write as _};
-use std::process::{Child, Command, Stdio};
+use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,6 +14,10 @@ use larder::digest::Digest;
 use larder::proto::bytestream::byte_stream_client::ByteStreamClient;
 use larder::proto::bytestream::{ReadRequest, WriteRequest};
 use tonic::transport::Channel;
+
+mod common;
+
+use common::{Server, settle_disk};
 
 const MIB: usize = 1 << 20;
 
@@ -58,51 +61,6 @@ fn one_frame(data: &[u8]) -> Vec<u8> {
 /// One frame per 1 MiB (the server's chunk size): frames the server keeps.
 fn chunk_frames(data: &[u8]) -> Vec<u8> {
     data.chunks(MIB).flat_map(one_frame).collect()
-}
-
-/// Writes back what earlier runs left dirty, so that each run starts from
-/// the same disk state (random data is disk-bound here).
-fn settle_disk() {
-    let _ = Command::new("sync").status();
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_larder"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--max-size", "20GiB", "--dir"])
-            .arg(dir.path().join("data"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr =
-            line.split("serving REAPI on ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
-        Server { child, addr, _dir: dir }
-    }
-
-    /// User plus system CPU seconds the server has used.
-    fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        ticks as f64 / 100.0
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Uploads each blob as `wire` bytes, in 1 MiB messages; `zstd` follows the
