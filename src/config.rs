@@ -48,6 +48,9 @@ pub struct Config {
     /// Blobs used more recently than this are never evicted.
     #[serde(deserialize_with = "duration")]
     pub eviction_min_age: Duration,
+    /// At shutdown, in-flight calls have this long to finish.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
 }
 
 /// Values given on the command line; `None` leaves the lower layers' value.
@@ -57,6 +60,7 @@ pub struct Overrides {
     pub http_listen: Option<String>,
     pub dir: Option<PathBuf>,
     pub max_size: Option<String>,
+    pub drain_timeout: Option<String>,
 }
 
 impl Config {
@@ -76,7 +80,8 @@ impl Config {
             .set_override_option("listen", overrides.listen)?
             .set_override_option("http_listen", overrides.http_listen)?
             .set_override_option("dir", overrides.dir.map(|d| d.display().to_string()))?
-            .set_override_option("max_size", overrides.max_size)?;
+            .set_override_option("max_size", overrides.max_size)?
+            .set_override_option("drain_timeout", overrides.drain_timeout)?;
         let mut config: Config = builder.build()?.try_deserialize()?;
         if config.dir.as_os_str().is_empty() {
             config.dir = default_dir()?;

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -39,6 +40,9 @@ struct ServeArgs {
     /// Size budget of the data directory, e.g. 10GiB [default: 10GiB].
     #[arg(long, value_name = "SIZE")]
     max_size: Option<String>,
+    /// At shutdown, how long in-flight calls may run on, e.g. 30s [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    drain_timeout: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -68,11 +72,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         http_listen: args.http_listen,
         dir: args.dir,
         max_size: args.max_size,
+        drain_timeout: args.drain_timeout,
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async {
-        let (dir, max_size) = (config.dir.clone(), config.max_size);
+        let (dir, max_size, drain) = (config.dir.clone(), config.max_size, config.drain_timeout);
         let server = Server::bind(config).await.map_err(|e| e.to_string())?;
         // Scripts and tests read this line for the address (useful with port 0).
         println!(
@@ -81,17 +86,29 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             server.local_addr(),
             dir.display()
         );
-        server.run(shutdown_signal()).await.map_err(|e| e.to_string())
+        server.run(shutdown_signal(drain)).await.map_err(|e| e.to_string())
     })
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Completes on the first SIGINT or SIGTERM; a second one exits at once,
+/// without waiting for in-flight calls.
+async fn shutdown_signal(drain: Duration) {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
     }
-    tracing::info!("shutting down: finishing in-flight calls");
+    tracing::info!(
+        "shutting down: in-flight calls have {drain:?} to finish (drain_timeout); a second signal exits at once"
+    );
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        eprintln!("larder: second signal: exiting without waiting for in-flight calls");
+        std::process::exit(130);
+    });
 }

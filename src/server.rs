@@ -33,10 +33,6 @@ use crate::store::{self, Store, StoreOptions};
 /// How often access times recorded in memory are written to the index.
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
-/// How long in-flight calls may run on after a shutdown signal.
-/// TODO(#8): configurable drain timeout, and a second signal exits at once.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A store opened and its ports bound, ready to serve.
 pub struct Server {
     listener: TcpListener,
@@ -129,11 +125,12 @@ impl Server {
                 }
             });
         }
-        // Stop accepting, then give in-flight calls DRAIN_TIMEOUT to finish;
-        // idle connections are closed at once.
+        // Stop accepting, then give in-flight calls the drain timeout to
+        // finish; idle connections are closed at once.
         drop((listener, http_listener));
-        if tokio::time::timeout(DRAIN_TIMEOUT, connections.shutdown()).await.is_err() {
-            tracing::warn!("calls still running after {DRAIN_TIMEOUT:?}: stopping anyway");
+        let drain = config.drain_timeout;
+        if tokio::time::timeout(drain, connections.shutdown()).await.is_err() {
+            tracing::warn!("calls still running after {drain:?}: stopping anyway");
         }
         maintenance.abort();
         eviction.abort();
