@@ -93,7 +93,11 @@ async fn main() {
     let config = Config::load(None, overrides).unwrap();
     let server = Server::bind(config).await.unwrap();
     let addr = server.local_addr();
-    tokio::spawn(server.run(std::future::pending()));
+    let (opened, ready) = tokio::sync::oneshot::channel();
+    tokio::spawn(server.run(std::future::pending(), move || {
+        let _ = opened.send(());
+    }));
+    ready.await.unwrap();
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let bs = ByteStreamClient::new(channel.clone()).max_decoding_message_size(64 * MIB);
     let cas = ContentAddressableStorageClient::new(channel)

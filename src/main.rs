@@ -79,14 +79,19 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     runtime.block_on(async {
         let (dir, max_size, drain) = (config.dir.clone(), config.max_size, config.drain_timeout);
         let server = Server::bind(config).await.map_err(|e| e.to_string())?;
-        // Scripts and tests read this line for the address (useful with port 0).
-        println!(
-            "larder {} serving REAPI on {} (data in {}, size budget {max_size})",
-            env!("CARGO_PKG_VERSION"),
-            server.local_addr(),
-            dir.display()
-        );
-        server.run(shutdown_signal(drain)).await.map_err(|e| e.to_string())
+        let (addr, http) = (server.local_addr(), server.http_addr());
+        let version = env!("CARGO_PKG_VERSION");
+        // Scripts and tests read these lines for the address (useful with
+        // port 0): the second one says the store is open.
+        println!("larder {version} listening on {addr}, opening the store in {}", dir.display());
+        let ready = move || {
+            let http = http.map(|a| format!(", HTTP also on {a}")).unwrap_or_default();
+            println!(
+                "larder {version} serving REAPI on {addr} (data in {}, size budget {max_size}{http})",
+                dir.display()
+            );
+        };
+        server.run(shutdown_signal(drain), ready).await.map_err(|e| e.to_string())
     })
 }
 

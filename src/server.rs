@@ -3,18 +3,22 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::CONTENT_TYPE;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tonic::Status;
 use tonic::body::Body;
 use tonic::service::Routes;
+use tonic_health::ServingStatus;
 use tower::ServiceExt;
 
 use crate::config::Config;
@@ -23,7 +27,7 @@ use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
 use crate::proto::reapi::action_cache_server::ActionCacheServer;
 use crate::proto::reapi::capabilities_server::CapabilitiesServer;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
-use crate::service::http::HttpApi;
+use crate::service::http::{HttpApi, HttpError, bytes_response};
 use crate::service::{
     Shared, action_cache::ActionCacheService, bytestream::ByteStreamService,
     capabilities::CapabilitiesService, cas::CasService,
@@ -33,38 +37,25 @@ use crate::store::{self, Store, StoreOptions};
 /// How often access times recorded in memory are written to the index.
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
-/// A store opened and its ports bound, ready to serve.
+/// Ports bound, ready to serve; the store opens in [`Server::run`].
 pub struct Server {
     listener: TcpListener,
     http_listener: Option<TcpListener>,
-    shared: Arc<Shared>,
     config: Config,
 }
 
+/// How often a wait for a locked data directory says so.
+const LOCKED_NOTICE_EVERY: Duration = Duration::from_secs(5);
+
 impl Server {
-    /// Opens the data directory and binds the listen addresses.
+    /// Binds the listen addresses.
     pub async fn bind(config: Config) -> Result<Server, Error> {
-        let options = StoreOptions {
-            chunk_size: config.chunk_size.0 as usize,
-            zstd_level: config.zstd_level,
-            sync_writes: config.sync_writes,
-            max_size: config.max_size.0,
-        };
-        let dir = config.dir.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&dir, options))
-            .await
-            .map_err(|e| Error::Store(store::Error::Open(e.to_string())))??;
         let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Bind(config.listen, e))?;
         let http_listener = match config.http_listen {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| Error::Bind(addr, e))?),
             None => None,
         };
-        let shared = Arc::new(Shared {
-            store: Arc::new(store),
-            max_batch_size: config.max_batch_size.0,
-            max_message_size: config.max_message_size.0 as usize,
-        });
-        Ok(Server { listener, http_listener, shared, config })
+        Ok(Server { listener, http_listener, config })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -77,28 +68,42 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then lets in-flight calls finish
-    /// and writes pending access times.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let Server { listener, http_listener, shared, config } = self;
-        let store = Arc::clone(&shared.store);
-        let maintenance = tokio::spawn(maintain(Arc::clone(&store), config.partial_upload_max_age));
-        // Started after the listener is bound: any backlog is worked off while serving.
-        let budget = eviction::Budget {
-            max_size: config.max_size.0,
-            high_watermark: config.eviction_high_watermark,
-            low_watermark: config.eviction_low_watermark,
-            min_age: config.eviction_min_age,
-        };
-        let eviction = tokio::spawn(eviction::run(Arc::clone(&store), budget));
-        let app = App { grpc: grpc_routes(&shared), http: Arc::new(HttpApi::new(Arc::clone(&shared))) };
+    /// and writes pending access times. The store opens meanwhile: until it
+    /// is open, health checks answer NOT_SERVING and every other call
+    /// UNAVAILABLE; `ready` runs once it is.
+    pub async fn run(self, shutdown: impl Future<Output = ()>, ready: impl FnOnce()) -> Result<(), Error> {
+        let Server { listener, http_listener, config } = self;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status("", ServingStatus::NotServing).await;
+        let app = App { health: Routes::new(health_service).prepare(), ready: Arc::new(OnceLock::new()) };
+        let mut opening = tokio::spawn(open_store(config.clone()));
+        let mut open: Option<Running> = None;
+        let mut ready = Some(ready);
         let connections = GracefulShutdown::new();
         let builder = connection_builder();
         let mut shutdown = std::pin::pin!(shutdown);
-        loop {
+        let result = loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 accepted = accept(http_listener.as_ref()) => accepted,
-                () = &mut shutdown => break,
+                opened = &mut opening, if open.is_none() => {
+                    match opened.map_err(|e| Error::Store(store::Error::Open(e.to_string()))).and_then(|r| r) {
+                        Ok(store) => {
+                            let running = Running::start(store, &config);
+                            let _ = app.ready.set(running.services.clone());
+                            for service in SERVICES.iter().chain([&""]) {
+                                health.set_service_status(*service, ServingStatus::Serving).await;
+                            }
+                            open = Some(running);
+                            if let Some(ready) = ready.take() {
+                                ready();
+                            }
+                            continue;
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
+                () = &mut shutdown => break Ok(()),
             };
             let stream = match accepted {
                 Ok((stream, _)) => stream,
@@ -124,7 +129,9 @@ impl Server {
                     tracing::debug!("connection ended: {e}");
                 }
             });
-        }
+        };
+        opening.abort();
+        health.set_service_status("", ServingStatus::NotServing).await;
         // Stop accepting, then give in-flight calls the drain timeout to
         // finish; idle connections are closed at once.
         drop((listener, http_listener));
@@ -132,13 +139,88 @@ impl Server {
         if tokio::time::timeout(drain, connections.shutdown()).await.is_err() {
             tracing::warn!("calls still running after {drain:?}: stopping anyway");
         }
-        maintenance.abort();
-        eviction.abort();
+        if let Some(running) = open {
+            running.stop().await;
+        }
+        result
+    }
+}
+
+/// The fully qualified names of the services served, for health checks.
+const SERVICES: [&str; 4] = [
+    "build.bazel.remote.execution.v2.Capabilities",
+    "build.bazel.remote.execution.v2.ContentAddressableStorage",
+    "build.bazel.remote.execution.v2.ActionCache",
+    "google.bytestream.ByteStream",
+];
+
+/// Opens the store, waiting while another process holds the data directory
+/// (a larder still draining, say).
+async fn open_store(config: Config) -> Result<Arc<Store>, Error> {
+    let options = StoreOptions {
+        chunk_size: config.chunk_size.0 as usize,
+        zstd_level: config.zstd_level,
+        sync_writes: config.sync_writes,
+        max_size: config.max_size.0,
+    };
+    let mut noticed: Option<std::time::Instant> = None;
+    loop {
+        let (dir, options) = (config.dir.clone(), options.clone());
+        let opened = tokio::task::spawn_blocking(move || Store::open(&dir, options))
+            .await
+            .map_err(|e| Error::Store(store::Error::Open(e.to_string())))?;
+        match opened {
+            Ok(store) => return Ok(Arc::new(store)),
+            Err(store::Error::Locked(dir)) => {
+                if noticed.is_none_or(|t| t.elapsed() >= LOCKED_NOTICE_EVERY) {
+                    tracing::warn!(
+                        "the data directory {dir} is in use by another process (another larder?): waiting for it; health checks answer NOT_SERVING meanwhile"
+                    );
+                    noticed = Some(std::time::Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(Error::Store(e)),
+        }
+    }
+}
+
+/// The open store with its services and background tasks.
+struct Running {
+    store: Arc<Store>,
+    services: Services,
+    maintenance: JoinHandle<()>,
+    eviction: JoinHandle<()>,
+}
+
+impl Running {
+    fn start(store: Arc<Store>, config: &Config) -> Running {
+        let shared = Arc::new(Shared {
+            store: Arc::clone(&store),
+            max_batch_size: config.max_batch_size.0,
+            max_message_size: config.max_message_size.0 as usize,
+        });
+        let maintenance = tokio::spawn(maintain(Arc::clone(&store), config.partial_upload_max_age));
+        let budget = eviction::Budget {
+            max_size: config.max_size.0,
+            high_watermark: config.eviction_high_watermark,
+            low_watermark: config.eviction_low_watermark,
+            min_age: config.eviction_min_age,
+        };
+        let eviction = tokio::spawn(eviction::run(Arc::clone(&store), budget));
+        let services = Services { grpc: grpc_routes(&shared), http: Arc::new(HttpApi::new(shared)) };
+        Running { store, services, maintenance, eviction }
+    }
+
+    /// Stops the background tasks and writes pending access times.
+    async fn stop(self) {
+        self.maintenance.abort();
+        self.eviction.abort();
+        let store = self.store;
         let flushed = tokio::task::spawn_blocking(move || store.flush_access_times()).await;
         if let Ok(Err(e)) = flushed {
             tracing::warn!("could not write access times at shutdown: {e}");
         }
-        Ok(())
     }
 }
 
@@ -188,11 +270,19 @@ fn grpc_routes(shared: &Arc<Shared>) -> Routes {
     .prepare()
 }
 
-/// Every request on a port: gRPC by content type, the rest to HTTP.
+/// What serves requests once the store is open.
 #[derive(Clone)]
-struct App {
+struct Services {
     grpc: Routes,
     http: Arc<HttpApi>,
+}
+
+/// Every request on a port: gRPC by content type, the rest to HTTP. Health
+/// answers from the start; the rest once the store is open.
+#[derive(Clone)]
+struct App {
+    health: Routes,
+    ready: Arc<OnceLock<Services>>,
 }
 
 impl App {
@@ -202,14 +292,32 @@ impl App {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
-        if grpc {
-            match self.grpc.clone().oneshot(request).await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            }
-        } else {
-            self.http.handle(request).await
+        let path = request.uri().path();
+        if grpc && path.starts_with("/grpc.health.v1.Health/") {
+            return call(&self.health, request).await;
         }
+        if !grpc && path == "/healthz" {
+            let (code, text) = match self.ready.get() {
+                Some(_) => (StatusCode::OK, "ok\n"),
+                None => (StatusCode::SERVICE_UNAVAILABLE, "opening the store\n"),
+            };
+            return bytes_response(code, "text/plain; charset=utf-8", Bytes::from_static(text.as_bytes()));
+        }
+        let Some(services) = self.ready.get() else {
+            let status = Status::unavailable("larder is still opening its store: retry shortly");
+            return match grpc {
+                true => status.into_http(),
+                false => HttpError::Status(status).into_response(),
+            };
+        };
+        if grpc { call(&services.grpc, request).await } else { services.http.handle(request).await }
+    }
+}
+
+async fn call(routes: &Routes, request: Request<Incoming>) -> Response<Body> {
+    match routes.clone().oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
     }
 }
 

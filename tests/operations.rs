@@ -77,3 +77,52 @@ async fn a_second_signal_exits_at_once_and_the_drain_timeout_bounds_the_wait() {
     let status = server.wait_for_exit(Duration::from_secs(15)).expect("exits after the drain timeout");
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn health_answers_from_the_start_and_serves_once_the_store_opens() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let first = TestServer::start(&dir, &[]);
+    // A second larder on the same directory listens, but cannot open the
+    // store while the first holds it.
+    let mut second = TestServer::spawn(&dir, &[]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", second.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let check = |service: &str| HealthCheckRequest { service: service.to_string() };
+    let http = reqwest::Client::new();
+    let healthz = format!("http://{}/healthz", second.addr);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = health.check(check("")).await.unwrap().into_inner().status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    assert_eq!(http.get(&healthz).send().await.unwrap().status(), 503);
+    let mut c = second.clients().await;
+    let request = larder::proto::reapi::FindMissingBlobsRequest::default();
+    assert_code(c.cas.find_missing_blobs(request).await, tonic::Code::Unavailable);
+    let r = http.get(format!("http://{}/v2//capabilities", second.addr)).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+
+    // The first one stops: the second opens the store and serves.
+    let status = tokio::task::spawn_blocking(move || first.stop()).await.unwrap();
+    assert!(status.success());
+    let mut second = tokio::task::spawn_blocking(move || {
+        second.wait_until_serving();
+        second
+    })
+    .await
+    .unwrap();
+    for service in
+        ["", "build.bazel.remote.execution.v2.ContentAddressableStorage", "google.bytestream.ByteStream"]
+    {
+        let status = health.check(check(service)).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    assert_eq!(http.get(&healthz).send().await.unwrap().status(), 200);
+    assert_eq!(c.find_missing(&[digest(b"x")]).await.len(), 1);
+    assert!(second.is_running());
+}

@@ -27,8 +27,9 @@ impl Server {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        // The second line says the store is open.
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.nth(1).unwrap().unwrap();
         let addr =
             line.split("serving REAPI on ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
         Server { child, addr, _dir: dir }

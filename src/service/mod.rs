@@ -53,7 +53,7 @@ impl From<store::Error> for Status {
             Full { .. } => Code::ResourceExhausted,
             // Eviction keeps writes off a full disk; should one slip through, say so.
             Db(e) if e.to_string().contains("No space left") => Code::ResourceExhausted,
-            Open(_) => Code::Unavailable,
+            Open(_) | Locked(_) => Code::Unavailable,
             Batch(_) | Db(_) | Measure(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

@@ -170,10 +170,12 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_AC, ac),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
-            Error::Open(format!(
-                "cannot open the data directory {}: {e} (is another larder using it?)",
-                path.display()
-            ))
+            // RocksDB's LOCK file is held by another process.
+            if e.to_string().contains("lock") || e.to_string().contains("Resource temporarily unavailable") {
+                Error::Locked(path.display().to_string())
+            } else {
+                Error::Open(format!("cannot open the data directory {}: {e}", path.display()))
+            }
         })?;
         match db.get(LAYOUT_KEY)? {
             None => db.put(LAYOUT_KEY, LAYOUT_VERSION)?,
@@ -724,6 +726,8 @@ pub enum Error {
     Corrupt(String),
     #[error("{0}")]
     Open(String),
+    #[error("the data directory {0} is in use by another process (another larder?)")]
+    Locked(String),
     #[error("the batch could not be stored: {0}")]
     Batch(String),
     #[error("RocksDB: {0}")]

@@ -24,11 +24,21 @@ pub struct TestServer {
     child: Child,
     pub addr: String,
     pub dir: PathBuf,
+    lines: mpsc::Receiver<String>,
 }
 
 impl TestServer {
-    /// Starts `larder serve` on `dir` with extra flags, and waits until it listens.
+    /// Starts `larder serve` on `dir` with extra flags, and waits until it
+    /// serves (its store is open).
     pub fn start(dir: &Path, extra: &[&str]) -> TestServer {
+        let mut server = TestServer::spawn(dir, extra);
+        server.wait_until_serving();
+        server
+    }
+
+    /// Starts `larder serve` and returns once it listens, maybe before its
+    /// store is open.
+    pub fn spawn(dir: &Path, extra: &[&str]) -> TestServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_larder"))
             .args(["serve", "--listen", "127.0.0.1:0", "--dir"])
             .arg(dir)
@@ -39,26 +49,35 @@ impl TestServer {
             .spawn()
             .expect("spawn larder");
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
+        let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
+            // Keeps draining, so the server never writes into a closed pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
             }
-            // Keep draining so the server never writes into a closed pipe.
-            for _ in lines {}
         });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("larder did not report its address: {:?}", child.wait())
-        });
-        let addr = line
-            .split("serving REAPI on ")
+        let mut server = TestServer { child, addr: String::new(), dir: dir.to_path_buf(), lines };
+        let line = server.next_line();
+        server.addr = line
+            .split(" listening on ")
             .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|rest| rest.split(',').next())
             .unwrap_or_else(|| panic!("unexpected first line: {line}"))
             .to_string();
-        TestServer { child, addr, dir: dir.to_path_buf() }
+        server
+    }
+
+    fn next_line(&mut self) -> String {
+        self.lines.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            let _ = self.child.kill();
+            panic!("larder printed nothing more: {:?}", self.child.wait())
+        })
+    }
+
+    /// Waits for the line that says the store is open.
+    pub fn wait_until_serving(&mut self) {
+        let line = self.next_line();
+        assert!(line.contains(&format!("serving REAPI on {}", self.addr)), "unexpected line: {line}");
     }
 
     /// Whether the server process is still alive.
