@@ -51,6 +51,17 @@ pub struct Config {
     /// At shutdown, in-flight calls have this long to finish.
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
+    /// How logs are written to stderr.
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One compact line per event, for people.
+    Compact,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// Values given on the command line; `None` leaves the lower layers' value.
@@ -61,6 +72,7 @@ pub struct Overrides {
     pub dir: Option<PathBuf>,
     pub max_size: Option<String>,
     pub drain_timeout: Option<String>,
+    pub log_format: Option<String>,
 }
 
 impl Config {
@@ -81,7 +93,8 @@ impl Config {
             .set_override_option("http_listen", overrides.http_listen)?
             .set_override_option("dir", overrides.dir.map(|d| d.display().to_string()))?
             .set_override_option("max_size", overrides.max_size)?
-            .set_override_option("drain_timeout", overrides.drain_timeout)?;
+            .set_override_option("drain_timeout", overrides.drain_timeout)?
+            .set_override_option("log_format", overrides.log_format)?;
         let mut config: Config = builder.build()?.try_deserialize()?;
         if config.dir.as_os_str().is_empty() {
             config.dir = default_dir()?;

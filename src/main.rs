@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use larder::config::{Config, Overrides};
+use larder::config::{Config, LogFormat, Overrides};
 use larder::server::Server;
 
 #[derive(Parser)]
@@ -43,17 +43,13 @@ struct ServeArgs {
     /// At shutdown, how long in-flight calls may run on, e.g. 30s [default: 30s].
     #[arg(long, value_name = "DURATION")]
     drain_timeout: Option<String>,
+    /// Log format on stderr: compact (for people) or json (for collectors) [default: compact].
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .compact()
-        .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
     };
@@ -73,8 +69,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         dir: args.dir,
         max_size: args.max_size,
         drain_timeout: args.drain_timeout,
+        log_format: args.log_format,
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
+    init_logs(config.log_format);
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async {
         let (dir, max_size, drain) = (config.dir.clone(), config.max_size, config.drain_timeout);
@@ -93,6 +91,17 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         };
         server.run(shutdown_signal(drain), ready).await.map_err(|e| e.to_string())
     })
+}
+
+/// Logs go to stderr, at the level RUST_LOG sets (info by default): a compact
+/// line each for people, or a JSON object each for collectors.
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Compact => logs.compact().init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 /// Completes on the first SIGINT or SIGTERM; a second one exits at once,

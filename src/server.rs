@@ -310,7 +310,14 @@ impl App {
                 false => HttpError::Status(status).into_response(),
             };
         };
-        if grpc { call(&services.grpc, request).await } else { services.http.handle(request).await }
+        let (method, path) = (request.method().clone(), path.to_string());
+        if grpc {
+            failures::watch_grpc(path, call(&services.grpc, request).await)
+        } else {
+            let response = services.http.handle(request).await;
+            failures::log_http(&method, &path, response.status());
+            response
+        }
     }
 }
 
@@ -318,6 +325,110 @@ async fn call(routes: &Routes, request: Request<Incoming>) -> Response<Body> {
     match routes.clone().oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
+    }
+}
+
+/// One log line per failed call, none for successes: cache misses at debug
+/// level, the client's mistakes at info, the server's troubles at warn.
+mod failures {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use http::{Method, Response, StatusCode};
+    use hyper::body::Frame;
+    use tonic::body::Body;
+    use tonic::{Code, Status};
+
+    /// Logs a gRPC failure now (a reply with no body) or when the trailers
+    /// of a streamed reply carry it.
+    pub fn watch_grpc(method: String, response: Response<Body>) -> Response<Body> {
+        if let Some(status) = Status::from_header_map(response.headers()) {
+            log_grpc(&method, &status);
+            return response;
+        }
+        response.map(|inner| Body::new(Watched { inner, method }))
+    }
+
+    struct Watched {
+        inner: Body,
+        method: String,
+    }
+
+    impl http_body::Body for Watched {
+        type Data = bytes::Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            if let Poll::Ready(Some(Ok(frame))) = &polled
+                && let Some(status) = frame.trailers_ref().and_then(Status::from_header_map)
+            {
+                log_grpc(&self.method, &status);
+            }
+            polled
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+
+        fn size_hint(&self) -> http_body::SizeHint {
+            self.inner.size_hint()
+        }
+    }
+
+    fn log_grpc(method: &str, status: &Status) {
+        let (code, message) = (status.code(), status.message());
+        let digest = digest_in(message).unwrap_or("");
+        match code {
+            Code::Ok => {}
+            Code::NotFound => tracing::debug!(method, digest, ?code, message, "call failed"),
+            Code::Internal | Code::DataLoss | Code::Unavailable | Code::ResourceExhausted | Code::Unknown => {
+                tracing::warn!(method, digest, ?code, message, "call failed")
+            }
+            _ => tracing::info!(method, digest, ?code, message, "call failed"),
+        }
+    }
+
+    pub fn log_http(method: &Method, path: &str, status: StatusCode) {
+        let code = status.as_u16();
+        match status {
+            s if s.is_success() => {}
+            StatusCode::NOT_FOUND => tracing::debug!(%method, path, code, "request failed"),
+            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                tracing::warn!(%method, path, code, "request failed")
+            }
+            _ => tracing::info!(%method, path, code, "request failed"),
+        }
+    }
+
+    /// The first `hash/size` in a message: how errors name their blob.
+    fn digest_in(message: &str) -> Option<&str> {
+        message.split(|c: char| c.is_whitespace() || c == '"' || c == ',' || c == ':').find(|word| {
+            word.split_once('/').is_some_and(|(hash, size)| {
+                hash.len() >= 40
+                    && hash.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !size.is_empty()
+                    && size.bytes().all(|b| b.is_ascii_digit())
+            })
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn digests_are_found_in_messages() {
+            let h = "ab".repeat(32);
+            assert_eq!(
+                super::digest_in(&format!("blob {h}/12 is not in the CAS")),
+                Some(&*format!("{h}/12"))
+            );
+            assert_eq!(super::digest_in(&format!("blob blake3:{h}/3 is gone")), Some(&*format!("{h}/3")));
+            assert_eq!(super::digest_in("write_offset 5 does not follow"), None);
+        }
     }
 }
 

@@ -126,3 +126,50 @@ async fn health_answers_from_the_start_and_serves_once_the_store_opens() {
     assert_eq!(c.find_missing(&[digest(b"x")]).await.len(), 1);
     assert!(second.is_running());
 }
+
+#[tokio::test]
+async fn failed_calls_get_one_log_line_each_and_successes_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("larder.log");
+    let server = TestServer::start_logging(&tmp.path().join("data"), &["--log-format", "json"], "info", &log);
+    let mut c = server.clients().await;
+    // Successes, and a cache miss: no lines.
+    let data = b"logged blob".as_slice();
+    c.write(&upload_name("", "ok", data), data, 4).await.unwrap();
+    c.read(&read_name("", data), 0, 0).await.unwrap();
+    assert_code(c.read(&read_name("", b"missing"), 0, 0).await, tonic::Code::NotFound);
+    // Two failures: a malformed digest, and bytes that do not match theirs.
+    let bad = larder::proto::reapi::Digest { hash: "xyz".into(), size_bytes: 1 };
+    let request =
+        larder::proto::reapi::FindMissingBlobsRequest { blob_digests: vec![bad], ..Default::default() };
+    assert_code(c.cas.find_missing_blobs(request).await, tonic::Code::InvalidArgument);
+    let wrong = upload_name("", "bad", b"declared bytes");
+    assert_code(c.write(&wrong, b"other bytes!!!", 4).await, tonic::Code::InvalidArgument);
+    // Over HTTP: a miss (no line), and malformed JSON (a line).
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", server.addr);
+    http.get(format!("{base}/cas/{}", digest(b"absent").hash)).send().await.unwrap();
+    http.post(format!("{base}/v2//blobs:findMissing")).body("{").send().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.contains("failed"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(
+        lines[0]["method"],
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs"
+    );
+    assert_eq!(lines[0]["code"], "InvalidArgument");
+    assert_eq!(lines[1]["method"], "/google.bytestream.ByteStream/Write");
+    let declared = digest(b"declared bytes");
+    assert_eq!(lines[1]["digest"], format!("{}/{}", declared.hash, declared.size_bytes));
+    assert_eq!(
+        (lines[2]["path"].as_str(), lines[2]["code"].as_u64()),
+        (Some("/v2//blobs:findMissing"), Some(400))
+    );
+    assert!(lines.iter().all(|l| l["level"] == "INFO"), "{text}");
+}

@@ -39,15 +39,29 @@ impl TestServer {
     /// Starts `larder serve` and returns once it listens, maybe before its
     /// store is open.
     pub fn spawn(dir: &Path, extra: &[&str]) -> TestServer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_larder"))
+        TestServer::spawn_logging(dir, extra, "warn", None)
+    }
+
+    /// Like [`TestServer::start`], with logs at `level` written to `log`.
+    pub fn start_logging(dir: &Path, extra: &[&str], level: &str, log: &Path) -> TestServer {
+        let mut server = TestServer::spawn_logging(dir, extra, level, Some(log));
+        server.wait_until_serving();
+        server
+    }
+
+    fn spawn_logging(dir: &Path, extra: &[&str], level: &str, log: Option<&Path>) -> TestServer {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_larder"));
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--dir"])
             .arg(dir)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .env_remove("XDG_CACHE_HOME")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn larder");
+            .stdout(Stdio::piped());
+        if let Some(log) = log {
+            command.stderr(std::fs::File::create(log).expect("create the log file"));
+        }
+        let mut child = command.spawn().expect("spawn larder");
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
