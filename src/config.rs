@@ -23,6 +23,9 @@ pub struct Config {
     /// A second address for HTTP clients, if any ("" for none).
     #[serde(deserialize_with = "optional_addr")]
     pub http_listen: Option<SocketAddr>,
+    /// An address serving only /metrics and /healthz, if any ("" for none).
+    #[serde(deserialize_with = "optional_addr")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Data directory; empty means `$XDG_CACHE_HOME/larder` (else `~/.cache/larder`).
     #[serde(default)]
     pub dir: PathBuf,
@@ -69,6 +72,7 @@ pub enum LogFormat {
 pub struct Overrides {
     pub listen: Option<String>,
     pub http_listen: Option<String>,
+    pub metrics_listen: Option<String>,
     pub dir: Option<PathBuf>,
     pub max_size: Option<String>,
     pub drain_timeout: Option<String>,
@@ -91,6 +95,7 @@ impl Config {
         builder = builder
             .set_override_option("listen", overrides.listen)?
             .set_override_option("http_listen", overrides.http_listen)?
+            .set_override_option("metrics_listen", overrides.metrics_listen)?
             .set_override_option("dir", overrides.dir.map(|d| d.display().to_string()))?
             .set_override_option("max_size", overrides.max_size)?
             .set_override_option("drain_timeout", overrides.drain_timeout)?

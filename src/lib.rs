@@ -10,6 +10,7 @@ pub mod compression;
 pub mod config;
 pub mod digest;
 pub mod eviction;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod service;

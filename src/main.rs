@@ -34,6 +34,9 @@ struct ServeArgs {
     /// A second address for HTTP clients (the main one serves them too).
     #[arg(long, value_name = "ADDR:PORT")]
     http_listen: Option<String>,
+    /// An address serving only /metrics and /healthz (the main one serves them too).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<String>,
     /// Data directory [default: $XDG_CACHE_HOME/larder, else ~/.cache/larder].
     #[arg(long, value_name = "PATH")]
     dir: Option<PathBuf>,
@@ -66,6 +69,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let overrides = Overrides {
         listen: args.listen,
         http_listen: args.http_listen,
+        metrics_listen: args.metrics_listen,
         dir: args.dir,
         max_size: args.max_size,
         drain_timeout: args.drain_timeout,
@@ -77,13 +81,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     runtime.block_on(async {
         let (dir, max_size, drain) = (config.dir.clone(), config.max_size, config.drain_timeout);
         let server = Server::bind(config).await.map_err(|e| e.to_string())?;
-        let (addr, http) = (server.local_addr(), server.http_addr());
+        let (addr, http, metrics) = (server.local_addr(), server.http_addr(), server.metrics_addr());
         let version = env!("CARGO_PKG_VERSION");
         // Scripts and tests read these lines for the address (useful with
         // port 0): the second one says the store is open.
         println!("larder {version} listening on {addr}, opening the store in {}", dir.display());
         let ready = move || {
-            let http = http.map(|a| format!(", HTTP also on {a}")).unwrap_or_default();
+            let http = http.map(|a| format!(", HTTP also on {a}")).unwrap_or_default()
+                + &metrics.map(|a| format!(", metrics on {a}")).unwrap_or_default();
             println!(
                 "larder {version} serving REAPI on {addr} (data in {}, size budget {max_size}{http})",
                 dir.display()

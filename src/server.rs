@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -19,6 +19,8 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
+
+use crate::metrics::Metrics;
 use tower::ServiceExt;
 
 use crate::config::Config;
@@ -41,6 +43,7 @@ const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 pub struct Server {
     listener: TcpListener,
     http_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
     config: Config,
 }
 
@@ -51,11 +54,9 @@ impl Server {
     /// Binds the listen addresses.
     pub async fn bind(config: Config) -> Result<Server, Error> {
         let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Bind(config.listen, e))?;
-        let http_listener = match config.http_listen {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| Error::Bind(addr, e))?),
-            None => None,
-        };
-        Ok(Server { listener, http_listener, config })
+        let http_listener = bind_optional(config.http_listen).await?;
+        let metrics_listener = bind_optional(config.metrics_listen).await?;
+        Ok(Server { listener, http_listener, metrics_listener, config })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -67,15 +68,25 @@ impl Server {
         self.http_listener.as_ref().map(|l| l.local_addr().expect("a bound listener has an address"))
     }
 
+    /// The metrics address, if one was configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|l| l.local_addr().expect("a bound listener has an address"))
+    }
+
     /// Serves until `shutdown` completes, then lets in-flight calls finish
     /// and writes pending access times. The store opens meanwhile: until it
     /// is open, health checks answer NOT_SERVING and every other call
     /// UNAVAILABLE; `ready` runs once it is.
     pub async fn run(self, shutdown: impl Future<Output = ()>, ready: impl FnOnce()) -> Result<(), Error> {
-        let Server { listener, http_listener, config } = self;
+        let Server { listener, http_listener, metrics_listener, config } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::NotServing).await;
-        let app = App { health: Routes::new(health_service).prepare(), ready: Arc::new(OnceLock::new()) };
+        let app = App {
+            port: Port::Main,
+            health: Routes::new(health_service).prepare(),
+            metrics: Arc::new(Metrics::default()),
+            ready: Arc::new(OnceLock::new()),
+        };
         let mut opening = tokio::spawn(open_store(config.clone()));
         let mut open: Option<Running> = None;
         let mut ready = Some(ready);
@@ -83,13 +94,14 @@ impl Server {
         let builder = connection_builder();
         let mut shutdown = std::pin::pin!(shutdown);
         let result = loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                accepted = accept(http_listener.as_ref()) => accepted,
+            let (accepted, port) = tokio::select! {
+                accepted = listener.accept() => (accepted, Port::Main),
+                accepted = accept(http_listener.as_ref()) => (accepted, Port::Main),
+                accepted = accept(metrics_listener.as_ref()) => (accepted, Port::Metrics),
                 opened = &mut opening, if open.is_none() => {
                     match opened.map_err(|e| Error::Store(store::Error::Open(e.to_string()))).and_then(|r| r) {
                         Ok(store) => {
-                            let running = Running::start(store, &config);
+                            let running = Running::start(store, &config, &app.metrics);
                             let _ = app.ready.set(running.services.clone());
                             for service in SERVICES.iter().chain([&""]) {
                                 health.set_service_status(*service, ServingStatus::Serving).await;
@@ -117,7 +129,7 @@ impl Server {
             };
             // Small RPCs must not wait on Nagle's algorithm.
             let _ = stream.set_nodelay(true);
-            let app = app.clone();
+            let app = App { port, ..app.clone() };
             let service = hyper::service::service_fn(move |request| {
                 let app = app.clone();
                 async move { Ok::<_, std::convert::Infallible>(app.serve(request).await) }
@@ -134,7 +146,7 @@ impl Server {
         health.set_service_status("", ServingStatus::NotServing).await;
         // Stop accepting, then give in-flight calls the drain timeout to
         // finish; idle connections are closed at once.
-        drop((listener, http_listener));
+        drop((listener, http_listener, metrics_listener));
         let drain = config.drain_timeout;
         if tokio::time::timeout(drain, connections.shutdown()).await.is_err() {
             tracing::warn!("calls still running after {drain:?}: stopping anyway");
@@ -194,9 +206,10 @@ struct Running {
 }
 
 impl Running {
-    fn start(store: Arc<Store>, config: &Config) -> Running {
+    fn start(store: Arc<Store>, config: &Config, metrics: &Arc<Metrics>) -> Running {
         let shared = Arc::new(Shared {
             store: Arc::clone(&store),
+            metrics: Arc::clone(metrics),
             max_batch_size: config.max_batch_size.0,
             max_message_size: config.max_message_size.0 as usize,
         });
@@ -208,7 +221,11 @@ impl Running {
             min_age: config.eviction_min_age,
         };
         let eviction = tokio::spawn(eviction::run(Arc::clone(&store), budget));
-        let services = Services { grpc: grpc_routes(&shared), http: Arc::new(HttpApi::new(shared)) };
+        let services = Services {
+            store: Arc::clone(&store),
+            grpc: grpc_routes(&shared),
+            http: Arc::new(HttpApi::new(shared)),
+        };
         Running { store, services, maintenance, eviction }
     }
 
@@ -221,6 +238,13 @@ impl Running {
         if let Ok(Err(e)) = flushed {
             tracing::warn!("could not write access times at shutdown: {e}");
         }
+    }
+}
+
+async fn bind_optional(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, Error> {
+    match addr {
+        Some(addr) => Ok(Some(TcpListener::bind(addr).await.map_err(|e| Error::Bind(addr, e))?)),
+        None => Ok(None),
     }
 }
 
@@ -273,15 +297,27 @@ fn grpc_routes(shared: &Arc<Shared>) -> Routes {
 /// What serves requests once the store is open.
 #[derive(Clone)]
 struct Services {
+    store: Arc<Store>,
     grpc: Routes,
     http: Arc<HttpApi>,
 }
 
+/// Which requests a port takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Port {
+    /// Everything.
+    Main,
+    /// Only /metrics and /healthz (`metrics_listen`).
+    Metrics,
+}
+
 /// Every request on a port: gRPC by content type, the rest to HTTP. Health
-/// answers from the start; the rest once the store is open.
+/// and metrics answer from the start; the rest once the store is open.
 #[derive(Clone)]
 struct App {
+    port: Port,
     health: Routes,
+    metrics: Arc<Metrics>,
     ready: Arc<OnceLock<Services>>,
 }
 
@@ -292,16 +328,25 @@ impl App {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
-        let path = request.uri().path();
-        if grpc && path.starts_with("/grpc.health.v1.Health/") {
-            return call(&self.health, request).await;
-        }
-        if !grpc && path == "/healthz" {
-            let (code, text) = match self.ready.get() {
-                Some(_) => (StatusCode::OK, "ok\n"),
-                None => (StatusCode::SERVICE_UNAVAILABLE, "opening the store\n"),
-            };
-            return bytes_response(code, "text/plain; charset=utf-8", Bytes::from_static(text.as_bytes()));
+        let (method, path) = (request.method().clone(), request.uri().path().to_string());
+        match (grpc, path.as_str()) {
+            (true, p) if p.starts_with("/grpc.health.v1.Health/") => {
+                return call(&self.health, request).await;
+            }
+            (false, "/healthz") => {
+                let (code, text) = match self.ready.get() {
+                    Some(_) => (StatusCode::OK, "ok\n"),
+                    None => (StatusCode::SERVICE_UNAVAILABLE, "opening the store\n"),
+                };
+                return bytes_response(
+                    code,
+                    "text/plain; charset=utf-8",
+                    Bytes::from_static(text.as_bytes()),
+                );
+            }
+            (false, "/metrics") => return self.metrics_page().await,
+            _ if self.port == Port::Metrics => return HttpError::route(&path).into_response(),
+            _ => {}
         }
         let Some(services) = self.ready.get() else {
             let status = Status::unavailable("larder is still opening its store: retry shortly");
@@ -310,74 +355,99 @@ impl App {
                 false => HttpError::Status(status).into_response(),
             };
         };
-        let (method, path) = (request.method().clone(), path.to_string());
+        let started = Instant::now();
+        let request = request.map(|body| self.metrics.count_received(body));
         if grpc {
-            failures::watch_grpc(path, call(&services.grpc, request).await)
+            calls::observe_grpc(&self.metrics, path, started, call(&services.grpc, request).await)
         } else {
             let response = services.http.handle(request).await;
-            failures::log_http(&method, &path, response.status());
-            response
+            calls::observe_http(&self.metrics, &method, &path, started, response)
+        }
+    }
+
+    /// Prometheus' scrape: the metrics, with the store's figures as of now.
+    async fn metrics_page(&self) -> Response<Body> {
+        let Some(services) = self.ready.get() else {
+            let status = Status::unavailable("larder is still opening its store: retry shortly");
+            return HttpError::Status(status).into_response();
+        };
+        let store = Arc::clone(&services.store);
+        match crate::service::blocking(move || store.stats()).await {
+            Ok(stats) => bytes_response(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                Bytes::from(self.metrics.render(&stats)),
+            ),
+            Err(status) => HttpError::Status(status).into_response(),
         }
     }
 }
 
-async fn call(routes: &Routes, request: Request<Incoming>) -> Response<Body> {
+async fn call<B>(routes: &Routes, request: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
     match routes.clone().oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
     }
 }
 
-/// One log line per failed call, none for successes: cache misses at debug
-/// level, the client's mistakes at info, the server's troubles at warn.
-mod failures {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
+/// Every reply is observed once it ends: counted in the metrics, and logged
+/// if it failed (one line per failed call, none for successes; cache misses
+/// at debug level, the client's mistakes at info, the server's troubles at
+/// warn).
+mod calls {
+    use std::sync::Arc;
+    use std::time::Instant;
 
     use http::{Method, Response, StatusCode};
-    use hyper::body::Frame;
     use tonic::body::Body;
     use tonic::{Code, Status};
 
-    /// Logs a gRPC failure now (a reply with no body) or when the trailers
-    /// of a streamed reply carry it.
-    pub fn watch_grpc(method: String, response: Response<Body>) -> Response<Body> {
-        if let Some(status) = Status::from_header_map(response.headers()) {
-            log_grpc(&method, &status);
-            return response;
-        }
-        response.map(|inner| Body::new(Watched { inner, method }))
-    }
+    use crate::metrics::Metrics;
+    use crate::service::http::{code_name, route_label};
 
-    struct Watched {
-        inner: Body,
+    /// A gRPC reply: its status is in the headers of a reply with no body,
+    /// else in the trailers of the stream.
+    pub fn observe_grpc(
+        metrics: &Arc<Metrics>,
         method: String,
+        started: Instant,
+        response: Response<Body>,
+    ) -> Response<Body> {
+        let immediate = Status::from_header_map(response.headers());
+        let recorder = Arc::clone(metrics);
+        response.map(move |body| {
+            Body::new(metrics.count_sent(body, move |trailers| {
+                let status = immediate.or_else(|| trailers.and_then(Status::from_header_map));
+                match status {
+                    Some(status) => {
+                        log_grpc(&method, &status);
+                        recorder.record_call(&method, code_name(status.code()), started);
+                    }
+                    // The client went away before the end.
+                    None => recorder.record_call(&method, code_name(Code::Cancelled), started),
+                }
+            }))
+        })
     }
 
-    impl http_body::Body for Watched {
-        type Data = bytes::Bytes;
-        type Error = Status;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-            let polled = Pin::new(&mut self.inner).poll_frame(cx);
-            if let Poll::Ready(Some(Ok(frame))) = &polled
-                && let Some(status) = frame.trailers_ref().and_then(Status::from_header_map)
-            {
-                log_grpc(&self.method, &status);
-            }
-            polled
-        }
-
-        fn is_end_stream(&self) -> bool {
-            self.inner.is_end_stream()
-        }
-
-        fn size_hint(&self) -> http_body::SizeHint {
-            self.inner.size_hint()
-        }
+    /// An HTTP reply: its status is known at once; its duration at its end.
+    pub fn observe_http(
+        metrics: &Arc<Metrics>,
+        method: &Method,
+        path: &str,
+        started: Instant,
+        response: Response<Body>,
+    ) -> Response<Body> {
+        log_http(method, path, response.status());
+        let (route, code) = (route_label(method, path), response.status().as_u16().to_string());
+        let recorder = Arc::clone(metrics);
+        response.map(move |body| {
+            Body::new(metrics.count_sent(body, move |_| recorder.record_call(&route, &code, started)))
+        })
     }
 
     fn log_grpc(method: &str, status: &Status) {
@@ -393,7 +463,7 @@ mod failures {
         }
     }
 
-    pub fn log_http(method: &Method, path: &str, status: StatusCode) {
+    fn log_http(method: &Method, path: &str, status: StatusCode) {
         let code = status.as_u16();
         match status {
             s if s.is_success() => {}

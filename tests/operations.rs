@@ -173,3 +173,82 @@ async fn failed_calls_get_one_log_line_each_and_successes_none() {
     );
     assert!(lines.iter().all(|l| l["level"] == "INFO"), "{text}");
 }
+
+/// The value of one sample of an OpenMetrics page, by its exact name and labels.
+fn sample(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in:\n{page}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn metrics_count_calls_bytes_hits_and_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let server = TestServer::start(&tmp.path().join("data"), &["--metrics-listen", &metrics_addr]);
+    let http = reqwest::Client::new();
+    let scrape = || async {
+        let r = http.get(format!("http://{}/metrics", server.addr)).send().await.unwrap();
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+        r.text().await.unwrap()
+    };
+    let before = scrape().await;
+    let mut c = server.clients().await;
+    let data = random_bytes(200_000, 1);
+    c.write(&upload_name("", "m", &data), &data, 64 << 10).await.unwrap();
+    c.read(&read_name("", &data), 0, 0).await.unwrap();
+    c.find_missing(&[digest(b"absent")]).await;
+    let action = digest(b"action");
+    let get = larder::proto::reapi::GetActionResultRequest {
+        action_digest: Some(action.clone()),
+        ..Default::default()
+    };
+    assert_code(c.ac.get_action_result(get.clone()).await, tonic::Code::NotFound);
+    let update = larder::proto::reapi::UpdateActionResultRequest {
+        action_digest: Some(action),
+        action_result: Some(Default::default()),
+        ..Default::default()
+    };
+    c.ac.update_action_result(update).await.unwrap();
+    c.ac.get_action_result(get).await.unwrap();
+    http.get(format!("http://{}/cas/{}", server.addr, digest(b"nope").hash)).send().await.unwrap();
+    let after = scrape().await;
+
+    let find = r#"larder_calls_total{method="/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",code="OK"}"#;
+    assert_eq!(sample(&after, find), 1.0);
+    let write = r#"larder_calls_total{method="/google.bytestream.ByteStream/Write",code="OK"}"#;
+    assert_eq!(sample(&after, write), 1.0);
+    let miss = r#"larder_calls_total{method="/build.bazel.remote.execution.v2.ActionCache/GetActionResult",code="NOT_FOUND"}"#;
+    assert_eq!(sample(&after, miss), 1.0);
+    assert_eq!(sample(&after, r#"larder_calls_total{method="GET /cas",code="404"}"#), 1.0);
+    let read_count =
+        r#"larder_call_duration_seconds_count{method="/google.bytestream.ByteStream/Read",code="OK"}"#;
+    assert_eq!(sample(&after, read_count), 1.0);
+    assert!(
+        sample(&after, "larder_received_bytes_total")
+            >= sample(&before, "larder_received_bytes_total") + 200_000.0
+    );
+    assert!(
+        sample(&after, "larder_sent_bytes_total") >= sample(&before, "larder_sent_bytes_total") + 200_000.0
+    );
+    assert_eq!(sample(&after, "larder_action_cache_hits_total"), 1.0);
+    assert_eq!(sample(&after, "larder_action_cache_misses_total"), 1.0);
+    assert_eq!(sample(&after, "larder_blobs"), 1.0);
+    assert_eq!(sample(&after, "larder_logical_bytes"), 200_000.0);
+    assert!(sample(&after, "larder_disk_bytes") > 0.0);
+    for name in ["larder_rejected_writes_total", "larder_evicted_blobs_total", "larder_partial_uploads"] {
+        assert_eq!(sample(&after, name), 0.0, "{name}");
+    }
+    sample(&after, "larder_rocksdb_pending_compaction_bytes");
+    sample(&after, "larder_rocksdb_write_stopped");
+
+    // The metrics port serves metrics and health, not the cache.
+    let r = http.get(format!("http://{metrics_addr}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(http.get(format!("http://{metrics_addr}/healthz")).send().await.unwrap().status(), 200);
+    let r = http.get(format!("http://{metrics_addr}/cas/{}", digest(&data).hash)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}

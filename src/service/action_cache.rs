@@ -56,6 +56,7 @@ impl ActionCache for ActionCacheService {
             Ok(Ok(result))
         })
         .await?;
+        self.shared.metrics.action_cache_lookup(lookup.is_ok());
         lookup.map(Response::new).map_err(Status::not_found)
     }
 

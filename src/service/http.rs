@@ -9,6 +9,8 @@ use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+
+use crate::metrics::Counted;
 use tonic::body::Body;
 use tonic::{Code, Status};
 
@@ -17,6 +19,9 @@ use super::bytestream::ByteStreamService;
 use super::capabilities::CapabilitiesService;
 use super::cas::CasService;
 use super::{Shared, http_cache, rest};
+
+/// Request bodies, counted as they are read (for metrics).
+pub type RequestBody = Counted<Incoming>;
 
 /// The gRPC services, called in-process by the HTTP adapters.
 pub struct HttpApi {
@@ -38,7 +43,7 @@ impl HttpApi {
         }
     }
 
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, request: Request<RequestBody>) -> Response<Body> {
         let path = request.uri().path().to_string();
         let result = if let Some(rest) = path.strip_prefix("/v2/") {
             rest::handle(self, request, rest).await
@@ -49,6 +54,27 @@ impl HttpApi {
         };
         result.unwrap_or_else(HttpError::into_response)
     }
+}
+
+/// A label for metrics naming the route, not the blob: `GET /cas`,
+/// `POST /v2/blobs:batchUpdate`, `GET /v2/actionResults`.
+pub fn route_label(method: &Method, path: &str) -> String {
+    let route = if let Some(rest) = path.strip_prefix("/v2/") {
+        let tail = rest.rsplit('/').next().unwrap_or("");
+        match tail.split_once(':') {
+            Some((_, verb)) if rest.contains("blobs") => format!("/v2/blobs:{verb}"),
+            _ if tail == "capabilities" => "/v2/capabilities".to_string(),
+            _ if rest.contains("actionResults/") => "/v2/actionResults".to_string(),
+            _ => "/v2/other".to_string(),
+        }
+    } else if let Some(target) = http_cache::Target::parse(path) {
+        target.route().to_string()
+    } else if matches!(path, "/healthz" | "/metrics") {
+        path.to_string()
+    } else {
+        "other".to_string()
+    };
+    format!("{method} {route}")
 }
 
 /// A failed HTTP request: a gRPC status from the shared service code, or a
@@ -127,7 +153,8 @@ pub fn http_code(code: Code) -> StatusCode {
     }
 }
 
-fn code_name(code: Code) -> &'static str {
+/// The canonical name of a gRPC code (`NOT_FOUND`).
+pub fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",
@@ -165,7 +192,7 @@ pub fn bytes_response(code: StatusCode, content_type: &'static str, body: Bytes)
 
 /// A whole request body of at most `limit` bytes (JSON requests, action
 /// results); larger ones are refused with 413 before they are read.
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, HttpError> {
+pub async fn read_body(body: RequestBody, limit: usize) -> Result<Bytes, HttpError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(HttpError::Http {

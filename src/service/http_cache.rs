@@ -12,13 +12,13 @@ use futures::{Stream, StreamExt, stream};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyStream, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use prost::Message;
 use tonic::Status;
 use tonic::body::Body;
 
 use super::blocking;
-use super::http::{HttpApi, HttpError, bytes_response, percent_decode, read_body};
+use super::http::{HttpApi, HttpError, RequestBody, bytes_response, percent_decode, read_body};
 use crate::digest::{Digest, FunctionHint};
 use crate::proto::bytestream::{ReadRequest, WriteRequest};
 use crate::proto::reapi::{
@@ -40,6 +40,14 @@ pub struct Target {
 }
 
 impl Target {
+    /// `/cas` or `/ac`, for metrics.
+    pub fn route(&self) -> &'static str {
+        match self.kind {
+            Kind::Cas => "/cas",
+            Kind::Ac => "/ac",
+        }
+    }
+
     pub fn parse(path: &str) -> Option<Target> {
         let mut parts = path.trim_start_matches('/').rsplitn(3, '/');
         let (hash, kind) = (parts.next()?, parts.next()?);
@@ -56,7 +64,7 @@ const OCTETS: &str = "application/octet-stream";
 
 pub async fn handle(
     api: &HttpApi,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     target: Target,
 ) -> Result<Response<Body>, HttpError> {
     let path = request.uri().path().to_string();
@@ -134,7 +142,7 @@ pub async fn handle(
 }
 
 /// A CAS PUT must say how large it is: the size is part of the digest.
-fn content_length(request: &Request<Incoming>) -> Result<u64, HttpError> {
+fn content_length(request: &Request<RequestBody>) -> Result<u64, HttpError> {
     let header = request.headers().get(CONTENT_LENGTH).ok_or_else(|| HttpError::Http {
         code: StatusCode::LENGTH_REQUIRED,
         message: "a CAS PUT needs a Content-Length header: the size is part of the blob's digest".into(),
@@ -155,7 +163,7 @@ fn upload_id() -> String {
 
 /// The body as ByteStream write messages, the last one finishing the write.
 /// A body that breaks off ends the stream with an error: a disconnect.
-fn write_requests(body: Incoming) -> impl Stream<Item = Result<WriteRequest, Status>> + Unpin + Send {
+fn write_requests(body: RequestBody) -> impl Stream<Item = Result<WriteRequest, Status>> + Unpin + Send {
     let start = (BodyStream::new(body), 0i64, false);
     Box::pin(stream::unfold(start, |(mut frames, offset, ended)| async move {
         if ended {

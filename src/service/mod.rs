@@ -20,6 +20,7 @@ use crate::{compression, digest, store};
 /// What every service shares: the store and the limits clients are told about.
 pub struct Shared {
     pub store: Arc<store::Store>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Largest sum of blob sizes in one batch call (advertised).
     pub max_batch_size: u64,
     /// Largest gRPC message received or sent.

@@ -5,12 +5,11 @@
 
 use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::body::Body;
 
-use super::http::{HttpApi, HttpError, json_response, percent_decode, read_body};
+use super::http::{HttpApi, HttpError, RequestBody, json_response, percent_decode, read_body};
 use crate::proto::reapi::{
     self, ActionResult, FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
     GetTreeRequest, GetTreeResponse, UpdateActionResultRequest, action_cache_server::ActionCache,
@@ -71,7 +70,7 @@ fn instance_prefix(before: &str) -> Option<String> {
 
 pub async fn handle(
     api: &HttpApi,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     rest: &str,
 ) -> Result<Response<Body>, HttpError> {
     let path = request.uri().path().to_string();
@@ -157,7 +156,7 @@ pub async fn handle(
 }
 
 /// Decodes a JSON request body; an empty body is the empty message.
-async fn decode<T: DeserializeOwned>(body: Incoming, limit: usize) -> Result<T, HttpError> {
+async fn decode<T: DeserializeOwned>(body: RequestBody, limit: usize) -> Result<T, HttpError> {
     // Base64 makes blobs a third larger in JSON.
     let bytes = read_body(body, limit.saturating_mul(4) / 3 + (1 << 20)).await?;
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };

@@ -2,6 +2,8 @@
 //! RocksDB give their space back. The policy (when, how much) lives in
 //! `crate::eviction`.
 
+use std::sync::atomic::Ordering;
+
 use rocksdb::{IteratorMode, WriteBatch};
 
 use super::layout::{CF_CHUNKS, CF_INDEX, CF_LRU, chunk_key, index_key, lru_key, split_lru_key};
@@ -67,6 +69,7 @@ impl Store {
         for s in stripes {
             guards.push(self.stripes[s].lock().unwrap_or_else(|e| e.into_inner()));
         }
+        let before = (evicted.blobs, evicted.bytes);
         let mut done = std::collections::HashSet::new();
         for (atime, digest) in candidates {
             batch.delete_cf(self.cf(CF_LRU), lru_key(*atime, digest));
@@ -87,6 +90,7 @@ impl Store {
                 chunk_key(entry.blob_id + 1, 0),
             );
             self.count_stored(&mut batch, -(entry.stored as i64));
+            self.count_blobs(&mut batch, -1, -(digest.size as i64));
             evicted.blobs += 1;
             evicted.bytes += entry.stored;
             evicted.blob_ids = Some(match evicted.blob_ids {
@@ -94,7 +98,10 @@ impl Store {
                 Some((lo, hi)) => (lo.min(entry.blob_id), hi.max(entry.blob_id)),
             });
         }
-        self.write(batch)
+        self.write(batch)?;
+        self.evicted_blobs.fetch_add(evicted.blobs - before.0, Ordering::Relaxed);
+        self.evicted_bytes.fetch_add(evicted.bytes - before.1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Compacts the chunks of the given blob id range, so that deleted chunks

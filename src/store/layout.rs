@@ -8,6 +8,8 @@
 //! | `chunks`  | blob id (8, BE) · uncompressed offset (8, BE) | payload · tag (1) (see `chunk`) |
 //! | `chunks`  | blob id (8, BE) · `u64::MAX` | [`UploadProgress`] of an unfinished upload |
 //! | `chunks`  | `0` (8) · `0` (8) | stored bytes of all blobs and uploads (i64 LE, merge-added) |
+//! | `chunks`  | `0` (8) · `1` (8) | number of blobs (i64 LE, merge-added) |
+//! | `chunks`  | `0` (8) · `2` (8) | uncompressed bytes of all blobs (i64 LE, merge-added) |
 //! | `lru`     | last access (8, BE, ms) · index key | empty: the eviction order |
 //! | `uploads` | ByteStream resource name (UTF-8) | [`UploadRecord`] |
 //! | `ac`      | instance name · 0x00 · function (1) · hash | 0x01 · ActionResult protobuf |
@@ -39,7 +41,14 @@ pub const CF_LRU: &str = "lru";
 /// Blob ids start at 1, so no chunk ever has this key.
 pub const USAGE_KEY: [u8; 16] = [0; 16];
 
-/// A stored-bytes delta, as a merge operand of [`USAGE_KEY`].
+/// Where the number of blobs and their uncompressed bytes are counted,
+/// beside [`USAGE_KEY`] and for the same reason. Directories from before
+/// these counters get them from a scan of the index at open.
+pub const BLOBS_KEY: [u8; 16] = chunk_key(0, 1);
+pub const LOGICAL_KEY: [u8; 16] = chunk_key(0, 2);
+
+/// A counter delta, as a merge operand of [`USAGE_KEY`], [`BLOBS_KEY`] or
+/// [`LOGICAL_KEY`].
 pub fn usage_delta(delta: i64) -> [u8; 8] {
     delta.to_le_bytes()
 }
@@ -127,10 +136,14 @@ pub fn digest_of_index_key(k: &[u8]) -> Option<Digest> {
     Digest::new(function, hash, u64::from_be_bytes(size.try_into().ok()?))
 }
 
-pub fn chunk_key(blob_id: u64, offset: u64) -> [u8; 16] {
+pub const fn chunk_key(blob_id: u64, offset: u64) -> [u8; 16] {
+    let (id, at) = (blob_id.to_be_bytes(), offset.to_be_bytes());
     let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&blob_id.to_be_bytes());
-    k[8..].copy_from_slice(&offset.to_be_bytes());
+    let mut i = 0;
+    while i < 8 {
+        (k[i], k[8 + i]) = (id[i], at[i]);
+        i += 1;
+    }
     k
 }
 

@@ -63,6 +63,10 @@ pub struct Store {
     measured_disk: AtomicU64,
     /// Bytes admitted for writing since that measurement.
     written_since: AtomicU64,
+    /// Totals since the store opened, for metrics.
+    rejected_writes: AtomicU64,
+    evicted_blobs: AtomicU64,
+    evicted_bytes: AtomicU64,
 }
 
 /// A present blob, located for reading.
@@ -70,6 +74,30 @@ pub struct Store {
 pub struct Blob {
     pub digest: Digest,
     blob_id: u64,
+}
+
+/// The store in figures (see [`Store::stats`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub blobs: u64,
+    /// Uncompressed bytes of all blobs.
+    pub logical_bytes: u64,
+    /// Bytes their chunks take, and partial uploads'.
+    pub stored_bytes: u64,
+    /// Bytes of the data directory (last measurement plus writes since).
+    pub disk_bytes: u64,
+    pub max_size: u64,
+    pub partial_uploads: u64,
+    /// Since the store opened: writes refused at the hard limit, and what
+    /// eviction removed.
+    pub rejected_writes: u64,
+    pub evicted_blobs: u64,
+    pub evicted_bytes: u64,
+    /// RocksDB's own figures: compaction debt, and whether writes are stopped
+    /// or slowed (the delayed rate in bytes/s, 0 when not delayed).
+    pub pending_compaction_bytes: u64,
+    pub write_stopped: bool,
+    pub delayed_write_rate: u64,
 }
 
 /// A whole blob to store (see [`Store::put_blobs`]).
@@ -201,7 +229,11 @@ impl Store {
             hard_limit: AtomicU64::new(u64::MAX),
             measured_disk: AtomicU64::new(0),
             written_since: AtomicU64::new(0),
+            rejected_writes: AtomicU64::new(0),
+            evicted_blobs: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
         };
+        store.count_blobs_if_uncounted()?;
         store.measure_disk()?;
         store.next_blob_id.store(store.highest_blob_id()? + 1, Ordering::Relaxed);
         Ok(store)
@@ -265,12 +297,68 @@ impl Store {
         accessed.extend(digests.into_iter().map(|d| (d, now)));
     }
 
-    /// Stored bytes of all blobs and partial uploads (after compression):
-    /// the logical size of the cache, kept up to date by every write.
+    /// Stored bytes of all blobs and partial uploads (after compression),
+    /// kept up to date by every write.
     pub fn stored_bytes(&self) -> Result<u64, Error> {
-        let value = self.db.get_cf(self.cf(CF_CHUNKS), USAGE_KEY)?;
-        let total = value.and_then(|v| v.as_slice().try_into().ok()).map_or(0, i64::from_le_bytes);
-        Ok(total.max(0) as u64)
+        Ok(self.counter(USAGE_KEY)?.unwrap_or(0))
+    }
+
+    fn counter(&self, key: [u8; 16]) -> Result<Option<u64>, Error> {
+        let value = self.db.get_cf(self.cf(CF_CHUNKS), key)?;
+        Ok(value.map(|v| v.as_slice().try_into().map_or(0, i64::from_le_bytes).max(0) as u64))
+    }
+
+    /// Gives a directory from before the blob counters its counts, from one
+    /// scan of the index (a new directory starts them at zero).
+    fn count_blobs_if_uncounted(&self) -> Result<(), Error> {
+        if self.counter(BLOBS_KEY)?.is_some() {
+            return Ok(());
+        }
+        let (mut blobs, mut bytes) = (0i64, 0i64);
+        for item in self.db.iterator_cf(self.cf(CF_INDEX), IteratorMode::Start) {
+            let (key, _) = item?;
+            if let Some(d) = digest_of_index_key(&key) {
+                (blobs, bytes) = (blobs + 1, bytes + d.size as i64);
+            }
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_CHUNKS), BLOBS_KEY, blobs.to_le_bytes());
+        batch.put_cf(self.cf(CF_CHUNKS), LOGICAL_KEY, bytes.to_le_bytes());
+        self.write(batch)
+    }
+
+    /// What metrics and the status page show of the store.
+    pub fn stats(&self) -> Result<Stats, Error> {
+        let mut partial_uploads = 0;
+        for item in self.db.iterator_cf(self.cf(CF_UPLOADS), IteratorMode::Start) {
+            item?;
+            partial_uploads += 1;
+        }
+        let property = |cf: Option<&str>, name: &str| {
+            let value = match cf {
+                Some(cf) => self.db.property_int_value_cf(self.cf(cf), name),
+                None => self.db.property_int_value(name),
+            };
+            value.ok().flatten().unwrap_or(0)
+        };
+        let cfs = [CF_INDEX, CF_LRU, CF_CHUNKS, CF_UPLOADS, CF_AC];
+        Ok(Stats {
+            blobs: self.counter(BLOBS_KEY)?.unwrap_or(0),
+            logical_bytes: self.counter(LOGICAL_KEY)?.unwrap_or(0),
+            stored_bytes: self.stored_bytes()?,
+            disk_bytes: self.disk_estimate(),
+            max_size: self.options.max_size,
+            partial_uploads,
+            rejected_writes: self.rejected_writes.load(Ordering::Relaxed),
+            evicted_blobs: self.evicted_blobs.load(Ordering::Relaxed),
+            evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
+            pending_compaction_bytes: cfs
+                .iter()
+                .map(|cf| property(Some(cf), "rocksdb.estimate-pending-compaction-bytes"))
+                .sum(),
+            write_stopped: property(None, "rocksdb.is-write-stopped") != 0,
+            delayed_write_rate: property(None, "rocksdb.actual-delayed-write-rate"),
+        })
     }
 
     /// Measures the bytes the data directory takes on disk (every file
@@ -319,6 +407,7 @@ impl Store {
         let limit = self.hard_limit.load(Ordering::Relaxed);
         let estimate = self.disk_estimate();
         if estimate.saturating_add(bytes) > limit {
+            self.rejected_writes.fetch_add(1, Ordering::Relaxed);
             return Err(Error::Full { estimate, limit });
         }
         self.written_since.fetch_add(bytes, Ordering::Relaxed);
@@ -571,10 +660,18 @@ impl Store {
         self.write(batch)
     }
 
-    /// Adds a new index entry to `batch`, with its place in the eviction order.
+    /// Adds a new index entry to `batch`, with its place in the eviction
+    /// order, and counts the blob.
     fn add_entry(&self, batch: &mut WriteBatch, digest: &Digest, entry: &IndexEntry) {
         batch.put_cf(self.cf(CF_INDEX), index_key(digest), entry.encode());
         batch.put_cf(self.cf(CF_LRU), lru_key(entry.atime, digest), []);
+        self.count_blobs(batch, 1, digest.size as i64);
+    }
+
+    /// Adds a change of the blob counters to `batch`.
+    fn count_blobs(&self, batch: &mut WriteBatch, blobs: i64, bytes: i64) {
+        batch.merge_cf(self.cf(CF_CHUNKS), BLOBS_KEY, usage_delta(blobs));
+        batch.merge_cf(self.cf(CF_CHUNKS), LOGICAL_KEY, usage_delta(bytes));
     }
 
     /// Adds a change of the stored-bytes counter to `batch`.

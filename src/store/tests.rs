@@ -16,14 +16,13 @@ fn bytes(len: usize, seed: u8) -> Bytes {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect()
 }
 
-/// Sizes of the stored chunk values and upload progress records, without the usage counter.
+/// Sizes of the stored chunk values, without upload progress and counters.
 fn chunk_values(store: &Store) -> Vec<u64> {
     store
         .db
         .iterator_cf(store.cf(CF_CHUNKS), IteratorMode::Start)
         .map(Result::unwrap)
-        .filter(|(k, _)| **k != USAGE_KEY)
-        .filter(|(k, _)| split_chunk_key(k).is_some_and(|(_, offset)| offset != PROGRESS_OFFSET))
+        .filter(|(k, _)| split_chunk_key(k).is_some_and(|(id, offset)| id != 0 && offset != PROGRESS_OFFSET))
         .map(|(_, v)| v.len() as u64)
         .collect()
 }
@@ -289,4 +288,38 @@ fn a_version_1_directory_keeps_its_action_results() {
     let store = open(tmp.path());
     assert_eq!(store.get_action_result("inst", &action).unwrap().unwrap(), b"result".as_slice());
     assert_eq!(store.db.get(LAYOUT_KEY).unwrap().unwrap(), LAYOUT_VERSION);
+}
+
+#[test]
+fn blob_counters_follow_writes_and_evictions_and_survive_reopening() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (bytes(100_000, 1), bytes(5_000, 2));
+    let remaining = {
+        let store = open(tmp.path());
+        let blobs = [NewBlob::new(Digest::of(&a), a.clone()), NewBlob::new(Digest::of(&b), b.clone())];
+        assert!(store.put_blobs(&blobs).iter().all(Result::is_ok));
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.blobs, stats.logical_bytes), (2, 105_000));
+        assert_eq!(store.evict_lru(1, u64::MAX).unwrap().blobs, 1);
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.blobs, stats.evicted_blobs), (1, 1));
+        assert!([100_000, 5_000].contains(&stats.logical_bytes), "{}", stats.logical_bytes);
+        stats.logical_bytes
+    };
+    let stats = open(tmp.path()).stats().unwrap();
+    assert_eq!((stats.blobs, stats.logical_bytes), (1, remaining));
+}
+
+#[test]
+fn directories_from_before_the_counters_are_counted_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let store = open(tmp.path());
+        let data = bytes(70_000, 3);
+        assert!(store.put_blobs(&[NewBlob::new(Digest::of(&data), data)])[0].is_ok());
+        store.db.delete_cf(store.cf(CF_CHUNKS), BLOBS_KEY).unwrap();
+        store.db.delete_cf(store.cf(CF_CHUNKS), LOGICAL_KEY).unwrap();
+    }
+    let stats = open(tmp.path()).stats().unwrap();
+    assert_eq!((stats.blobs, stats.logical_bytes), (1, 70_000));
 }

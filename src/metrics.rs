@@ -1,0 +1,243 @@
+//! Prometheus metrics (prometheus-client, OpenMetrics text): calls by method
+//! and code with their durations, bytes in and out, action cache hits, and
+//! the store's figures, read when scraped.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::store::Stats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// The gRPC method, or the HTTP method and route.
+    pub method: String,
+    /// The gRPC code name, or the HTTP status.
+    pub code: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    durations: Family<CallLabels, Histogram>,
+    received: Counter,
+    sent: Counter,
+    ac_hits: Counter,
+    ac_misses: Counter,
+    store: StoreGauges,
+}
+
+/// The store's figures, set from [`Stats`] at each scrape.
+#[derive(Default)]
+struct StoreGauges {
+    blobs: Gauge,
+    logical_bytes: Gauge,
+    stored_bytes: Gauge,
+    disk_bytes: Gauge,
+    max_size: Gauge,
+    partial_uploads: Gauge,
+    rejected_writes: Counter,
+    evicted_blobs: Counter,
+    evicted_bytes: Counter,
+    pending_compaction_bytes: Gauge,
+    write_stopped: Gauge,
+    delayed_write_rate: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::with_prefix("larder");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register("calls", "Calls answered, by method and code", calls.clone());
+        // 100 µs to about 100 s.
+        let durations = Family::<CallLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+        });
+        registry.register(
+            "call_duration_seconds",
+            "Time from request to the end of the reply",
+            durations.clone(),
+        );
+        let (received, sent) = (Counter::default(), Counter::default());
+        registry.register("received_bytes", "Request body bytes received", received.clone());
+        registry.register("sent_bytes", "Reply body bytes sent", sent.clone());
+        let (ac_hits, ac_misses) = (Counter::default(), Counter::default());
+        registry.register("action_cache_hits", "Action results served", ac_hits.clone());
+        registry.register(
+            "action_cache_misses",
+            "Action results asked for and not served (absent, or a referenced blob missing)",
+            ac_misses.clone(),
+        );
+        let store = StoreGauges::default();
+        let gauges: [(&str, &str, &Gauge); 9] = [
+            ("blobs", "Blobs stored", &store.blobs),
+            ("logical_bytes", "Uncompressed bytes of the blobs stored", &store.logical_bytes),
+            (
+                "stored_bytes",
+                "Bytes the stored chunks of blobs and partial uploads take",
+                &store.stored_bytes,
+            ),
+            ("disk_bytes", "Bytes of the data directory on disk", &store.disk_bytes),
+            ("max_size_bytes", "The size budget of the data directory", &store.max_size),
+            ("partial_uploads", "Partial uploads held for resuming", &store.partial_uploads),
+            (
+                "rocksdb_pending_compaction_bytes",
+                "RocksDB's estimate of bytes compaction must rewrite",
+                &store.pending_compaction_bytes,
+            ),
+            ("rocksdb_write_stopped", "1 while RocksDB stops writes (a write stall)", &store.write_stopped),
+            (
+                "rocksdb_delayed_write_rate",
+                "Bytes/s RocksDB slows writes to, 0 when not delayed",
+                &store.delayed_write_rate,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            registry.register(name, help, gauge.clone());
+        }
+        let counters: [(&str, &str, &Counter); 3] = [
+            (
+                "rejected_writes",
+                "Writes refused at the hard limit while eviction catches up",
+                &store.rejected_writes,
+            ),
+            ("evicted_blobs", "Blobs evicted to keep under the size budget", &store.evicted_blobs),
+            ("evicted_bytes", "Stored bytes evicted", &store.evicted_bytes),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        Metrics { registry, calls, durations, received, sent, ac_hits, ac_misses, store }
+    }
+}
+
+impl Metrics {
+    pub fn record_call(&self, method: &str, code: &str, started: Instant) {
+        let labels = CallLabels { method: method.to_string(), code: code.to_string() };
+        self.calls.get_or_create(&labels).inc();
+        self.durations.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn action_cache_lookup(&self, hit: bool) {
+        if hit { &self.ac_hits } else { &self.ac_misses }.inc();
+    }
+
+    /// Action cache hits and misses so far.
+    pub fn action_cache_counts(&self) -> (u64, u64) {
+        (self.ac_hits.get(), self.ac_misses.get())
+    }
+
+    /// Bytes received and sent so far.
+    pub fn bytes_counts(&self) -> (u64, u64) {
+        (self.received.get(), self.sent.get())
+    }
+
+    /// The OpenMetrics text, with the store's figures as of now.
+    pub fn render(&self, stats: &Stats) -> String {
+        let g = &self.store;
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        g.blobs.set(as_i64(stats.blobs));
+        g.logical_bytes.set(as_i64(stats.logical_bytes));
+        g.stored_bytes.set(as_i64(stats.stored_bytes));
+        g.disk_bytes.set(as_i64(stats.disk_bytes));
+        g.max_size.set(as_i64(stats.max_size));
+        g.partial_uploads.set(as_i64(stats.partial_uploads));
+        g.pending_compaction_bytes.set(as_i64(stats.pending_compaction_bytes));
+        g.write_stopped.set(i64::from(stats.write_stopped));
+        g.delayed_write_rate.set(as_i64(stats.delayed_write_rate));
+        // These mirror totals the store keeps.
+        for (counter, total) in [
+            (&g.rejected_writes, stats.rejected_writes),
+            (&g.evicted_blobs, stats.evicted_blobs),
+            (&g.evicted_bytes, stats.evicted_bytes),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Counts the bytes of a request body as they are read.
+    pub fn count_received<B>(self: &Arc<Self>, body: B) -> Counted<B> {
+        Counted { inner: body, counter: self.received.clone(), done: None }
+    }
+
+    /// Counts the bytes of a reply body as they are sent, and calls `done`
+    /// with its trailers (if any) once it ends.
+    pub fn count_sent<B>(
+        self: &Arc<Self>,
+        body: B,
+        done: impl FnOnce(Option<&http::HeaderMap>) + Send + 'static,
+    ) -> Counted<B> {
+        Counted { inner: body, counter: self.sent.clone(), done: Some(Box::new(done)) }
+    }
+}
+
+type Done = Box<dyn FnOnce(Option<&http::HeaderMap>) + Send>;
+
+/// A body whose data bytes are counted; `done` runs at its end.
+pub struct Counted<B> {
+    inner: B,
+    counter: Counter,
+    done: Option<Done>,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.counter.inc_by(data.len() as u64);
+                }
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(done) = self.done.take()
+                {
+                    done(Some(trailers));
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                if let Some(done) = self.done.take() {
+                    done(None);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Counted<B> {
+    /// A reply dropped before its end (the client went away) still counts.
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(None);
+        }
+    }
+}
