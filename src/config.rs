@@ -56,6 +56,14 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How logs are written to stderr.
     pub log_format: LogFormat,
+    /// TLS certificate chain and key (PEM) for every port; empty for plain TCP.
+    #[serde(default)]
+    pub tls_cert: PathBuf,
+    #[serde(default)]
+    pub tls_key: PathBuf,
+    /// Clients must present a certificate signed by this CA (PEM); empty for none.
+    #[serde(default)]
+    pub tls_client_ca: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -77,6 +85,9 @@ pub struct Overrides {
     pub max_size: Option<String>,
     pub drain_timeout: Option<String>,
     pub log_format: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Config {
@@ -99,13 +110,26 @@ impl Config {
             .set_override_option("dir", overrides.dir.map(|d| d.display().to_string()))?
             .set_override_option("max_size", overrides.max_size)?
             .set_override_option("drain_timeout", overrides.drain_timeout)?
-            .set_override_option("log_format", overrides.log_format)?;
+            .set_override_option("log_format", overrides.log_format)?
+            .set_override_option("tls_cert", overrides.tls_cert.map(|p| p.display().to_string()))?
+            .set_override_option("tls_key", overrides.tls_key.map(|p| p.display().to_string()))?
+            .set_override_option("tls_client_ca", overrides.tls_client_ca.map(|p| p.display().to_string()))?;
         let mut config: Config = builder.build()?.try_deserialize()?;
         if config.dir.as_os_str().is_empty() {
             config.dir = default_dir()?;
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The TLS files, if TLS is on: certificate, key, and client CA.
+    pub fn tls(&self) -> Option<(&Path, &Path, Option<&Path>)> {
+        let ca = Some(self.tls_client_ca.as_path()).filter(|p| !p.as_os_str().is_empty());
+        (!self.tls_cert.as_os_str().is_empty()).then_some((
+            self.tls_cert.as_path(),
+            self.tls_key.as_path(),
+            ca,
+        ))
     }
 
     fn validate(&self) -> Result<(), Error> {
@@ -136,6 +160,13 @@ impl Config {
         }
         if self.max_size.0 < 16 << 20 {
             return invalid("max_size", format!("{} is too small: use at least 16MiB", self.max_size));
+        }
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        if set(&self.tls_cert) != set(&self.tls_key) {
+            return invalid("tls_cert", "tls_cert and tls_key go together: give both, or neither".into());
+        }
+        if set(&self.tls_client_ca) && !set(&self.tls_cert) {
+            return invalid("tls_client_ca", "mutual TLS needs TLS: give tls_cert and tls_key too".into());
         }
         if self.max_message_size.0 > 1 << 30 {
             return invalid("max_message_size", "must be at most 1GiB".into());

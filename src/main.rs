@@ -46,6 +46,15 @@ struct ServeArgs {
     /// At shutdown, how long in-flight calls may run on, e.g. 30s [default: 30s].
     #[arg(long, value_name = "DURATION")]
     drain_timeout: Option<String>,
+    /// TLS certificate chain (PEM) for every port; needs --tls-key.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
     /// Log format on stderr: compact (for people) or json (for collectors) [default: compact].
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
@@ -74,6 +83,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_size: args.max_size,
         drain_timeout: args.drain_timeout,
         log_format: args.log_format,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_client_ca: args.tls_client_ca,
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     init_logs(config.log_format);

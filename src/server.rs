@@ -12,9 +12,10 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::service::Routes;
@@ -44,8 +45,12 @@ pub struct Server {
     listener: TcpListener,
     http_listener: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
+    tls: Option<TlsAcceptor>,
     config: Config,
 }
+
+/// How long a client may take over the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often a wait for a locked data directory says so.
 const LOCKED_NOTICE_EVERY: Duration = Duration::from_secs(5);
@@ -53,10 +58,11 @@ const LOCKED_NOTICE_EVERY: Duration = Duration::from_secs(5);
 impl Server {
     /// Binds the listen addresses.
     pub async fn bind(config: Config) -> Result<Server, Error> {
+        let tls = config.tls().map(|(cert, key, ca)| crate::tls::acceptor(cert, key, ca)).transpose()?;
         let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Bind(config.listen, e))?;
         let http_listener = bind_optional(config.http_listen).await?;
         let metrics_listener = bind_optional(config.metrics_listen).await?;
-        Ok(Server { listener, http_listener, metrics_listener, config })
+        Ok(Server { listener, http_listener, metrics_listener, tls, config })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -78,7 +84,7 @@ impl Server {
     /// is open, health checks answer NOT_SERVING and every other call
     /// UNAVAILABLE; `ready` runs once it is.
     pub async fn run(self, shutdown: impl Future<Output = ()>, ready: impl FnOnce()) -> Result<(), Error> {
-        let Server { listener, http_listener, metrics_listener, config } = self;
+        let Server { listener, http_listener, metrics_listener, tls, config } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::NotServing).await;
         let app = App {
@@ -130,14 +136,19 @@ impl Server {
             // Small RPCs must not wait on Nagle's algorithm.
             let _ = stream.set_nodelay(true);
             let app = App { port, ..app.clone() };
-            let service = hyper::service::service_fn(move |request| {
-                let app = app.clone();
-                async move { Ok::<_, std::convert::Infallible>(app.serve(request).await) }
-            });
-            let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-            let connection = connections.watch(connection);
+            let (builder, watcher, tls) = (builder.clone(), connections.watcher(), tls.clone());
+            // The handshake runs in the connection's task: a slow client
+            // never holds up the accept loop.
             tokio::spawn(async move {
-                if let Err(e) = connection.await {
+                let served = match tls {
+                    None => serve_connection(&builder, watcher, app, stream).await,
+                    Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_connection(&builder, watcher, app, stream).await,
+                        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
+                        Err(_) => Err(format!("TLS handshake took over {HANDSHAKE_TIMEOUT:?}").into()),
+                    },
+                };
+                if let Err(e) = served {
                     tracing::debug!("connection ended: {e}");
                 }
             });
@@ -239,6 +250,24 @@ impl Running {
             tracing::warn!("could not write access times at shutdown: {e}");
         }
     }
+}
+
+/// Serves one connection (plain or TLS) until it closes, or until a
+/// graceful shutdown has let its calls finish.
+async fn serve_connection<S>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    app: App,
+    stream: S,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let app = app.clone();
+        async move { Ok::<_, std::convert::Infallible>(app.serve(request).await) }
+    });
+    watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
 }
 
 async fn bind_optional(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, Error> {
@@ -534,6 +563,8 @@ async fn maintain(store: Arc<Store>, upload_max_age: Duration) {
 pub enum Error {
     #[error(transparent)]
     Store(#[from] store::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
     #[error("cannot listen on {0}: {1} (is another server using the port? choose one with --listen)")]
     Bind(SocketAddr, std::io::Error),
 }
