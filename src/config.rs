@@ -64,6 +64,11 @@ pub struct Config {
     /// Clients must present a certificate signed by this CA (PEM); empty for none.
     #[serde(default)]
     pub tls_client_ca: PathBuf,
+    /// Users and their bcrypt hashes (htpasswd -B); empty for no authentication.
+    #[serde(default)]
+    pub htpasswd_file: PathBuf,
+    /// With htpasswd_file: anonymous clients may read; writes need credentials.
+    pub allow_unauthenticated_reads: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -88,6 +93,9 @@ pub struct Overrides {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    pub htpasswd_file: Option<PathBuf>,
+    /// `Some(true)` when the flag is given.
+    pub allow_unauthenticated_reads: Option<bool>,
 }
 
 impl Config {
@@ -113,7 +121,9 @@ impl Config {
             .set_override_option("log_format", overrides.log_format)?
             .set_override_option("tls_cert", overrides.tls_cert.map(|p| p.display().to_string()))?
             .set_override_option("tls_key", overrides.tls_key.map(|p| p.display().to_string()))?
-            .set_override_option("tls_client_ca", overrides.tls_client_ca.map(|p| p.display().to_string()))?;
+            .set_override_option("tls_client_ca", overrides.tls_client_ca.map(|p| p.display().to_string()))?
+            .set_override_option("htpasswd_file", overrides.htpasswd_file.map(|p| p.display().to_string()))?
+            .set_override_option("allow_unauthenticated_reads", overrides.allow_unauthenticated_reads)?;
         let mut config: Config = builder.build()?.try_deserialize()?;
         if config.dir.as_os_str().is_empty() {
             config.dir = default_dir()?;
@@ -167,6 +177,12 @@ impl Config {
         }
         if set(&self.tls_client_ca) && !set(&self.tls_cert) {
             return invalid("tls_client_ca", "mutual TLS needs TLS: give tls_cert and tls_key too".into());
+        }
+        if self.allow_unauthenticated_reads && !set(&self.htpasswd_file) {
+            return invalid(
+                "allow_unauthenticated_reads",
+                "only means something with htpasswd_file: without one, everyone may read and write".into(),
+            );
         }
         if self.max_message_size.0 > 1 << 30 {
             return invalid("max_message_size", "must be at most 1GiB".into());

@@ -5,6 +5,7 @@
 //! [`config`] layers defaults, file, environment and flags; [`eviction`]
 //! keeps the data directory under its size budget.
 
+pub mod auth;
 pub mod bench;
 pub mod compression;
 pub mod config;

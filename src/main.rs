@@ -55,6 +55,12 @@ struct ServeArgs {
     /// Require client certificates signed by this CA (PEM): mutual TLS.
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// htpasswd file of bcrypt entries (htpasswd -B): clients must authenticate.
+    #[arg(long, value_name = "FILE")]
+    htpasswd: Option<PathBuf>,
+    /// With --htpasswd: anonymous clients may read; writes need credentials.
+    #[arg(long)]
+    allow_unauthenticated_reads: bool,
     /// Log format on stderr: compact (for people) or json (for collectors) [default: compact].
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
@@ -86,6 +92,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_client_ca: args.tls_client_ca,
+        htpasswd_file: args.htpasswd,
+        allow_unauthenticated_reads: args.allow_unauthenticated_reads.then_some(true),
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     init_logs(config.log_format);

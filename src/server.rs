@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -24,6 +24,7 @@ use tonic_health::ServingStatus;
 use crate::metrics::Metrics;
 use tower::ServiceExt;
 
+use crate::auth::{Auth, Caller, Htpasswd};
 use crate::config::Config;
 use crate::eviction;
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
@@ -46,6 +47,7 @@ pub struct Server {
     http_listener: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
     tls: Option<TlsAcceptor>,
+    auth: Option<Arc<Auth>>,
     config: Config,
 }
 
@@ -59,10 +61,17 @@ impl Server {
     /// Binds the listen addresses.
     pub async fn bind(config: Config) -> Result<Server, Error> {
         let tls = config.tls().map(|(cert, key, ca)| crate::tls::acceptor(cert, key, ca)).transpose()?;
+        let auth = match config.htpasswd_file.as_os_str().is_empty() {
+            true => None,
+            false => Some(Arc::new(Auth {
+                users: Htpasswd::load(&config.htpasswd_file).map_err(Error::Auth)?,
+                anonymous_reads: config.allow_unauthenticated_reads,
+            })),
+        };
         let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Bind(config.listen, e))?;
         let http_listener = bind_optional(config.http_listen).await?;
         let metrics_listener = bind_optional(config.metrics_listen).await?;
-        Ok(Server { listener, http_listener, metrics_listener, tls, config })
+        Ok(Server { listener, http_listener, metrics_listener, tls, auth, config })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -84,11 +93,12 @@ impl Server {
     /// is open, health checks answer NOT_SERVING and every other call
     /// UNAVAILABLE; `ready` runs once it is.
     pub async fn run(self, shutdown: impl Future<Output = ()>, ready: impl FnOnce()) -> Result<(), Error> {
-        let Server { listener, http_listener, metrics_listener, tls, config } = self;
+        let Server { listener, http_listener, metrics_listener, tls, auth, config } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::NotServing).await;
         let app = App {
             port: Port::Main,
+            auth,
             health: Routes::new(health_service).prepare(),
             metrics: Arc::new(Metrics::default()),
             ready: Arc::new(OnceLock::new()),
@@ -345,6 +355,7 @@ enum Port {
 #[derive(Clone)]
 struct App {
     port: Port,
+    auth: Option<Arc<Auth>>,
     health: Routes,
     metrics: Arc<Metrics>,
     ready: Arc<OnceLock<Services>>,
@@ -377,6 +388,12 @@ impl App {
             _ if self.port == Port::Metrics => return HttpError::route(&path).into_response(),
             _ => {}
         }
+        if let Err(status) = self.authorize(&request, grpc).await {
+            return match grpc {
+                true => status.into_http(),
+                false => HttpError::Status(status).into_response(),
+            };
+        }
         let Some(services) = self.ready.get() else {
             let status = Status::unavailable("larder is still opening its store: retry shortly");
             return match grpc {
@@ -391,6 +408,36 @@ impl App {
         } else {
             let response = services.http.handle(request).await;
             calls::observe_http(&self.metrics, &method, &path, started, response)
+        }
+    }
+
+    /// Lets through callers with good credentials, and anonymous readers
+    /// when allowed; refuses the rest.
+    async fn authorize<B>(&self, request: &Request<B>, grpc: bool) -> Result<(), Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(());
+        };
+        let header = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+        let caller = match auth.users.check_quickly(header.as_deref()) {
+            Some(caller) => caller,
+            None => {
+                let auth = Arc::clone(auth);
+                tokio::task::spawn_blocking(move || auth.users.check(header.as_deref()))
+                    .await
+                    .unwrap_or(Caller::Refused)
+            }
+        };
+        let write = is_write(grpc, request.method(), request.uri().path());
+        match caller {
+            Caller::User(_) => Ok(()),
+            Caller::Anonymous if auth.anonymous_reads && !write => Ok(()),
+            Caller::Anonymous if auth.anonymous_reads => Err(Status::permission_denied(
+                "anonymous clients may only read here: send credentials (authorization: Basic) to write",
+            )),
+            Caller::Anonymous => Err(Status::unauthenticated(
+                "credentials required: send authorization: Basic with a user's password",
+            )),
+            Caller::Refused => Err(Status::unauthenticated("wrong credentials: check the user and password")),
         }
     }
 
@@ -409,6 +456,19 @@ impl App {
             ),
             Err(status) => HttpError::Status(status).into_response(),
         }
+    }
+}
+
+/// Whether a call stores something: what anonymous readers may not do.
+fn is_write(grpc: bool, method: &http::Method, path: &str) -> bool {
+    match grpc {
+        true => matches!(
+            path,
+            "/google.bytestream.ByteStream/Write"
+                | "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs"
+                | "/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult"
+        ),
+        false => *method == http::Method::PUT || path.ends_with(":batchUpdate"),
     }
 }
 
@@ -565,6 +625,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Tls(#[from] crate::tls::Error),
+    #[error("{0}")]
+    Auth(String),
     #[error("cannot listen on {0}: {1} (is another server using the port? choose one with --listen)")]
     Bind(SocketAddr, std::io::Error),
 }

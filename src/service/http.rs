@@ -128,6 +128,10 @@ impl HttpError {
             "error": { "code": code.as_u16(), "message": message, "status": status }
         });
         let mut response = json_response(code, body.to_string().into_bytes());
+        if code == StatusCode::UNAUTHORIZED {
+            let challenge = http::HeaderValue::from_static("Basic realm=\"larder\"");
+            response.headers_mut().insert(http::header::WWW_AUTHENTICATE, challenge);
+        }
         if let Some(allow) = allow {
             response.headers_mut().insert(ALLOW, http::HeaderValue::from_static(allow));
         }
