@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use larder::config::{Config, LogFormat, Overrides};
-use larder::server::Server;
+use larder::server::{Server, store_options};
+use larder::store::Store;
 
 #[derive(Parser)]
 #[command(name = "larder", version, about = "A remote build cache (REAPI v2 over gRPC) on RocksDB")]
@@ -20,7 +21,21 @@ struct Cli {
 enum Command {
     /// Serve the cache: Bazel, Buck2, Pants and other REAPI clients connect
     /// with --remote_cache=grpc://ADDR:PORT.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Re-hash every stored blob and remove those that do not match their
+    /// digest (or whose chunks fail their checksums). Offline: stop the
+    /// server first.
+    Scrub(ScrubArgs),
+}
+
+#[derive(Args)]
+struct ScrubArgs {
+    /// Config file (TOML), for the data directory and store settings.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory [default: from the config, else $XDG_CACHE_HOME/larder].
+    #[arg(long, value_name = "PATH")]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -69,7 +84,8 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
+        Command::Scrub(args) => scrub(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,6 +132,38 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         };
         server.run(shutdown_signal(drain), ready).await.map_err(|e| e.to_string())
     })
+}
+
+fn scrub(args: ScrubArgs) -> Result<(), String> {
+    let overrides = Overrides { dir: args.dir, ..Overrides::default() };
+    let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
+    init_logs(config.log_format);
+    let store = Store::open(&config.dir, store_options(&config)).map_err(|e| match e {
+        larder::store::Error::Locked(dir) => {
+            format!("the data directory {dir} is in use (a running larder?): stop it, then scrub")
+        }
+        e => e.to_string(),
+    })?;
+    let stats = store.stats().map_err(|e| e.to_string())?;
+    // Drawn on stderr, and only when it is a terminal.
+    let bar = indicatif::ProgressBar::new(stats.logical_bytes).with_style(
+        indicatif::ProgressStyle::with_template(
+            "scrub {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("a valid template"),
+    );
+    let started = std::time::Instant::now();
+    let report = store.scrub(|size| bar.inc(size)).map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    println!(
+        "scrub: checked {} blobs ({} bytes) in {:.1}s in {}: {} corrupt, removed",
+        report.blobs,
+        report.bytes,
+        started.elapsed().as_secs_f64(),
+        config.dir.display(),
+        report.removed
+    );
+    Ok(())
 }
 
 /// Logs go to stderr, at the level RUST_LOG sets (info by default): a compact

@@ -47,6 +47,7 @@ struct StoreGauges {
     max_size: Gauge,
     partial_uploads: Gauge,
     rejected_writes: Counter,
+    corrupt_blobs: Counter,
     evicted_blobs: Counter,
     evicted_bytes: Counter,
     pending_compaction_bytes: Gauge,
@@ -105,11 +106,16 @@ impl Default for Metrics {
         for (name, help, gauge) in gauges {
             registry.register(name, help, gauge.clone());
         }
-        let counters: [(&str, &str, &Counter); 3] = [
+        let counters: [(&str, &str, &Counter); 4] = [
             (
                 "rejected_writes",
                 "Writes refused at the hard limit while eviction catches up",
                 &store.rejected_writes,
+            ),
+            (
+                "corrupt_blobs_removed",
+                "Blobs found corrupt on disk (failing a checksum) and removed",
+                &store.corrupt_blobs,
             ),
             ("evicted_blobs", "Blobs evicted to keep under the size budget", &store.evicted_blobs),
             ("evicted_bytes", "Stored bytes evicted", &store.evicted_bytes),
@@ -158,6 +164,7 @@ impl Metrics {
         // These mirror totals the store keeps.
         for (counter, total) in [
             (&g.rejected_writes, stats.rejected_writes),
+            (&g.corrupt_blobs, stats.corrupt_blobs),
             (&g.evicted_blobs, stats.evicted_blobs),
             (&g.evicted_bytes, stats.evicted_bytes),
         ] {

@@ -187,15 +187,20 @@ const SERVICES: [&str; 4] = [
     "google.bytestream.ByteStream",
 ];
 
-/// Opens the store, waiting while another process holds the data directory
-/// (a larder still draining, say).
-async fn open_store(config: Config) -> Result<Arc<Store>, Error> {
-    let options = StoreOptions {
+/// The store settings a configuration asks for.
+pub fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
         chunk_size: config.chunk_size.0 as usize,
         zstd_level: config.zstd_level,
         sync_writes: config.sync_writes,
         max_size: config.max_size.0,
-    };
+    }
+}
+
+/// Opens the store, waiting while another process holds the data directory
+/// (a larder still draining, say).
+async fn open_store(config: Config) -> Result<Arc<Store>, Error> {
+    let options = store_options(&config);
     let mut noticed: Option<std::time::Instant> = None;
     loop {
         let (dir, options) = (config.dir.clone(), options.clone());

@@ -49,7 +49,7 @@ impl From<store::Error> for Status {
         let code = match &e {
             DigestMismatch(_) | BadOffset { .. } => Code::InvalidArgument,
             UploadBusy(_) => Code::Aborted,
-            Vanished(_) => Code::NotFound,
+            Vanished(_) | Removed(_) => Code::NotFound,
             Corrupt(_) => Code::DataLoss,
             Full { .. } => Code::ResourceExhausted,
             // Eviction keeps writes off a full disk; should one slip through, say so.

@@ -1,10 +1,15 @@
-//! The chunk codec: each stored chunk is a payload followed by one tag byte
-//! (at the end, so zstd can write its frame straight into the value).
+//! The chunk codec: each stored chunk is a payload, the CRC-32C of the
+//! payload (4 bytes, little-endian), and one tag byte (at the end, so zstd
+//! can write its frame straight into the value). The checksum is checked
+//! before any byte of a chunk is served, compressed or not.
 //!
-//! - `RAW`: the bytes as they are (tiny chunks, and chunks zstd cannot shrink);
-//! - `ZSTD`: one complete zstd frame with its content size, so that it can be
-//!   decompressed alone, and sent as it is to clients that read zstd. Frames
-//!   larder makes carry a checksum; frames kept from clients may not.
+//! - `RAW_SUMMED`: the bytes as they are (tiny chunks, and chunks zstd
+//!   cannot shrink);
+//! - `ZSTD_SUMMED`: one complete zstd frame with its content size, so that it
+//!   can be decompressed alone, and sent as it is to clients that read zstd.
+//!
+//! `RAW` and `ZSTD` are the same without the checksum, as larder wrote them
+//! before it had one: still read, never written.
 
 use std::cell::RefCell;
 
@@ -14,6 +19,62 @@ use crate::compression;
 
 const RAW: u8 = 0;
 const ZSTD: u8 = 1;
+const RAW_SUMMED: u8 = 2;
+const ZSTD_SUMMED: u8 = 3;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Raw,
+    Zstd,
+}
+
+/// Ends a value: the checksum of the payload `out` holds and of the tag,
+/// then the tag.
+fn seal(mut out: Vec<u8>, kind: Kind) -> Vec<u8> {
+    let tag = match kind {
+        Kind::Raw => RAW_SUMMED,
+        Kind::Zstd => ZSTD_SUMMED,
+    };
+    let crc = checksum(&out, tag);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.push(tag);
+    out
+}
+
+/// Covers the tag too: a flipped tag must not pass a frame off as raw bytes.
+fn checksum(payload: &[u8], tag: u8) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(payload), &[tag])
+}
+
+/// The kind and payload of a value, its checksum verified. `None` means the
+/// value is corrupt.
+fn open(value: &[u8]) -> Option<(Kind, &[u8])> {
+    let (&tag, rest) = value.split_last()?;
+    match tag {
+        RAW => Some((Kind::Raw, rest)),
+        ZSTD => Some((Kind::Zstd, rest)),
+        RAW_SUMMED | ZSTD_SUMMED => {
+            let (payload, crc) = rest.split_last_chunk::<4>()?;
+            if checksum(payload, tag) != u32::from_le_bytes(*crc) {
+                return None;
+            }
+            Some((if tag == RAW_SUMMED { Kind::Raw } else { Kind::Zstd }, payload))
+        }
+        _ => None,
+    }
+}
+
+/// The payload's length, from the tag alone (no checksum).
+fn payload_len(value: &[u8]) -> Option<(Kind, usize)> {
+    let (&tag, rest) = value.split_last()?;
+    match tag {
+        RAW => Some((Kind::Raw, rest.len())),
+        ZSTD => Some((Kind::Zstd, rest.len())),
+        RAW_SUMMED => Some((Kind::Raw, rest.len().checked_sub(4)?)),
+        ZSTD_SUMMED => Some((Kind::Zstd, rest.len().checked_sub(4)?)),
+        _ => None,
+    }
+}
 
 /// Below this, compression rarely pays for its frame header.
 const MIN_COMPRESS: usize = 128;
@@ -35,13 +96,10 @@ const PROBE_SLICE: usize = 4 << 10;
 pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
     if data.len() >= MIN_COMPRESS && (data.len() < PROBE_FROM || looks_compressible(data, level)) {
         let compressed = with_compressor(level, |c| {
-            let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()) + 1);
+            let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()) + 5);
             let n = c.compress_to_buffer(data, &mut out).ok()?;
             // A frame that does not save at least 1/32 is not worth decompressing.
-            (n < data.len() - data.len() / 32).then(|| {
-                out.push(ZSTD);
-                out
-            })
+            (n < data.len() - data.len() / 32).then(|| seal(out, Kind::Zstd))
         })
         .flatten();
         if let Some(out) = compressed {
@@ -61,19 +119,15 @@ pub fn encode_frame(frame: &[u8], data: &[u8], level: i32) -> Vec<u8> {
         return raw(data);
     }
     match compression::with_content_size(frame, data.len() as u64) {
-        Some(mut out) => {
-            out.push(ZSTD);
-            out
-        }
+        Some(out) => seal(out, Kind::Zstd),
         None => encode(data, level),
     }
 }
 
 fn raw(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 1);
+    let mut out = Vec::with_capacity(data.len() + 5);
     out.extend_from_slice(data);
-    out.push(RAW);
-    out
+    seal(out, Kind::Raw)
 }
 
 /// Runs `f` with this thread's compressor at `level`; `None` if zstd failed to set up.
@@ -103,55 +157,55 @@ fn looks_compressible(data: &[u8], level: i32) -> bool {
     compressed.is_some_and(|c| c.len() < sample.len() - sample.len() / 16)
 }
 
-/// Decodes a stored chunk. `None` means the value is corrupt.
+/// Decodes a stored chunk, its checksum verified. `None` means the value is
+/// corrupt.
 pub fn decode(value: &[u8]) -> Option<Bytes> {
-    let (&tag, payload) = value.split_last()?;
-    match tag {
-        RAW => Some(Bytes::copy_from_slice(payload)),
-        ZSTD => {
-            let size = zstd::zstd_safe::get_frame_content_size(payload).ok()??;
-            DECOMPRESSOR.with(|cell| {
-                let mut cell = cell.borrow_mut();
-                if cell.is_none() {
-                    *cell = Some(zstd::bulk::Decompressor::new().ok()?);
-                }
-                let out = cell.as_mut()?.decompress(payload, size as usize).ok()?;
-                (out.len() as u64 == size).then(|| Bytes::from(out))
-            })
-        }
-        _ => None,
+    match open(value)? {
+        (Kind::Raw, payload) => Some(Bytes::copy_from_slice(payload)),
+        (Kind::Zstd, frame) => decompress(frame),
     }
 }
 
+fn decompress(frame: &[u8]) -> Option<Bytes> {
+    let size = zstd::zstd_safe::get_frame_content_size(frame).ok()??;
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = Some(zstd::bulk::Decompressor::new().ok()?);
+        }
+        let out = cell.as_mut()?.decompress(frame, size as usize).ok()?;
+        (out.len() as u64 == size).then(|| Bytes::from(out))
+    })
+}
+
 /// How many bytes of the blob a stored chunk holds, read from its header
-/// alone. `None` means the value is corrupt.
+/// alone (the checksum is not checked). `None` means the value is corrupt.
 pub fn content_len(value: &[u8]) -> Option<u64> {
-    let (&tag, payload) = value.split_last()?;
-    match tag {
-        RAW => Some(payload.len() as u64),
-        ZSTD => zstd::zstd_safe::get_frame_content_size(payload).ok()?,
-        _ => None,
+    match payload_len(value)? {
+        (Kind::Raw, len) => Some(len as u64),
+        (Kind::Zstd, len) => zstd::zstd_safe::get_frame_content_size(&value[..len]).ok()?,
     }
 }
 
 pub fn is_compressed(value: &[u8]) -> bool {
-    value.last() == Some(&ZSTD)
+    payload_len(value).is_some_and(|(kind, _)| kind == Kind::Zstd)
 }
 
-/// The chunk's bytes from `skip` on, as one zstd frame: a stored frame as it
-/// is (no copy), raw bytes wrapped in raw blocks (no compression). Only a
-/// compressed chunk entered past its start is decompressed, to be wrapped
-/// raw. `None` means the value is corrupt.
+/// The chunk's bytes from `skip` on, as one zstd frame, its checksum
+/// verified: a stored frame as it is (no copy), raw bytes wrapped in raw
+/// blocks (no compression). Only a compressed chunk entered past its start
+/// is decompressed, to be wrapped raw. `None` means the value is corrupt.
 pub fn to_frame(mut value: Vec<u8>, skip: usize) -> Option<Bytes> {
-    let (&tag, payload) = value.split_last()?;
-    match tag {
-        RAW => Some(Bytes::from(compression::raw_frame(payload.get(skip..)?))),
-        ZSTD if skip == 0 => {
-            value.pop();
+    match open(&value)? {
+        (Kind::Raw, payload) => Some(Bytes::from(compression::raw_frame(payload.get(skip..)?))),
+        (Kind::Zstd, frame) if skip > 0 => {
+            Some(Bytes::from(compression::raw_frame(decompress(frame)?.get(skip..)?)))
+        }
+        (Kind::Zstd, frame) => {
+            let len = frame.len();
+            value.truncate(len);
             Some(Bytes::from(value))
         }
-        ZSTD => Some(Bytes::from(compression::raw_frame(decode(&value)?.get(skip..)?))),
-        _ => None,
     }
 }
 
@@ -168,7 +222,7 @@ mod tests {
             assert_eq!(decode(&stored).unwrap(), data);
         }
         assert!(encode(&text, 1).len() < text.len() / 10, "text compresses");
-        assert_eq!(encode(b"tiny", 1).last(), Some(&RAW));
+        assert_eq!(encode(b"tiny", 1).last(), Some(&RAW_SUMMED));
     }
 
     #[test]
@@ -186,7 +240,7 @@ mod tests {
         }
         let stored = encode(&text, 1);
         assert!(is_compressed(&stored));
-        assert_eq!(to_frame(stored.clone(), 0).unwrap(), stored[..stored.len() - 1], "sent as stored");
+        assert_eq!(to_frame(stored.clone(), 0).unwrap(), stored[..stored.len() - 5], "sent as stored");
     }
 
     #[test]
@@ -196,18 +250,40 @@ mod tests {
         std::io::Write::write_all(&mut e, &text).unwrap();
         let frame = e.finish().unwrap();
         let stored = encode_frame(&frame, &text, 1);
-        assert!(stored.ends_with(&[ZSTD]) && stored.len() < frame.len() + 8, "kept, not recompressed");
+        assert!(
+            stored.ends_with(&[ZSTD_SUMMED]) && stored.len() < frame.len() + 13,
+            "kept, not recompressed"
+        );
         assert_eq!(decode(&stored).unwrap(), text);
         assert_eq!(content_len(&stored), Some(text.len() as u64));
 
         let random = crate::bench::data::random_bytes(50_000, 2);
         let frame = zstd::bulk::compress(&random, 3).unwrap();
-        assert_eq!(encode_frame(&frame, &random, 1).last(), Some(&RAW), "incompressible: raw");
+        assert_eq!(encode_frame(&frame, &random, 1).last(), Some(&RAW_SUMMED), "incompressible: raw");
         // Two frames are not one chunk frame: compressed afresh instead.
         let two =
             [zstd::bulk::compress(&text[..10], 1).unwrap(), zstd::bulk::compress(&text[10..], 1).unwrap()];
         let stored = encode_frame(&two.concat(), &text, 1);
         assert_eq!(decode(&stored).unwrap(), text);
+    }
+
+    #[test]
+    fn any_flipped_byte_is_caught_by_the_checksum() {
+        let text: Vec<u8> = b"fn main() { println!(\"hello\"); }\n".repeat(4096);
+        let random = crate::bench::data::random_bytes(100_000, 2);
+        for data in [&text[..], &random[..]] {
+            let stored = encode(data, 1);
+            for at in [0, stored.len() / 2, stored.len() - 3, stored.len() - 1] {
+                let mut bad = stored.clone();
+                bad[at] ^= 0x01;
+                assert!(decode(&bad).is_none(), "flip at {at}");
+                assert!(to_frame(bad, 0).is_none(), "flip at {at}, sent as a frame");
+            }
+        }
+        // Values written before checksums still read.
+        let mut legacy = b"old bytes".to_vec();
+        legacy.push(RAW);
+        assert_eq!(decode(&legacy).unwrap(), b"old bytes".as_slice());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use rocksdb::{IteratorMode, WriteBatch};
 
-use super::layout::{CF_CHUNKS, CF_INDEX, CF_LRU, chunk_key, index_key, lru_key, split_lru_key};
+use super::layout::{CF_CHUNKS, CF_LRU, chunk_key, lru_key, split_lru_key};
 use super::{Error, Store};
 
 /// What one eviction pass removed.
@@ -83,14 +83,7 @@ impl Store {
                 continue;
             }
             done.insert(*digest);
-            batch.delete_cf(self.cf(CF_INDEX), index_key(digest));
-            batch.delete_range_cf(
-                self.cf(CF_CHUNKS),
-                chunk_key(entry.blob_id, 0),
-                chunk_key(entry.blob_id + 1, 0),
-            );
-            self.count_stored(&mut batch, -(entry.stored as i64));
-            self.count_blobs(&mut batch, -1, -(digest.size as i64));
+            self.delete_blob(&mut batch, digest, &entry);
             evicted.blobs += 1;
             evicted.bytes += entry.stored;
             evicted.blob_ids = Some(match evicted.blob_ids {

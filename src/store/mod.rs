@@ -65,6 +65,7 @@ pub struct Store {
     written_since: AtomicU64,
     /// Totals since the store opened, for metrics.
     rejected_writes: AtomicU64,
+    corrupt_blobs: AtomicU64,
     evicted_blobs: AtomicU64,
     evicted_bytes: AtomicU64,
 }
@@ -74,6 +75,14 @@ pub struct Store {
 pub struct Blob {
     pub digest: Digest,
     blob_id: u64,
+}
+
+/// What a scrub checked and removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scrubbed {
+    pub blobs: u64,
+    pub bytes: u64,
+    pub removed: u64,
 }
 
 /// The store in figures (see [`Store::stats`]).
@@ -91,6 +100,8 @@ pub struct Stats {
     /// Since the store opened: writes refused at the hard limit, and what
     /// eviction removed.
     pub rejected_writes: u64,
+    /// Blobs found corrupt on disk and removed.
+    pub corrupt_blobs: u64,
     pub evicted_blobs: u64,
     pub evicted_bytes: u64,
     /// RocksDB's own figures: compaction debt, and whether writes are stopped
@@ -230,6 +241,7 @@ impl Store {
             measured_disk: AtomicU64::new(0),
             written_since: AtomicU64::new(0),
             rejected_writes: AtomicU64::new(0),
+            corrupt_blobs: AtomicU64::new(0),
             evicted_blobs: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
         };
@@ -350,6 +362,7 @@ impl Store {
             max_size: self.options.max_size,
             partial_uploads,
             rejected_writes: self.rejected_writes.load(Ordering::Relaxed),
+            corrupt_blobs: self.corrupt_blobs.load(Ordering::Relaxed),
             evicted_blobs: self.evicted_blobs.load(Ordering::Relaxed),
             evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
             pending_compaction_bytes: cfs
@@ -461,15 +474,17 @@ impl Store {
         if offset >= blob.digest.size {
             return Ok(Bytes::new());
         }
-        let (start, value) = self.chunk_at(blob.blob_id, offset)?.ok_or_else(|| {
+        let (start, value) = self.chunk_of(blob, offset)?.ok_or_else(|| {
             Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
         })?;
-        let data = chunk::decode(&value).ok_or_else(|| {
-            Error::Corrupt(format!("chunk at offset {start} of blob {} is corrupt", blob.digest))
-        })?;
+        let Some(data) = chunk::decode(&value) else {
+            return Err(
+                self.remove_corrupt(&blob.digest, format!("the chunk at offset {start} fails its check"))
+            );
+        };
         let skip = (offset - start) as usize;
         if skip >= data.len() {
-            return Err(Error::Corrupt(format!("blob {} has a gap at offset {offset}", blob.digest)));
+            return Err(self.remove_corrupt(&blob.digest, format!("a gap at offset {offset}")));
         }
         Ok(data.slice(skip..))
     }
@@ -481,18 +496,108 @@ impl Store {
         if offset >= blob.digest.size {
             return Ok((Bytes::from(crate::compression::raw_frame(&[])), 0));
         }
-        let (start, value) = self.chunk_at(blob.blob_id, offset)?.ok_or_else(|| {
+        let (start, value) = self.chunk_of(blob, offset)?.ok_or_else(|| {
             Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
         })?;
         let corrupt =
-            || Error::Corrupt(format!("chunk at offset {start} of blob {} is corrupt", blob.digest));
+            || self.remove_corrupt(&blob.digest, format!("the chunk at offset {start} fails its check"));
         let len = chunk::content_len(&value).ok_or_else(corrupt)?;
         let skip = offset - start;
         if skip >= len {
-            return Err(Error::Corrupt(format!("blob {} has a gap at offset {offset}", blob.digest)));
+            return Err(self.remove_corrupt(&blob.digest, format!("a gap at offset {offset}")));
         }
         let frame = chunk::to_frame(value, skip as usize).ok_or_else(corrupt)?;
         Ok((frame, len - skip))
+    }
+
+    /// Re-reads and re-hashes every stored blob, removing those whose chunks
+    /// fail their checks or whose bytes do not hash to their digest.
+    /// `progress` hears of each blob checked (its size).
+    pub fn scrub(&self, mut progress: impl FnMut(u64)) -> Result<Scrubbed, Error> {
+        let mut report = Scrubbed::default();
+        for item in self.db.iterator_cf(self.cf(CF_INDEX), IteratorMode::Start) {
+            let (key, value) = item?;
+            let (Some(digest), Some(entry)) = (digest_of_index_key(&key), IndexEntry::decode(&value)) else {
+                continue;
+            };
+            let blob = Blob { digest, blob_id: entry.blob_id };
+            let mut hasher = crate::digest::Hasher::new(digest.function);
+            let mut offset = 0;
+            let outcome = loop {
+                if offset >= digest.size {
+                    break Ok(());
+                }
+                match self.read_at(&blob, offset) {
+                    Ok(data) => {
+                        hasher.update(&data);
+                        offset += data.len() as u64;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    let actual = hasher.finish();
+                    if actual != digest {
+                        self.remove_corrupt(&digest, format!("its bytes hash to {actual}"));
+                        report.removed += 1;
+                    }
+                }
+                Err(Error::Removed(_)) => report.removed += 1,
+                // Evicted meanwhile.
+                Err(Error::Vanished(_)) => {}
+                Err(e) => return Err(e),
+            }
+            report.blobs += 1;
+            report.bytes += digest.size;
+            progress(digest.size);
+        }
+        Ok(report)
+    }
+
+    /// Removes a blob found corrupt on disk, so that it is never served and
+    /// clients upload it again: the error they get says NOT_FOUND.
+    pub fn remove_corrupt(&self, digest: &Digest, detail: String) -> Error {
+        tracing::warn!(digest = %digest, "removing a corrupt blob: {detail}");
+        self.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
+        let removed = (|| {
+            let _guard = self.stripe(digest);
+            let Some(entry) = self.get_entry(digest)? else { return Ok(()) };
+            let mut batch = WriteBatch::default();
+            self.delete_blob(&mut batch, digest, &entry);
+            self.write(batch)
+        })();
+        if let Err(e) = removed {
+            tracing::warn!(digest = %digest, "could not remove the corrupt blob: {e}");
+        }
+        Error::Removed(format!(
+            "blob {digest} was corrupt on disk ({detail}) and has been removed: upload it again"
+        ))
+    }
+
+    /// Adds the deletion of a blob (index entry, eviction order, chunks,
+    /// counters) to `batch`.
+    fn delete_blob(&self, batch: &mut WriteBatch, digest: &Digest, entry: &IndexEntry) {
+        batch.delete_cf(self.cf(CF_INDEX), index_key(digest));
+        batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
+        batch.delete_range_cf(
+            self.cf(CF_CHUNKS),
+            chunk_key(entry.blob_id, 0),
+            chunk_key(entry.blob_id + 1, 0),
+        );
+        self.count_stored(batch, -(entry.stored as i64));
+        self.count_blobs(batch, -1, -(digest.size as i64));
+    }
+
+    /// The chunk of a present blob that holds `offset`: a chunk RocksDB finds
+    /// corrupt (its own checksums) gets the blob removed, like one failing ours.
+    fn chunk_of(&self, blob: &Blob, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
+        match self.chunk_at(blob.blob_id, offset) {
+            Err(Error::Db(e)) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                Err(self.remove_corrupt(&blob.digest, format!("RocksDB: {e}")))
+            }
+            other => other,
+        }
     }
 
     /// The stored chunk of `blob_id` that holds `offset`, with its start offset.
@@ -538,16 +643,17 @@ impl Store {
         let mut values = Vec::new();
         let mut offset = 0;
         while offset < digest.size {
+            // Evicted since it was located: absent, like any missing blob.
             let (start, value) =
-                self.chunk_at(blob.blob_id, offset)?.filter(|(start, _)| *start == offset).ok_or_else(
-                    || Error::Corrupt(format!("blob {digest} has no chunk starting at offset {offset}")),
-                )?;
+                self.chunk_of(&blob, offset)?.filter(|(start, _)| *start == offset).ok_or_else(|| {
+                    Error::Vanished(format!("blob {digest} has no chunk starting at offset {offset}"))
+                })?;
             offset += chunk::content_len(&value).filter(|n| *n > 0).ok_or_else(|| {
-                Error::Corrupt(format!("chunk at offset {start} of blob {digest} is corrupt"))
+                self.remove_corrupt(digest, format!("the chunk at offset {start} is malformed"))
             })?;
             values.push(value);
         }
-        let corrupt = || Error::Corrupt(format!("a chunk of blob {digest} is corrupt"));
+        let corrupt = || self.remove_corrupt(digest, "a chunk fails its check".to_string());
         let encoding =
             if values.iter().any(|v| chunk::is_compressed(v)) { Encoding::Zstd } else { Encoding::Identity };
         let mut out = Vec::with_capacity(values.iter().map(Vec::len).sum());
@@ -821,6 +927,8 @@ pub enum Error {
     Vanished(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Removed(String),
     #[error("{0}")]
     Open(String),
     #[error("the data directory {0} is in use by another process (another larder?)")]

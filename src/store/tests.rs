@@ -323,3 +323,30 @@ fn directories_from_before_the_counters_are_counted_at_open() {
     let stats = open(tmp.path()).stats().unwrap();
     assert_eq!((stats.blobs, stats.logical_bytes), (1, 70_000));
 }
+
+#[test]
+fn a_chunk_failing_its_checksum_is_never_served_and_its_blob_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let (bad, worse, good) = (bytes(100_000, 4), bytes(100_000, 5), bytes(100_000, 6));
+    let blobs = [&bad, &worse, &good].map(|b| NewBlob::new(Digest::of(b), b.clone()));
+    assert!(store.put_blobs(&blobs).iter().all(Result::is_ok));
+    // Flip one byte of a chunk of `bad` and of `worse`, under the store.
+    for data in [&bad, &worse] {
+        let entry = store.get_entry(&Digest::of(data)).unwrap().unwrap();
+        let key = chunk_key(entry.blob_id, 65_536);
+        let mut value = store.db.get_cf(store.cf(CF_CHUNKS), key).unwrap().unwrap();
+        value[10] ^= 0x40;
+        store.db.put_cf(store.cf(CF_CHUNKS), key, value).unwrap();
+    }
+    let blob = store.locate(&Digest::of(&bad)).unwrap().unwrap();
+    assert_eq!(store.read_at(&blob, 0).unwrap(), bad.slice(..65_536), "the intact chunk reads");
+    assert!(matches!(store.read_at(&blob, 70_000), Err(Error::Removed(_))));
+    assert_eq!(store.contains(&[Digest::of(&bad)]).unwrap(), vec![false], "removed");
+    // A scrub finds the other one, and keeps the good blob.
+    let scrubbed = store.scrub(|_| {}).unwrap();
+    assert_eq!((scrubbed.blobs, scrubbed.removed), (2, 1));
+    assert_eq!(store.contains(&[Digest::of(&worse), Digest::of(&good)]).unwrap(), vec![false, true]);
+    let stats = store.stats().unwrap();
+    assert_eq!((stats.corrupt_blobs, stats.blobs, stats.logical_bytes), (2, 1, 100_000));
+}
