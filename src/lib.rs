@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod service;
+pub mod status;
 pub mod store;
 pub mod tls;

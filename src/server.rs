@@ -22,6 +22,7 @@ use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 use crate::metrics::Metrics;
+use crate::status::Board;
 use tower::ServiceExt;
 
 use crate::auth::{Auth, Caller, Htpasswd};
@@ -96,9 +97,17 @@ impl Server {
         let Server { listener, http_listener, metrics_listener, tls, auth, config } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::NotServing).await;
+        let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let board = Board::new(
+            addr(&listener),
+            http_listener.as_ref().map(addr),
+            metrics_listener.as_ref().map(addr),
+            config.dir.clone(),
+        );
         let app = App {
             port: Port::Main,
             auth,
+            board: Arc::new(board),
             health: Routes::new(health_service).prepare(),
             metrics: Arc::new(Metrics::default()),
             ready: Arc::new(OnceLock::new()),
@@ -117,7 +126,7 @@ impl Server {
                 opened = &mut opening, if open.is_none() => {
                     match opened.map_err(|e| Error::Store(store::Error::Open(e.to_string()))).and_then(|r| r) {
                         Ok(store) => {
-                            let running = Running::start(store, &config, &app.metrics);
+                            let running = Running::start(store, &config, &app.metrics, &app.board);
                             let _ = app.ready.set(running.services.clone());
                             for service in SERVICES.iter().chain([&""]) {
                                 health.set_service_status(*service, ServingStatus::Serving).await;
@@ -232,14 +241,19 @@ struct Running {
 }
 
 impl Running {
-    fn start(store: Arc<Store>, config: &Config, metrics: &Arc<Metrics>) -> Running {
+    fn start(store: Arc<Store>, config: &Config, metrics: &Arc<Metrics>, board: &Arc<Board>) -> Running {
         let shared = Arc::new(Shared {
             store: Arc::clone(&store),
             metrics: Arc::clone(metrics),
             max_batch_size: config.max_batch_size.0,
             max_message_size: config.max_message_size.0 as usize,
         });
-        let maintenance = tokio::spawn(maintain(Arc::clone(&store), config.partial_upload_max_age));
+        let maintenance = tokio::spawn(maintain(
+            Arc::clone(&store),
+            config.partial_upload_max_age,
+            Arc::clone(metrics),
+            Arc::clone(board),
+        ));
         let budget = eviction::Budget {
             max_size: config.max_size.0,
             high_watermark: config.eviction_high_watermark,
@@ -361,6 +375,7 @@ enum Port {
 struct App {
     port: Port,
     auth: Option<Arc<Auth>>,
+    board: Arc<Board>,
     health: Routes,
     metrics: Arc<Metrics>,
     ready: Arc<OnceLock<Services>>,
@@ -406,6 +421,9 @@ impl App {
                 false => HttpError::Status(status).into_response(),
             };
         };
+        if !grpc && matches!(path.as_str(), "/" | "/status.json") {
+            return self.status_page(&services.store, path == "/").await;
+        }
         let started = Instant::now();
         let request = request.map(|body| self.metrics.count_received(body));
         if grpc {
@@ -443,6 +461,26 @@ impl App {
                 "credentials required: send authorization: Basic with a user's password",
             )),
             Caller::Refused => Err(Status::unauthenticated("wrong credentials: check the user and password")),
+        }
+    }
+
+    /// The status page, as HTML or JSON.
+    async fn status_page(&self, store: &Arc<Store>, html: bool) -> Response<Body> {
+        let store = Arc::clone(store);
+        let stats = match crate::service::blocking(move || store.stats()).await {
+            Ok(stats) => stats,
+            Err(status) => return HttpError::Status(status).into_response(),
+        };
+        match html {
+            true => bytes_response(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                Bytes::from(self.board.html(&stats, &self.metrics)),
+            ),
+            false => crate::service::http::json_response(
+                StatusCode::OK,
+                self.board.json(&stats, &self.metrics).to_string().into_bytes(),
+            ),
         }
     }
 
@@ -596,13 +634,16 @@ mod calls {
     }
 }
 
-/// Periodic upkeep: access times to disk, stale partial uploads away.
-async fn maintain(store: Arc<Store>, upload_max_age: Duration) {
+/// Periodic upkeep: access times to disk, stale partial uploads away,
+/// throughput samples for the status page.
+async fn maintain(store: Arc<Store>, upload_max_age: Duration, metrics: Arc<Metrics>, board: Arc<Board>) {
     let expiry_every = (upload_max_age / 2).clamp(Duration::from_secs(1), Duration::from_secs(600));
     let mut flush = tokio::time::interval(ACCESS_FLUSH_INTERVAL);
     let mut expire = tokio::time::interval(expiry_every);
+    let mut sample = tokio::time::interval(crate::status::SAMPLE_EVERY);
     loop {
         tokio::select! {
+            _ = sample.tick() => board.sample(&metrics),
             _ = flush.tick() => {
                 let store = Arc::clone(&store);
                 match tokio::task::spawn_blocking(move || store.flush_access_times()).await {

@@ -252,3 +252,35 @@ async fn metrics_count_calls_bytes_hits_and_the_store() {
     let r = http.get(format!("http://{metrics_addr}/cas/{}", digest(&data).hash)).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test]
+async fn the_status_page_and_its_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let server = TestServer::start(&dir, &["--max-size", "1GiB"]);
+    let mut c = server.clients().await;
+    let data = text_bytes(100_000, 1);
+    c.write(&upload_name("", "s", &data), &data, 64 << 10).await.unwrap();
+    let get = larder::proto::reapi::GetActionResultRequest {
+        action_digest: Some(digest(b"no such action")),
+        ..Default::default()
+    };
+    assert_code(c.ac.get_action_result(get).await, tonic::Code::NotFound);
+    let http = reqwest::Client::new();
+    let status: serde_json::Value =
+        http.get(format!("http://{}/status.json", server.addr)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["listen"], server.addr);
+    assert_eq!(status["dataDir"], dir.display().to_string());
+    assert_eq!(status["maxSizeBytes"], 1u64 << 30);
+    assert_eq!((status["blobs"].as_u64(), status["logicalBytes"].as_u64()), (Some(1), Some(100_000)));
+    assert!(status["storedBytes"].as_u64().unwrap() < 100_000, "text compresses");
+    assert_eq!(status["actionCache"], serde_json::json!({"hits": 0, "misses": 1, "hitRatio": 0.0}));
+    assert!(status["throughput"]["sentBytesPerSecond"].is_array());
+    let page = http.get(format!("http://{}/", server.addr)).send().await.unwrap();
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let page = page.text().await.unwrap();
+    for expected in ["<svg", "Data directory", &dir.display().to_string(), "1 misses", "of the 1GiB budget"] {
+        assert!(page.contains(expected), "{expected:?} in the page");
+    }
+}
