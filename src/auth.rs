@@ -25,6 +25,14 @@ pub enum Caller {
 pub struct Auth {
     pub users: Htpasswd,
     pub anonymous_reads: bool,
+    /// Bounds the bcrypt checks running at once.
+    pub bcrypt: tokio::sync::Semaphore,
+}
+
+impl Auth {
+    pub fn new(users: Htpasswd, anonymous_reads: bool) -> Auth {
+        Auth { users, anonymous_reads, bcrypt: tokio::sync::Semaphore::new(2) }
+    }
 }
 
 pub struct Htpasswd {
@@ -59,7 +67,9 @@ impl Htpasswd {
             }
             users.insert(user.to_string(), hash.to_string());
         }
-        let Some(cost) = users.values().next().and_then(|h| h.get(4..6)).and_then(|c| c.parse().ok()) else {
+        // The dummy costs what the dearest entry does: refusing an unknown
+        // user must not be quicker than refusing a known one.
+        let Some(cost) = users.values().filter_map(|h| h.get(4..6)?.parse::<u32>().ok()).max() else {
             return Err("no users in it".into());
         };
         let dummy = bcrypt::hash("no one's password", cost).map_err(|e| format!("bcrypt: {e}"))?;

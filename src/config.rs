@@ -69,6 +69,9 @@ pub struct Config {
     pub htpasswd_file: PathBuf,
     /// With htpasswd_file: anonymous clients may read; writes need credentials.
     pub allow_unauthenticated_reads: bool,
+    /// Bytes per second the server re-hashes stored blobs at, in the
+    /// background (0: no online scrub).
+    pub scrub_rate: ByteSize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -96,6 +99,7 @@ pub struct Overrides {
     pub htpasswd_file: Option<PathBuf>,
     /// `Some(true)` when the flag is given.
     pub allow_unauthenticated_reads: Option<bool>,
+    pub scrub_rate: Option<String>,
 }
 
 impl Config {
@@ -123,7 +127,8 @@ impl Config {
             .set_override_option("tls_key", overrides.tls_key.map(|p| p.display().to_string()))?
             .set_override_option("tls_client_ca", overrides.tls_client_ca.map(|p| p.display().to_string()))?
             .set_override_option("htpasswd_file", overrides.htpasswd_file.map(|p| p.display().to_string()))?
-            .set_override_option("allow_unauthenticated_reads", overrides.allow_unauthenticated_reads)?;
+            .set_override_option("allow_unauthenticated_reads", overrides.allow_unauthenticated_reads)?
+            .set_override_option("scrub_rate", overrides.scrub_rate)?;
         let mut config: Config = builder.build()?.try_deserialize()?;
         if config.dir.as_os_str().is_empty() {
             config.dir = default_dir()?;

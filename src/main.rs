@@ -76,6 +76,10 @@ struct ServeArgs {
     /// With --htpasswd: anonymous clients may read; writes need credentials.
     #[arg(long)]
     allow_unauthenticated_reads: bool,
+    /// Re-hash stored blobs in the background at this many bytes per second,
+    /// e.g. 20MiB [default: 0, off].
+    #[arg(long, value_name = "SIZE")]
+    scrub_rate: Option<String>,
     /// Log format on stderr: compact (for people) or json (for collectors) [default: compact].
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
@@ -110,11 +114,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         tls_client_ca: args.tls_client_ca,
         htpasswd_file: args.htpasswd,
         allow_unauthenticated_reads: args.allow_unauthenticated_reads.then_some(true),
+        scrub_rate: args.scrub_rate,
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     init_logs(config.log_format);
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let (dir, max_size, drain) = (config.dir.clone(), config.max_size, config.drain_timeout);
         let server = Server::bind(config).await.map_err(|e| e.to_string())?;
         let (addr, http, metrics) = (server.local_addr(), server.http_addr(), server.metrics_addr());
@@ -131,7 +136,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             );
         };
         server.run(shutdown_signal(drain), ready).await.map_err(|e| e.to_string())
-    })
+    });
+    // The store is closed (its memtables flushed) as the last tasks holding
+    // it end; anything stuck past this, such as an open abandoned while a
+    // WAL replayed, must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    served
 }
 
 fn scrub(args: ScrubArgs) -> Result<(), String> {
@@ -153,7 +163,12 @@ fn scrub(args: ScrubArgs) -> Result<(), String> {
         .expect("a valid template"),
     );
     let started = std::time::Instant::now();
-    let report = store.scrub(|size| bar.inc(size)).map_err(|e| e.to_string())?;
+    let report = store
+        .scrub(|size| {
+            bar.inc(size);
+            true
+        })
+        .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     println!(
         "scrub: checked {} blobs ({} bytes) in {:.1}s in {}: {} corrupt, removed",

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -64,10 +65,10 @@ impl Server {
         let tls = config.tls().map(|(cert, key, ca)| crate::tls::acceptor(cert, key, ca)).transpose()?;
         let auth = match config.htpasswd_file.as_os_str().is_empty() {
             true => None,
-            false => Some(Arc::new(Auth {
-                users: Htpasswd::load(&config.htpasswd_file).map_err(Error::Auth)?,
-                anonymous_reads: config.allow_unauthenticated_reads,
-            })),
+            false => Some(Arc::new(Auth::new(
+                Htpasswd::load(&config.htpasswd_file).map_err(Error::Auth)?,
+                config.allow_unauthenticated_reads,
+            ))),
         };
         let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Bind(config.listen, e))?;
         let http_listener = bind_optional(config.http_listen).await?;
@@ -95,7 +96,7 @@ impl Server {
     /// UNAVAILABLE; `ready` runs once it is.
     pub async fn run(self, shutdown: impl Future<Output = ()>, ready: impl FnOnce()) -> Result<(), Error> {
         let Server { listener, http_listener, metrics_listener, tls, auth, config } = self;
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let (mut health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::NotServing).await;
         let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let board = Board::new(
@@ -173,7 +174,10 @@ impl Server {
             });
         };
         opening.abort();
-        health.set_service_status("", ServingStatus::NotServing).await;
+        // Ends Watch streams too: they would hold their connections open.
+        for service in SERVICES.iter().chain([&""]) {
+            health.clear_service_status(service).await;
+        }
         // Stop accepting, then give in-flight calls the drain timeout to
         // finish; idle connections are closed at once.
         drop((listener, http_listener, metrics_listener));
@@ -238,6 +242,8 @@ struct Running {
     services: Services,
     maintenance: JoinHandle<()>,
     eviction: JoinHandle<()>,
+    /// Set at shutdown: the online scrub stops at the next blob.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Running {
@@ -266,11 +272,16 @@ impl Running {
             grpc: grpc_routes(&shared),
             http: Arc::new(HttpApi::new(shared)),
         };
-        Running { store, services, maintenance, eviction }
+        let stopping = Arc::new(AtomicBool::new(false));
+        if config.scrub_rate.0 > 0 {
+            tokio::spawn(scrub_online(Arc::clone(&store), config.scrub_rate.0, Arc::clone(&stopping)));
+        }
+        Running { store, services, maintenance, eviction, stopping }
     }
 
     /// Stops the background tasks and writes pending access times.
     async fn stop(self) {
+        self.stopping.store(true, Ordering::Relaxed);
         self.maintenance.abort();
         self.eviction.abort();
         let store = self.store;
@@ -427,7 +438,8 @@ impl App {
         let started = Instant::now();
         let request = request.map(|body| self.metrics.count_received(body));
         if grpc {
-            calls::observe_grpc(&self.metrics, path, started, call(&services.grpc, request).await)
+            let method = calls::method_label(&path);
+            calls::observe_grpc(&self.metrics, method, started, call(&services.grpc, request).await)
         } else {
             let response = services.http.handle(request).await;
             calls::observe_http(&self.metrics, &method, &path, started, response)
@@ -444,6 +456,11 @@ impl App {
         let caller = match auth.users.check_quickly(header.as_deref()) {
             Some(caller) => caller,
             None => {
+                // bcrypt is slow on purpose: a flood of wrong passwords may
+                // hold two threads, never the whole blocking pool.
+                let Ok(_permit) = auth.bcrypt.acquire().await else {
+                    return Err(Status::unavailable("shutting down"));
+                };
                 let auth = Arc::clone(auth);
                 tokio::task::spawn_blocking(move || auth.users.check(header.as_deref()))
                     .await
@@ -541,6 +558,26 @@ mod calls {
     use crate::metrics::Metrics;
     use crate::service::http::{code_name, route_label};
 
+    /// The methods served, for metric labels: anything else is "other", so
+    /// that clients cannot grow the label set.
+    const METHODS: [&str; 11] = [
+        "/build.bazel.remote.execution.v2.Capabilities/GetCapabilities",
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs",
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs",
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree",
+        "/build.bazel.remote.execution.v2.ActionCache/GetActionResult",
+        "/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult",
+        "/google.bytestream.ByteStream/Read",
+        "/google.bytestream.ByteStream/Write",
+        "/google.bytestream.ByteStream/QueryWriteStatus",
+        "/grpc.health.v1.Health/Check",
+    ];
+
+    pub fn method_label(path: &str) -> String {
+        METHODS.iter().find(|m| **m == path).map_or("other", |m| m).to_string()
+    }
+
     /// A gRPC reply: its status is in the headers of a reply with no body,
     /// else in the trailers of the stream.
     pub fn observe_grpc(
@@ -631,6 +668,43 @@ mod calls {
             assert_eq!(super::digest_in(&format!("blob blake3:{h}/3 is gone")), Some(&*format!("{h}/3")));
             assert_eq!(super::digest_in("write_offset 5 does not follow"), None);
         }
+    }
+}
+
+/// Scrubs the store pass after pass, at most `rate` bytes per second.
+async fn scrub_online(store: Arc<Store>, rate: u64, stopping: Arc<AtomicBool>) {
+    while !stopping.load(Ordering::Relaxed) {
+        let (store, stop) = (Arc::clone(&store), Arc::clone(&stopping));
+        let pass = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut done = 0u64;
+            let report = store.scrub(|size| {
+                done += size;
+                // Sleep off whatever runs ahead of the rate, in short steps
+                // so that a shutdown never waits on it.
+                let due = Duration::from_secs_f64(done as f64 / rate as f64);
+                while let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    if stop.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    std::thread::sleep(ahead.min(Duration::from_millis(100)));
+                }
+                !stop.load(Ordering::Relaxed)
+            });
+            (report, started.elapsed())
+        })
+        .await;
+        match pass {
+            Ok((Ok(r), took)) => tracing::info!(
+                "scrub pass: checked {} blobs ({} bytes) in {took:.0?}, removed {} corrupt",
+                r.blobs,
+                r.bytes,
+                r.removed
+            ),
+            Ok((Err(e), _)) => tracing::warn!("scrub pass failed: {e}"),
+            Err(e) => tracing::warn!("scrub task failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
     }
 }
 

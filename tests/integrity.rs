@@ -63,3 +63,33 @@ async fn corrupt_blobs_are_never_served_and_scrub_removes_them() {
     assert_eq!(client.find_missing(&[digest(&b), digest(&c)]).await, vec![digest(&b)]);
     assert!(client.read(&read_name("", &c), 0, 0).await.unwrap() == c);
 }
+
+#[tokio::test]
+async fn the_online_scrub_finds_corruption_nobody_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let (bad, good) = (random_bytes(300_000, 4), random_bytes(300_000, 5));
+    let server = TestServer::start(&dir, &[]);
+    let mut client = server.clients().await;
+    for (name, data) in [("bad", &bad), ("good", &good)] {
+        client.write(&upload_name("", name, data), data, 64 << 10).await.unwrap();
+    }
+    drop(client);
+    assert!(tokio::task::spawn_blocking(move || server.stop()).await.unwrap().success());
+    flip_on_disk(&dir, &bad);
+
+    let server = TestServer::start(&dir, &["--scrub-rate", "100MiB"]);
+    let metrics = format!("http://{}/metrics", server.addr);
+    let mut removed = false;
+    for _ in 0..100 {
+        let page = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        if page.contains("larder_corrupt_blobs_removed_total 1") {
+            removed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(removed, "the scrub removed the corrupt blob");
+    let mut client = server.clients().await;
+    assert_eq!(client.find_missing(&[digest(&bad), digest(&good)]).await, vec![digest(&bad)]);
+}

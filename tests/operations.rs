@@ -215,7 +215,11 @@ async fn metrics_count_calls_bytes_hits_and_the_store() {
     c.ac.update_action_result(update).await.unwrap();
     c.ac.get_action_result(get).await.unwrap();
     http.get(format!("http://{}/cas/{}", server.addr, digest(b"nope").hash)).send().await.unwrap();
+    // Made-up routes must not grow the label set.
+    http.post(format!("http://{}/v2//blobs:madeUp12345", server.addr)).send().await.unwrap();
     let after = scrape().await;
+    assert!(!after.contains("madeUp12345"), "{after}");
+    assert_eq!(sample(&after, r#"larder_calls_total{method="POST /v2/other",code="404"}"#), 1.0);
 
     let find = r#"larder_calls_total{method="/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",code="OK"}"#;
     assert_eq!(sample(&after, find), 1.0);

@@ -62,7 +62,9 @@ pub fn route_label(method: &Method, path: &str) -> String {
     let route = if let Some(rest) = path.strip_prefix("/v2/") {
         let tail = rest.rsplit('/').next().unwrap_or("");
         match tail.split_once(':') {
-            Some((_, verb)) if rest.contains("blobs") => format!("/v2/blobs:{verb}"),
+            Some((_, verb @ ("findMissing" | "batchUpdate" | "batchRead" | "getTree"))) => {
+                format!("/v2/blobs:{verb}")
+            }
             _ if tail == "capabilities" => "/v2/capabilities".to_string(),
             _ if rest.contains("actionResults/") => "/v2/actionResults".to_string(),
             _ => "/v2/other".to_string(),
@@ -73,6 +75,10 @@ pub fn route_label(method: &Method, path: &str) -> String {
         path.to_string()
     } else {
         "other".to_string()
+    };
+    let method = match *method {
+        Method::GET | Method::HEAD | Method::PUT | Method::POST | Method::DELETE => method.as_str(),
+        _ => "OTHER",
     };
     format!("{method} {route}")
 }

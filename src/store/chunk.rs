@@ -19,8 +19,10 @@ use crate::compression;
 
 const RAW: u8 = 0;
 const ZSTD: u8 = 1;
-const RAW_SUMMED: u8 = 2;
-const ZSTD_SUMMED: u8 = 3;
+// Far (in bits) from the legacy tags and from each other: no single flipped
+// bit turns a checked value into an unchecked one, or one kind into another.
+const RAW_SUMMED: u8 = 0xa5;
+const ZSTD_SUMMED: u8 = 0x5a;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -178,12 +180,12 @@ fn decompress(frame: &[u8]) -> Option<Bytes> {
     })
 }
 
-/// How many bytes of the blob a stored chunk holds, read from its header
-/// alone (the checksum is not checked). `None` means the value is corrupt.
+/// How many bytes of the blob a stored chunk holds, its checksum verified.
+/// `None` means the value is corrupt.
 pub fn content_len(value: &[u8]) -> Option<u64> {
-    match payload_len(value)? {
-        (Kind::Raw, len) => Some(len as u64),
-        (Kind::Zstd, len) => zstd::zstd_safe::get_frame_content_size(&value[..len]).ok()?,
+    match open(value)? {
+        (Kind::Raw, payload) => Some(payload.len() as u64),
+        (Kind::Zstd, frame) => zstd::zstd_safe::get_frame_content_size(frame).ok()?,
     }
 }
 
@@ -273,11 +275,14 @@ mod tests {
         let random = crate::bench::data::random_bytes(100_000, 2);
         for data in [&text[..], &random[..]] {
             let stored = encode(data, 1);
-            for at in [0, stored.len() / 2, stored.len() - 3, stored.len() - 1] {
+            let tag = stored.len() - 1;
+            let flips = [0, stored.len() / 2, stored.len() - 3].map(|at| (at, 0x01)).into_iter();
+            for (at, bit) in flips.chain((0..8).map(|bit| (tag, 1u8 << bit))) {
                 let mut bad = stored.clone();
-                bad[at] ^= 0x01;
-                assert!(decode(&bad).is_none(), "flip at {at}");
-                assert!(to_frame(bad, 0).is_none(), "flip at {at}, sent as a frame");
+                bad[at] ^= bit;
+                assert!(decode(&bad).is_none(), "flip {bit:#x} at {at}");
+                assert!(content_len(&bad).is_none(), "flip {bit:#x} at {at}, length");
+                assert!(to_frame(bad, 0).is_none(), "flip {bit:#x} at {at}, sent as a frame");
             }
         }
         // Values written before checksums still read.

@@ -210,7 +210,10 @@ impl Store {
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
             // RocksDB's LOCK file is held by another process.
-            if e.to_string().contains("lock") || e.to_string().contains("Resource temporarily unavailable") {
+            let message = e.to_string();
+            if message.contains("While lock file")
+                || message.contains("/LOCK: Resource temporarily unavailable")
+            {
                 Error::Locked(path.display().to_string())
             } else {
                 Error::Open(format!("cannot open the data directory {}: {e}", path.display()))
@@ -478,13 +481,11 @@ impl Store {
             Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
         })?;
         let Some(data) = chunk::decode(&value) else {
-            return Err(
-                self.remove_corrupt(&blob.digest, format!("the chunk at offset {start} fails its check"))
-            );
+            return Err(self.remove_corrupt(blob, format!("the chunk at offset {start} fails its check")));
         };
         let skip = (offset - start) as usize;
         if skip >= data.len() {
-            return Err(self.remove_corrupt(&blob.digest, format!("a gap at offset {offset}")));
+            return Err(self.remove_corrupt(blob, format!("a gap at offset {offset}")));
         }
         Ok(data.slice(skip..))
     }
@@ -499,12 +500,11 @@ impl Store {
         let (start, value) = self.chunk_of(blob, offset)?.ok_or_else(|| {
             Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
         })?;
-        let corrupt =
-            || self.remove_corrupt(&blob.digest, format!("the chunk at offset {start} fails its check"));
+        let corrupt = || self.remove_corrupt(blob, format!("the chunk at offset {start} fails its check"));
         let len = chunk::content_len(&value).ok_or_else(corrupt)?;
         let skip = offset - start;
         if skip >= len {
-            return Err(self.remove_corrupt(&blob.digest, format!("a gap at offset {offset}")));
+            return Err(self.remove_corrupt(blob, format!("a gap at offset {offset}")));
         }
         let frame = chunk::to_frame(value, skip as usize).ok_or_else(corrupt)?;
         Ok((frame, len - skip))
@@ -512,8 +512,9 @@ impl Store {
 
     /// Re-reads and re-hashes every stored blob, removing those whose chunks
     /// fail their checks or whose bytes do not hash to their digest.
-    /// `progress` hears of each blob checked (its size).
-    pub fn scrub(&self, mut progress: impl FnMut(u64)) -> Result<Scrubbed, Error> {
+    /// `progress` hears of each blob checked (its size), and stops the scrub
+    /// by returning false (it may also sleep, to bound the scrub's rate).
+    pub fn scrub(&self, mut progress: impl FnMut(u64) -> bool) -> Result<Scrubbed, Error> {
         let mut report = Scrubbed::default();
         for item in self.db.iterator_cf(self.cf(CF_INDEX), IteratorMode::Start) {
             let (key, value) = item?;
@@ -538,41 +539,57 @@ impl Store {
             match outcome {
                 Ok(()) => {
                     let actual = hasher.finish();
-                    if actual != digest {
-                        self.remove_corrupt(&digest, format!("its bytes hash to {actual}"));
+                    if actual != digest
+                        && let Error::Removed(_) =
+                            self.remove_corrupt(&blob, format!("its bytes hash to {actual}"))
+                    {
                         report.removed += 1;
                     }
                 }
                 Err(Error::Removed(_)) => report.removed += 1,
-                // Evicted meanwhile.
-                Err(Error::Vanished(_)) => {}
+                // Evicted meanwhile: not checked.
+                Err(Error::Vanished(_)) => continue,
                 Err(e) => return Err(e),
             }
             report.blobs += 1;
             report.bytes += digest.size;
-            progress(digest.size);
+            if !progress(digest.size) {
+                break;
+            }
         }
         Ok(report)
     }
 
     /// Removes a blob found corrupt on disk, so that it is never served and
-    /// clients upload it again: the error they get says NOT_FOUND.
-    pub fn remove_corrupt(&self, digest: &Digest, detail: String) -> Error {
+    /// clients upload it again: the error says NOT_FOUND either way. Only
+    /// the copy found corrupt goes: a blob stored again since is kept.
+    pub fn remove_corrupt(&self, blob: &Blob, detail: String) -> Error {
+        let digest = &blob.digest;
         tracing::warn!(digest = %digest, "removing a corrupt blob: {detail}");
-        self.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
         let removed = (|| {
             let _guard = self.stripe(digest);
-            let Some(entry) = self.get_entry(digest)? else { return Ok(()) };
+            let Some(entry) = self.get_entry(digest)?.filter(|e| e.blob_id == blob.blob_id) else {
+                return Ok(false);
+            };
             let mut batch = WriteBatch::default();
             self.delete_blob(&mut batch, digest, &entry);
-            self.write(batch)
+            self.write(batch).map(|()| true)
         })();
-        if let Err(e) = removed {
-            tracing::warn!(digest = %digest, "could not remove the corrupt blob: {e}");
+        match removed {
+            Ok(true) => {
+                self.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
+                Error::Removed(format!(
+                    "blob {digest} was corrupt on disk ({detail}) and has been removed: upload it again"
+                ))
+            }
+            Ok(false) => Error::Vanished(format!("blob {digest} was corrupt on disk ({detail}) and is gone")),
+            Err(e) => {
+                tracing::warn!(digest = %digest, "could not remove the corrupt blob: {e}");
+                Error::Vanished(format!(
+                    "blob {digest} is corrupt on disk ({detail}); removing it failed: {e}"
+                ))
+            }
         }
-        Error::Removed(format!(
-            "blob {digest} was corrupt on disk ({detail}) and has been removed: upload it again"
-        ))
     }
 
     /// Adds the deletion of a blob (index entry, eviction order, chunks,
@@ -594,7 +611,7 @@ impl Store {
     fn chunk_of(&self, blob: &Blob, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
         match self.chunk_at(blob.blob_id, offset) {
             Err(Error::Db(e)) if e.kind() == rocksdb::ErrorKind::Corruption => {
-                Err(self.remove_corrupt(&blob.digest, format!("RocksDB: {e}")))
+                Err(self.remove_corrupt(blob, format!("RocksDB: {e}")))
             }
             other => other,
         }
@@ -648,12 +665,13 @@ impl Store {
                 self.chunk_of(&blob, offset)?.filter(|(start, _)| *start == offset).ok_or_else(|| {
                     Error::Vanished(format!("blob {digest} has no chunk starting at offset {offset}"))
                 })?;
-            offset += chunk::content_len(&value).filter(|n| *n > 0).ok_or_else(|| {
-                self.remove_corrupt(digest, format!("the chunk at offset {start} is malformed"))
+            let len = chunk::content_len(&value).filter(|n| *n > 0);
+            offset = len.and_then(|n| offset.checked_add(n)).ok_or_else(|| {
+                self.remove_corrupt(&blob, format!("the chunk at offset {start} fails its check"))
             })?;
             values.push(value);
         }
-        let corrupt = || self.remove_corrupt(digest, "a chunk fails its check".to_string());
+        let corrupt = || self.remove_corrupt(&blob, "a chunk fails its check".to_string());
         let encoding =
             if values.iter().any(|v| chunk::is_compressed(v)) { Encoding::Zstd } else { Encoding::Identity };
         let mut out = Vec::with_capacity(values.iter().map(Vec::len).sum());
