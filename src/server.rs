@@ -33,7 +33,7 @@ use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
 use crate::proto::reapi::action_cache_server::ActionCacheServer;
 use crate::proto::reapi::capabilities_server::CapabilitiesServer;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
-use crate::service::http::{HttpApi, HttpError, bytes_response};
+use crate::service::http::{HttpApi, HttpError, bytes_response, code_name, route_label};
 use crate::service::{
     Shared, action_cache::ActionCacheService, bytestream::ByteStreamService,
     capabilities::CapabilitiesService, cas::CasService,
@@ -416,21 +416,33 @@ impl App {
                 );
             }
             (false, "/metrics") => return self.metrics_page().await,
-            _ if self.port == Port::Metrics => return HttpError::route(&path).into_response(),
+            _ if self.port == Port::Metrics => {
+                return refuse(grpc, Status::not_found("this port serves only /metrics and /healthz"));
+            }
             _ => {}
         }
-        if let Err(status) = self.authorize(&request, grpc).await {
-            return match grpc {
-                true => status.into_http(),
-                false => HttpError::Status(status).into_response(),
-            };
-        }
-        let Some(services) = self.ready.get() else {
-            let status = Status::unavailable("larder is still opening its store: retry shortly");
-            return match grpc {
-                true => status.into_http(),
-                false => HttpError::Status(status).into_response(),
-            };
+        let label = || match grpc {
+            true => calls::method_label(&path),
+            false => route_label(&method, &path),
+        };
+        // Refusals count as calls too: an operator sees them in the metrics.
+        let admitted = match self.authorize(&request, grpc).await {
+            Ok(()) => self
+                .ready
+                .get()
+                .ok_or_else(|| Status::unavailable("larder is still opening its store: retry shortly")),
+            Err(status) => Err(status),
+        };
+        let services = match admitted {
+            Ok(services) => services,
+            Err(status) => {
+                let code = match grpc {
+                    true => code_name(status.code()).to_string(),
+                    false => crate::service::http::http_code(status.code()).as_u16().to_string(),
+                };
+                self.metrics.record_call(&label(), &code, Instant::now());
+                return refuse(grpc, status);
+            }
         };
         if !grpc && matches!(path.as_str(), "/" | "/status.json") {
             return self.status_page(&services.store, path == "/").await;
@@ -438,8 +450,7 @@ impl App {
         let started = Instant::now();
         let request = request.map(|body| self.metrics.count_received(body));
         if grpc {
-            let method = calls::method_label(&path);
-            calls::observe_grpc(&self.metrics, method, started, call(&services.grpc, request).await)
+            calls::observe_grpc(&self.metrics, label(), started, call(&services.grpc, request).await)
         } else {
             let response = services.http.handle(request).await;
             calls::observe_http(&self.metrics, &method, &path, started, response)
@@ -516,6 +527,14 @@ impl App {
             ),
             Err(status) => HttpError::Status(status).into_response(),
         }
+    }
+}
+
+/// A refusal in the caller's protocol: a gRPC status, or Google's JSON error.
+fn refuse(grpc: bool, status: Status) -> Response<Body> {
+    match grpc {
+        true => status.into_http(),
+        false => HttpError::Status(status).into_response(),
     }
 }
 

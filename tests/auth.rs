@@ -71,9 +71,14 @@ async fn every_call_needs_good_credentials() {
     assert_eq!(http.get(&url).basic_auth(USER, Some("wrong")).send().await.unwrap().status(), 401);
     let r = http.get(&url).basic_auth(USER, Some(PASSWORD)).send().await.unwrap();
     assert_eq!((r.status().as_u16(), r.bytes().await.unwrap().as_ref()), (200, b"blob".as_slice()));
-    // Health and metrics need no credentials.
+    // Health and metrics need no credentials, and the refusals are counted.
     assert_eq!(http.get(format!("http://{}/healthz", server.addr)).send().await.unwrap().status(), 200);
-    assert_eq!(http.get(format!("http://{}/metrics", server.addr)).send().await.unwrap().status(), 200);
+    let metrics = http.get(format!("http://{}/metrics", server.addr)).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let metrics = metrics.text().await.unwrap();
+    let refused = r#"larder_calls_total{method="/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",code="UNAUTHENTICATED"} 4"#;
+    assert!(metrics.contains(refused), "{metrics}");
+    assert!(metrics.contains(r#"larder_calls_total{method="GET /cas",code="401"} 2"#), "{metrics}");
 }
 
 #[tokio::test]
