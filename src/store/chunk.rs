@@ -194,19 +194,19 @@ pub fn is_compressed(value: &[u8]) -> bool {
 }
 
 /// The chunk's bytes from `skip` on, as one zstd frame, its checksum
-/// verified: a stored frame as it is (no copy), raw bytes wrapped in raw
+/// verified once: a stored frame as it is (no copy), raw bytes wrapped in raw
 /// blocks (no compression). Only a compressed chunk entered past its start
-/// is decompressed, to be wrapped raw. `None` means the value is corrupt.
-pub fn to_frame(mut value: Vec<u8>, skip: usize) -> Option<Bytes> {
+/// is decompressed, to be wrapped raw. Also returns how many bytes the frame
+/// holds. `None` means the value is corrupt, or `skip` is past its end.
+pub fn to_frame(mut value: Vec<u8>, skip: usize) -> Option<(Bytes, u64)> {
+    let wrap = |data: &[u8]| Some((Bytes::from(compression::raw_frame(data)), data.len() as u64));
     match open(&value)? {
-        (Kind::Raw, payload) => Some(Bytes::from(compression::raw_frame(payload.get(skip..)?))),
-        (Kind::Zstd, frame) if skip > 0 => {
-            Some(Bytes::from(compression::raw_frame(decompress(frame)?.get(skip..)?)))
-        }
+        (Kind::Raw, payload) => wrap(payload.get(skip..)?),
+        (Kind::Zstd, frame) if skip > 0 => wrap(decompress(frame)?.get(skip..)?),
         (Kind::Zstd, frame) => {
-            let len = frame.len();
+            let (len, held) = (frame.len(), zstd::zstd_safe::get_frame_content_size(frame).ok()??);
             value.truncate(len);
-            Some(Bytes::from(value))
+            Some((Bytes::from(value), held))
         }
     }
 }
@@ -235,14 +235,15 @@ mod tests {
             let stored = encode(data, 1);
             assert_eq!(content_len(&stored), Some(data.len() as u64));
             for skip in [0, 1, 5000, data.len() - 1, data.len()] {
-                let frame = to_frame(stored.clone(), skip).unwrap();
+                let (frame, held) = to_frame(stored.clone(), skip).unwrap();
+                assert_eq!(held, (data.len() - skip) as u64);
                 assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), &data[skip..], "skip {skip}");
             }
             assert!(to_frame(stored.clone(), data.len() + 1).is_none());
         }
         let stored = encode(&text, 1);
         assert!(is_compressed(&stored));
-        assert_eq!(to_frame(stored.clone(), 0).unwrap(), stored[..stored.len() - 5], "sent as stored");
+        assert_eq!(to_frame(stored.clone(), 0).unwrap().0, stored[..stored.len() - 5], "sent as stored");
     }
 
     #[test]

@@ -500,14 +500,12 @@ impl Store {
         let (start, value) = self.chunk_of(blob, offset)?.ok_or_else(|| {
             Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
         })?;
-        let corrupt = || self.remove_corrupt(blob, format!("the chunk at offset {start} fails its check"));
-        let len = chunk::content_len(&value).ok_or_else(corrupt)?;
-        let skip = offset - start;
-        if skip >= len {
-            return Err(self.remove_corrupt(blob, format!("a gap at offset {offset}")));
+        let skip = usize::try_from(offset - start).unwrap_or(usize::MAX);
+        match chunk::to_frame(value, skip) {
+            Some((frame, held)) if held > 0 => Ok((frame, held)),
+            Some(_) => Err(self.remove_corrupt(blob, format!("a gap at offset {offset}"))),
+            None => Err(self.remove_corrupt(blob, format!("the chunk at offset {start} fails its check"))),
         }
-        let frame = chunk::to_frame(value, skip as usize).ok_or_else(corrupt)?;
-        Ok((frame, len - skip))
     }
 
     /// Re-reads and re-hashes every stored blob, removing those whose chunks
@@ -677,7 +675,7 @@ impl Store {
         let mut out = Vec::with_capacity(values.iter().map(Vec::len).sum());
         for value in values {
             let part = match encoding {
-                Encoding::Zstd => chunk::to_frame(value, 0),
+                Encoding::Zstd => chunk::to_frame(value, 0).map(|(frame, _)| frame),
                 Encoding::Identity => chunk::decode(&value),
             };
             out.extend_from_slice(&part.ok_or_else(corrupt)?);
