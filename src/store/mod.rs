@@ -655,32 +655,63 @@ impl Store {
         let Some(blob) = self.locate(digest)? else {
             return Ok(None);
         };
-        let mut values = Vec::new();
+        if digest.size == 0 {
+            return Ok(Some((Bytes::new(), Encoding::Identity)));
+        }
+        // One scan of the blob's chunks; each checksum is checked once, as
+        // its chunk is converted.
+        let values = self.chunks_of(&blob)?;
+        let encoding = match values.iter().any(|(_, v)| chunk::is_compressed(v)) {
+            true => Encoding::Zstd,
+            false => Encoding::Identity,
+        };
+        let mut out = Vec::with_capacity(values.iter().map(|(_, v)| v.len()).sum());
         let mut offset = 0;
-        while offset < digest.size {
-            // Evicted since it was located: absent, like any missing blob.
-            let (start, value) =
-                self.chunk_of(&blob, offset)?.filter(|(start, _)| *start == offset).ok_or_else(|| {
-                    Error::Vanished(format!("blob {digest} has no chunk starting at offset {offset}"))
-                })?;
-            let len = chunk::content_len(&value).filter(|n| *n > 0);
-            offset = len.and_then(|n| offset.checked_add(n)).ok_or_else(|| {
-                self.remove_corrupt(&blob, format!("the chunk at offset {start} fails its check"))
-            })?;
-            values.push(value);
-        }
-        let corrupt = || self.remove_corrupt(&blob, "a chunk fails its check".to_string());
-        let encoding =
-            if values.iter().any(|v| chunk::is_compressed(v)) { Encoding::Zstd } else { Encoding::Identity };
-        let mut out = Vec::with_capacity(values.iter().map(Vec::len).sum());
-        for value in values {
+        for (start, value) in values {
             let part = match encoding {
-                Encoding::Zstd => chunk::to_frame(value, 0).map(|(frame, _)| frame),
-                Encoding::Identity => chunk::decode(&value),
+                Encoding::Zstd => chunk::to_frame(value, 0),
+                Encoding::Identity => chunk::decode(&value).map(|data| {
+                    let held = data.len() as u64;
+                    (data, held)
+                }),
             };
-            out.extend_from_slice(&part.ok_or_else(corrupt)?);
+            let Some((part, held)) = part.filter(|(_, held)| *held > 0 && start == offset) else {
+                return Err(
+                    self.remove_corrupt(&blob, format!("the chunk at offset {start} fails its check"))
+                );
+            };
+            out.extend_from_slice(&part);
+            offset += held;
         }
-        Ok(Some((Bytes::from(out), encoding)))
+        match offset {
+            // Evicted since it was located: absent, like any missing blob.
+            0 => Err(Error::Vanished(format!("blob {digest} has no chunks"))),
+            n if n != digest.size => Err(self.remove_corrupt(&blob, format!("its chunks hold {n} bytes"))),
+            _ => Ok(Some((Bytes::from(out), encoding))),
+        }
+    }
+
+    /// All chunks of a present blob, in order, with their offsets. RocksDB
+    /// finding one corrupt gets the blob removed, as in `chunk_of`.
+    fn chunks_of(&self, blob: &Blob) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(chunk_key(blob.blob_id, 0));
+        opts.set_iterate_upper_bound(chunk_key(blob.blob_id, PROGRESS_OFFSET));
+        let mut chunks = Vec::new();
+        for item in self.db.iterator_cf_opt(self.cf(CF_CHUNKS), opts, IteratorMode::Start) {
+            match item {
+                Ok((key, value)) => {
+                    if let Some((_, start)) = split_chunk_key(&key) {
+                        chunks.push((start, value.into_vec()));
+                    }
+                }
+                Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                    return Err(self.remove_corrupt(blob, format!("RocksDB: {e}")));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(chunks)
     }
 
     /// Stores whole blobs (a BatchUpdateBlobs): verifies each against its
