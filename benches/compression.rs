@@ -8,16 +8,15 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use larder::bench::data::{random_bytes, text_bytes};
 use larder::digest::Digest;
+use larder::proto::bytestream::ReadRequest;
 use larder::proto::bytestream::byte_stream_client::ByteStreamClient;
-use larder::proto::bytestream::{ReadRequest, WriteRequest};
 use tonic::transport::Channel;
 
 mod common;
 
-use common::{Server, settle_disk};
+use common::{Server, settle_disk, upload};
 
 const MIB: usize = 1 << 20;
 
@@ -61,25 +60,6 @@ fn one_frame(data: &[u8]) -> Vec<u8> {
 /// One frame per 1 MiB (the server's chunk size): frames the server keeps.
 fn chunk_frames(data: &[u8]) -> Vec<u8> {
     data.chunks(MIB).flat_map(one_frame).collect()
-}
-
-/// Uploads each blob as `wire` bytes, in 1 MiB messages; `zstd` follows the
-/// compressed offset rule.
-async fn upload(bs: &mut ByteStreamClient<Channel>, digest: Digest, wire: &[u8], zstd: bool, n: usize) {
-    let kind = if zstd { "compressed-blobs/zstd" } else { "blobs" };
-    let name = format!("uploads/bench-{n}/{kind}/{}/{}", digest.hex(), digest.size);
-    let messages: Vec<WriteRequest> = wire
-        .chunks(MIB)
-        .enumerate()
-        .map(|(i, part)| WriteRequest {
-            resource_name: if i == 0 { name.clone() } else { String::new() },
-            write_offset: (i * MIB) as i64,
-            finish_write: (i + 1) * MIB >= wire.len(),
-            data: Bytes::copy_from_slice(part),
-        })
-        .collect();
-    let r = bs.write(tokio_stream::iter(messages)).await.unwrap().into_inner();
-    assert_eq!(r.committed_size as usize, wire.len());
 }
 
 /// Reads a blob; returns the bytes on the wire.

@@ -9,12 +9,16 @@ use bytes::Bytes;
 use larder::bench::data::random_bytes;
 use larder::config::{Config, Overrides};
 use larder::digest::Digest;
+use larder::proto::bytestream::ReadRequest;
 use larder::proto::bytestream::byte_stream_client::ByteStreamClient;
-use larder::proto::bytestream::{ReadRequest, WriteRequest};
 use larder::proto::reapi;
 use larder::proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use larder::server::Server;
 use tonic::transport::Channel;
+
+mod common;
+
+use common::upload;
 
 const MIB: usize = 1 << 20;
 
@@ -51,23 +55,6 @@ fn sha256_mbps() -> f64 {
         total += data.len();
     }
     mbps(total, start.elapsed())
-}
-
-async fn write_blob(bs: &mut ByteStreamClient<Channel>, data: &[u8], n: usize) {
-    let d = Digest::of(data);
-    let name = format!("uploads/bench-{n}/blobs/{}/{}", d.hex(), d.size);
-    let messages: Vec<WriteRequest> = data
-        .chunks(MIB)
-        .enumerate()
-        .map(|(i, part)| WriteRequest {
-            resource_name: if i == 0 { name.clone() } else { String::new() },
-            write_offset: (i * MIB) as i64,
-            finish_write: (i + 1) * MIB >= data.len(),
-            data: Bytes::copy_from_slice(part),
-        })
-        .collect();
-    let r = bs.write(tokio_stream::iter(messages)).await.unwrap().into_inner();
-    assert_eq!(r.committed_size as usize, data.len());
 }
 
 async fn read_blob(bs: &mut ByteStreamClient<Channel>, d: Digest) -> usize {
@@ -115,7 +102,7 @@ async fn main() {
         let start = Instant::now();
         let mut client = bs.clone();
         for (i, b) in blobs.iter().enumerate().take(blobs.len() / 2) {
-            write_blob(&mut client, b, i).await;
+            upload(&mut client, Digest::of(b), b, false, i).await;
         }
         let one = mbps(total / 2, start.elapsed());
         let start = Instant::now();
@@ -130,7 +117,7 @@ async fn main() {
                 let mut client = bs.clone();
                 tokio::spawn(async move {
                     for (i, b) in mine.iter().enumerate() {
-                        write_blob(&mut client, b, 100 * (t + 1) + i).await;
+                        upload(&mut client, Digest::of(b), b, false, 100 * (t + 1) + i).await;
                     }
                 })
             })

@@ -6,6 +6,15 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use bytes::Bytes;
+use larder::digest::Digest;
+use larder::proto::bytestream::WriteRequest;
+use larder::proto::bytestream::byte_stream_client::ByteStreamClient;
+use tonic::transport::Channel;
+
+/// Bytes per write message.
+const MESSAGE: usize = 1 << 20;
+
 /// Writes back what earlier runs left dirty, so that each run starts from
 /// the same disk state (random data is disk-bound here).
 pub fn settle_disk() {
@@ -50,4 +59,23 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Uploads each blob as `wire` bytes, in 1 MiB messages; `zstd` follows the
+/// compressed offset rule.
+pub async fn upload(bs: &mut ByteStreamClient<Channel>, digest: Digest, wire: &[u8], zstd: bool, n: usize) {
+    let kind = if zstd { "compressed-blobs/zstd" } else { "blobs" };
+    let name = format!("uploads/bench-{n}/{kind}/{}/{}", digest.hex(), digest.size);
+    let messages: Vec<WriteRequest> = wire
+        .chunks(MESSAGE)
+        .enumerate()
+        .map(|(i, part)| WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: (i * MESSAGE) as i64,
+            finish_write: (i + 1) * MESSAGE >= wire.len(),
+            data: Bytes::copy_from_slice(part),
+        })
+        .collect();
+    let r = bs.write(tokio_stream::iter(messages)).await.unwrap().into_inner();
+    assert_eq!(r.committed_size as usize, wire.len());
 }
