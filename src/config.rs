@@ -33,8 +33,13 @@ pub struct Config {
     pub max_size: ByteSize,
     /// Uncompressed size of the chunks blobs are stored in.
     pub chunk_size: ByteSize,
-    /// zstd level for stored chunks (1 is fast; higher trades ingest speed for disk).
+    /// zstd level for stored chunks (1 is fast; higher trades ingest speed
+    /// for disk; 0 stores them uncompressed).
     pub zstd_level: i32,
+    /// Large chunks go to RocksDB's blob files rather than into SST files.
+    pub blob_files: bool,
+    /// RocksDB's block cache.
+    pub cache_size: ByteSize,
     /// Largest total of blob sizes accepted in one BatchUpdateBlobs or BatchReadBlobs.
     pub max_batch_size: ByteSize,
     /// Largest gRPC message accepted or sent.
@@ -152,8 +157,8 @@ impl Config {
         if !(4 << 10..=64 << 20).contains(&self.chunk_size.0) {
             return invalid("chunk_size", "must be between 4KiB and 64MiB".into());
         }
-        if !(1..=22).contains(&self.zstd_level) {
-            return invalid("zstd_level", "must be between 1 and 22".into());
+        if !(0..=22).contains(&self.zstd_level) {
+            return invalid("zstd_level", "must be between 0 (no compression) and 22".into());
         }
         if self.max_message_size.0 < self.max_batch_size.0 + (1 << 20) {
             return invalid(

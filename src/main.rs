@@ -26,6 +26,14 @@ enum Command {
     /// digest (or whose chunks fail their checksums). Offline: stop the
     /// server first.
     Scrub(ScrubArgs),
+    /// Measure storage settings (an embedded store) or any REAPI server
+    /// (gRPC) on workloads like a build's, checking every byte read back.
+    /// Prints a table (or --json, --csv) with figures as ratios to this
+    /// machine's SHA-256 and zstd speeds, measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        target: Box<larder::bench::Target>,
+    },
 }
 
 #[derive(Args)]
@@ -90,6 +98,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Scrub(args) => scrub(args),
+        Command::Bench { target } => bench(*target),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,6 +188,12 @@ fn scrub(args: ScrubArgs) -> Result<(), String> {
         report.removed
     );
     Ok(())
+}
+
+fn bench(target: larder::bench::Target) -> Result<(), String> {
+    init_logs(LogFormat::Compact);
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(larder::bench::main(target)).map_err(|e| e.to_string())
 }
 
 /// Logs go to stderr, at the level RUST_LOG sets (info by default): a compact

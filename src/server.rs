@@ -206,6 +206,8 @@ pub fn store_options(config: &Config) -> StoreOptions {
         chunk_size: config.chunk_size.0 as usize,
         zstd_level: config.zstd_level,
         sync_writes: config.sync_writes,
+        blob_files: config.blob_files,
+        cache_size: config.cache_size.0 as usize,
         max_size: config.max_size.0,
     }
 }

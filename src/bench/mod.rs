@@ -1,4 +1,524 @@
-//! Benchmarking support. For now: the deterministic data that benchmarks and
-//! tests write. TODO(#6): the `larder bench` subcommand and its workloads.
+//! `larder bench`: workloads against an embedded store (one fresh store per
+//! combination of settings) or against any REAPI server, with figures as
+//! ratios to the machine's own ceilings measured in the same run.
 
+pub mod client;
 pub mod data;
+pub mod measure;
+pub mod report;
+pub mod workload;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::config::{ByteSize, Config, Overrides};
+use crate::digest::Digest;
+use crate::server::store_options;
+use crate::store::{Store, StoreOptions};
+use client::{Client, Grpc};
+use data::Data;
+use measure::{Ceilings, ClientCpu, Latency, Process};
+use report::{Phase, Report, Run};
+use workload::{Outcome, Plan, Shape, Workload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("verification failed: {0}")]
+    Verify(String),
+    #[error("verification failed: blob {0} is missing from the target, which stored it earlier in this run")]
+    Missing(Digest),
+    #[error("{0}")]
+    Call(String),
+    #[error("{0}")]
+    Setup(String),
+    #[error("the store: {0}")]
+    Store(#[from] crate::store::Error),
+    #[error("{0}")]
+    Config(#[from] crate::config::Error),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+#[derive(Subcommand)]
+pub enum Target {
+    /// Against an embedded store, one fresh store (in a temporary directory)
+    /// per combination of the settings given; comma lists make a sweep, e.g.
+    /// --zstd-level 0,1,3 --chunk-size 256KiB,1MiB.
+    Store(StoreArgs),
+    /// Against REAPI servers (larder or another), to compare them in one run:
+    /// --endpoint grpc://127.0.0.1:9092,grpc://127.0.0.1:9094.
+    Grpc(GrpcArgs),
+}
+
+#[derive(Args)]
+pub struct StoreArgs {
+    /// Settings not swept come from this config file (else the defaults).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// zstd levels of stored chunks (0: uncompressed).
+    #[arg(long, value_name = "LEVELS", value_delimiter = ',')]
+    pub zstd_level: Vec<i32>,
+    /// Chunk sizes, e.g. 256KiB,1MiB,4MiB.
+    #[arg(long, value_name = "SIZES", value_delimiter = ',')]
+    pub chunk_size: Vec<ByteSize>,
+    /// Large chunks in RocksDB's blob files (on) or in SST files (off).
+    #[arg(long, value_name = "on|off", value_delimiter = ',')]
+    pub blob_files: Vec<Switch>,
+    /// fsync the write-ahead log on every commit.
+    #[arg(long, value_name = "on|off", value_delimiter = ',')]
+    pub sync_writes: Vec<Switch>,
+    /// RocksDB block cache sizes.
+    #[arg(long, value_name = "SIZES", value_delimiter = ',')]
+    pub cache_size: Vec<ByteSize>,
+    /// Where the temporary stores are made [default: the system's temporary
+    /// directory]. Use a directory on the disk a real cache would use.
+    #[arg(long, value_name = "PATH")]
+    pub dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct GrpcArgs {
+    /// Servers to run against, e.g. grpc://127.0.0.1:9092 (comma list).
+    #[arg(long, value_name = "URL", value_delimiter = ',', required = true)]
+    pub endpoint: Vec<String>,
+    /// REAPI instance name.
+    #[arg(long, default_value = "")]
+    pub instance: String,
+    /// Measure this server process (CPU, peak RSS, disk writes) [default:
+    /// the process listening on the endpoint's port, if on this machine].
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+    /// The server's data directory, for disk bytes and space amplification.
+    #[arg(long, value_name = "PATH")]
+    pub server_dir: Option<PathBuf>,
+    /// Run only the write phase (to read it later, elsewhere), only the
+    /// read phase (of data written earlier with the same seed), or both.
+    #[arg(long, value_enum, default_value_t = Phases::All)]
+    pub phase: Phases,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Phases {
+    Write,
+    Read,
+    All,
+}
+
+/// What to run and how to show it, for either target.
+#[derive(Args, Clone)]
+pub struct Common {
+    /// Workloads (comma list).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "build")]
+    pub workload: Vec<Workload>,
+    /// What the data looks like (comma list); "mixed" is like build outputs.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "mixed")]
+    pub data: Vec<Data>,
+    /// Seed of every blob and call: the same seed repeats the same run.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Logical bytes each workload writes, about.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB")]
+    pub bytes: ByteSize,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Fraction of the warm build's actions that miss (`build`).
+    #[arg(long, default_value_t = 0.1)]
+    pub miss_rate: f64,
+    /// Size of each blob of the `large` workload.
+    #[arg(long, value_name = "SIZE", default_value = "32MiB")]
+    pub large_size: ByteSize,
+    /// Print JSON instead of the table.
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+    /// Print CSV instead of the table.
+    #[arg(long)]
+    pub csv: bool,
+    /// Also write a chart of ingest speed against space amplification.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+/// Runs `larder bench` and prints its figures.
+pub async fn main(target: Target) -> Result<(), Error> {
+    let common = match &target {
+        Target::Store(a) => a.common.clone(),
+        Target::Grpc(a) => a.common.clone(),
+    };
+    if !(0.0..=1.0).contains(&common.miss_rate) {
+        return Err(Error::Setup(format!("--miss-rate {} must be between 0 and 1", common.miss_rate)));
+    }
+    let data = common.data.clone();
+    let ceilings = tokio::task::spawn_blocking(move || Ceilings::measure(&data))
+        .await
+        .map_err(|e| Error::Setup(format!("measuring the ceilings failed: {e}")))?;
+    let runs = match target {
+        Target::Store(args) => bench_store(&args).await?,
+        Target::Grpc(args) => bench_grpc(&args).await?,
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let run = finish(Run { ceilings, cores, runs });
+    if let Some(path) = &common.plot {
+        std::fs::write(path, report::svg(&run))
+            .map_err(|source| Error::Io { context: format!("cannot write {}", path.display()), source })?;
+    }
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&run).expect("reports serialize"));
+    } else if common.csv {
+        print!("{}", report::csv(&run));
+    } else {
+        print!("{}", report::table(&run));
+    }
+    Ok(())
+}
+
+/// Fills in the ratios to the ceilings.
+pub fn finish(mut run: Run) -> Run {
+    for r in &mut run.runs {
+        let zstd = run.ceilings.zstd1_mbps.get(r.data.name()).copied();
+        r.ingest_vs_sha256 = r.ingest_mbps.map(|v| v / run.ceilings.sha256_mbps);
+        r.ingest_vs_zstd1 = r.ingest_mbps.zip(zstd).map(|(v, z)| v / z);
+        r.read_vs_sha256 = r.read_mbps.map(|v| v / run.ceilings.sha256_mbps);
+    }
+    run
+}
+
+/// The store settings of each combination, with a label naming what varies.
+fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<(String, BTreeMap<String, String>, StoreOptions)> {
+    fn or<T: Clone>(v: &[T], d: T) -> Vec<T> {
+        if v.is_empty() { vec![d] } else { v.to_vec() }
+    }
+    let on = |s: Switch| s == Switch::On;
+    let levels = or(&args.zstd_level, base.zstd_level);
+    let chunks = or(&args.chunk_size, ByteSize(base.chunk_size as u64));
+    let blob_files = or(&args.blob_files, if base.blob_files { Switch::On } else { Switch::Off });
+    let syncs = or(&args.sync_writes, if base.sync_writes { Switch::On } else { Switch::Off });
+    let caches = or(&args.cache_size, ByteSize(base.cache_size as u64));
+    let mut out = Vec::new();
+    for &level in &levels {
+        for &chunk in &chunks {
+            for &files in &blob_files {
+                for &sync in &syncs {
+                    for &cache in &caches {
+                        let options = StoreOptions {
+                            zstd_level: level,
+                            chunk_size: chunk.0 as usize,
+                            blob_files: on(files),
+                            sync_writes: on(sync),
+                            cache_size: cache.0 as usize,
+                            ..base.clone()
+                        };
+                        let settings: BTreeMap<String, String> = [
+                            ("zstd_level", level.to_string()),
+                            ("chunk_size", chunk.to_string()),
+                            ("blob_files", on(files).to_string()),
+                            ("sync_writes", on(sync).to_string()),
+                            ("cache_size", cache.to_string()),
+                        ]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect();
+                        let mut label = Vec::new();
+                        if levels.len() > 1 {
+                            label.push(format!("zstd {level}"));
+                        }
+                        if chunks.len() > 1 {
+                            label.push(format!("chunk {chunk}"));
+                        }
+                        if blob_files.len() > 1 {
+                            label.push(format!("blob files {}", if on(files) { "on" } else { "off" }));
+                        }
+                        if syncs.len() > 1 {
+                            label.push(format!("sync {}", if on(sync) { "on" } else { "off" }));
+                        }
+                        if caches.len() > 1 {
+                            label.push(format!("cache {cache}"));
+                        }
+                        out.push((label.join(", "), settings, options));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    // Drawn on stderr, and only when it is a terminal.
+    indicatif::ProgressBar::new(len)
+        .with_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} tasks, {elapsed} eta {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        )
+        .with_prefix(what.to_string())
+}
+
+fn shape(common: &Common, workload: Workload, data: Data, max_batch: u64) -> Shape {
+    Shape {
+        workload,
+        data,
+        seed: common.seed,
+        bytes: common.bytes.0,
+        miss_rate: common.miss_rate,
+        large_size: common.large_size.0,
+        max_batch,
+    }
+}
+
+pub async fn bench_store(args: &StoreArgs) -> Result<Vec<Report>, Error> {
+    let config = Config::load(args.config.as_deref(), Overrides::default())?;
+    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&parent)
+        .map_err(|source| Error::Io { context: format!("cannot create {}", parent.display()), source })?;
+    if measure::on_tmpfs(&parent) {
+        tracing::warn!(
+            "{} is in memory (tmpfs): disk figures will not mean much; give --dir on a real disk",
+            parent.display()
+        );
+    }
+    let mut reports = Vec::new();
+    for (label, settings, options) in sweep(args, &store_options(&config)) {
+        for &workload in &args.common.workload {
+            for &data in &args.common.data {
+                let shape = shape(&args.common, workload, data, config.max_batch_size.0);
+                let report =
+                    store_run(&parent, &label, &settings, options.clone(), &shape, &args.common).await?;
+                reports.push(report);
+            }
+        }
+    }
+    Ok(reports)
+}
+
+async fn store_run(
+    parent: &Path,
+    label: &str,
+    settings: &BTreeMap<String, String>,
+    options: StoreOptions,
+    shape: &Shape,
+    common: &Common,
+) -> Result<Report, Error> {
+    let tmp = tempfile::Builder::new().prefix("larder-bench-").tempdir_in(parent).map_err(|source| {
+        Error::Io { context: format!("cannot make a store in {}", parent.display()), source }
+    })?;
+    let dir = tmp.path().to_path_buf();
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || Store::open(&dir, options))
+            .await
+            .map_err(|e| Error::Setup(format!("opening the store failed: {e}")))??,
+    );
+    let plan = Arc::new(prepare(shape).await?);
+    let client = Client::Store(Arc::clone(&store));
+    let cpu = ClientCpu::default();
+    let what = format!("{} {} {}", label, shape.workload.name(), shape.data.name());
+    let bar = progress((plan.write.len() + plan.read.len()) as u64, what.trim());
+    Process::Own.reset_peak_rss();
+    let before = Process::Own.sample();
+    let write = workload::run(&client, &plan, true, common.concurrency, &cpu, &bar).await?;
+    let read = workload::run(&client, &plan, false, common.concurrency, &cpu, &bar).await?;
+    let flushed = Arc::clone(&store);
+    let disk = tokio::task::spawn_blocking(move || {
+        flushed.flush()?;
+        flushed.measure_disk()
+    })
+    .await
+    .map_err(|e| Error::Setup(format!("measuring the store failed: {e}")))??;
+    let after = Process::Own.sample();
+    bar.finish_and_clear();
+    let mut report =
+        report_of(String::from("store"), label, settings, shape, common, &plan, Some(write), Some(read));
+    report.disk_bytes = Some(disk);
+    report.space_amplification = Some(disk as f64 / report.logical_bytes.max(1) as f64);
+    if let (Some(b), Some(a)) = (before, after) {
+        let moved = (report.write.bytes_sent + report.read.bytes_received).max(1) as f64;
+        report.cpu_seconds_per_gib =
+            Some((a.cpu_seconds - b.cpu_seconds - cpu.seconds()).max(0.0) / moved * (1u64 << 30) as f64);
+        report.write_amplification =
+            Some((a.write_bytes - b.write_bytes) as f64 / report.logical_bytes.max(1) as f64);
+    }
+    report.peak_rss_bytes = Process::Own.peak_rss();
+    drop(client);
+    drop(store);
+    // Hand freed memory back, so the next run's peak starts low.
+    // SAFETY: malloc_trim only releases free memory.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    Ok(report)
+}
+
+/// Plans a workload off the async threads (it digests every blob).
+async fn prepare(shape: &Shape) -> Result<Plan, Error> {
+    let shape = shape.clone();
+    tokio::task::spawn_blocking(move || Plan::new(&shape))
+        .await
+        .map_err(|e| Error::Setup(format!("planning the workload failed: {e}")))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report_of(
+    target: String,
+    label: &str,
+    settings: &BTreeMap<String, String>,
+    shape: &Shape,
+    common: &Common,
+    plan: &Plan,
+    write: Option<Outcome>,
+    read: Option<Outcome>,
+) -> Report {
+    let phase = |o: &Option<Outcome>| {
+        o.as_ref().map_or_else(Phase::default, |o| Phase {
+            seconds: o.seconds,
+            bytes_sent: o.sent,
+            bytes_received: o.received,
+            ops: o.ops,
+        })
+    };
+    let (w, r) = (phase(&write), phase(&read));
+    let per_sec = |amount: u64, p: &Phase| (p.seconds > 0.0 && amount > 0).then(|| amount as f64 / p.seconds);
+    let mut by_call: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
+    let mut all = Vec::new();
+    for (call, us) in write.iter().chain(read.iter()).flat_map(|o| &o.calls) {
+        by_call.entry(call.name()).or_default().push(*us);
+        all.push(*us);
+    }
+    Report {
+        target,
+        config: label.to_string(),
+        settings: settings.clone(),
+        workload: shape.workload,
+        data: shape.data,
+        seed: shape.seed,
+        concurrency: common.concurrency,
+        logical_bytes: plan.logical_bytes(),
+        ingest_mbps: per_sec(w.bytes_sent, &w).map(|v| v / 1e6),
+        read_mbps: per_sec(r.bytes_received, &r).map(|v| v / 1e6),
+        write_ops_per_sec: per_sec(w.ops, &w),
+        read_ops_per_sec: per_sec(r.ops, &r),
+        latency: Latency::of(all),
+        latency_by_call: by_call.into_iter().map(|(k, v)| (k, Latency::of(v))).collect(),
+        write: w,
+        read: r,
+        disk_bytes: None,
+        space_amplification: None,
+        write_amplification: None,
+        cpu_seconds_per_gib: None,
+        peak_rss_bytes: None,
+        ingest_vs_sha256: None,
+        ingest_vs_zstd1: None,
+        read_vs_sha256: None,
+    }
+}
+
+pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
+    let mut reports = Vec::new();
+    for endpoint in &args.endpoint {
+        let (grpc, max_batch) = Grpc::connect(endpoint, &args.instance).await?;
+        let client = Client::Grpc(Arc::new(grpc));
+        let process = args
+            .server_pid
+            .or_else(|| local_port(endpoint).and_then(measure::listener_pid))
+            .map(Process::Pid);
+        let label = if args.endpoint.len() > 1 { endpoint.clone() } else { String::new() };
+        for &workload in &args.common.workload {
+            for &data in &args.common.data {
+                let shape = shape(&args.common, workload, data, max_batch);
+                let plan = Arc::new(prepare(&shape).await?);
+                let tasks = match args.phase {
+                    Phases::Write => plan.write.len(),
+                    Phases::Read => plan.read.len(),
+                    Phases::All => plan.write.len() + plan.read.len(),
+                };
+                let what = format!("{} {} {}", label, workload.name(), data.name());
+                let bar = progress(tasks as u64, what.trim());
+                if args.phase != Phases::Read {
+                    fresh(&client, &plan, args.common.seed).await?;
+                }
+                let cpu = ClientCpu::default();
+                let disk_before =
+                    args.server_dir.as_deref().map(measure::dir_bytes).transpose().map_err(|source| {
+                        Error::Io { context: "cannot measure --server-dir".into(), source }
+                    })?;
+                if let Some(p) = process {
+                    p.reset_peak_rss();
+                }
+                let before = process.and_then(Process::sample);
+                let write = match args.phase {
+                    Phases::Read => None,
+                    _ => {
+                        Some(workload::run(&client, &plan, true, args.common.concurrency, &cpu, &bar).await?)
+                    }
+                };
+                let read = match args.phase {
+                    Phases::Write => None,
+                    _ => {
+                        Some(workload::run(&client, &plan, false, args.common.concurrency, &cpu, &bar).await?)
+                    }
+                };
+                let after = process.and_then(Process::sample);
+                bar.finish_and_clear();
+                let settings = BTreeMap::from([("endpoint".to_string(), endpoint.clone())]);
+                let mut report =
+                    report_of(endpoint.clone(), &label, &settings, &shape, &args.common, &plan, write, read);
+                if let (Some(dir), Some(before)) = (&args.server_dir, disk_before) {
+                    let after = measure::dir_bytes(dir).map_err(|source| Error::Io {
+                        context: "cannot measure --server-dir".into(),
+                        source,
+                    })?;
+                    report.disk_bytes = Some(after.saturating_sub(before));
+                    report.space_amplification =
+                        Some(after.saturating_sub(before) as f64 / report.logical_bytes.max(1) as f64);
+                }
+                if let (Some(b), Some(a)) = (before, after) {
+                    let moved = (report.write.bytes_sent + report.read.bytes_received).max(1) as f64;
+                    report.cpu_seconds_per_gib =
+                        Some((a.cpu_seconds - b.cpu_seconds) / moved * (1u64 << 30) as f64);
+                    report.write_amplification =
+                        Some((a.write_bytes - b.write_bytes) as f64 / report.write.bytes_sent.max(1) as f64);
+                }
+                report.peak_rss_bytes = process.and_then(Process::peak_rss);
+                reports.push(report);
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// Refuses to write a workload the target already holds (from an earlier
+/// run with the same seed): its figures would measure nothing.
+async fn fresh(client: &Client, plan: &Plan, seed: u64) -> Result<(), Error> {
+    let sample: Vec<Digest> = plan.blobs.iter().take(1000).map(|b| b.digest).collect();
+    let missing = client.find_missing(sample.clone()).await?;
+    if missing.len() < sample.len() {
+        return Err(Error::Setup(format!(
+            "the target already holds {} of this workload's first {} blobs (seed {seed}), from an earlier run: use another --seed, a fresh server, or --phase read to read them",
+            sample.len() - missing.len(),
+            sample.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The port of an endpoint on this machine (loopback or localhost).
+fn local_port(endpoint: &str) -> Option<u16> {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    let (host, port) = rest.trim_end_matches('/').rsplit_once(':')?;
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "0.0.0.0").then(|| port.parse().ok())?
+}

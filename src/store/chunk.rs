@@ -94,9 +94,10 @@ const PROBE_FROM: usize = 64 << 10;
 const PROBE_SLICES: usize = 4;
 const PROBE_SLICE: usize = 4 << 10;
 
-/// Encodes a chunk for storage at the given zstd level.
+/// Encodes a chunk for storage at the given zstd level (0: uncompressed).
 pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
-    if data.len() >= MIN_COMPRESS && (data.len() < PROBE_FROM || looks_compressible(data, level)) {
+    if level > 0 && data.len() >= MIN_COMPRESS && (data.len() < PROBE_FROM || looks_compressible(data, level))
+    {
         let compressed = with_compressor(level, |c| {
             let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()) + 5);
             let n = c.compress_to_buffer(data, &mut out).ok()?;
@@ -117,7 +118,7 @@ pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
 /// shrink it, and compresses `data` itself only if the frame cannot be kept.
 pub fn encode_frame(frame: &[u8], data: &[u8], level: i32) -> Vec<u8> {
     // With room for the content size the header may gain.
-    if frame.len() + 8 >= data.len() - data.len() / 32 {
+    if level == 0 || frame.len() + 8 >= data.len() - data.len() / 32 {
         return raw(data);
     }
     match compression::with_content_size(frame, data.len() as u64) {

@@ -2,7 +2,7 @@
 //! key formats (see [`layout`]). Every method is synchronous and may block on
 //! disk or CPU: async callers run them on the blocking pool.
 
-mod chunk;
+pub mod chunk;
 mod evict;
 mod layout;
 mod upload;
@@ -30,9 +30,14 @@ pub use upload::Upload;
 pub struct StoreOptions {
     /// Uncompressed bytes per stored chunk.
     pub chunk_size: usize,
+    /// zstd level of stored chunks; 0 stores them uncompressed.
     pub zstd_level: i32,
     /// fsync the WAL on every commit.
     pub sync_writes: bool,
+    /// Chunks of 4 KiB or more go to RocksDB's blob files, not into SST files.
+    pub blob_files: bool,
+    /// RocksDB's block cache (index, filters, and chunks kept in SST files).
+    pub cache_size: usize,
     /// The size budget: memtables and the WAL are sized to fit well inside
     /// it, and writes are refused (see [`Store::set_hard_limit`]) above it.
     pub max_size: u64,
@@ -40,7 +45,14 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { chunk_size: 1 << 20, zstd_level: 1, sync_writes: false, max_size: 10 << 30 }
+        StoreOptions {
+            chunk_size: 1 << 20,
+            zstd_level: 1,
+            sync_writes: false,
+            blob_files: true,
+            cache_size: 32 << 20,
+            max_size: 10 << 30,
+        }
     }
 }
 
@@ -144,7 +156,7 @@ impl Store {
     pub fn open(path: &Path, options: StoreOptions) -> Result<Store, Error> {
         std::fs::create_dir_all(path)
             .map_err(|e| Error::Open(format!("cannot create {}: {e}", path.display())))?;
-        let cache = Cache::new_lru_cache(32 << 20);
+        let cache = Cache::new_lru_cache(options.cache_size);
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -177,7 +189,7 @@ impl Store {
         // which compaction does not rewrite.
         let mut chunks = Options::default();
         chunks.set_compression_type(DBCompressionType::None);
-        chunks.set_enable_blob_files(true);
+        chunks.set_enable_blob_files(options.blob_files);
         chunks.set_min_blob_size(4096);
         // Small enough that garbage collection frees space in fine steps.
         chunks.set_blob_file_size((room / 64).clamp(1 << 20, 256 << 20));
@@ -886,16 +898,22 @@ impl Store {
         value.extend_from_slice(result);
         Ok(self.db.put_cf_opt(self.cf(CF_AC), ac_key(instance, action), value, &self.write_options())?)
     }
+
+    /// Writes every memtable out to files (what a clean close does).
+    pub fn flush(&self) -> Result<(), Error> {
+        for name in [CF_INDEX, CF_LRU, CF_CHUNKS, CF_UPLOADS, CF_AC] {
+            self.db.flush_cf(self.cf(name))?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Store {
     /// A clean close flushes the memtables, so the next open has no WAL to
     /// replay (a crash replays at most max_total_wal_size of it).
     fn drop(&mut self) {
-        for name in [CF_INDEX, CF_LRU, CF_CHUNKS, CF_UPLOADS, CF_AC] {
-            if let Err(e) = self.db.flush_cf(self.cf(name)) {
-                tracing::warn!("could not flush {name} at close: {e}");
-            }
+        if let Err(e) = self.flush() {
+            tracing::warn!("could not flush the memtables at close: {e}");
         }
     }
 }

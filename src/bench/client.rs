@@ -1,0 +1,453 @@
+//! The two things a bench runs against: an embedded store, or any REAPI
+//! server through gRPC. Both offer the same calls; every byte read back is
+//! checked against its digest here.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use prost::Message;
+use tonic::transport::Channel;
+
+use super::Error;
+use super::data::Content;
+use super::measure::ClientCpu;
+use crate::digest::{Digest, Function, FunctionHint, Hasher};
+use crate::proto::bytestream::byte_stream_client::ByteStreamClient;
+use crate::proto::bytestream::{ReadRequest, WriteRequest};
+use crate::proto::reapi;
+use crate::proto::reapi::action_cache_client::ActionCacheClient;
+use crate::proto::reapi::capabilities_client::CapabilitiesClient;
+use crate::proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use crate::store::{NewBlob, Store};
+
+/// Bytes per ByteStream write message.
+const WRITE_MESSAGE: usize = 1 << 20;
+/// Largest message the bench accepts.
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// A blob of a workload: its contents (made on demand) and digest.
+#[derive(Clone, Copy, Debug)]
+pub struct Blob {
+    pub content: Content,
+    pub digest: Digest,
+}
+
+#[derive(Clone)]
+pub enum Client {
+    Store(Arc<Store>),
+    Grpc(Arc<Grpc>),
+}
+
+#[derive(Clone)]
+pub struct Grpc {
+    instance: String,
+    cas: ContentAddressableStorageClient<Channel>,
+    bytestream: ByteStreamClient<Channel>,
+    action_cache: ActionCacheClient<Channel>,
+}
+
+/// Distinct upload names within this process.
+static UPLOADS: AtomicU64 = AtomicU64::new(0);
+
+impl Grpc {
+    /// Connects to `endpoint` (grpc://host:port) and reads the server's
+    /// largest batch from its capabilities (4 MiB if it does not say).
+    pub async fn connect(endpoint: &str, instance: &str) -> Result<(Grpc, u64), Error> {
+        let address = match endpoint.split_once("://") {
+            Some(("grpc" | "http", rest)) => format!("http://{rest}"),
+            Some((scheme, _)) => {
+                return Err(Error::Setup(format!(
+                    "endpoint {endpoint}: the bench speaks plain gRPC only (grpc://host:port), not {scheme}"
+                )));
+            }
+            None => format!("http://{endpoint}"),
+        };
+        let channel = Channel::from_shared(address)
+            .map_err(|e| Error::Setup(format!("endpoint {endpoint} is not a URL: {e}")))?
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| {
+                Error::Setup(format!(
+                    "cannot connect to {endpoint} ({e}): is a REAPI server listening there?"
+                ))
+            })?;
+        let grpc = Grpc {
+            instance: instance.to_string(),
+            cas: ContentAddressableStorageClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+            bytestream: ByteStreamClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE),
+            action_cache: ActionCacheClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE),
+        };
+        let request = reapi::GetCapabilitiesRequest { instance_name: instance.to_string() };
+        let max_batch = match CapabilitiesClient::new(channel).get_capabilities(request).await {
+            Ok(r) => {
+                let cache = r.into_inner().cache_capabilities.unwrap_or_default();
+                if !cache.digest_functions.is_empty()
+                    && !cache.digest_functions.contains(&(reapi::digest_function::Value::Sha256 as i32))
+                {
+                    return Err(Error::Setup(format!("{endpoint} does not serve SHA-256 digests")));
+                }
+                cache.max_batch_total_size_bytes as u64
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => 0,
+            Err(status) => return Err(call_failed("GetCapabilities", status)),
+        };
+        Ok((grpc, if max_batch == 0 { 4 << 20 } else { max_batch }))
+    }
+
+    fn resource(&self, rest: String) -> String {
+        if self.instance.is_empty() { rest } else { format!("{}/{rest}", self.instance) }
+    }
+}
+
+fn call_failed(call: &str, status: tonic::Status) -> Error {
+    Error::Call(format!("{call} failed: {:?}: {}", status.code(), status.message()))
+}
+
+fn store_failed(call: &str, e: crate::store::Error) -> Error {
+    Error::Call(format!("{call} failed: {e}"))
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Call(format!("a store task failed: {e}")))?
+}
+
+/// Checks bytes read back as a whole against their blob.
+fn verify(blob: &Blob, data: &[u8], cpu: &ClientCpu) -> Result<(), Error> {
+    let actual = cpu.count(|| blob.digest.function.digest(data));
+    if actual == blob.digest { Ok(()) } else { Err(wrong_bytes(blob, data.len() as u64, actual)) }
+}
+
+fn wrong_bytes(blob: &Blob, len: u64, actual: Digest) -> Error {
+    Error::Verify(format!(
+        "blob {} read back as {len} bytes that hash to {}: the server returned wrong bytes",
+        blob.digest, actual
+    ))
+}
+
+impl Client {
+    /// The digests among `digests` that the target lacks.
+    pub async fn find_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, Error> {
+        match self {
+            Client::Store(store) => {
+                let store = Arc::clone(store);
+                blocking(move || {
+                    let present = store.contains(&digests).map_err(|e| store_failed("contains", e))?;
+                    Ok(digests.into_iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| d).collect())
+                })
+                .await
+            }
+            Client::Grpc(g) => {
+                let request = reapi::FindMissingBlobsRequest {
+                    instance_name: g.instance.clone(),
+                    blob_digests: digests.iter().map(Digest::to_proto).collect(),
+                    digest_function: 0,
+                };
+                let response = g
+                    .cas
+                    .clone()
+                    .find_missing_blobs(request)
+                    .await
+                    .map_err(|s| call_failed("FindMissingBlobs", s))?
+                    .into_inner();
+                response
+                    .missing_blob_digests
+                    .iter()
+                    .map(|d| {
+                        Digest::from_proto(d, FunctionHint::Given(Function::Sha256)).map_err(|e| {
+                            Error::Verify(format!("FindMissingBlobs answered a malformed digest: {e}"))
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Stores small blobs in one call; `data` holds their bytes in order.
+    pub async fn batch_update(&self, blobs: Vec<Blob>, data: Vec<Bytes>) -> Result<(), Error> {
+        match self {
+            Client::Store(store) => {
+                let store = Arc::clone(store);
+                blocking(move || {
+                    let new: Vec<NewBlob> =
+                        blobs.iter().zip(data).map(|(b, d)| NewBlob::new(b.digest, d)).collect();
+                    for r in store.put_blobs(&new) {
+                        r.map_err(|e| store_failed("put_blobs", e))?;
+                    }
+                    Ok(())
+                })
+                .await
+            }
+            Client::Grpc(g) => {
+                let requests = blobs
+                    .iter()
+                    .zip(data)
+                    .map(|(b, data)| reapi::batch_update_blobs_request::Request {
+                        digest: Some(b.digest.to_proto()),
+                        data,
+                        compressor: 0,
+                    })
+                    .collect();
+                let request = reapi::BatchUpdateBlobsRequest {
+                    instance_name: g.instance.clone(),
+                    requests,
+                    digest_function: 0,
+                };
+                let response = g
+                    .cas
+                    .clone()
+                    .batch_update_blobs(request)
+                    .await
+                    .map_err(|s| call_failed("BatchUpdateBlobs", s))?
+                    .into_inner();
+                for r in response.responses {
+                    let status = r.status.unwrap_or_default();
+                    if status.code != 0 {
+                        return Err(Error::Call(format!(
+                            "BatchUpdateBlobs refused a blob: code {}: {}",
+                            status.code, status.message
+                        )));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads small blobs in one call and checks them; returns their bytes.
+    pub async fn batch_read(&self, blobs: Vec<Blob>, cpu: &ClientCpu) -> Result<u64, Error> {
+        let read: Vec<(Blob, Option<Bytes>)> = match self {
+            Client::Store(store) => {
+                let store = Arc::clone(store);
+                blocking(move || {
+                    blobs
+                        .into_iter()
+                        .map(|b| Ok((b, store.read_all(&b.digest).map_err(|e| store_failed("read_all", e))?)))
+                        .collect()
+                })
+                .await?
+            }
+            Client::Grpc(g) => {
+                let request = reapi::BatchReadBlobsRequest {
+                    instance_name: g.instance.clone(),
+                    digests: blobs.iter().map(|b| b.digest.to_proto()).collect(),
+                    acceptable_compressors: Vec::new(),
+                    digest_function: 0,
+                };
+                let response = g
+                    .cas
+                    .clone()
+                    .batch_read_blobs(request)
+                    .await
+                    .map_err(|s| call_failed("BatchReadBlobs", s))?
+                    .into_inner();
+                if response.responses.len() != blobs.len() {
+                    return Err(Error::Verify(format!(
+                        "BatchReadBlobs answered {} of {} blobs",
+                        response.responses.len(),
+                        blobs.len()
+                    )));
+                }
+                blobs
+                    .into_iter()
+                    .zip(response.responses)
+                    .map(|(b, r)| {
+                        let code = r.status.as_ref().map_or(0, |s| s.code);
+                        let matches = r.digest.as_ref().is_some_and(|d| d.hash == b.digest.hex());
+                        if !matches {
+                            return Err(Error::Verify(format!(
+                                "BatchReadBlobs answered out of order at {}",
+                                b.digest
+                            )));
+                        }
+                        Ok((b, (code == 0).then_some(r.data)))
+                    })
+                    .collect::<Result<_, Error>>()?
+            }
+        };
+        let mut total = 0;
+        for (blob, data) in read {
+            let data = data.ok_or_else(|| Error::Missing(blob.digest))?;
+            verify(&blob, &data, cpu)?;
+            total += data.len() as u64;
+        }
+        Ok(total)
+    }
+
+    /// Streams a blob to the target, making its bytes as it goes.
+    pub async fn write(&self, blob: Blob, cpu: &ClientCpu) -> Result<(), Error> {
+        match self {
+            Client::Store(store) => {
+                let (store, cpu) = (Arc::clone(store), cpu.clone());
+                blocking(move || {
+                    let n = UPLOADS.fetch_add(1, Ordering::Relaxed);
+                    let resource =
+                        format!("uploads/bench-{n}/blobs/{}/{}", blob.digest.hex(), blob.digest.size);
+                    let mut upload = store
+                        .begin_upload(&resource, blob.digest, 0)
+                        .map_err(|e| store_failed("begin_upload", e))?;
+                    let chunk = store.options().chunk_size;
+                    let mut piece = Vec::with_capacity(chunk);
+                    let mut offset = 0;
+                    while offset < blob.digest.size {
+                        piece.clear();
+                        cpu.count(|| blob.content.push(offset, chunk, &mut piece));
+                        upload.append(&piece, None).map_err(|e| store_failed("append", e))?;
+                        offset += piece.len() as u64;
+                    }
+                    upload.finish().map_err(|e| store_failed("finish", e))?;
+                    Ok(())
+                })
+                .await
+            }
+            Client::Grpc(g) => {
+                let n = UPLOADS.fetch_add(1, Ordering::Relaxed);
+                let name = g.resource(format!(
+                    "uploads/{:08x}-0000-4000-8000-{:012x}/blobs/{}/{}",
+                    std::process::id(),
+                    n,
+                    blob.digest.hex(),
+                    blob.digest.size
+                ));
+                let size = blob.digest.size;
+                let pieces = size.div_ceil(WRITE_MESSAGE as u64).max(1);
+                let cpu = cpu.clone();
+                let messages = futures::stream::iter((0..pieces).map(move |i| {
+                    let offset = i * WRITE_MESSAGE as u64;
+                    let mut data = Vec::with_capacity(WRITE_MESSAGE);
+                    cpu.count(|| blob.content.push(offset, WRITE_MESSAGE, &mut data));
+                    WriteRequest {
+                        resource_name: if i == 0 { name.clone() } else { String::new() },
+                        write_offset: offset as i64,
+                        finish_write: i + 1 == pieces,
+                        data: data.into(),
+                    }
+                }));
+                let response = g
+                    .bytestream
+                    .clone()
+                    .write(messages)
+                    .await
+                    .map_err(|s| call_failed("ByteStream.Write", s))?;
+                let committed = response.into_inner().committed_size;
+                if committed != size as i64 && committed != -1 {
+                    return Err(Error::Call(format!(
+                        "ByteStream.Write of {} committed {committed} of {size} bytes",
+                        blob.digest
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Streams a blob back and checks every byte; returns its size.
+    pub async fn read(&self, blob: Blob, cpu: &ClientCpu) -> Result<u64, Error> {
+        let mut hasher = Hasher::new(blob.digest.function);
+        let mut len = 0u64;
+        match self {
+            Client::Store(store) => {
+                let (store, cpu) = (Arc::clone(store), cpu.clone());
+                (hasher, len) = blocking(move || {
+                    let found = store.locate(&blob.digest).map_err(|e| store_failed("locate", e))?;
+                    let found = found.ok_or(Error::Missing(blob.digest))?;
+                    while len < blob.digest.size {
+                        let part = store.read_at(&found, len).map_err(|e| store_failed("read_at", e))?;
+                        cpu.count(|| hasher.update(&part));
+                        len += part.len() as u64;
+                    }
+                    Ok((hasher, len))
+                })
+                .await?;
+            }
+            Client::Grpc(g) => {
+                let request = ReadRequest {
+                    resource_name: g.resource(format!("blobs/{}/{}", blob.digest.hex(), blob.digest.size)),
+                    read_offset: 0,
+                    read_limit: 0,
+                };
+                let mut stream = match g.bytestream.clone().read(request).await {
+                    Ok(r) => r.into_inner(),
+                    Err(s) if s.code() == tonic::Code::NotFound => return Err(Error::Missing(blob.digest)),
+                    Err(s) => return Err(call_failed("ByteStream.Read", s)),
+                };
+                while let Some(message) =
+                    stream.message().await.map_err(|s| call_failed("ByteStream.Read", s))?
+                {
+                    cpu.count(|| hasher.update(&message.data));
+                    len += message.data.len() as u64;
+                }
+            }
+        }
+        let actual = hasher.finish();
+        if actual == blob.digest { Ok(len) } else { Err(wrong_bytes(&blob, len, actual)) }
+    }
+
+    pub async fn get_action_result(&self, action: Digest) -> Result<Option<reapi::ActionResult>, Error> {
+        match self {
+            Client::Store(store) => {
+                let store = Arc::clone(store);
+                let bytes = blocking(move || {
+                    store.get_action_result("", &action).map_err(|e| store_failed("get_action_result", e))
+                })
+                .await?;
+                bytes
+                    .map(reapi::ActionResult::decode)
+                    .transpose()
+                    .map_err(|e| Error::Verify(format!("the action result of {action} does not decode: {e}")))
+            }
+            Client::Grpc(g) => {
+                let request = reapi::GetActionResultRequest {
+                    instance_name: g.instance.clone(),
+                    action_digest: Some(action.to_proto()),
+                    ..Default::default()
+                };
+                match g.action_cache.clone().get_action_result(request).await {
+                    Ok(r) => Ok(Some(r.into_inner())),
+                    Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+                    Err(s) => Err(call_failed("GetActionResult", s)),
+                }
+            }
+        }
+    }
+
+    pub async fn update_action_result(
+        &self,
+        action: Digest,
+        result: reapi::ActionResult,
+    ) -> Result<(), Error> {
+        match self {
+            Client::Store(store) => {
+                let store = Arc::clone(store);
+                blocking(move || {
+                    store
+                        .put_action_result("", &action, &result.encode_to_vec())
+                        .map_err(|e| store_failed("put_action_result", e))
+                })
+                .await
+            }
+            Client::Grpc(g) => {
+                let request = reapi::UpdateActionResultRequest {
+                    instance_name: g.instance.clone(),
+                    action_digest: Some(action.to_proto()),
+                    action_result: Some(result),
+                    ..Default::default()
+                };
+                g.action_cache
+                    .clone()
+                    .update_action_result(request)
+                    .await
+                    .map_err(|s| call_failed("UpdateActionResult", s))?;
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! `larder bench`: every workload runs against an embedded store and a real
+//! server, its figures come out in each format, and a server that returns a
+//! wrong byte fails the run.
+
+mod common;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use common::TestServer;
+use larder::bench::data::Data;
+use larder::bench::workload::Workload;
+use larder::bench::{Common, Error, GrpcArgs, Phases, StoreArgs, bench_grpc, bench_store};
+use larder::config::ByteSize;
+use larder::proto::bytestream::byte_stream_server::{ByteStream, ByteStreamServer};
+use larder::proto::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse,
+};
+use larder::proto::reapi;
+use larder::proto::reapi::content_addressable_storage_server::{
+    ContentAddressableStorage, ContentAddressableStorageServer,
+};
+use tonic::{Request, Response, Status, Streaming};
+
+const ALL: [Workload; 4] = [Workload::Build, Workload::Large, Workload::Small, Workload::FindMissing];
+
+fn common(workloads: &[Workload], seed: u64) -> Common {
+    Common {
+        workload: workloads.to_vec(),
+        data: vec![Data::Mixed],
+        seed,
+        bytes: ByteSize(6 << 20),
+        concurrency: 3,
+        miss_rate: 0.2,
+        large_size: ByteSize(2 << 20),
+        json: false,
+        csv: false,
+        plot: None,
+    }
+}
+
+fn grpc_args(endpoint: &str, workloads: &[Workload], seed: u64, phase: Phases) -> GrpcArgs {
+    GrpcArgs {
+        endpoint: vec![endpoint.to_string()],
+        instance: String::new(),
+        server_pid: None,
+        server_dir: None,
+        phase,
+        common: common(workloads, seed),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_workload_runs_against_an_embedded_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = StoreArgs {
+        config: None,
+        zstd_level: vec![],
+        chunk_size: vec![],
+        blob_files: vec![],
+        sync_writes: vec![],
+        cache_size: vec![],
+        dir: Some(tmp.path().to_path_buf()),
+        common: common(&ALL, 1),
+    };
+    let reports = bench_store(&args).await.unwrap();
+    assert_eq!(reports.len(), 4);
+    for r in &reports {
+        let what = r.workload.name();
+        assert!(r.logical_bytes >= 6 << 20, "{what}: {} logical bytes", r.logical_bytes);
+        assert!(r.write.bytes_sent >= 6 << 20, "{what} wrote {}", r.write.bytes_sent);
+        assert!(r.ingest_mbps.unwrap() > 0.0 && r.write_ops_per_sec.unwrap() > 0.0, "{what}");
+        assert!(r.disk_bytes.unwrap() > 0 && r.space_amplification.unwrap() > 0.1, "{what}");
+        assert!(r.write_amplification.is_some() && r.cpu_seconds_per_gib.is_some(), "{what}");
+        assert!(r.peak_rss_bytes.unwrap() > 1 << 20, "{what}");
+        assert!(r.latency.calls > 0 && r.latency.p50_us <= r.latency.p999_us, "{what}");
+        if r.workload == Workload::FindMissing {
+            assert_eq!(r.read.bytes_received, 0);
+            assert!(r.read.ops >= 4 * 1000, "{} digests looked up", r.read.ops);
+            assert!(r.latency_by_call.contains_key("FindMissingBlobs"));
+        } else {
+            // Everything written is read back (a warm build reads the hits).
+            assert!(r.read.bytes_received > 0 && r.read_mbps.is_some(), "{what}");
+        }
+    }
+    let build = &reports[0];
+    for call in
+        ["FindMissingBlobs", "GetActionResult", "UpdateActionResult", "BatchUpdateBlobs", "BatchReadBlobs"]
+    {
+        assert!(build.latency_by_call.contains_key(call), "the build made no {call} call");
+    }
+    // The temporary stores are gone.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_workload_runs_against_a_server_and_a_rerun_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("data"), &[]);
+    let endpoint = format!("grpc://{}", server.addr);
+    let mut args = grpc_args(&endpoint, &ALL, 7, Phases::All);
+    args.server_dir = Some(tmp.path().join("data"));
+    let reports = bench_grpc(&args).await.unwrap();
+    assert_eq!(reports.len(), 4);
+    for r in &reports {
+        assert!(r.ingest_mbps.is_some() && r.write.bytes_sent >= 6 << 20, "{:?}", r.workload);
+        // The server is found by its port and measured.
+        assert!(r.cpu_seconds_per_gib.unwrap() > 0.0, "{:?}", r.workload);
+        assert!(r.peak_rss_bytes.unwrap() > 1 << 20);
+        assert!(r.disk_bytes.is_some());
+    }
+
+    // The same seed again would measure nothing: refused, with what to do.
+    let again = bench_grpc(&grpc_args(&endpoint, &[Workload::Small], 7, Phases::All)).await;
+    match again {
+        Err(Error::Setup(message)) => assert!(message.contains("another --seed"), "{message}"),
+        other => panic!("a rerun was not refused: {:?}", other.map(|r| r.len())),
+    }
+    // Reading what an earlier run wrote is fine, and checks every byte.
+    let read = bench_grpc(&grpc_args(&endpoint, &[Workload::Large], 7, Phases::Read)).await.unwrap();
+    assert_eq!(read[0].read.bytes_received, 6 << 20);
+    assert!(read[0].ingest_mbps.is_none());
+    // A seed nothing was written with: the reads find their blobs missing.
+    let missing = bench_grpc(&grpc_args(&endpoint, &[Workload::Large], 8, Phases::Read)).await;
+    assert!(matches!(missing, Err(Error::Missing(_))), "{:?}", missing.map(|r| r.len()));
+}
+
+/// A CAS that keeps blobs in memory and flips one bit of every blob it
+/// returns.
+#[derive(Clone, Default)]
+struct Liar {
+    blobs: Arc<Mutex<HashMap<String, Bytes>>>,
+}
+
+fn flipped(data: &Bytes) -> Bytes {
+    let mut v = data.to_vec();
+    let last = v.len() - 1;
+    v[last] ^= 1;
+    v.into()
+}
+
+#[tonic::async_trait]
+impl ContentAddressableStorage for Liar {
+    async fn find_missing_blobs(
+        &self,
+        r: Request<reapi::FindMissingBlobsRequest>,
+    ) -> Result<Response<reapi::FindMissingBlobsResponse>, Status> {
+        let blobs = self.blobs.lock().unwrap();
+        let missing =
+            r.into_inner().blob_digests.into_iter().filter(|d| !blobs.contains_key(&d.hash)).collect();
+        Ok(Response::new(reapi::FindMissingBlobsResponse { missing_blob_digests: missing }))
+    }
+
+    async fn batch_update_blobs(
+        &self,
+        r: Request<reapi::BatchUpdateBlobsRequest>,
+    ) -> Result<Response<reapi::BatchUpdateBlobsResponse>, Status> {
+        let mut blobs = self.blobs.lock().unwrap();
+        let responses = r
+            .into_inner()
+            .requests
+            .into_iter()
+            .map(|q| {
+                let digest = q.digest.unwrap();
+                blobs.insert(digest.hash.clone(), q.data);
+                reapi::batch_update_blobs_response::Response { digest: Some(digest), status: None }
+            })
+            .collect();
+        Ok(Response::new(reapi::BatchUpdateBlobsResponse { responses }))
+    }
+
+    async fn batch_read_blobs(
+        &self,
+        r: Request<reapi::BatchReadBlobsRequest>,
+    ) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
+        let blobs = self.blobs.lock().unwrap();
+        let responses = r
+            .into_inner()
+            .digests
+            .into_iter()
+            .map(|d| reapi::batch_read_blobs_response::Response {
+                data: flipped(&blobs[&d.hash]),
+                digest: Some(d),
+                status: None,
+                compressor: 0,
+            })
+            .collect();
+        Ok(Response::new(reapi::BatchReadBlobsResponse { responses }))
+    }
+
+    type GetTreeStream =
+        Pin<Box<dyn futures::Stream<Item = Result<reapi::GetTreeResponse, Status>> + Send + 'static>>;
+
+    async fn get_tree(
+        &self,
+        _: Request<reapi::GetTreeRequest>,
+    ) -> Result<Response<Self::GetTreeStream>, Status> {
+        Err(Status::unimplemented("no GetTree"))
+    }
+}
+
+#[tonic::async_trait]
+impl ByteStream for Liar {
+    type ReadStream = Pin<Box<dyn futures::Stream<Item = Result<ReadResponse, Status>> + Send + 'static>>;
+
+    async fn read(&self, r: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
+        let name = r.into_inner().resource_name;
+        let hash = name.split('/').nth(1).unwrap().to_string();
+        let data = flipped(&self.blobs.lock().unwrap()[&hash]);
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(ReadResponse { data })]))))
+    }
+
+    async fn write(&self, r: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
+        let mut stream = r.into_inner();
+        let (mut name, mut data) = (String::new(), Vec::new());
+        while let Some(m) = stream.message().await? {
+            if name.is_empty() {
+                name = m.resource_name;
+            }
+            data.extend_from_slice(&m.data);
+        }
+        let hash = name.split('/').nth(3).unwrap().to_string();
+        let committed_size = data.len() as i64;
+        self.blobs.lock().unwrap().insert(hash, data.into());
+        Ok(Response::new(WriteResponse { committed_size }))
+    }
+
+    async fn query_write_status(
+        &self,
+        _: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        Err(Status::unimplemented("no QueryWriteStatus"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_returns_a_wrong_byte_fails_the_bench() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let liar = Liar::default();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                ContentAddressableStorageServer::new(liar.clone()).max_decoding_message_size(64 << 20),
+            )
+            .add_service(ByteStreamServer::new(liar))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    for workload in [Workload::Small, Workload::Large] {
+        let args = grpc_args(&format!("grpc://{addr}"), &[workload], 3, Phases::All);
+        match bench_grpc(&args).await {
+            Err(Error::Verify(message)) => {
+                assert!(message.contains("the server returned wrong bytes"), "{workload:?}: {message}");
+            }
+            other => panic!("{workload:?}: wrong bytes were not caught: {:?}", other.map(|r| r.len())),
+        }
+    }
+}
+
+#[test]
+fn the_command_prints_json_csv_and_a_chart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let svg = tmp.path().join("sweep.svg");
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_larder"))
+            .args(["bench", "store", "--bytes", "3MiB", "--workload", "small", "--dir"])
+            .arg(tmp.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // Not a terminal: no progress bar.
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("tasks"));
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["--json", "--plot", svg.to_str().unwrap()])).unwrap();
+    assert_eq!(json["runs"][0]["workload"], "small");
+    assert!(json["ceilings"]["sha256_mbps"].as_f64().unwrap() > 10.0);
+    assert!(json["runs"][0]["ingest_vs_sha256"].as_f64().unwrap() > 0.0);
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.matches("<circle").count() >= 2, "{chart}");
+
+    // A sweep: one row per setting, and the setting takes effect.
+    let csv = run(&["--csv", "--zstd-level", "0,1", "--data", "text"]);
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    let header: Vec<&str> = rows[0].split(',').collect();
+    let column = |row: &str, name: &str| -> f64 {
+        let at = header.iter().position(|h| *h == name).unwrap();
+        row.split(',').nth(at).unwrap().parse().unwrap()
+    };
+    assert!(rows[1].contains("zstd 0") && rows[2].contains("zstd 1"), "{csv}");
+    let (raw, zstd) = (column(rows[1], "space_amplification"), column(rows[2], "space_amplification"));
+    assert!(zstd * 2.0 < raw, "text at zstd 1 takes {zstd:.2}x, uncompressed {raw:.2}x");
+
+    let table = run(&[]);
+    assert!(table.contains("ingest MB/s") && table.contains("one core hashes SHA-256"), "{table}");
+}
