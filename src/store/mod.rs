@@ -244,6 +244,10 @@ impl Store {
                 )));
             }
         }
+        // The default column family (the layout version) is flushed at once:
+        // unflushed, it would hold on to every write-ahead log file from its
+        // entry on, until the WAL limit forced a flush.
+        db.flush()?;
         let store = Store {
             db,
             path: path.to_path_buf(),
@@ -899,12 +903,14 @@ impl Store {
         Ok(self.db.put_cf_opt(self.cf(CF_AC), ac_key(instance, action), value, &self.write_options())?)
     }
 
-    /// Writes every memtable out to files (what a clean close does).
+    /// Writes every memtable out to files (what a clean close does), so
+    /// that no write-ahead log file is needed any more.
     pub fn flush(&self) -> Result<(), Error> {
         for name in [CF_INDEX, CF_LRU, CF_CHUNKS, CF_UPLOADS, CF_AC] {
             self.db.flush_cf(self.cf(name))?;
         }
-        Ok(())
+        // The default column family holds the layout version.
+        Ok(self.db.flush()?)
     }
 }
 

@@ -350,3 +350,34 @@ fn a_chunk_failing_its_checksum_is_never_served_and_its_blob_is_removed() {
     let stats = store.stats().unwrap();
     assert_eq!((stats.corrupt_blobs, stats.blobs, stats.logical_bytes), (2, 1, 100_000));
 }
+
+/// Bytes of write-ahead log files in `dir`.
+fn wal_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+#[test]
+fn a_flushed_store_keeps_no_write_ahead_log_it_no_longer_needs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    // Uploads of a few chunks go through the WAL; so do batches.
+    for seed in 0..4 {
+        let data = crate::bench::data::random_bytes(200_000, seed);
+        let digest = Digest::of(&data);
+        let mut upload = store.begin_upload(&format!("uploads/{seed}"), digest, 0).unwrap();
+        for part in data.chunks(64 << 10) {
+            upload.append(part, None).unwrap();
+        }
+        upload.finish().unwrap();
+    }
+    let small = bytes(5_000, 9);
+    store.put_blobs(&[NewBlob::new(Digest::of(&small), small)]);
+    assert!(wal_bytes(tmp.path()) > 800_000, "the writes went through the WAL: {}", wal_bytes(tmp.path()));
+    store.flush().unwrap();
+    assert_eq!(wal_bytes(tmp.path()), 0, "no column family holds on to a WAL file");
+}
