@@ -64,6 +64,7 @@ async fn every_workload_runs_against_an_embedded_store() {
         sync_writes: vec![],
         cache_size: vec![],
         dir: Some(tmp.path().to_path_buf()),
+        only: None,
         common: common(&ALL, 1),
     };
     let reports = bench_store(&args).await.unwrap();

@@ -74,7 +74,7 @@ impl Rng {
 }
 
 /// What a blob's bytes look like, and so how well they compress.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// Incompressible: archives, media, already compressed outputs.
@@ -96,7 +96,7 @@ impl Kind {
 }
 
 /// The data a workload writes: one kind, or a mix like real build outputs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Data {
     Random,

@@ -216,7 +216,7 @@ pub fn on_tmpfs(dir: &Path) -> bool {
 }
 
 /// Latencies of one kind of call, in microseconds.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Latency {
     pub calls: usize,
     pub p50_us: u64,

@@ -77,6 +77,11 @@ pub struct StoreArgs {
     /// directory]. Use a directory on the disk a real cache would use.
     #[arg(long, value_name = "PATH")]
     pub dir: Option<PathBuf>,
+    /// Run only this combination, in this process, and print its report as
+    /// JSON: each combination runs in a process of its own, so that CPU time
+    /// and peak memory are its alone.
+    #[arg(long, hide = true)]
+    pub only: Option<usize>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -161,12 +166,19 @@ pub async fn main(target: Target) -> Result<(), Error> {
     if !(0.0..=1.0).contains(&common.miss_rate) {
         return Err(Error::Setup(format!("--miss-rate {} must be between 0 and 1", common.miss_rate)));
     }
+    if let Target::Store(args) = &target
+        && args.only.is_some()
+    {
+        let reports = bench_store(args).await?;
+        println!("{}", serde_json::to_string(&reports).expect("reports serialize"));
+        return Ok(());
+    }
     let data = common.data.clone();
     let ceilings = tokio::task::spawn_blocking(move || Ceilings::measure(&data))
         .await
         .map_err(|e| Error::Setup(format!("measuring the ceilings failed: {e}")))?;
     let runs = match target {
-        Target::Store(args) => bench_store(&args).await?,
+        Target::Store(args) => isolated(&args).await?,
         Target::Grpc(args) => bench_grpc(&args).await?,
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -293,15 +305,47 @@ pub async fn bench_store(args: &StoreArgs) -> Result<Vec<Report>, Error> {
         );
     }
     let mut reports = Vec::new();
+    let mut index = 0;
     for (label, settings, options) in sweep(args, &store_options(&config)) {
         for &workload in &args.common.workload {
             for &data in &args.common.data {
+                index += 1;
+                if args.only.is_some_and(|only| only != index - 1) {
+                    continue;
+                }
                 let shape = shape(&args.common, workload, data, config.max_batch_size.0);
                 let report =
                     store_run(&parent, &label, &settings, options.clone(), &shape, &args.common).await?;
                 reports.push(report);
             }
         }
+    }
+    Ok(reports)
+}
+
+/// Runs each combination in a process of its own (this program again, with
+/// --only), so that each is measured from a fresh start.
+async fn isolated(args: &StoreArgs) -> Result<Vec<Report>, Error> {
+    let config = Config::load(args.config.as_deref(), Overrides::default())?;
+    let runs =
+        sweep(args, &store_options(&config)).len() * args.common.workload.len() * args.common.data.len();
+    let program = std::env::current_exe()
+        .map_err(|source| Error::Io { context: "cannot find this program to run it again".into(), source })?;
+    let mut reports = Vec::new();
+    for index in 0..runs {
+        let output = tokio::process::Command::new(&program)
+            .args(std::env::args_os().skip(1))
+            .args(["--only", &index.to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .await
+            .map_err(|source| Error::Io { context: format!("cannot run {}", program.display()), source })?;
+        if !output.status.success() {
+            return Err(Error::Setup(format!("run {} of {runs} failed ({})", index + 1, output.status)));
+        }
+        let mut one: Vec<Report> = serde_json::from_slice(&output.stdout)
+            .map_err(|e| Error::Setup(format!("run {} of {runs} printed no report: {e}", index + 1)))?;
+        reports.append(&mut one);
     }
     Ok(reports)
 }
@@ -318,8 +362,9 @@ async fn store_run(
         Error::Io { context: format!("cannot make a store in {}", parent.display()), source }
     })?;
     let dir = tmp.path().to_path_buf();
+    let opened = dir.clone();
     let store = Arc::new(
-        tokio::task::spawn_blocking(move || Store::open(&dir, options))
+        tokio::task::spawn_blocking(move || Store::open(&opened, options))
             .await
             .map_err(|e| Error::Setup(format!("opening the store failed: {e}")))??,
     );
@@ -332,14 +377,15 @@ async fn store_run(
     let before = Process::Own.sample();
     let write = workload::run(&client, &plan, true, common.concurrency, &cpu, &bar).await?;
     let read = workload::run(&client, &plan, false, common.concurrency, &cpu, &bar).await?;
-    let flushed = Arc::clone(&store);
-    let disk = tokio::task::spawn_blocking(move || {
-        flushed.flush()?;
-        flushed.measure_disk()
-    })
-    .await
-    .map_err(|e| Error::Setup(format!("measuring the store failed: {e}")))??;
+    // Closed, the store is what it would be at rest: memtables flushed, the
+    // write-ahead log they made obsolete deleted.
+    drop(client);
+    tokio::task::spawn_blocking(move || drop(store))
+        .await
+        .map_err(|e| Error::Setup(format!("closing the store failed: {e}")))?;
     let after = Process::Own.sample();
+    let disk = measure::dir_bytes(&dir)
+        .map_err(|source| Error::Io { context: format!("cannot measure {}", dir.display()), source })?;
     bar.finish_and_clear();
     let mut report =
         report_of(String::from("store"), label, settings, shape, common, &plan, Some(write), Some(read));
@@ -353,14 +399,6 @@ async fn store_run(
             Some((a.write_bytes - b.write_bytes) as f64 / report.logical_bytes.max(1) as f64);
     }
     report.peak_rss_bytes = Process::Own.peak_rss();
-    drop(client);
-    drop(store);
-    // Hand freed memory back, so the next run's peak starts low.
-    // SAFETY: malloc_trim only releases free memory.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::malloc_trim(0);
-    }
     Ok(report)
 }
 
@@ -413,7 +451,7 @@ fn report_of(
         write_ops_per_sec: per_sec(w.ops, &w),
         read_ops_per_sec: per_sec(r.ops, &r),
         latency: Latency::of(all),
-        latency_by_call: by_call.into_iter().map(|(k, v)| (k, Latency::of(v))).collect(),
+        latency_by_call: by_call.into_iter().map(|(k, v)| (k.to_string(), Latency::of(v))).collect(),
         write: w,
         read: r,
         disk_bytes: None,

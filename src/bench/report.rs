@@ -9,7 +9,7 @@ use super::measure::{Ceilings, Latency};
 use super::workload::Workload;
 
 /// Figures of one configuration, workload and kind of data.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     /// "store" (embedded) or the gRPC endpoint.
     pub target: String,
@@ -33,7 +33,7 @@ pub struct Report {
     pub read_ops_per_sec: Option<f64>,
     /// Over every call of both phases, and per kind of call.
     pub latency: Latency,
-    pub latency_by_call: BTreeMap<&'static str, Latency>,
+    pub latency_by_call: BTreeMap<String, Latency>,
     /// Bytes on disk after the run (growth of --server-dir for gRPC).
     pub disk_bytes: Option<u64>,
     /// Disk bytes per logical byte.
@@ -50,7 +50,7 @@ pub struct Report {
     pub read_vs_sha256: Option<f64>,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Phase {
     pub seconds: f64,
     pub bytes_sent: u64,

@@ -15,7 +15,7 @@ use super::measure::ClientCpu;
 use crate::digest::{Digest, Function};
 use crate::proto::reapi;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Workload {
     /// A Bazel-like build, cold then warm: FindMissingBlobs of inputs,
