@@ -77,6 +77,18 @@ pub struct Config {
     /// Bytes per second the server re-hashes stored blobs at, in the
     /// background (0: no online scrub).
     pub scrub_rate: ByteSize,
+    /// S3-compatible object store behind the local tier ("" for none).
+    #[serde(default)]
+    pub s3_endpoint: String,
+    #[serde(default)]
+    pub s3_bucket: String,
+    /// Key prefix of larder's objects in the bucket.
+    #[serde(default)]
+    pub s3_prefix: String,
+    pub s3_region: String,
+    /// Path-style addressing (http://host/bucket/key), which self-hosted
+    /// stores need; false for virtual-hosted style (http://bucket.host/key).
+    pub s3_path_style: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -105,6 +117,10 @@ pub struct Overrides {
     /// `Some(true)` when the flag is given.
     pub allow_unauthenticated_reads: Option<bool>,
     pub scrub_rate: Option<String>,
+    pub s3_endpoint: Option<String>,
+    pub s3_bucket: Option<String>,
+    pub s3_prefix: Option<String>,
+    pub s3_region: Option<String>,
 }
 
 impl Config {
@@ -133,13 +149,28 @@ impl Config {
             .set_override_option("tls_client_ca", overrides.tls_client_ca.map(|p| p.display().to_string()))?
             .set_override_option("htpasswd_file", overrides.htpasswd_file.map(|p| p.display().to_string()))?
             .set_override_option("allow_unauthenticated_reads", overrides.allow_unauthenticated_reads)?
-            .set_override_option("scrub_rate", overrides.scrub_rate)?;
+            .set_override_option("scrub_rate", overrides.scrub_rate)?
+            .set_override_option("s3_endpoint", overrides.s3_endpoint)?
+            .set_override_option("s3_bucket", overrides.s3_bucket)?
+            .set_override_option("s3_prefix", overrides.s3_prefix)?
+            .set_override_option("s3_region", overrides.s3_region)?;
         let mut config: Config = builder.build()?.try_deserialize()?;
         if config.dir.as_os_str().is_empty() {
             config.dir = default_dir()?;
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The object store tier, if one is configured.
+    pub fn s3(&self) -> Option<crate::remote::Settings> {
+        (!self.s3_endpoint.is_empty()).then(|| crate::remote::Settings {
+            endpoint: self.s3_endpoint.clone(),
+            bucket: self.s3_bucket.clone(),
+            prefix: self.s3_prefix.clone(),
+            region: self.s3_region.clone(),
+            path_style: self.s3_path_style,
+        })
     }
 
     /// The TLS files, if TLS is on: certificate, key, and client CA.
@@ -156,6 +187,9 @@ impl Config {
         let invalid = |key: &str, why: String| Err(Error::Invalid(key.to_string(), why));
         if !(4 << 10..=64 << 20).contains(&self.chunk_size.0) {
             return invalid("chunk_size", "must be between 4KiB and 64MiB".into());
+        }
+        if !self.s3_endpoint.is_empty() && self.s3_bucket.is_empty() {
+            return invalid("s3_bucket", "is required with s3_endpoint".into());
         }
         if !(0..=22).contains(&self.zstd_level) {
             return invalid("zstd_level", "must be between 0 (no compression) and 22".into());

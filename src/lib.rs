@@ -13,6 +13,7 @@ pub mod digest;
 pub mod eviction;
 pub mod metrics;
 pub mod proto;
+pub mod remote;
 pub mod server;
 pub mod service;
 pub mod status;

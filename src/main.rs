@@ -88,6 +88,20 @@ struct ServeArgs {
     /// e.g. 20MiB [default: 0, off].
     #[arg(long, value_name = "SIZE")]
     scrub_rate: Option<String>,
+    /// S3-compatible object store shared by larder nodes as a second tier,
+    /// e.g. http://127.0.0.1:7480 (credentials: AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY, or AWS_PROFILE).
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// Bucket of the object store tier.
+    #[arg(long, value_name = "NAME")]
+    s3_bucket: Option<String>,
+    /// Key prefix in the bucket, for sharing it with other data.
+    #[arg(long, value_name = "PREFIX")]
+    s3_prefix: Option<String>,
+    /// Region of the object store [default: us-east-1].
+    #[arg(long, value_name = "REGION")]
+    s3_region: Option<String>,
     /// Log format on stderr: compact (for people) or json (for collectors) [default: compact].
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
@@ -124,6 +138,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         htpasswd_file: args.htpasswd,
         allow_unauthenticated_reads: args.allow_unauthenticated_reads.then_some(true),
         scrub_rate: args.scrub_rate,
+        s3_endpoint: args.s3_endpoint,
+        s3_bucket: args.s3_bucket,
+        s3_prefix: args.s3_prefix,
+        s3_region: args.s3_region,
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     init_logs(config.log_format);

@@ -1,6 +1,7 @@
 //! Wires the store and the services to a listener, and runs the background
 //! maintenance tasks for as long as the server runs.
 
+use crate::remote::Remote;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +51,7 @@ pub struct Server {
     metrics_listener: Option<TcpListener>,
     tls: Option<TlsAcceptor>,
     auth: Option<Arc<Auth>>,
+    remote: Option<Arc<Remote>>,
     config: Config,
 }
 
@@ -70,10 +72,11 @@ impl Server {
                 config.allow_unauthenticated_reads,
             ))),
         };
+        let remote = config.s3().map(|s| Remote::connect(&s).map(Arc::new)).transpose()?;
         let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Bind(config.listen, e))?;
         let http_listener = bind_optional(config.http_listen).await?;
         let metrics_listener = bind_optional(config.metrics_listen).await?;
-        Ok(Server { listener, http_listener, metrics_listener, tls, auth, config })
+        Ok(Server { listener, http_listener, metrics_listener, tls, auth, remote, config })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -95,7 +98,7 @@ impl Server {
     /// is open, health checks answer NOT_SERVING and every other call
     /// UNAVAILABLE; `ready` runs once it is.
     pub async fn run(self, shutdown: impl Future<Output = ()>, ready: impl FnOnce()) -> Result<(), Error> {
-        let Server { listener, http_listener, metrics_listener, tls, auth, config } = self;
+        let Server { listener, http_listener, metrics_listener, tls, auth, remote, config } = self;
         let (mut health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::NotServing).await;
         let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -127,7 +130,7 @@ impl Server {
                 opened = &mut opening, if open.is_none() => {
                     match opened.map_err(|e| Error::Store(store::Error::Open(e.to_string()))).and_then(|r| r) {
                         Ok(store) => {
-                            let running = Running::start(store, &config, &app.metrics, &app.board);
+                            let running = Running::start(store, remote.clone(), &config, &app.metrics, &app.board);
                             let _ = app.ready.set(running.services.clone());
                             for service in SERVICES.iter().chain([&""]) {
                                 health.set_service_status(*service, ServingStatus::Serving).await;
@@ -249,9 +252,16 @@ struct Running {
 }
 
 impl Running {
-    fn start(store: Arc<Store>, config: &Config, metrics: &Arc<Metrics>, board: &Arc<Board>) -> Running {
+    fn start(
+        store: Arc<Store>,
+        remote: Option<Arc<Remote>>,
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        board: &Arc<Board>,
+    ) -> Running {
         let shared = Arc::new(Shared {
             store: Arc::clone(&store),
+            remote,
             metrics: Arc::clone(metrics),
             max_batch_size: config.max_batch_size.0,
             max_message_size: config.max_message_size.0 as usize,
@@ -768,6 +778,8 @@ pub enum Error {
     Tls(#[from] crate::tls::Error),
     #[error("{0}")]
     Auth(String),
+    #[error(transparent)]
+    Remote(#[from] crate::remote::Error),
     #[error("cannot listen on {0}: {1} (is another server using the port? choose one with --listen)")]
     Bind(SocketAddr, std::io::Error),
 }

@@ -37,25 +37,7 @@ impl ActionCache for ActionCacheService {
         let action = required_digest(request.action_digest.as_ref(), "action_digest", function)?;
         // The blobs a result names use the action's function.
         let function = FunctionHint::Given(action.function);
-        let store = Arc::clone(&self.shared.store);
-        let limit = self.shared.max_message_size;
-        let lookup = blocking(move || {
-            let Some(bytes) = store.get_action_result(&request.instance_name, &action)? else {
-                return Ok(Err(format!("no action result for {action}")));
-            };
-            let mut result = ActionResult::decode(bytes)
-                .map_err(|e| store::Error::Corrupt(format!("action result of {action}: {e}")))?;
-            if let Some(missing) = first_missing_blob(&store, &result, function)? {
-                // Its outputs were evicted: the entry can never be a hit again.
-                store.delete_action_result(&request.instance_name, &action)?;
-                return Ok(Err(format!(
-                    "the action result of {action} refers to blob {missing}, which is not in the CAS"
-                )));
-            }
-            inline(&store, &mut result, &request, function, limit)?;
-            Ok(Ok(result))
-        })
-        .await?;
+        let lookup = self.lookup(request, action, function).await?;
         self.shared.metrics.action_cache_lookup(lookup.is_ok());
         lookup.map(Response::new).map_err(Status::not_found)
     }
@@ -76,8 +58,83 @@ impl ActionCache for ActionCacheService {
         let encoded = result.encode_to_vec();
         let store = Arc::clone(&self.shared.store);
         let instance = request.instance_name;
-        blocking(move || store.put_action_result(&instance, &action, &encoded)).await?;
+        let local = (instance.clone(), encoded.clone());
+        blocking(move || store.put_action_result(&local.0, &action, &local.1)).await?;
+        // Write-through: any node can answer the hit.
+        if let Some(remote) = &self.shared.remote {
+            remote.put_action_result(&instance, &action, &encoded).await?;
+        }
         Ok(Response::new(result))
+    }
+}
+
+/// Blobs of one result fetched from the object store before giving up.
+const FETCH_ROUNDS: usize = 64;
+
+impl ActionCacheService {
+    /// The result for `action` if it is complete: its blobs in the local
+    /// tier, or brought in from the object store (as is a result only the
+    /// object store holds). `Err` inside says why it is a miss.
+    async fn lookup(
+        &self,
+        request: GetActionResultRequest,
+        action: Digest,
+        function: FunctionHint,
+    ) -> Result<Result<ActionResult, String>, Status> {
+        let shared = &self.shared;
+        let store = Arc::clone(&shared.store);
+        let instance = request.instance_name.clone();
+        let mut bytes = blocking(move || store.get_action_result(&instance, &action)).await?;
+        let from_remote = bytes.is_none() && shared.remote.is_some();
+        if let (None, Some(remote)) = (&bytes, &shared.remote) {
+            match remote.get_action_result(&request.instance_name, &action).await {
+                Ok(found) => bytes = found,
+                Err(e) => tracing::warn!("GetActionResult answered from the local tier alone: {e}"),
+            }
+        }
+        let Some(bytes) = bytes else {
+            return Ok(Err(format!("no action result for {action}")));
+        };
+        let result = ActionResult::decode(bytes.clone())
+            .map_err(|e| Status::from(store::Error::Corrupt(format!("action result of {action}: {e}"))))?;
+        if shared.remote.is_some() {
+            shared.fetch(&referenced_blobs(&result, function).unwrap_or_default()).await.ok();
+        }
+        let mut rounds = 0;
+        loop {
+            let (store, checked) = (Arc::clone(&shared.store), result.clone());
+            let Some(missing) = blocking(move || first_missing_blob(&store, &checked, function)).await?
+            else {
+                break;
+            };
+            rounds += 1;
+            if shared.remote.is_some() && rounds <= FETCH_ROUNDS && shared.fetch(&[missing]).await.is_ok() {
+                let store = Arc::clone(&shared.store);
+                if blocking(move || store.contains(&[missing])).await?[0] {
+                    continue;
+                }
+            }
+            if shared.remote.is_none() {
+                // Its outputs were evicted: the entry can never be a hit again.
+                let (store, instance) = (Arc::clone(&shared.store), request.instance_name.clone());
+                blocking(move || store.delete_action_result(&instance, &action)).await?;
+            }
+            return Ok(Err(format!(
+                "the action result of {action} refers to blob {missing}, which is not in the CAS"
+            )));
+        }
+        let store = Arc::clone(&shared.store);
+        let limit = shared.max_message_size;
+        let result = blocking(move || {
+            if from_remote {
+                store.put_action_result(&request.instance_name, &action, &bytes)?;
+            }
+            let mut result = result;
+            inline(&store, &mut result, &request, function, limit)?;
+            Ok(result)
+        })
+        .await?;
+        Ok(Ok(result))
     }
 }
 

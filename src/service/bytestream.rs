@@ -56,6 +56,7 @@ impl ByteStreamService {
                 request.read_offset, digest.size
             )));
         }
+        self.shared.fetch(&[digest]).await?;
         let store = Arc::clone(&self.shared.store);
         let blob = {
             let store = Arc::clone(&store);
@@ -131,6 +132,8 @@ impl ByteStreamService {
             },
         };
         if self.present(digest).await? {
+            // A copy an earlier write-through failed to make is made now.
+            self.shared.write_through(digest, Written::AlreadyPresent).await?;
             return Ok(done);
         }
         if first.write_offset < 0 {
@@ -201,7 +204,10 @@ impl ByteStreamService {
             return sink.fail(Status::invalid_argument("the stream went on after finish_write"));
         }
         let upload = sink.writer.take().expect("checked above").upload;
-        if blocking(move || upload.finish()).await? == Written::AlreadyPresent {
+        let digest = upload.digest();
+        let written = blocking(move || upload.finish()).await?;
+        self.shared.write_through(digest, written).await?;
+        if written == Written::AlreadyPresent {
             return Ok(done); // stored by another writer meanwhile
         }
         Ok(WriteResponse { committed_size: sink.wire as i64 })

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -63,12 +63,7 @@ impl ContentAddressableStorage for CasService {
             .iter()
             .map(|d| Digest::from_proto(d, function))
             .collect::<Result<Vec<_>, _>>()?;
-        let store = Arc::clone(&self.shared.store);
-        let (digests, present) = blocking(move || {
-            let present = store.contains(&digests)?;
-            Ok((digests, present))
-        })
-        .await?;
+        let (digests, present) = self.shared.present(digests).await?;
         let missing = digests.iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| d.to_proto()).collect();
         Ok(Response::new(FindMissingBlobsResponse { missing_blob_digests: missing }))
     }
@@ -89,7 +84,7 @@ impl ContentAddressableStorage for CasService {
         };
         self.check_batch_size(request.requests.iter().map(logical), "the batch")?;
         let store = Arc::clone(&self.shared.store);
-        let responses = blocking(move || {
+        let results = blocking(move || {
             // Validate (and decompress) each blob; the valid ones go to the store together.
             let mut decoder = None;
             let mut outcomes = Vec::with_capacity(request.requests.len());
@@ -106,24 +101,39 @@ impl ContentAddressableStorage for CasService {
                 };
                 outcomes.push((r.digest, outcome));
             }
-            let mut stored = store.put_blobs(&valid).into_iter();
-            let responses = outcomes
+            let mut stored = valid.iter().map(|b| b.digest).zip(store.put_blobs(&valid));
+            let results: Vec<_> = outcomes
                 .into_iter()
                 .map(|(digest, checked)| {
                     let result = checked.and_then(|()| {
-                        let written = stored.next().expect("one result per valid blob");
-                        written.map(|_| ()).map_err(Status::from)
+                        let (d, written) = stored.next().expect("one result per valid blob");
+                        written.map(|w| (d, w)).map_err(Status::from)
                     });
-                    let status = match result {
-                        Ok(()) => ok_status(),
-                        Err(status) => rpc_status(&status),
-                    };
-                    batch_update_blobs_response::Response { digest, status: Some(status) }
+                    (digest, result)
                 })
                 .collect();
-            Ok(responses)
+            Ok(results)
         })
         .await?;
+        // Acknowledged once both tiers hold each blob, copied in parallel.
+        let shared = &self.shared;
+        let responses = futures::stream::iter(results.into_iter().map(|(digest, result)| {
+            let shared = Arc::clone(shared);
+            async move {
+                let result = match result {
+                    Ok((d, written)) => shared.write_through(d, written).await,
+                    Err(status) => Err(status),
+                };
+                let status = match result {
+                    Ok(()) => ok_status(),
+                    Err(status) => rpc_status(&status),
+                };
+                batch_update_blobs_response::Response { digest, status: Some(status) }
+            }
+        }))
+        .buffered(16)
+        .collect()
+        .await;
         Ok(Response::new(BatchUpdateBlobsResponse { responses }))
     }
 
@@ -138,6 +148,11 @@ impl ContentAddressableStorage for CasService {
         self.check_batch_size(digests.iter().flatten().map(|d| d.size), "the requested blobs")?;
         // IDENTITY is always acceptable; zstd when the client lists it.
         let zstd = request.acceptable_compressors.contains(&(compressor::Value::Zstd as i32));
+        let wanted: Vec<Digest> = digests.iter().flatten().copied().collect();
+        if let Err(status) = self.shared.fetch(&wanted).await {
+            // The local tier still answers for what it holds.
+            tracing::warn!("BatchReadBlobs: {}", status.message());
+        }
         let store = Arc::clone(&self.shared.store);
         let responses = blocking(move || {
             let mut responses = Vec::with_capacity(digests.len());

@@ -20,11 +20,86 @@ use crate::{compression, digest, store};
 /// What every service shares: the store and the limits clients are told about.
 pub struct Shared {
     pub store: Arc<store::Store>,
+    /// The object store tier behind the local one, if any.
+    pub remote: Option<Arc<crate::remote::Remote>>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Largest sum of blob sizes in one batch call (advertised).
     pub max_batch_size: u64,
     /// Largest gRPC message received or sent.
     pub max_message_size: usize,
+}
+
+impl Shared {
+    /// Which of `digests` either tier holds: the local index first, then the
+    /// object store for the local misses only. With the object store down,
+    /// its blobs count as missing (clients upload them again).
+    pub async fn present(
+        &self,
+        digests: Vec<digest::Digest>,
+    ) -> Result<(Vec<digest::Digest>, Vec<bool>), Status> {
+        let store = Arc::clone(&self.store);
+        let (digests, mut present) = blocking(move || {
+            let present = store.contains(&digests)?;
+            Ok((digests, present))
+        })
+        .await?;
+        if let Some(remote) = &self.remote {
+            let misses: Vec<usize> = (0..digests.len()).filter(|&i| !present[i]).collect();
+            let asked: Vec<digest::Digest> = misses.iter().map(|&i| digests[i]).collect();
+            match remote.contains(&asked).await {
+                Ok(found) => misses.iter().zip(found).for_each(|(&i, f)| present[i] = f),
+                Err(e) => tracing::warn!("FindMissingBlobs answered from the local tier alone: {e}"),
+            }
+        }
+        Ok((digests, present))
+    }
+
+    /// Brings the blobs the local tier lacks in from the object store (a
+    /// read-through). Blobs neither tier holds stay missing; an object store
+    /// that is down makes this UNAVAILABLE.
+    pub async fn fetch(&self, digests: &[digest::Digest]) -> Result<(), Status> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        let store = Arc::clone(&self.store);
+        let wanted = digests.to_vec();
+        let present = blocking(move || store.contains(&wanted)).await?;
+        for (d, _) in digests.iter().zip(present).filter(|(_, p)| !p) {
+            match remote.fetch_into(&self.store, *d).await {
+                Ok(_) => {}
+                Err(crate::remote::Error::Damaged(what)) => {
+                    tracing::warn!("treated as missing: the object store holds a damaged {what}");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies a blob just written to the local tier to the object store
+    /// (write-through): the write is acknowledged only once both tiers hold
+    /// it. One the local tier already held is copied only if the object store
+    /// lacks it (an earlier write-through may have failed).
+    pub async fn write_through(&self, digest: digest::Digest, written: store::Written) -> Result<(), Status> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        if digest.is_empty_blob() {
+            return Ok(());
+        }
+        if written == store::Written::AlreadyPresent && remote.contains(&[digest]).await?[0] {
+            return Ok(());
+        }
+        Ok(remote.upload_from(&self.store, digest).await?)
+    }
+}
+
+impl From<crate::remote::Error> for Status {
+    fn from(e: crate::remote::Error) -> Status {
+        use crate::remote::Error::*;
+        match e {
+            Unavailable(_) => Status::unavailable(format!("{e}; retry when it is back")),
+            Damaged(_) => Status::not_found(e.to_string()),
+            Local(e) => Status::from(e),
+            Config(_) => Status::internal(e.to_string()),
+        }
+    }
 }
 
 /// Largest data payload in one ByteStream ReadResponse: well under the 4 MiB

@@ -181,6 +181,15 @@ fn decompress(frame: &[u8]) -> Option<Bytes> {
     })
 }
 
+/// How many bytes of the blob a stored chunk holds, its checksum verified
+/// (without decompressing). `None` means the value is corrupt.
+pub fn content_len(value: &[u8]) -> Option<u64> {
+    match open(value)? {
+        (Kind::Raw, payload) => Some(payload.len() as u64),
+        (Kind::Zstd, frame) => zstd::zstd_safe::get_frame_content_size(frame).ok()?,
+    }
+}
+
 pub fn is_compressed(value: &[u8]) -> bool {
     payload_len(value).is_some_and(|(kind, _)| kind == Kind::Zstd)
 }

@@ -620,6 +620,20 @@ impl Store {
         self.count_blobs(batch, -1, -(digest.size as i64));
     }
 
+    /// The stored chunk that holds `offset`, encoded as the chunk codec wrote
+    /// it, with its start and how many bytes of the blob it holds: for copying
+    /// a blob to another tier without compressing it again. Checked first.
+    pub fn encoded_chunk_at(&self, blob: &Blob, offset: u64) -> Result<(u64, Vec<u8>, u64), Error> {
+        let (start, value) = self.chunk_of(blob, offset)?.ok_or_else(|| {
+            Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
+        })?;
+        match chunk::content_len(&value) {
+            Some(held) if start + held > offset => Ok((start, value, held)),
+            Some(_) => Err(self.remove_corrupt(blob, format!("a gap at offset {offset}"))),
+            None => Err(self.remove_corrupt(blob, format!("the chunk at offset {start} fails its check"))),
+        }
+    }
+
     /// The chunk of a present blob that holds `offset`: a chunk RocksDB finds
     /// corrupt (its own checksums) gets the blob removed, like one failing ours.
     fn chunk_of(&self, blob: &Blob, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {

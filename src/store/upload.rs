@@ -187,12 +187,26 @@ impl Upload {
             return Ok(());
         }
         self.store.admit(data.len() as u64)?;
-        self.hasher.update(data);
         let level = self.store.options.zstd_level;
         let value = match frame {
             Some(frame) => chunk::encode_frame(frame, data, level),
             None => chunk::encode(data, level),
         };
+        self.persist(data, value)
+    }
+
+    /// Persists `data` as the next chunk, as `value`: a chunk another tier
+    /// encoded, which the caller has decoded to `data` (so it is checked).
+    pub fn append_encoded(&mut self, data: &[u8], value: Vec<u8>) -> Result<(), Error> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.store.admit(data.len() as u64)?;
+        self.persist(data, value)
+    }
+
+    fn persist(&mut self, data: &[u8], value: Vec<u8>) -> Result<(), Error> {
+        self.hasher.update(data);
         let progress = UploadProgress {
             committed: self.progress.committed + data.len() as u64,
             stored: self.progress.stored + value.len() as u64,

@@ -39,17 +39,30 @@ impl TestServer {
     /// Starts `larder serve` and returns once it listens, maybe before its
     /// store is open.
     pub fn spawn(dir: &Path, extra: &[&str]) -> TestServer {
-        TestServer::spawn_logging(dir, extra, "warn", None)
+        TestServer::spawn_logging(dir, extra, "warn", None, &[])
     }
 
-    /// Like [`TestServer::start`], with logs at `level` written to `log`.
-    pub fn start_logging(dir: &Path, extra: &[&str], level: &str, log: &Path) -> TestServer {
-        let mut server = TestServer::spawn_logging(dir, extra, level, Some(log));
+    /// Like [`TestServer::start`], with extra environment variables.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(String, String)]) -> TestServer {
+        let mut server = TestServer::spawn_logging(dir, extra, "warn", None, env);
         server.wait_until_serving();
         server
     }
 
-    fn spawn_logging(dir: &Path, extra: &[&str], level: &str, log: Option<&Path>) -> TestServer {
+    /// Like [`TestServer::start`], with logs at `level` written to `log`.
+    pub fn start_logging(dir: &Path, extra: &[&str], level: &str, log: &Path) -> TestServer {
+        let mut server = TestServer::spawn_logging(dir, extra, level, Some(log), &[]);
+        server.wait_until_serving();
+        server
+    }
+
+    fn spawn_logging(
+        dir: &Path,
+        extra: &[&str],
+        level: &str,
+        log: Option<&Path>,
+        env: &[(String, String)],
+    ) -> TestServer {
         let mut command = Command::new(env!("CARGO_BIN_EXE_larder"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--dir"])
@@ -57,6 +70,7 @@ impl TestServer {
             .args(extra)
             .env("RUST_LOG", level)
             .env_remove("XDG_CACHE_HOME")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped());
         if let Some(log) = log {
             command.stderr(std::fs::File::create(log).expect("create the log file"));

@@ -1,0 +1,368 @@
+//! The second tier: an S3-compatible object store that larder nodes share.
+//!
+//! Layout (version 1), under the configured prefix:
+//!
+//! - `larder/v1/cas/{function}/{hash}`: a blob, as its stored chunks: the
+//!   8 bytes `LARDER1\n`, the blob's size (u64, little-endian), then each chunk
+//!   as its length (u32, little-endian) and the value larder's chunk codec
+//!   wrote (zstd frame or raw bytes, CRC-32C, tag). Objects are copied from
+//!   the local tier without being compressed again, and checked chunk by chunk
+//!   and against the digest when read back: a corrupt or truncated object is
+//!   treated as missing.
+//! - `larder/v1/ac/{instance}/{function}/{hash}`: an action result: the 8
+//!   bytes `LARDERA\n`, the CRC-32C of the rest (u32, little-endian), the
+//!   ActionResult message. `{instance}` is the instance name in hex, `-` for
+//!   none.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+
+use crate::digest::Digest;
+use crate::store::{self, Store, chunk};
+
+const BLOB_MAGIC: &[u8; 8] = b"LARDER1\n";
+const AC_MAGIC: &[u8; 8] = b"LARDERA\n";
+/// Blobs with more stored bytes than this go up as multipart uploads.
+const MULTIPART_FROM: usize = 8 << 20;
+/// Part size of multipart uploads (S3's minimum is 5 MiB).
+const PART: usize = 8 << 20;
+/// Object-store calls in flight for one FindMissingBlobs.
+const LOOKUPS_IN_FLIGHT: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the object store is unavailable ({0}); the local tier keeps serving reads")]
+    Unavailable(String),
+    #[error("the object store holds a damaged {0}")]
+    Damaged(String),
+    #[error("{0}")]
+    Local(#[from] store::Error),
+    #[error("the object store is misconfigured: {0}")]
+    Config(String),
+}
+
+impl From<object_store::Error> for Error {
+    fn from(e: object_store::Error) -> Error {
+        Error::Unavailable(e.to_string())
+    }
+}
+
+/// Where the object store is and how to reach it.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub endpoint: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub region: String,
+    pub path_style: bool,
+}
+
+pub struct Remote {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    /// What it is, for messages: endpoint and bucket.
+    pub name: String,
+}
+
+/// Credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with
+/// AWS_SESSION_TOKEN), else the profile AWS_PROFILE (default "default") of
+/// the shared credentials file (AWS_SHARED_CREDENTIALS_FILE, else
+/// ~/.aws/credentials).
+fn credentials() -> Option<(String, String, Option<String>)> {
+    if let (Ok(id), Ok(secret)) = (std::env::var("AWS_ACCESS_KEY_ID"), std::env::var("AWS_SECRET_ACCESS_KEY"))
+    {
+        return Some((id, secret, std::env::var("AWS_SESSION_TOKEN").ok()));
+    }
+    let file = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".aws/credentials")))?;
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let text = std::fs::read_to_string(file).ok()?;
+    let (mut id, mut secret, mut token, mut inside) = (None, None, None, false);
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = name.trim() == profile;
+        } else if inside && let Some((key, value)) = line.split_once('=') {
+            let value = Some(value.trim().to_string());
+            match key.trim() {
+                "aws_access_key_id" => id = value,
+                "aws_secret_access_key" => secret = value,
+                "aws_session_token" => token = value,
+                _ => {}
+            }
+        }
+    }
+    Some((id?, secret?, token))
+}
+
+impl Remote {
+    pub fn connect(settings: &Settings) -> Result<Remote, Error> {
+        use object_store::aws::AmazonS3Builder;
+        let (id, secret, token) = credentials().ok_or_else(|| {
+            Error::Config(
+                "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with ~/.aws/credentials"
+                    .into(),
+            )
+        })?;
+        let mut builder = AmazonS3Builder::new()
+            .with_endpoint(&settings.endpoint)
+            .with_bucket_name(&settings.bucket)
+            .with_region(&settings.region)
+            .with_access_key_id(id)
+            .with_secret_access_key(secret)
+            .with_virtual_hosted_style_request(!settings.path_style)
+            // A store that is down fails calls quickly: the local tier goes on.
+            .with_retry(object_store::RetryConfig {
+                max_retries: 2,
+                retry_timeout: Duration::from_secs(10),
+                backoff: object_store::BackoffConfig::default(),
+            })
+            .with_client_options(
+                // The options carry allow_http: set here, not before.
+                object_store::ClientOptions::new()
+                    .with_allow_http(settings.endpoint.starts_with("http://"))
+                    .with_connect_timeout(Duration::from_secs(3))
+                    .with_timeout(Duration::from_secs(120)),
+            );
+        if let Some(token) = token {
+            builder = builder.with_token(token);
+        }
+        let store = builder.build().map_err(|e| Error::Config(e.to_string()))?;
+        let prefix = settings.prefix.trim_matches('/').to_string();
+        Ok(Remote {
+            store: Arc::new(store),
+            prefix,
+            name: format!("{} bucket {}", settings.endpoint, settings.bucket),
+        })
+    }
+
+    fn path(&self, rest: String) -> Path {
+        if self.prefix.is_empty() {
+            Path::from(format!("larder/v1/{rest}"))
+        } else {
+            Path::from(format!("{}/larder/v1/{rest}", self.prefix))
+        }
+    }
+
+    fn blob_path(&self, d: &Digest) -> Path {
+        self.path(format!("cas/{}/{}", d.function.name(), d.hex()))
+    }
+
+    fn ac_path(&self, instance: &str, action: &Digest) -> Path {
+        let instance = if instance.is_empty() { "-".to_string() } else { hex::encode(instance) };
+        self.path(format!("ac/{instance}/{}/{}", action.function.name(), action.hex()))
+    }
+
+    /// Which of `digests` the object store holds, looked up in parallel.
+    pub async fn contains(&self, digests: &[Digest]) -> Result<Vec<bool>, Error> {
+        let lookups = digests.iter().map(|d| {
+            // Owned: the futures borrow nothing, so the calls awaiting them stay Send.
+            let (store, path) = (Arc::clone(&self.store), self.blob_path(d));
+            async move {
+                match store.head(&path).await {
+                    Ok(meta) => Ok(meta.size > BLOB_MAGIC.len() as u64),
+                    Err(object_store::Error::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(Error::from(e)),
+                }
+            }
+        });
+        let lookups: Vec<_> = lookups.collect();
+        futures::stream::iter(lookups).buffered(LOOKUPS_IN_FLIGHT).try_collect().await
+    }
+
+    /// Copies a blob from the local tier, chunk by chunk as it is stored.
+    pub async fn upload_from(&self, local: &Arc<Store>, digest: Digest) -> Result<(), Error> {
+        let blob = {
+            let local = Arc::clone(local);
+            blocking(move || local.locate(&digest)).await?
+        };
+        let Some(blob) = blob else {
+            return Err(Error::Local(store::Error::Vanished(format!(
+                "blob {digest} is not in the local tier"
+            ))));
+        };
+        let path = self.blob_path(&digest);
+        let mut header = BytesMut::with_capacity(16);
+        header.extend_from_slice(BLOB_MAGIC);
+        header.extend_from_slice(&digest.size.to_le_bytes());
+        let mut pending = vec![header.freeze()];
+        let mut pending_len = 16;
+        let mut multipart: Option<WriteMultipart> = None;
+        let mut offset = 0;
+        while offset < digest.size {
+            let (local, b) = (Arc::clone(local), blob);
+            let (_, value, held) = blocking(move || local.encoded_chunk_at(&b, offset)).await?;
+            offset += held;
+            pending_len += 4 + value.len();
+            pending.push(Bytes::copy_from_slice(&(value.len() as u32).to_le_bytes()));
+            pending.push(Bytes::from(value));
+            if pending_len >= MULTIPART_FROM {
+                let writer = match &mut multipart {
+                    Some(w) => w,
+                    None => multipart.insert(WriteMultipart::new_with_chunk_size(
+                        self.store.put_multipart(&path).await?,
+                        PART,
+                    )),
+                };
+                // At most two parts in flight: memory stays bounded.
+                writer.wait_for_capacity(2).await?;
+                for part in pending.drain(..) {
+                    writer.put(part);
+                }
+                pending_len = 0;
+            }
+        }
+        match multipart {
+            Some(mut writer) => {
+                for part in pending {
+                    writer.put(part);
+                }
+                writer.finish().await?;
+            }
+            None => {
+                self.store.put(&path, PutPayload::from_iter(pending)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies a blob into the local tier, checking every chunk and the
+    /// digest; `false` if the object store lacks it (or holds it damaged).
+    pub async fn fetch_into(&self, local: &Arc<Store>, digest: Digest) -> Result<bool, Error> {
+        let stream = match self.store.get(&self.blob_path(&digest)).await {
+            Ok(r) => r.into_stream(),
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let resource = format!("remote-fetch/{}/{}", digest.function.name(), digest.hex());
+        let upload = {
+            let local = Arc::clone(local);
+            let resource = resource.clone();
+            blocking(move || local.begin_upload(&resource, digest, 0)).await
+        };
+        let mut upload = match upload {
+            Ok(u) => u,
+            // Another call is fetching it right now: let that one finish.
+            Err(Error::Local(store::Error::UploadBusy(_))) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let mut reader = Reader { buffer: BytesMut::new(), stream };
+        let copied = copy(&mut reader, &mut upload, digest).await;
+        let finished = match copied {
+            Ok(()) => blocking(move || upload.finish()).await,
+            Err(e) => {
+                let _ = blocking(move || upload.discard()).await;
+                return Err(e);
+            }
+        };
+        match finished {
+            Ok(_) => Ok(true),
+            Err(Error::Local(store::Error::DigestMismatch(m))) => {
+                Err(Error::Damaged(format!("object for {}: its bytes hash to {}", m.expected, m.actual)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn put_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+        result: &[u8],
+    ) -> Result<(), Error> {
+        let mut object = Vec::with_capacity(result.len() + 12);
+        object.extend_from_slice(AC_MAGIC);
+        object.extend_from_slice(&crc32c::crc32c(result).to_le_bytes());
+        object.extend_from_slice(result);
+        self.store.put(&self.ac_path(instance, action), PutPayload::from(object)).await?;
+        Ok(())
+    }
+
+    /// An action result, `None` if absent.
+    pub async fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<Bytes>, Error> {
+        let object = match self.store.get(&self.ac_path(instance, action)).await {
+            Ok(r) => r.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let damaged = || Error::Damaged(format!("action result of {action}"));
+        let rest = object.strip_prefix(AC_MAGIC).ok_or_else(damaged)?;
+        let (crc, result) = rest.split_first_chunk::<4>().ok_or_else(damaged)?;
+        if crc32c::crc32c(result) != u32::from_le_bytes(*crc) {
+            return Err(damaged());
+        }
+        Ok(Some(object.slice(12..)))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, store::Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Local(store::Error::Batch(format!("a storage worker failed: {e}"))))?
+        .map_err(Error::Local)
+}
+
+/// Copies a blob object's chunks into a local upload, checking each.
+async fn copy(reader: &mut Reader, upload: &mut store::Upload, digest: Digest) -> Result<(), Error> {
+    let size = reader.header().await?;
+    if size != digest.size {
+        return Err(Error::Damaged(format!("object for {digest}: it declares {size} bytes")));
+    }
+    let mut held = 0;
+    while held < size {
+        let value = reader.chunk().await?;
+        let data = chunk::decode(&value)
+            .ok_or_else(|| Error::Damaged(format!("object for {digest}: a chunk fails its check")))?;
+        held += data.len() as u64;
+        // Appending blocks on disk: off the async threads, in place.
+        tokio::task::block_in_place(|| upload.append_encoded(&data, value.to_vec()))?;
+    }
+    Ok(())
+}
+
+/// Reads a blob object's records from its byte stream.
+struct Reader {
+    buffer: BytesMut,
+    stream: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+}
+
+impl Reader {
+    /// At least `n` bytes buffered, or the object is truncated.
+    async fn fill(&mut self, n: usize) -> Result<(), Error> {
+        while self.buffer.len() < n {
+            match self.stream.next().await {
+                Some(part) => self.buffer.extend_from_slice(&part?),
+                None => return Err(Error::Damaged("object: it is truncated".into())),
+            }
+        }
+        Ok(())
+    }
+
+    async fn header(&mut self) -> Result<u64, Error> {
+        self.fill(16).await?;
+        let head = self.buffer.split_to(16);
+        if &head[..8] != BLOB_MAGIC {
+            return Err(Error::Damaged("object: not a larder blob object".into()));
+        }
+        Ok(u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")))
+    }
+
+    async fn chunk(&mut self) -> Result<Bytes, Error> {
+        self.fill(4).await?;
+        let len = u32::from_le_bytes(self.buffer[..4].try_into().expect("4 bytes")) as usize;
+        // A chunk holds at most 64 MiB, compressed or not.
+        if len > (64 << 20) + 1024 {
+            return Err(Error::Damaged(format!("object: a chunk of {len} bytes")));
+        }
+        self.fill(4 + len).await?;
+        let _ = self.buffer.split_to(4);
+        Ok(self.buffer.split_to(len).freeze())
+    }
+}

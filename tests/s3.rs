@@ -1,0 +1,281 @@
+//! The object store tier, against a real S3 server: a single-node Ceph
+//! cluster with the RADOS Gateway, started for these tests by
+//! tests/s3/ceph-rgw-local.sh. Without Ceph's packages the tests say so and
+//! pass, unless LARDER_REQUIRE_S3=1 (as in CI) makes that a failure.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::{Clients, TestServer, digest, random_bytes, read_name, text_bytes, upload_name};
+use larder::proto::reapi;
+use tonic::Code;
+
+/// A running RADOS Gateway, stopped when dropped.
+struct Rgw {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+    endpoint: String,
+    bucket: String,
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/s3/ceph-rgw-local.sh")
+}
+
+impl Rgw {
+    fn start() -> Option<Rgw> {
+        let installed =
+            Command::new("sh").args(["-c", "command -v radosgw"]).output().unwrap().status.success();
+        if !installed {
+            assert!(
+                std::env::var_os("LARDER_REQUIRE_S3").is_none(),
+                "Ceph is not installed: apt-get install ceph-mon ceph-osd ceph-mgr radosgw"
+            );
+            eprintln!(
+                "skipped: Ceph's RADOS Gateway is not installed (apt-get install ceph-mon ceph-osd ceph-mgr radosgw)"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let bucket = "larder-test".to_string();
+        let out = Command::new("bash")
+            .arg(script())
+            .args(["start"])
+            .arg(dir.path().join("ceph"))
+            .arg(&bucket)
+            .env("CEPH_RGW_NO_MGR", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "the gateway did not start: {}", String::from_utf8_lossy(&out.stderr));
+        let env: Vec<(String, String)> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let endpoint = env.iter().find(|(k, _)| k == "AWS_ENDPOINT_URL").unwrap().1.clone();
+        Some(Rgw { dir, env, endpoint, bucket })
+    }
+
+    /// A larder node with this bucket as its second tier (each test its own prefix).
+    fn node(&self, dir: &std::path::Path, prefix: &str) -> TestServer {
+        let flags = ["--s3-endpoint", &self.endpoint, "--s3-bucket", &self.bucket, "--s3-prefix", prefix];
+        TestServer::start_with_env(dir, &flags, &self.env)
+    }
+}
+
+impl Drop for Rgw {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").arg(script()).arg("stop").arg(self.dir.path().join("ceph")).output();
+    }
+}
+
+static PREFIX: AtomicUsize = AtomicUsize::new(0);
+
+fn prefix() -> String {
+    format!("t{}-{}", std::process::id(), PREFIX.fetch_add(1, Ordering::Relaxed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_written_through_one_node_reads_back_through_another() {
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let a = rgw.node(&tmp.path().join("a"), &prefix);
+    let b = rgw.node(&tmp.path().join("b"), &prefix);
+    let (mut ca, mut cb) = (Clients::connect(&a.addr).await, Clients::connect(&b.addr).await);
+
+    // Small blobs in a batch; a large one streamed, past the multipart size.
+    let small = text_bytes(50_000, 1);
+    let tiny = b"tiny".to_vec();
+    assert_eq!(ca.batch_update(&[&small, &tiny]).await, vec![0, 0]);
+    let large = random_bytes((12 << 20) + 12_345, 2);
+    let written =
+        ca.write(&upload_name("", "0b4b6c2e-2a29-4f4e-9d1c-2f9a3a1b5c7d", &large), &large, 1 << 20).await;
+    assert_eq!(written.unwrap(), large.len() as i64);
+
+    // Node B's local tier is empty: it finds them in the object store...
+    let absent = digest(b"never written");
+    let missing = cb.find_missing(&[digest(&small), digest(&tiny), digest(&large), absent.clone()]).await;
+    assert_eq!(missing, vec![absent]);
+    // ...and reads them through, byte for byte.
+    assert_eq!(cb.read(&read_name("", &large), 0, 0).await.unwrap(), large);
+    let read = cb
+        .cas
+        .batch_read_blobs(reapi::BatchReadBlobsRequest {
+            digests: vec![digest(&small), digest(&tiny)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.responses[0].data, small);
+    assert_eq!(read.responses[1].data, tiny);
+    // Now they are in B's local tier too: a read at an offset is served there.
+    assert_eq!(
+        cb.read(&read_name("", &large), 5 << 20, 1000).await.unwrap(),
+        &large[5 << 20..(5 << 20) + 1000]
+    );
+
+    // An action result stored through A is a hit on B, with its outputs.
+    let action = digest(b"an action");
+    let result = reapi::ActionResult {
+        output_files: vec![reapi::OutputFile {
+            path: "out/large".into(),
+            digest: Some(digest(&large)),
+            ..Default::default()
+        }],
+        stdout_digest: Some(digest(&small)),
+        ..Default::default()
+    };
+    ca.ac
+        .update_action_result(reapi::UpdateActionResultRequest {
+            action_digest: Some(action.clone()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let c = tempfile::tempdir().unwrap();
+    let node_c = rgw.node(c.path(), &prefix);
+    let mut cc = Clients::connect(&node_c.addr).await;
+    let hit = cc
+        .ac
+        .get_action_result(reapi::GetActionResultRequest {
+            action_digest: Some(action),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hit.output_files, result.output_files);
+    // The hit brought its outputs into C's local tier.
+    assert_eq!(cc.read(&read_name("", &large), 0, 0).await.unwrap(), large);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_object_is_treated_as_missing() {
+    use object_store::ObjectStoreExt;
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let a = rgw.node(&tmp.path().join("a"), &prefix);
+    let mut ca = Clients::connect(&a.addr).await;
+    let (cut, flipped) = (random_bytes(300_000, 3), text_bytes(300_000, 4));
+    assert_eq!(ca.batch_update(&[&cut, &flipped]).await, vec![0, 0]);
+
+    // Truncate one object and flip a byte of the other, behind larder's back.
+    let key = |k: &str| (k.to_string(), rgw.env.iter().find(|(n, _)| n == k).unwrap().1.clone());
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&rgw.endpoint)
+        .with_bucket_name(&rgw.bucket)
+        .with_region("us-east-1")
+        .with_access_key_id(key("AWS_ACCESS_KEY_ID").1)
+        .with_secret_access_key(key("AWS_SECRET_ACCESS_KEY").1)
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    let path = |data: &[u8]| {
+        object_store::path::Path::from(format!("{prefix}/larder/v1/cas/sha256/{}", digest(data).hash))
+    };
+    let whole = s3.get(&path(&cut)).await.unwrap().bytes().await.unwrap();
+    s3.put(&path(&cut), whole.slice(..whole.len() / 2).into()).await.unwrap();
+    let mut bytes = s3.get(&path(&flipped)).await.unwrap().bytes().await.unwrap().to_vec();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    s3.put(&path(&flipped), bytes.into()).await.unwrap();
+
+    // A node with an empty local tier finds neither usable.
+    let b = rgw.node(&tmp.path().join("b"), &prefix);
+    let mut cb = Clients::connect(&b.addr).await;
+    for data in [&cut, &flipped] {
+        let status = cb.read(&read_name("", data), 0, 0).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    // Node A still serves both from its local tier.
+    assert_eq!(ca.read(&read_name("", &cut), 0, 0).await.unwrap(), cut);
+}
+
+impl Rgw {
+    /// Stops the gateway alone (the cluster behind it keeps running) and
+    /// returns its command line, for [`Rgw::restart`].
+    fn stop_gateway(&self) -> Vec<String> {
+        let pid_file = self.dir.path().join("ceph/run/client.rgw.ci.pid");
+        let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let argv: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into())
+            .collect();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        argv
+    }
+
+    /// Starts the gateway again and waits until it answers.
+    fn restart(&self, argv: &[String]) {
+        assert!(Command::new(&argv[0]).args(&argv[1..]).status().unwrap().success());
+        let address = self.endpoint.trim_start_matches("http://").to_string();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(&address).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the gateway did not come back on {address}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_object_store_going_away_and_coming_back() {
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let a = rgw.node(&tmp.path().join("a"), &prefix);
+    let mut ca = Clients::connect(&a.addr).await;
+    let before = random_bytes(200_000, 5);
+    assert_eq!(ca.batch_update(&[&before]).await, vec![0]);
+
+    let gateway = rgw.stop_gateway();
+    // Reads of what the local tier holds go on.
+    assert_eq!(ca.read(&read_name("", &before), 0, 0).await.unwrap(), before);
+    assert!(ca.find_missing(&[digest(&before)]).await.is_empty());
+    // Write-through writes fail, saying why.
+    let during = text_bytes(100_000, 6);
+    let response = ca
+        .cas
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: vec![reapi::batch_update_blobs_request::Request {
+                digest: Some(digest(&during)),
+                data: during.clone().into(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = response.responses[0].status.clone().unwrap();
+    assert_eq!(status.code, Code::Unavailable as i32);
+    assert!(status.message.contains("object store is unavailable"), "{}", status.message);
+    let streamed = random_bytes(3 << 20, 7);
+    let name = upload_name("", "5d1e6c1e-7b1a-4d6e-8f0a-3c2b1a0f9e8d", &streamed);
+    assert_eq!(ca.write(&name, &streamed, 1 << 20).await.unwrap_err().code(), Code::Unavailable);
+
+    rgw.restart(&gateway);
+    // The retried writes now reach both tiers, and another node reads them.
+    assert_eq!(ca.batch_update(&[&during]).await, vec![0]);
+    let name = upload_name("", "7c0f3b7e-9a51-4b43-9d38-0e3f6d2b1c4a", &streamed);
+    assert_eq!(ca.write(&name, &streamed, 1 << 20).await.unwrap(), streamed.len() as i64);
+    let b = rgw.node(&tmp.path().join("b"), &prefix);
+    let mut cb = Clients::connect(&b.addr).await;
+    for data in [&before, &during, &streamed] {
+        assert_eq!(&cb.read(&read_name("", data), 0, 0).await.unwrap(), data);
+    }
+}
