@@ -131,7 +131,7 @@ impl ContentAddressableStorage for CasService {
                 batch_update_blobs_response::Response { digest, status: Some(status) }
             }
         }))
-        .buffered(16)
+        .buffered(32)
         .collect()
         .await;
         Ok(Response::new(BatchUpdateBlobsResponse { responses }))

@@ -12,6 +12,7 @@ mod rest;
 
 use std::sync::Arc;
 
+use futures::{StreamExt, TryStreamExt};
 use tonic::{Code, Status};
 
 use crate::proto::{reapi, rpc};
@@ -28,6 +29,9 @@ pub struct Shared {
     /// Largest gRPC message received or sent.
     pub max_message_size: usize,
 }
+
+/// Blobs copied between the tiers at once for one call.
+const FETCHES_IN_FLIGHT: usize = 32;
 
 impl Shared {
     /// Which of `digests` either tier holds: the local index first, then the
@@ -62,15 +66,26 @@ impl Shared {
         let store = Arc::clone(&self.store);
         let wanted = digests.to_vec();
         let present = blocking(move || store.contains(&wanted)).await?;
-        for (d, _) in digests.iter().zip(present).filter(|(_, p)| !p) {
-            match remote.fetch_into(&self.store, *d).await {
-                Ok(_) => {}
-                Err(crate::remote::Error::Damaged(what)) => {
-                    tracing::warn!("treated as missing: the object store holds a damaged {what}");
+        let fetches: Vec<_> = digests
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| !p)
+            .map(|(d, _)| {
+                let (remote, store, d) = (Arc::clone(remote), Arc::clone(&self.store), *d);
+                async move {
+                    match remote.fetch_into(&store, d).await {
+                        Ok(_) => Ok(()),
+                        Err(crate::remote::Error::Damaged(what)) => {
+                            tracing::warn!("treated as missing: the object store holds a damaged {what}");
+                            Ok(())
+                        }
+                        Err(e) => Err(Status::from(e)),
+                    }
                 }
-                Err(e) => return Err(e.into()),
-            }
-        }
+            })
+            .collect();
+        // In parallel: small blobs cost the object store's latency each.
+        futures::stream::iter(fetches).buffer_unordered(FETCHES_IN_FLIGHT).try_collect::<Vec<()>>().await?;
         Ok(())
     }
 
