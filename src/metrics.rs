@@ -34,6 +34,7 @@ pub struct Metrics {
     sent: Counter,
     ac_hits: Counter,
     ac_misses: Counter,
+    tiers: TierCounters,
     store: StoreGauges,
 }
 
@@ -53,6 +54,22 @@ struct StoreGauges {
     pending_compaction_bytes: Gauge,
     write_stopped: Gauge,
     delayed_write_rate: Gauge,
+}
+
+/// What the object store tier did.
+#[derive(Default)]
+struct TierCounters {
+    /// Blobs wanted for reading: found locally, brought in from the object
+    /// store, or in neither.
+    local_hits: Counter,
+    remote_hits: Counter,
+    misses: Counter,
+    written_blobs: Counter,
+    written_bytes: Counter,
+    /// Calls that failed because the object store did not answer.
+    errors: Counter,
+    /// Objects found damaged (failing a check) and treated as missing.
+    damaged: Counter,
 }
 
 impl Default for Metrics {
@@ -123,7 +140,28 @@ impl Default for Metrics {
         for (name, help, counter) in counters {
             registry.register(name, help, counter.clone());
         }
-        Metrics { registry, calls, durations, received, sent, ac_hits, ac_misses, store }
+        let tiers = TierCounters::default();
+        let tier_counters: [(&str, &str, &Counter); 7] = [
+            ("local_tier_hits", "Blobs wanted for reading that the local tier held", &tiers.local_hits),
+            (
+                "object_store_hits",
+                "Blobs the local tier lacked, read through from the object store",
+                &tiers.remote_hits,
+            ),
+            ("object_store_misses", "Blobs wanted for reading that neither tier held", &tiers.misses),
+            ("object_store_written_blobs", "Blobs written through to the object store", &tiers.written_blobs),
+            (
+                "object_store_written_bytes",
+                "Logical bytes written through to the object store",
+                &tiers.written_bytes,
+            ),
+            ("object_store_errors", "Object store calls that failed (unavailable)", &tiers.errors),
+            ("object_store_damaged", "Damaged objects treated as missing", &tiers.damaged),
+        ];
+        for (name, help, counter) in tier_counters {
+            registry.register(name, help, counter.clone());
+        }
+        Metrics { registry, calls, durations, received, sent, ac_hits, ac_misses, tiers, store }
     }
 }
 
@@ -136,6 +174,28 @@ impl Metrics {
 
     pub fn action_cache_lookup(&self, hit: bool) {
         if hit { &self.ac_hits } else { &self.ac_misses }.inc();
+    }
+
+    /// Reads of blobs: local hits, object store hits, misses in both.
+    pub fn tier_reads(&self, local: u64, remote: u64, missing: u64) {
+        self.tiers.local_hits.inc_by(local);
+        self.tiers.remote_hits.inc_by(remote);
+        self.tiers.misses.inc_by(missing);
+    }
+
+    pub fn tier_written(&self, bytes: u64) {
+        self.tiers.written_blobs.inc();
+        self.tiers.written_bytes.inc_by(bytes);
+    }
+
+    pub fn tier_error(&self, damaged: bool) {
+        if damaged { &self.tiers.damaged } else { &self.tiers.errors }.inc();
+    }
+
+    /// Local hits, object store hits, misses, blobs written through, errors.
+    pub fn tier_counts(&self) -> [u64; 5] {
+        let t = &self.tiers;
+        [t.local_hits.get(), t.remote_hits.get(), t.misses.get(), t.written_blobs.get(), t.errors.get()]
     }
 
     /// Action cache hits and misses so far.

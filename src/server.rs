@@ -107,6 +107,7 @@ impl Server {
             http_listener.as_ref().map(addr),
             metrics_listener.as_ref().map(addr),
             config.dir.clone(),
+            remote.as_ref().map(|r| r.name.clone()),
         );
         let app = App {
             port: Port::Main,

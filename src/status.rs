@@ -25,6 +25,8 @@ pub struct Board {
     pub http_listen: Option<String>,
     pub metrics_listen: Option<String>,
     pub dir: PathBuf,
+    /// The object store tier, if any: endpoint and bucket.
+    pub object_store: Option<String>,
     /// Bytes received and sent per second, oldest first.
     history: Mutex<VecDeque<(f64, f64)>>,
     last: Mutex<(Instant, u64, u64)>,
@@ -36,6 +38,7 @@ impl Board {
         http_listen: Option<String>,
         metrics_listen: Option<String>,
         dir: PathBuf,
+        object_store: Option<String>,
     ) -> Board {
         let now = Instant::now();
         Board {
@@ -44,6 +47,7 @@ impl Board {
             http_listen,
             metrics_listen,
             dir,
+            object_store,
             history: Mutex::new(VecDeque::with_capacity(SAMPLES)),
             last: Mutex::new((now, 0, 0)),
         }
@@ -84,6 +88,11 @@ impl Board {
             "evictedBlobs": stats.evicted_blobs,
             "rejectedWrites": stats.rejected_writes,
             "corruptBlobsRemoved": stats.corrupt_blobs,
+            "objectStore": self.object_store.as_ref().map(|name| {
+                let [local, remote, missing, written, errors] = metrics.tier_counts();
+                json!({"name": name, "localHits": local, "objectStoreHits": remote, "misses": missing,
+                       "writtenBlobs": written, "errors": errors})
+            }),
             "throughput": {
                 "sampleSeconds": SAMPLE_EVERY.as_secs(),
                 "receivedBytesPerSecond": history.iter().map(|(r, _)| r.round()).collect::<Vec<_>>(),
@@ -135,6 +144,15 @@ impl Board {
             format!("{} blobs; {} writes refused at the limit", stats.evicted_blobs, stats.rejected_writes),
         );
         row("Corrupt blobs removed", stats.corrupt_blobs.to_string());
+        if let Some(name) = &self.object_store {
+            let [local, remote, missing, written, errors] = metrics.tier_counts();
+            row(
+                "Object store",
+                format!(
+                    "{name}: reads {local} local, {remote} from the object store, {missing} in neither; {written} blobs written through; {errors} errors"
+                ),
+            );
+        }
         format!(
             r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">

@@ -119,6 +119,19 @@ async fn a_blob_written_through_one_node_reads_back_through_another() {
         cb.read(&read_name("", &large), 5 << 20, 1000).await.unwrap(),
         &large[5 << 20..(5 << 20) + 1000]
     );
+    // Each tier's hits are counted, on /metrics and on the status page.
+    let metric = |text: &str, name: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let metrics = reqwest::get(format!("http://{}/metrics", b.addr)).await.unwrap().text().await.unwrap();
+    assert_eq!(metric(&metrics, "larder_object_store_hits_total"), 3, "{metrics}");
+    assert!(metric(&metrics, "larder_local_tier_hits_total") >= 1);
+    let metrics = reqwest::get(format!("http://{}/metrics", a.addr)).await.unwrap().text().await.unwrap();
+    assert_eq!(metric(&metrics, "larder_object_store_written_blobs_total"), 3, "{metrics}");
+    let status: serde_json::Value =
+        reqwest::get(format!("http://{}/status.json", b.addr)).await.unwrap().json().await.unwrap();
+    assert_eq!(status["objectStore"]["objectStoreHits"], 3);
 
     // An action result stored through A is a hit on B, with its outputs.
     let action = digest(b"an action");

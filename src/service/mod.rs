@@ -66,26 +66,35 @@ impl Shared {
         let store = Arc::clone(&self.store);
         let wanted = digests.to_vec();
         let present = blocking(move || store.contains(&wanted)).await?;
+        let local = present.iter().filter(|&&p| p).count() as u64;
         let fetches: Vec<_> = digests
             .iter()
             .zip(present)
             .filter(|(_, p)| !p)
             .map(|(d, _)| {
-                let (remote, store, d) = (Arc::clone(remote), Arc::clone(&self.store), *d);
+                let (remote, store, metrics, d) =
+                    (Arc::clone(remote), Arc::clone(&self.store), Arc::clone(&self.metrics), *d);
                 async move {
                     match remote.fetch_into(&store, d).await {
-                        Ok(_) => Ok(()),
+                        Ok(found) => Ok(found),
                         Err(crate::remote::Error::Damaged(what)) => {
+                            metrics.tier_error(true);
                             tracing::warn!("treated as missing: the object store holds a damaged {what}");
-                            Ok(())
+                            Ok(false)
                         }
-                        Err(e) => Err(Status::from(e)),
+                        Err(e) => {
+                            metrics.tier_error(false);
+                            Err(Status::from(e))
+                        }
                     }
                 }
             })
             .collect();
         // In parallel: small blobs cost the object store's latency each.
-        futures::stream::iter(fetches).buffer_unordered(FETCHES_IN_FLIGHT).try_collect::<Vec<()>>().await?;
+        let found: Vec<bool> =
+            futures::stream::iter(fetches).buffer_unordered(FETCHES_IN_FLIGHT).try_collect().await?;
+        let remote_hits = found.iter().filter(|&&f| f).count() as u64;
+        self.metrics.tier_reads(local, remote_hits, found.len() as u64 - remote_hits);
         Ok(())
     }
 
@@ -101,7 +110,16 @@ impl Shared {
         if written == store::Written::AlreadyPresent && remote.contains(&[digest]).await?[0] {
             return Ok(());
         }
-        Ok(remote.upload_from(&self.store, digest).await?)
+        match remote.upload_from(&self.store, digest).await {
+            Ok(()) => {
+                self.metrics.tier_written(digest.size);
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.tier_error(false);
+                Err(e.into())
+            }
+        }
     }
 }
 
