@@ -1,7 +1,7 @@
 //! The object store tier, against a real S3 server: a single-node Ceph
 //! cluster with the RADOS Gateway, started for these tests by
 //! tests/s3/ceph-rgw-local.sh. Without Ceph's packages the tests say so and
-//! pass, unless LARDER_REQUIRE_S3=1 (as in CI) makes that a failure.
+//! pass, unless REQUIRE_S3_TESTS=1 (as in CI) makes that a failure.
 
 mod common;
 
@@ -31,7 +31,7 @@ impl Rgw {
             Command::new("sh").args(["-c", "command -v radosgw"]).output().unwrap().status.success();
         if !installed {
             assert!(
-                std::env::var_os("LARDER_REQUIRE_S3").is_none(),
+                std::env::var_os("REQUIRE_S3_TESTS").is_none(),
                 "Ceph is not installed: apt-get install ceph-mon ceph-osd ceph-mgr radosgw"
             );
             eprintln!(
