@@ -48,7 +48,12 @@ pub enum Error {
 
 impl From<object_store::Error> for Error {
     fn from(e: object_store::Error) -> Error {
-        Error::Unavailable(e.to_string())
+        match e {
+            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+                Error::Config(format!("{e}: check the credentials and the bucket's permissions"))
+            }
+            e => Error::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -109,8 +114,14 @@ impl Remote {
                     .into(),
             )
         })?;
+        // Virtual-hosted style: the bucket leads the endpoint's host name
+        // (object_store takes an endpoint as given).
+        let endpoint = match settings.endpoint.split_once("://") {
+            Some((scheme, host)) if !settings.path_style => format!("{scheme}://{}.{host}", settings.bucket),
+            _ => settings.endpoint.clone(),
+        };
         let mut builder = AmazonS3Builder::new()
-            .with_endpoint(&settings.endpoint)
+            .with_endpoint(&endpoint)
             .with_bucket_name(&settings.bucket)
             .with_region(&settings.region)
             .with_access_key_id(id)
@@ -165,7 +176,7 @@ impl Remote {
             let (store, path) = (Arc::clone(&self.store), self.blob_path(d));
             async move {
                 match store.head(&path).await {
-                    Ok(meta) => Ok(meta.size > BLOB_MAGIC.len() as u64),
+                    Ok(meta) => Ok(meta.size >= 16),
                     Err(object_store::Error::NotFound { .. }) => Ok(false),
                     Err(e) => Err(Error::from(e)),
                 }
@@ -190,26 +201,50 @@ impl Remote {
         let mut header = BytesMut::with_capacity(16);
         header.extend_from_slice(BLOB_MAGIC);
         header.extend_from_slice(&digest.size.to_le_bytes());
-        let mut pending = vec![header.freeze()];
-        let mut pending_len = 16;
+        let pending = vec![header.freeze()];
         let mut multipart: Option<WriteMultipart> = None;
+        let copied = self.copy_out(local, blob, &path, pending, &mut multipart).await;
+        if copied.is_err()
+            && let Some(writer) = multipart
+        {
+            // Incomplete multipart uploads would otherwise stay in the bucket.
+            let _ = writer.abort().await;
+        }
+        copied
+    }
+
+    async fn copy_out(
+        &self,
+        local: &Arc<Store>,
+        blob: store::Blob,
+        path: &Path,
+        mut pending: Vec<Bytes>,
+        multipart: &mut Option<WriteMultipart>,
+    ) -> Result<(), Error> {
+        let digest = blob.digest;
+        let mut pending_len: usize = pending.iter().map(Bytes::len).sum();
         let mut offset = 0;
         while offset < digest.size {
             let (local, b) = (Arc::clone(local), blob);
-            let (_, value, held) = blocking(move || local.encoded_chunk_at(&b, offset)).await?;
+            let (start, value, held) = blocking(move || local.encoded_chunk_at(&b, offset)).await?;
+            if start != offset {
+                return Err(Error::Local(store::Error::Corrupt(format!(
+                    "blob {digest} has no chunk starting at {offset}"
+                ))));
+            }
             offset += held;
             pending_len += 4 + value.len();
             pending.push(Bytes::copy_from_slice(&(value.len() as u32).to_le_bytes()));
             pending.push(Bytes::from(value));
             if pending_len >= MULTIPART_FROM {
-                let writer = match &mut multipart {
+                let writer = match multipart {
                     Some(w) => w,
                     None => multipart.insert(WriteMultipart::new_with_chunk_size(
-                        self.store.put_multipart(&path).await?,
+                        self.store.put_multipart(path).await?,
                         PART,
                     )),
                 };
-                // At most two parts in flight: memory stays bounded.
+                // Few parts in flight: memory stays bounded (about a chunk).
                 writer.wait_for_capacity(2).await?;
                 for part in pending.drain(..) {
                     writer.put(part);
@@ -217,15 +252,17 @@ impl Remote {
                 pending_len = 0;
             }
         }
-        match multipart {
+        match multipart.take() {
             Some(mut writer) => {
                 for part in pending {
                     writer.put(part);
                 }
-                writer.finish().await?;
+                if let Err(e) = writer.finish().await {
+                    return Err(e.into());
+                }
             }
             None => {
-                self.store.put(&path, PutPayload::from_iter(pending)).await?;
+                self.store.put(path, PutPayload::from_iter(pending)).await?;
             }
         }
         Ok(())
@@ -245,20 +282,26 @@ impl Remote {
             let resource = resource.clone();
             blocking(move || local.begin_upload(&resource, digest, 0)).await
         };
-        let mut upload = match upload {
+        let upload = match upload {
             Ok(u) => u,
-            // Another call is fetching it right now: let that one finish.
-            Err(Error::Local(store::Error::UploadBusy(_))) => return Ok(false),
+            // Another call is fetching it right now: wait for that one.
+            Err(Error::Local(store::Error::UploadBusy(_))) => {
+                while local.upload_active(&resource) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let (local, d) = (Arc::clone(local), digest);
+                return Ok(blocking(move || local.contains(&[d])).await?[0]);
+            }
             Err(e) => return Err(e),
         };
         let mut reader = Reader { buffer: BytesMut::new(), stream };
-        let copied = copy(&mut reader, &mut upload, digest).await;
-        let finished = match copied {
-            Ok(()) => blocking(move || upload.finish()).await,
-            Err(e) => {
+        let finished = match copy(&mut reader, upload, digest).await {
+            (Some(upload), Ok(())) => blocking(move || upload.finish()).await,
+            (Some(upload), Err(e)) => {
                 let _ = blocking(move || upload.discard()).await;
                 return Err(e);
             }
+            (None, result) => return result.map(|()| false),
         };
         match finished {
             Ok(_) => Ok(true),
@@ -266,6 +309,15 @@ impl Remote {
                 Err(Error::Damaged(format!("object for {}: its bytes hash to {}", m.expected, m.actual)))
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes a blob's object (one found damaged), so that clients are
+    /// asked for the blob again.
+    pub async fn forget(&self, digest: &Digest) -> Result<(), Error> {
+        match self.store.delete(&self.blob_path(digest)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -309,22 +361,57 @@ async fn blocking<T: Send + 'static>(
         .map_err(Error::Local)
 }
 
-/// Copies a blob object's chunks into a local upload, checking each.
-async fn copy(reader: &mut Reader, upload: &mut store::Upload, digest: Digest) -> Result<(), Error> {
-    let size = reader.header().await?;
-    if size != digest.size {
-        return Err(Error::Damaged(format!("object for {digest}: it declares {size} bytes")));
-    }
+/// Copies a blob object's chunks into a local upload, checking each (on
+/// the blocking pool: decompression and disk). Gives the upload back.
+async fn copy(
+    reader: &mut Reader,
+    mut upload: store::Upload,
+    digest: Digest,
+) -> (Option<store::Upload>, Result<(), Error>) {
+    let size = match reader.header().await {
+        Ok(size) if size == digest.size => size,
+        Ok(size) => {
+            return (
+                Some(upload),
+                Err(Error::Damaged(format!("object for {digest}: it declares {size} bytes"))),
+            );
+        }
+        Err(e) => return (Some(upload), Err(e)),
+    };
     let mut held = 0;
     while held < size {
-        let value = reader.chunk().await?;
-        let data = chunk::decode(&value)
-            .ok_or_else(|| Error::Damaged(format!("object for {digest}: a chunk fails its check")))?;
-        held += data.len() as u64;
-        // Appending blocks on disk: off the async threads, in place.
-        tokio::task::block_in_place(|| upload.append_encoded(&data, value.to_vec()))?;
+        let value = match reader.chunk().await {
+            Ok(v) => v,
+            Err(e) => return (Some(upload), Err(e)),
+        };
+        let worked = tokio::task::spawn_blocking(move || {
+            let appended = match chunk::decode(&value) {
+                Some(data) => upload
+                    .append_encoded(&data, value.to_vec())
+                    .map(|()| data.len() as u64)
+                    .map_err(Error::Local),
+                None => Err(Error::Damaged(format!("object for {digest}: a chunk fails its check"))),
+            };
+            (upload, appended)
+        })
+        .await;
+        let appended;
+        (upload, appended) = match worked {
+            Ok(pair) => pair,
+            // The upload went with the failed task; its record expires.
+            Err(e) => {
+                return (
+                    None,
+                    Err(Error::Local(store::Error::Batch(format!("a storage worker failed: {e}")))),
+                );
+            }
+        };
+        match appended {
+            Ok(n) => held += n,
+            Err(e) => return (Some(upload), Err(e)),
+        }
     }
-    Ok(())
+    (Some(upload), Ok(()))
 }
 
 /// Reads a blob object's records from its byte stream.

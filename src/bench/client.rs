@@ -187,6 +187,7 @@ impl Client {
                 .await
             }
             Client::Grpc(g) => {
+                let data_len = blobs.len();
                 let requests = blobs
                     .iter()
                     .zip(data)
@@ -208,6 +209,12 @@ impl Client {
                     .await
                     .map_err(|s| call_failed("BatchUpdateBlobs", s))?
                     .into_inner();
+                if response.responses.len() != data_len {
+                    return Err(Error::Verify(format!(
+                        "BatchUpdateBlobs answered {} of {data_len} blobs",
+                        response.responses.len()
+                    )));
+                }
                 for r in response.responses {
                     let status = r.status.unwrap_or_default();
                     if status.code != 0 {
@@ -268,7 +275,15 @@ impl Client {
                                 b.digest
                             )));
                         }
-                        Ok((b, (code == 0).then_some(r.data)))
+                        match code {
+                            0 => Ok((b, Some(r.data))),
+                            5 => Ok((b, None)), // NOT_FOUND
+                            _ => Err(Error::Call(format!(
+                                "BatchReadBlobs failed for {}: code {code}: {}",
+                                b.digest,
+                                r.status.map(|s| s.message).unwrap_or_default()
+                            ))),
+                        }
                     })
                     .collect::<Result<_, Error>>()?
             }

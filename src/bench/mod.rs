@@ -528,8 +528,9 @@ pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
                     let moved = (report.write.bytes_sent + report.read.bytes_received).max(1) as f64;
                     report.cpu_seconds_per_gib =
                         Some((a.cpu_seconds - b.cpu_seconds) / moved * (1u64 << 30) as f64);
-                    report.write_amplification = (report.write.bytes_sent > 0)
-                        .then(|| (a.write_bytes - b.write_bytes) as f64 / report.write.bytes_sent as f64);
+                    let written = report.write.bytes_sent + report.read.bytes_sent;
+                    report.write_amplification =
+                        (written > 0).then(|| (a.write_bytes - b.write_bytes) as f64 / written as f64);
                 }
                 report.peak_rss_bytes = process.and_then(Process::peak_rss);
                 reports.push(report);

@@ -79,7 +79,10 @@ impl Shared {
                         Ok(found) => Ok(found),
                         Err(crate::remote::Error::Damaged(what)) => {
                             metrics.tier_error(true);
-                            tracing::warn!("treated as missing: the object store holds a damaged {what}");
+                            tracing::warn!(
+                                "deleted, to be written again: the object store held a damaged {what}"
+                            );
+                            let _ = remote.forget(&d).await;
                             Ok(false)
                         }
                         Err(e) => {
@@ -130,7 +133,7 @@ impl From<crate::remote::Error> for Status {
             Unavailable(_) => Status::unavailable(format!("{e}; retry when it is back")),
             Damaged(_) => Status::not_found(e.to_string()),
             Local(e) => Status::from(e),
-            Config(_) => Status::internal(e.to_string()),
+            Config(_) => Status::failed_precondition(e.to_string()),
         }
     }
 }

@@ -920,11 +920,17 @@ impl Store {
     /// Writes every memtable out to files (what a clean close does), so
     /// that no write-ahead log file is needed any more.
     pub fn flush(&self) -> Result<(), Error> {
+        let mut first_error = None;
         for name in [CF_INDEX, CF_LRU, CF_CHUNKS, CF_UPLOADS, CF_AC] {
-            self.db.flush_cf(self.cf(name))?;
+            if let Err(e) = self.db.flush_cf(self.cf(name)) {
+                first_error.get_or_insert(e);
+            }
         }
         // The default column family holds the layout version.
-        Ok(self.db.flush()?)
+        if let Err(e) = self.db.flush() {
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), |e| Err(e.into()))
     }
 }
 
