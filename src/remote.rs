@@ -169,6 +169,12 @@ impl Remote {
         self.path(format!("ac/{instance}/{}/{}", action.function.name(), action.hex()))
     }
 
+    /// Whether the bucket answers (one listing of larder's prefix).
+    pub async fn check(&self) -> Result<(), Error> {
+        self.store.list_with_delimiter(Some(&self.path(String::new()))).await?;
+        Ok(())
+    }
+
     /// Which of `digests` the object store holds, looked up in parallel.
     pub async fn contains(&self, digests: &[Digest]) -> Result<Vec<bool>, Error> {
         let lookups = digests.iter().map(|d| {
@@ -309,6 +315,25 @@ impl Remote {
                 Err(Error::Damaged(format!("object for {}: its bytes hash to {}", m.expected, m.actual)))
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The blob stored under `hash`, found by its object's header (for
+    /// clients that name blobs by hash alone, like Bazel's HTTP cache).
+    pub async fn find_by_hash(
+        &self,
+        function: crate::digest::Function,
+        hash: &[u8],
+    ) -> Result<Option<Digest>, Error> {
+        let Some(probe) = Digest::new(function, hash, 0) else { return Ok(None) };
+        let head = match self.store.get_range(&self.blob_path(&probe), 0..16).await {
+            Ok(head) => head,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match head.strip_prefix(BLOB_MAGIC).and_then(|s| s.first_chunk::<8>()) {
+            Some(size) => Ok(Digest::new(function, hash, u64::from_le_bytes(*size))),
+            None => Ok(None),
         }
     }
 

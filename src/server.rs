@@ -267,6 +267,17 @@ impl Running {
             max_batch_size: config.max_batch_size.0,
             max_message_size: config.max_message_size.0 as usize,
         });
+        if let Some(remote) = shared.remote.clone() {
+            // Say at once whether the object store answers; serving goes on either way.
+            tokio::spawn(async move {
+                match remote.check().await {
+                    Ok(()) => tracing::info!("object store tier: {} answers", remote.name),
+                    Err(e) => {
+                        tracing::warn!("object store tier {}: {e}; writes fail until it answers", remote.name)
+                    }
+                }
+            });
+        }
         let maintenance = tokio::spawn(maintain(
             Arc::clone(&store),
             config.partial_upload_max_age,

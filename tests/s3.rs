@@ -169,6 +169,15 @@ async fn a_blob_written_through_one_node_reads_back_through_another() {
         .unwrap()
         .into_inner();
     assert_eq!(hit.output_files, result.output_files);
+    // Bazel's HTTP cache names blobs by hash alone: read through as well.
+    let d = tempfile::tempdir().unwrap();
+    let node_d = rgw.node(d.path(), &prefix);
+    let url = format!("http://{}/cas/{}", node_d.addr, digest(&small).hash);
+    let got = reqwest::get(&url).await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap(), small);
+    let absent = format!("http://{}/cas/{}", node_d.addr, digest(b"nowhere").hash);
+    assert_eq!(reqwest::get(&absent).await.unwrap().status(), 404);
     // The hit brought its outputs into C's local tier.
     assert_eq!(cc.read(&read_name("", &large), 0, 0).await.unwrap(), large);
 }

@@ -76,7 +76,14 @@ pub async fn handle(
     match (target.kind, request.method().clone()) {
         (Kind::Cas, method @ (Method::GET | Method::HEAD)) => {
             let store = Arc::clone(&api.shared.store);
-            let found = blocking(move || store.find_by_hash(named.function, named.hash())).await?;
+            let mut found = blocking(move || store.find_by_hash(named.function, named.hash())).await?;
+            if let (None, Some(remote)) = (found, &api.shared.remote) {
+                // The size is in the object's header; a GET then reads it through.
+                found = remote.find_by_hash(named.function, named.hash()).await.unwrap_or_else(|e| {
+                    tracing::warn!("HTTP cache lookup answered from the local tier alone: {e}");
+                    None
+                });
+            }
             let digest =
                 found.ok_or_else(|| Status::not_found(format!("blob {} is not in the CAS", target.hash)))?;
             let mut response = if method == Method::HEAD {
