@@ -89,6 +89,12 @@ pub struct Config {
     /// Path-style addressing (http://host/bucket/key), which self-hosted
     /// stores need; false for virtual-hosted style (http://bucket.host/key).
     pub s3_path_style: bool,
+    /// Acknowledge writes once the local tier holds them; copy them to the
+    /// object store from the persistent queue (false: write-through).
+    pub s3_write_back: bool,
+    /// Most bytes of writes waiting for the object store (at most half of
+    /// max_size, so that eviction always has room).
+    pub s3_queue_size: ByteSize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -121,6 +127,9 @@ pub struct Overrides {
     pub s3_bucket: Option<String>,
     pub s3_prefix: Option<String>,
     pub s3_region: Option<String>,
+    /// `Some(true)` when the flag is given.
+    pub s3_write_back: Option<bool>,
+    pub s3_queue_size: Option<String>,
 }
 
 impl Config {
@@ -153,7 +162,9 @@ impl Config {
             .set_override_option("s3_endpoint", overrides.s3_endpoint)?
             .set_override_option("s3_bucket", overrides.s3_bucket)?
             .set_override_option("s3_prefix", overrides.s3_prefix)?
-            .set_override_option("s3_region", overrides.s3_region)?;
+            .set_override_option("s3_region", overrides.s3_region)?
+            .set_override_option("s3_write_back", overrides.s3_write_back)?
+            .set_override_option("s3_queue_size", overrides.s3_queue_size)?;
         let mut config: Config = builder.build()?.try_deserialize()?;
         if config.dir.as_os_str().is_empty() {
             config.dir = default_dir()?;
@@ -173,6 +184,15 @@ impl Config {
         })
     }
 
+    /// Bytes of writes that may wait in the queue for the object store: 0
+    /// without one (nothing is queued).
+    pub fn queue_limit(&self) -> u64 {
+        match self.s3_endpoint.is_empty() {
+            true => 0,
+            false => self.s3_queue_size.0.clamp(1, self.max_size.0 / 2),
+        }
+    }
+
     /// The TLS files, if TLS is on: certificate, key, and client CA.
     pub fn tls(&self) -> Option<(&Path, &Path, Option<&Path>)> {
         let ca = Some(self.tls_client_ca.as_path()).filter(|p| !p.as_os_str().is_empty());
@@ -190,6 +210,9 @@ impl Config {
         }
         if !self.s3_endpoint.is_empty() && self.s3_bucket.is_empty() {
             return invalid("s3_bucket", "is required with s3_endpoint".into());
+        }
+        if self.s3_write_back && self.s3_endpoint.is_empty() {
+            return invalid("s3_write_back", "only means something with s3_endpoint".into());
         }
         if !(0..=22).contains(&self.zstd_level) {
             return invalid("zstd_level", "must be between 0 (no compression) and 22".into());

@@ -14,6 +14,7 @@ pub mod eviction;
 pub mod metrics;
 pub mod proto;
 pub mod remote;
+pub mod replicate;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -102,6 +102,16 @@ struct ServeArgs {
     /// Region of the object store [default: us-east-1].
     #[arg(long, value_name = "REGION")]
     s3_region: Option<String>,
+    /// Acknowledge writes once the local tier holds them, and copy them to
+    /// the object store from a persistent queue in the background (default:
+    /// write-through, acknowledged once both tiers hold them).
+    #[arg(long)]
+    s3_write_back: bool,
+    /// Most bytes of writes that may wait for the object store; beyond it,
+    /// writes are refused with RESOURCE_EXHAUSTED [default: 2GiB, at most
+    /// half of --max-size].
+    #[arg(long, value_name = "SIZE")]
+    s3_queue_size: Option<String>,
     /// Log format on stderr: compact (for people) or json (for collectors) [default: compact].
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
@@ -142,6 +152,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         s3_bucket: args.s3_bucket,
         s3_prefix: args.s3_prefix,
         s3_region: args.s3_region,
+        s3_write_back: args.s3_write_back.then_some(true),
+        s3_queue_size: args.s3_queue_size,
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     init_logs(config.log_format);

@@ -54,6 +54,9 @@ struct StoreGauges {
     pending_compaction_bytes: Gauge,
     write_stopped: Gauge,
     delayed_write_rate: Gauge,
+    queued: Gauge,
+    queued_bytes: Gauge,
+    queue_limit: Gauge,
 }
 
 /// What the object store tier did.
@@ -97,7 +100,7 @@ impl Default for Metrics {
             ac_misses.clone(),
         );
         let store = StoreGauges::default();
-        let gauges: [(&str, &str, &Gauge); 9] = [
+        let gauges: [(&str, &str, &Gauge); 12] = [
             ("blobs", "Blobs stored", &store.blobs),
             ("logical_bytes", "Uncompressed bytes of the blobs stored", &store.logical_bytes),
             (
@@ -118,6 +121,21 @@ impl Default for Metrics {
                 "rocksdb_delayed_write_rate",
                 "Bytes/s RocksDB slows writes to, 0 when not delayed",
                 &store.delayed_write_rate,
+            ),
+            (
+                "object_store_queued",
+                "Blobs and action results waiting to be copied to the object store",
+                &store.queued,
+            ),
+            (
+                "object_store_queued_bytes",
+                "Bytes waiting to be copied to the object store",
+                &store.queued_bytes,
+            ),
+            (
+                "object_store_queue_limit_bytes",
+                "Most bytes that may wait; beyond it writes are refused",
+                &store.queue_limit,
             ),
         ];
         for (name, help, gauge) in gauges {
@@ -149,10 +167,10 @@ impl Default for Metrics {
                 &tiers.remote_hits,
             ),
             ("object_store_misses", "Blobs wanted for reading that neither tier held", &tiers.misses),
-            ("object_store_written_blobs", "Blobs written through to the object store", &tiers.written_blobs),
+            ("object_store_written_blobs", "Blobs copied to the object store", &tiers.written_blobs),
             (
                 "object_store_written_bytes",
-                "Logical bytes written through to the object store",
+                "Logical bytes of blobs copied to the object store",
                 &tiers.written_bytes,
             ),
             ("object_store_errors", "Object store calls that failed (unavailable)", &tiers.errors),
@@ -221,6 +239,9 @@ impl Metrics {
         g.pending_compaction_bytes.set(as_i64(stats.pending_compaction_bytes));
         g.write_stopped.set(i64::from(stats.write_stopped));
         g.delayed_write_rate.set(as_i64(stats.delayed_write_rate));
+        g.queued.set(as_i64(stats.queued));
+        g.queued_bytes.set(as_i64(stats.queued_bytes));
+        g.queue_limit.set(as_i64(stats.queue_limit));
         // These mirror totals the store keeps.
         for (counter, total) in [
             (&g.rejected_writes, stats.rejected_writes),

@@ -286,7 +286,7 @@ impl Remote {
         let upload = {
             let local = Arc::clone(local);
             let resource = resource.clone();
-            blocking(move || local.begin_upload(&resource, digest, 0)).await
+            blocking(move || local.begin_copy(&resource, digest)).await
         };
         let upload = match upload {
             Ok(u) => u,
@@ -377,7 +377,8 @@ impl Remote {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+/// Runs store work on the blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, store::Error> + Send + 'static,
 ) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)

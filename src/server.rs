@@ -213,6 +213,7 @@ pub fn store_options(config: &Config) -> StoreOptions {
         blob_files: config.blob_files,
         cache_size: config.cache_size.0 as usize,
         max_size: config.max_size.0,
+        queue_limit: config.queue_limit(),
     }
 }
 
@@ -248,6 +249,8 @@ struct Running {
     services: Services,
     maintenance: JoinHandle<()>,
     eviction: JoinHandle<()>,
+    /// Copies queued writes to the object store tier, if there is one.
+    replicator: Option<JoinHandle<()>>,
     /// Set at shutdown: the online scrub stops at the next blob.
     stopping: Arc<AtomicBool>,
 }
@@ -263,21 +266,29 @@ impl Running {
         let shared = Arc::new(Shared {
             store: Arc::clone(&store),
             remote,
+            write_back: config.s3_write_back,
+            replicate: Arc::new(tokio::sync::Notify::new()),
             metrics: Arc::clone(metrics),
             max_batch_size: config.max_batch_size.0,
             max_message_size: config.max_message_size.0 as usize,
         });
-        if let Some(remote) = shared.remote.clone() {
+        let replicator = shared.remote.clone().map(|remote| {
             // Say at once whether the object store answers; serving goes on either way.
+            let checked = Arc::clone(&remote);
+            let write_back = config.s3_write_back;
             tokio::spawn(async move {
-                match remote.check().await {
-                    Ok(()) => tracing::info!("object store tier: {} answers", remote.name),
+                let waits = if write_back { "writes queue" } else { "writes fail" };
+                match checked.check().await {
+                    Ok(()) => tracing::info!("object store tier: {} answers", checked.name),
                     Err(e) => {
-                        tracing::warn!("object store tier {}: {e}; writes fail until it answers", remote.name)
+                        tracing::warn!("object store tier {}: {e}; {waits} until it answers", checked.name)
                     }
                 }
             });
-        }
+            let (store, metrics, wake) =
+                (Arc::clone(&store), Arc::clone(metrics), Arc::clone(&shared.replicate));
+            tokio::spawn(crate::replicate::run(store, remote, metrics, wake, write_back))
+        });
         let maintenance = tokio::spawn(maintain(
             Arc::clone(&store),
             config.partial_upload_max_age,
@@ -300,7 +311,7 @@ impl Running {
         if config.scrub_rate.0 > 0 {
             tokio::spawn(scrub_online(Arc::clone(&store), config.scrub_rate.0, Arc::clone(&stopping)));
         }
-        Running { store, services, maintenance, eviction, stopping }
+        Running { store, services, maintenance, eviction, replicator, stopping }
     }
 
     /// Stops the background tasks and writes pending access times.
@@ -308,6 +319,9 @@ impl Running {
         self.stopping.store(true, Ordering::Relaxed);
         self.maintenance.abort();
         self.eviction.abort();
+        if let Some(replicator) = self.replicator {
+            replicator.abort();
+        }
         let store = self.store;
         let flushed = tokio::task::spawn_blocking(move || store.flush_access_times()).await;
         if let Ok(Err(e)) = flushed {

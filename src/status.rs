@@ -91,7 +91,8 @@ impl Board {
             "objectStore": self.object_store.as_ref().map(|name| {
                 let [local, remote, missing, written, errors] = metrics.tier_counts();
                 json!({"name": name, "localHits": local, "objectStoreHits": remote, "misses": missing,
-                       "writtenBlobs": written, "errors": errors})
+                       "writtenBlobs": written, "errors": errors, "queued": stats.queued,
+                       "queuedBytes": stats.queued_bytes, "queueLimitBytes": stats.queue_limit})
             }),
             "throughput": {
                 "sampleSeconds": SAMPLE_EVERY.as_secs(),
@@ -149,7 +150,16 @@ impl Board {
             row(
                 "Object store",
                 format!(
-                    "{name}: reads {local} local, {remote} from the object store, {missing} in neither; {written} blobs written through; {errors} errors"
+                    "{name}: reads {local} local, {remote} from the object store, {missing} in neither; {written} blobs copied to it; {errors} errors"
+                ),
+            );
+            row(
+                "Waiting for the object store",
+                format!(
+                    "{} blobs and action results, {} of at most {}",
+                    stats.queued,
+                    bytes(stats.queued_bytes),
+                    bytes(stats.queue_limit)
                 ),
             );
         }

@@ -62,7 +62,13 @@ impl Rgw {
 
     /// A larder node with this bucket as its second tier (each test its own prefix).
     fn node(&self, dir: &std::path::Path, prefix: &str) -> TestServer {
-        let flags = ["--s3-endpoint", &self.endpoint, "--s3-bucket", &self.bucket, "--s3-prefix", prefix];
+        self.node_with(dir, prefix, &[])
+    }
+
+    fn node_with(&self, dir: &std::path::Path, prefix: &str, extra: &[&str]) -> TestServer {
+        let mut flags =
+            vec!["--s3-endpoint", &self.endpoint, "--s3-bucket", &self.bucket, "--s3-prefix", prefix];
+        flags.extend_from_slice(extra);
         TestServer::start_with_env(dir, &flags, &self.env)
     }
 }
@@ -296,6 +302,10 @@ async fn the_object_store_going_away_and_coming_back() {
     let name = upload_name("", "5d1e6c1e-7b1a-4d6e-8f0a-3c2b1a0f9e8d", &streamed);
     assert_eq!(ca.write(&name, &streamed, 1 << 20).await.unwrap_err().code(), Code::Unavailable);
 
+    // A write whose client gives up: stored locally, its copy queued.
+    let abandoned = text_bytes(70_000, 8);
+    assert_eq!(ca.batch_update(&[&abandoned]).await, vec![Code::Unavailable as i32]);
+
     rgw.restart(&gateway);
     // The retried writes now reach both tiers, and another node reads them.
     assert_eq!(ca.batch_update(&[&during]).await, vec![0]);
@@ -306,4 +316,95 @@ async fn the_object_store_going_away_and_coming_back() {
     for data in [&before, &during, &streamed] {
         assert_eq!(&cb.read(&read_name("", data), 0, 0).await.unwrap(), data);
     }
+    // The abandoned write reaches the object store by itself, from the queue.
+    drained(&a).await;
+    assert_eq!(cb.read(&read_name("", &abandoned), 0, 0).await.unwrap(), abandoned);
+}
+
+/// The node's status page: what waits for the object store.
+async fn queued(node: &TestServer) -> u64 {
+    let status: serde_json::Value =
+        reqwest::get(format!("http://{}/status.json", node.addr)).await.unwrap().json().await.unwrap();
+    status["objectStore"]["queued"].as_u64().unwrap()
+}
+
+/// Waits until nothing waits for the object store.
+async fn drained(node: &TestServer) {
+    for _ in 0..600 {
+        if queued(node).await == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the queue for the object store did not drain in 60 s: {} left", queued(node).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_back_acknowledges_through_an_outage_and_a_kill() {
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let dir = tmp.path().join("a");
+    let write_back = ["--s3-write-back", "--s3-queue-size", "4MiB"];
+    let a = rgw.node_with(&dir, &prefix, &write_back);
+    let mut ca = Clients::connect(&a.addr).await;
+
+    // With the object store down, writes are acknowledged once local.
+    let gateway = rgw.stop_gateway();
+    let small = text_bytes(100_000, 11);
+    assert_eq!(ca.batch_update(&[&small]).await, vec![0]);
+    let streamed = random_bytes(3 << 20, 12);
+    let name = upload_name("", "1f0e2d3c-4b5a-4968-8776-655443322110", &streamed);
+    assert_eq!(ca.write(&name, &streamed, 1 << 20).await.unwrap(), streamed.len() as i64);
+    let action = digest(b"a write-back action");
+    let result = reapi::ActionResult {
+        output_files: vec![reapi::OutputFile {
+            path: "out/streamed".into(),
+            digest: Some(digest(&streamed)),
+            ..Default::default()
+        }],
+        stdout_digest: Some(digest(&small)),
+        ..Default::default()
+    };
+    let update = reapi::UpdateActionResultRequest {
+        action_digest: Some(action.clone()),
+        action_result: Some(result.clone()),
+        ..Default::default()
+    };
+    ca.ac.update_action_result(update).await.unwrap();
+    assert_eq!(queued(&a).await, 3);
+    // The queue is bounded: past its 4 MiB, writes are refused, saying why.
+    let refused = random_bytes(1 << 20, 13);
+    let name = upload_name("", "2a1b0c9d-8e7f-4a6b-9c5d-4e3f2a1b0c9d", &refused);
+    let status = ca.write(&name, &refused, 1 << 20).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("waiting to be copied to the object store"), "{}", status.message());
+
+    // kill -9, then the object store comes back, then the node: its queue
+    // survived, and drains by itself.
+    a.kill();
+    rgw.restart(&gateway);
+    let a = rgw.node_with(&dir, &prefix, &write_back);
+    drained(&a).await;
+    let metrics = reqwest::get(format!("http://{}/metrics", a.addr)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("larder_object_store_queued 0"), "{metrics}");
+
+    // Another node, with an empty local tier, has it all: blobs and the hit.
+    let b = rgw.node(&tmp.path().join("b"), &prefix);
+    let mut cb = Clients::connect(&b.addr).await;
+    let hit = cb
+        .ac
+        .get_action_result(reapi::GetActionResultRequest {
+            action_digest: Some(action),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hit.output_files, result.output_files);
+    assert_eq!(cb.read(&read_name("", &streamed), 0, 0).await.unwrap(), streamed);
+    assert_eq!(cb.read(&read_name("", &small), 0, 0).await.unwrap(), small);
+    // With room in its queue again, the node takes the refused write.
+    let mut ca = Clients::connect(&a.addr).await;
+    assert_eq!(ca.write(&name, &refused, 1 << 20).await.unwrap(), refused.len() as i64);
 }

@@ -231,6 +231,8 @@ fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<(String, BTreeMap<String,
                             blob_files: on(files),
                             sync_writes: on(sync),
                             cache_size: cache.0 as usize,
+                            // No object store tier here: nothing to queue for.
+                            queue_limit: 0,
                             ..base.clone()
                         };
                         let settings: BTreeMap<String, String> = [

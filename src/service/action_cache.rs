@@ -60,10 +60,8 @@ impl ActionCache for ActionCacheService {
         let instance = request.instance_name;
         let local = (instance.clone(), encoded.clone());
         blocking(move || store.put_action_result(&local.0, &action, &local.1)).await?;
-        // Write-through: any node can answer the hit.
-        if let Some(remote) = &self.shared.remote {
-            remote.put_action_result(&instance, &action, &encoded).await?;
-        }
+        // In the object store too: any node can answer the hit.
+        self.shared.replicate_action_result(instance, action, encoded).await?;
         Ok(Response::new(result))
     }
 }

@@ -133,7 +133,7 @@ impl ByteStreamService {
         };
         if self.present(digest).await? {
             // A copy an earlier write-through failed to make is made now.
-            self.shared.write_through(digest, Written::AlreadyPresent).await?;
+            self.shared.replicate(digest, Written::AlreadyPresent).await?;
             return Ok(done);
         }
         if first.write_offset < 0 {
@@ -206,7 +206,7 @@ impl ByteStreamService {
         let upload = sink.writer.take().expect("checked above").upload;
         let digest = upload.digest();
         let written = blocking(move || upload.finish()).await?;
-        self.shared.write_through(digest, written).await?;
+        self.shared.replicate(digest, written).await?;
         if written == Written::AlreadyPresent {
             return Ok(done); // stored by another writer meanwhile
         }

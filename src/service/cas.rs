@@ -121,7 +121,7 @@ impl ContentAddressableStorage for CasService {
             let shared = Arc::clone(shared);
             async move {
                 let result = match result {
-                    Ok((d, written)) => shared.write_through(d, written).await,
+                    Ok((d, written)) => shared.replicate(d, written).await,
                     Err(status) => Err(status),
                 };
                 let status = match result {

@@ -23,6 +23,11 @@ pub struct Shared {
     pub store: Arc<store::Store>,
     /// The object store tier behind the local one, if any.
     pub remote: Option<Arc<crate::remote::Remote>>,
+    /// Writes are acknowledged once the local tier holds them; the
+    /// replicator copies them to the object store.
+    pub write_back: bool,
+    /// Wakes the replicator (see `crate::replicate`).
+    pub replicate: Arc<tokio::sync::Notify>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Largest sum of blob sizes in one batch call (advertised).
     pub max_batch_size: u64,
@@ -101,28 +106,56 @@ impl Shared {
         Ok(())
     }
 
-    /// Copies a blob just written to the local tier to the object store
-    /// (write-through): the write is acknowledged only once both tiers hold
-    /// it. One the local tier already held is copied only if the object store
-    /// lacks it (an earlier write-through may have failed).
-    pub async fn write_through(&self, digest: digest::Digest, written: store::Written) -> Result<(), Status> {
+    /// Copies a blob just written to the local tier to the object store.
+    /// Write-through: the write is acknowledged only once both tiers hold
+    /// it; a failed copy stays queued for the replicator. Write-back: the
+    /// queue holds it, and the replicator is woken. A blob the local tier
+    /// held already is copied if it is queued, or if the object store lacks
+    /// it (it may predate the tier).
+    pub async fn replicate(&self, digest: digest::Digest, written: store::Written) -> Result<(), Status> {
         let Some(remote) = &self.remote else { return Ok(()) };
         if digest.is_empty_blob() {
             return Ok(());
         }
-        if written == store::Written::AlreadyPresent && remote.contains(&[digest]).await?[0] {
+        if self.write_back {
+            self.replicate.notify_one();
             return Ok(());
         }
-        match remote.upload_from(&self.store, digest).await {
-            Ok(()) => {
-                self.metrics.tier_written(digest.size);
-                Ok(())
-            }
-            Err(e) => {
-                self.metrics.tier_error(false);
-                Err(e.into())
+        if written == store::Written::AlreadyPresent {
+            let store = Arc::clone(&self.store);
+            let queued = blocking(move || store.is_queued(&digest)).await?;
+            if !queued && remote.contains(&[digest]).await?[0] {
+                return Ok(());
             }
         }
+        if let Err(e) = remote.upload_from(&self.store, digest).await {
+            self.metrics.tier_error(false);
+            return Err(e.into());
+        }
+        self.metrics.tier_written(digest.size);
+        let store = Arc::clone(&self.store);
+        blocking(move || store.dequeue_blob(&digest)).await
+    }
+
+    /// Copies an action result just stored locally to the object store, as
+    /// [`Shared::replicate`] does a blob.
+    pub async fn replicate_action_result(
+        &self,
+        instance: String,
+        action: digest::Digest,
+        result: Vec<u8>,
+    ) -> Result<(), Status> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        if self.write_back {
+            self.replicate.notify_one();
+            return Ok(());
+        }
+        if let Err(e) = remote.put_action_result(&instance, &action, &result).await {
+            self.metrics.tier_error(false);
+            return Err(e.into());
+        }
+        let store = Arc::clone(&self.store);
+        blocking(move || store.dequeue_action_result(&instance, &action, Some(&result))).await
     }
 }
 
@@ -162,7 +195,7 @@ impl From<store::Error> for Status {
             UploadBusy(_) => Code::Aborted,
             Vanished(_) | Removed(_) => Code::NotFound,
             Corrupt(_) => Code::DataLoss,
-            Full { .. } => Code::ResourceExhausted,
+            Full { .. } | QueueFull { .. } => Code::ResourceExhausted,
             // Eviction keeps writes off a full disk; should one slip through, say so.
             Db(e) if e.to_string().contains("No space left") => Code::ResourceExhausted,
             Open(_) | Locked(_) => Code::Unavailable,

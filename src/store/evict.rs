@@ -25,6 +25,7 @@ const BATCH: usize = 256;
 impl Store {
     /// Deletes least recently used blobs, oldest first, until `want` stored
     /// bytes are gone or the next blob was used after `used_before_ms`.
+    /// Blobs queued for the object store are kept: they may be its only copy.
     pub fn evict_lru(&self, want: u64, used_before_ms: u64) -> Result<Evicted, Error> {
         // Access times still in memory decide the order too.
         self.flush_access_times()?;
@@ -43,6 +44,7 @@ impl Store {
             }
             if let Some(entry) = self.get_entry(&digest)?
                 && entry.atime == atime
+                && !self.is_queued(&digest)?
             {
                 planned += entry.stored;
             }
@@ -72,6 +74,10 @@ impl Store {
         let before = (evicted.blobs, evicted.bytes);
         let mut done = std::collections::HashSet::new();
         for (atime, digest) in candidates {
+            if self.is_queued(digest)? {
+                // Kept in its place, for a later pass once it is copied.
+                continue;
+            }
             batch.delete_cf(self.cf(CF_LRU), lru_key(*atime, digest));
             if done.contains(digest) {
                 continue;

@@ -13,6 +13,8 @@
 //! | `lru`     | last access (8, BE, ms) · index key | empty: the eviction order |
 //! | `uploads` | ByteStream resource name (UTF-8) | [`UploadRecord`] |
 //! | `ac`      | instance name · 0x00 · function (1) · hash | 0x01 · ActionResult protobuf |
+//! | `queue`   | 0x00 · index key | [`QueueValue`]: a blob the object store may lack |
+//! | `queue`   | 0x01 · `ac` key | [`QueueValue`]: an action result the object store may lack |
 //! | `default` | `layout` | layout version (ASCII) |
 //!
 //! A blob's chunks live under a blob id, allocated when its upload starts, not
@@ -25,6 +27,11 @@
 //! and is written in the same batch as each chunk: one memtable holds both,
 //! so a flush persists both or neither. That lets large uploads skip the WAL
 //! (see `upload`) without a crash ever leaving progress that claims lost chunks.
+//!
+//! The `queue` column family is used only with an object store tier: a blob's
+//! queue entry is written in the same batch as its index entry, so no crash
+//! can leave a stored blob that is neither copied nor queued. Directories
+//! from before the queue get an empty one (their blobs are not queued).
 
 use std::ops::Deref;
 
@@ -35,6 +42,10 @@ pub const CF_CHUNKS: &str = "chunks";
 pub const CF_UPLOADS: &str = "uploads";
 pub const CF_AC: &str = "ac";
 pub const CF_LRU: &str = "lru";
+pub const CF_QUEUE: &str = "queue";
+
+/// Every column family but `default`.
+pub const COLUMN_FAMILIES: [&str; 6] = [CF_INDEX, CF_LRU, CF_CHUNKS, CF_UPLOADS, CF_AC, CF_QUEUE];
 
 /// Where the stored-bytes counter lives: in the chunks column family, so that
 /// it shares a memtable (and crash fate) with the chunk writes it counts.
@@ -150,6 +161,69 @@ pub const fn chunk_key(blob_id: u64, offset: u64) -> [u8; 16] {
 pub fn split_chunk_key(k: &[u8]) -> Option<(u64, u64)> {
     let k: &[u8; 16] = k.try_into().ok()?;
     Some((u64::from_be_bytes(k[..8].try_into().ok()?), u64::from_be_bytes(k[8..].try_into().ok()?)))
+}
+
+/// A queued blob: its index key after the kind byte 0, so that a pass over
+/// the queue copies blobs before the action results (kind 1) naming them.
+pub fn queue_blob_key(d: &Digest) -> Key {
+    let mut k = Key::default();
+    k.push(&[0]);
+    k.push(&index_key(d));
+    k
+}
+
+pub fn queue_ac_key(instance: &str, action: &Digest) -> Vec<u8> {
+    let mut k = vec![1];
+    k.extend_from_slice(&ac_key(instance, action));
+    k
+}
+
+/// What a queue key names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Queued {
+    Blob(Digest),
+    ActionResult { instance: String, action: Digest },
+}
+
+pub fn queued_of_key(k: &[u8]) -> Option<Queued> {
+    match k.split_first()? {
+        (0, index) => digest_of_index_key(index).map(Queued::Blob),
+        (1, ac) => {
+            let nul = ac.iter().position(|b| *b == 0)?;
+            let (&function, hash) = ac[nul + 1..].split_first()?;
+            let function = Function::from_byte(function)?;
+            // The hash fixes the size; the action's size is not kept.
+            let action = Digest::new(function, hash, 0)?;
+            Some(Queued::ActionResult { instance: String::from_utf8(ac[..nul].to_vec()).ok()?, action })
+        }
+        _ => None,
+    }
+}
+
+/// A queue entry: when it was queued, and the bytes it counts against the
+/// queue's limit (a blob's size, an action result's length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueValue {
+    pub since_ms: u64,
+    pub bytes: u64,
+}
+
+impl QueueValue {
+    const VERSION: u8 = 1;
+    const LEN: usize = 17;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut v = [0u8; Self::LEN];
+        v[0] = Self::VERSION;
+        v[1..9].copy_from_slice(&self.since_ms.to_be_bytes());
+        v[9..17].copy_from_slice(&self.bytes.to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<QueueValue> {
+        (v.len() == Self::LEN && v[0] == Self::VERSION)
+            .then(|| QueueValue { since_ms: u64_at(v, 1), bytes: u64_at(v, 9) })
+    }
 }
 
 /// Action results are keyed by the action's hash without its size: Bazel's
@@ -294,6 +368,17 @@ mod tests {
         assert_eq!(UploadRecord::decode(&u.encode()), Some(u));
         let p = UploadProgress { committed: 1, stored: 2, updated: 3 };
         assert_eq!(UploadProgress::decode(&p.encode()), Some(p));
+        let q = QueueValue { since_ms: 1, bytes: 2 };
+        assert_eq!(QueueValue::decode(&q.encode()), Some(q));
+        let d = Function::Sha384.digest(b"queued");
+        assert_eq!(queued_of_key(&queue_blob_key(&d)), Some(Queued::Blob(d)));
+        let action = Digest::new(d.function, d.hash(), 0).unwrap();
+        let instance = "team/main".to_string();
+        assert_eq!(
+            queued_of_key(&queue_ac_key(&instance, &d)),
+            Some(Queued::ActionResult { instance, action })
+        );
+        assert!(*queue_blob_key(&d) < *queue_ac_key("", &d));
         assert_eq!(IndexEntry::decode(&[1, 2, 3]), None);
     }
 

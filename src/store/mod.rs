@@ -5,6 +5,7 @@
 pub mod chunk;
 mod evict;
 mod layout;
+mod queue;
 mod upload;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -23,6 +24,7 @@ use rocksdb::{
 use crate::digest::{Digest, Encoding, Function};
 pub use evict::Evicted;
 use layout::*;
+pub use queue::{QueueEntry, Queued};
 pub use upload::Upload;
 
 /// Tuning that callers choose; the layout itself is not configurable.
@@ -41,6 +43,9 @@ pub struct StoreOptions {
     /// The size budget: memtables and the WAL are sized to fit well inside
     /// it, and writes are refused (see [`Store::set_hard_limit`]) above it.
     pub max_size: u64,
+    /// Bytes of blobs and action results that may wait in the queue for the
+    /// object store tier (see `queue`); 0 without one: nothing is queued.
+    pub queue_limit: u64,
 }
 
 impl Default for StoreOptions {
@@ -52,6 +57,7 @@ impl Default for StoreOptions {
             blob_files: true,
             cache_size: 32 << 20,
             max_size: 10 << 30,
+            queue_limit: 0,
         }
     }
 }
@@ -80,6 +86,9 @@ pub struct Store {
     corrupt_blobs: AtomicU64,
     evicted_blobs: AtomicU64,
     evicted_bytes: AtomicU64,
+    /// Entries in the queue for the object store, and the bytes they count.
+    queued: AtomicU64,
+    queued_bytes: AtomicU64,
 }
 
 /// A present blob, located for reading.
@@ -116,6 +125,11 @@ pub struct Stats {
     pub corrupt_blobs: u64,
     pub evicted_blobs: u64,
     pub evicted_bytes: u64,
+    /// Blobs and action results waiting to be copied to the object store,
+    /// the bytes they count, and the most the queue may count.
+    pub queued: u64,
+    pub queued_bytes: u64,
+    pub queue_limit: u64,
     /// RocksDB's own figures: compaction debt, and whether writes are stopped
     /// or slowed (the delayed rate in bytes/s, 0 when not delayed).
     pub pending_compaction_bytes: u64,
@@ -219,6 +233,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_UPLOADS, Options::default()),
             ColumnFamilyDescriptor::new(CF_AC, ac),
+            ColumnFamilyDescriptor::new(CF_QUEUE, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
             // RocksDB's LOCK file is held by another process.
@@ -263,8 +278,11 @@ impl Store {
             corrupt_blobs: AtomicU64::new(0),
             evicted_blobs: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
         };
         store.count_blobs_if_uncounted()?;
+        store.count_queue()?;
         store.measure_disk()?;
         store.next_blob_id.store(store.highest_blob_id()? + 1, Ordering::Relaxed);
         Ok(store)
@@ -372,7 +390,7 @@ impl Store {
             };
             value.ok().flatten().unwrap_or(0)
         };
-        let cfs = [CF_INDEX, CF_LRU, CF_CHUNKS, CF_UPLOADS, CF_AC];
+        let (queued, queued_bytes) = self.queue_len();
         Ok(Stats {
             blobs: self.counter(BLOBS_KEY)?.unwrap_or(0),
             logical_bytes: self.counter(LOGICAL_KEY)?.unwrap_or(0),
@@ -384,7 +402,10 @@ impl Store {
             corrupt_blobs: self.corrupt_blobs.load(Ordering::Relaxed),
             evicted_blobs: self.evicted_blobs.load(Ordering::Relaxed),
             evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
-            pending_compaction_bytes: cfs
+            queued,
+            queued_bytes,
+            queue_limit: self.options.queue_limit,
+            pending_compaction_bytes: COLUMN_FAMILIES
                 .iter()
                 .map(|cf| property(Some(cf), "rocksdb.estimate-pending-compaction-bytes"))
                 .sum(),
@@ -407,8 +428,7 @@ impl Store {
             }
         }
         // Memtables will be files soon: count them now.
-        let cf_names = [CF_INDEX, CF_LRU, CF_CHUNKS, CF_UPLOADS, CF_AC];
-        for name in cf_names {
+        for name in COLUMN_FAMILIES {
             let memtables = self.db.property_int_value_cf(self.cf(name), "rocksdb.cur-size-all-mem-tables");
             total += memtables.ok().flatten().unwrap_or(0);
         }
@@ -580,14 +600,17 @@ impl Store {
     pub fn remove_corrupt(&self, blob: &Blob, detail: String) -> Error {
         let digest = &blob.digest;
         tracing::warn!(digest = %digest, "removing a corrupt blob: {detail}");
-        let removed = (|| {
+        let removed = (|| -> Result<bool, Error> {
             let _guard = self.stripe(digest);
             let Some(entry) = self.get_entry(digest)?.filter(|e| e.blob_id == blob.blob_id) else {
                 return Ok(false);
             };
             let mut batch = WriteBatch::default();
             self.delete_blob(&mut batch, digest, &entry);
-            self.write(batch).map(|()| true)
+            self.write(batch)?;
+            // Nothing left to copy to the object store.
+            self.dequeue_locked(&queue_blob_key(digest))?;
+            Ok(true)
         })();
         match removed {
             Ok(true) => {
@@ -763,6 +786,7 @@ impl Store {
             for r in results.iter_mut().filter(|r| r.is_ok()) {
                 *r = Err(match e {
                     Error::Full { estimate, limit } => Error::Full { estimate, limit },
+                    Error::QueueFull { queued, limit } => Error::QueueFull { queued, limit },
                     _ => Error::Batch(message.clone()),
                 });
             }
@@ -799,7 +823,9 @@ impl Store {
         if candidates.is_empty() {
             return Ok(());
         }
-        self.admit(candidates.iter().map(|&i| blobs[i].digest.size).sum())?;
+        let bytes = candidates.iter().map(|&i| blobs[i].digest.size).sum();
+        self.admit_queued(bytes)?;
+        self.admit(bytes)?;
         // Compress outside the locks.
         let now = now_ms();
         let mut prepared = Vec::with_capacity(candidates.len());
@@ -828,6 +854,7 @@ impl Store {
         let _guards: Vec<_> =
             stripe_ids.iter().map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())).collect();
         let mut batch = WriteBatch::default();
+        let (mut queued, mut queued_bytes) = (0, 0);
         for (i, digest, entry, chunks) in prepared {
             // Another writer may have stored it since the check above.
             if self.get_entry(&digest)?.is_some() {
@@ -839,8 +866,14 @@ impl Store {
             }
             self.add_entry(&mut batch, &digest, &entry);
             self.count_stored(&mut batch, entry.stored as i64);
+            if self.queues() {
+                self.queue_blob(&mut batch, &digest);
+                (queued, queued_bytes) = (queued + 1, queued_bytes + digest.size as i64);
+            }
         }
-        self.write(batch)
+        self.write(batch)?;
+        self.count_queued(queued, queued_bytes);
+        Ok(())
     }
 
     /// Adds a new index entry to `batch`, with its place in the eviction
@@ -910,18 +943,11 @@ impl Store {
         Ok(self.db.delete_cf_opt(self.cf(CF_AC), ac_key(instance, action), &self.write_options())?)
     }
 
-    pub fn put_action_result(&self, instance: &str, action: &Digest, result: &[u8]) -> Result<(), Error> {
-        let mut value = Vec::with_capacity(result.len() + 1);
-        value.push(AC_VALUE_VERSION);
-        value.extend_from_slice(result);
-        Ok(self.db.put_cf_opt(self.cf(CF_AC), ac_key(instance, action), value, &self.write_options())?)
-    }
-
     /// Writes every memtable out to files (what a clean close does), so
     /// that no write-ahead log file is needed any more.
     pub fn flush(&self) -> Result<(), Error> {
         let mut first_error = None;
-        for name in [CF_INDEX, CF_LRU, CF_CHUNKS, CF_UPLOADS, CF_AC] {
+        for name in COLUMN_FAMILIES {
             if let Err(e) = self.db.flush_cf(self.cf(name)) {
                 first_error.get_or_insert(e);
             }
@@ -1012,6 +1038,10 @@ pub enum Error {
         "the cache is full: about {estimate} bytes on disk against a limit of {limit}; eviction is freeing space, retry shortly (or raise max_size)"
     )]
     Full { estimate: u64, limit: u64 },
+    #[error(
+        "{queued} bytes of writes are waiting to be copied to the object store, against a limit of {limit}: it is slow or unreachable; retry later (or raise s3_queue_size)"
+    )]
+    QueueFull { queued: u64, limit: u64 },
     #[error("cannot measure the data directory: {0}")]
     Measure(std::io::Error),
     #[error("{0}")]

@@ -381,3 +381,105 @@ fn a_flushed_store_keeps_no_write_ahead_log_it_no_longer_needs() {
     store.flush().unwrap();
     assert_eq!(wal_bytes(tmp.path()), 0, "no column family holds on to a WAL file");
 }
+
+fn open_queueing(dir: &Path, queue_limit: u64) -> Arc<Store> {
+    let options = StoreOptions { chunk_size: 64 << 10, queue_limit, ..StoreOptions::default() };
+    Arc::new(Store::open(dir, options).unwrap())
+}
+
+fn queued_items(store: &Store) -> Vec<Queued> {
+    store.queued(&[], 1000).unwrap().into_iter().map(|e| e.item).collect()
+}
+
+#[test]
+fn writes_are_queued_with_their_blobs_and_copies_are_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (batched, streamed, copied) = (bytes(1000, 1), bytes(200_000, 2), bytes(3000, 3));
+    let action = Digest::of(b"action");
+    {
+        let store = open_queueing(tmp.path(), 1 << 20);
+        let batched = put(&store, &batched);
+        let mut upload = store.begin_upload("u", Digest::of(&streamed), 0).unwrap();
+        upload.append(&streamed, None).unwrap();
+        assert_eq!(upload.finish().unwrap(), Written::Stored);
+        let mut copy = store.begin_copy("c", Digest::of(&copied)).unwrap();
+        copy.append(&copied, None).unwrap();
+        copy.finish().unwrap();
+        store.put_action_result("ci", &action, b"result").unwrap();
+        assert!(store.is_queued(&batched).unwrap());
+        assert!(!store.is_queued(&Digest::of(&copied)).unwrap(), "a copy from the object store");
+        assert_eq!(store.queue_len(), (3, 1000 + 200_000 + 6));
+    }
+    // The queue and its count survive reopening; blobs come before results.
+    let store = open_queueing(tmp.path(), 1 << 20);
+    assert_eq!(store.queue_len(), (3, 201_006));
+    let items = queued_items(&store);
+    assert_eq!(items.len(), 3);
+    assert!(matches!(items[2], Queued::ActionResult { ref instance, .. } if instance == "ci"));
+    // A listing resumes after a key.
+    let first = store.queued(&[], 1).unwrap();
+    assert_eq!(store.queued(&first[0].key, 10).unwrap().len(), 2);
+
+    store.dequeue_blob(&Digest::of(&batched)).unwrap();
+    store.dequeue_blob(&Digest::of(&batched)).unwrap(); // twice: counted once
+    assert_eq!(store.queue_len(), (2, 200_006));
+    // A result replaced since it was copied stays queued; the one copied goes.
+    store.put_action_result("ci", &action, b"newer").unwrap();
+    store.dequeue_action_result("ci", &action, Some(b"result")).unwrap();
+    assert_eq!(store.queue_len(), (2, 200_005));
+    store.dequeue_action_result("ci", &action, Some(b"newer")).unwrap();
+    assert_eq!(store.queue_len(), (1, 200_000));
+}
+
+#[test]
+fn a_full_queue_refuses_writes_and_nothing_without_a_tier_is_queued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open_queueing(&tmp.path().join("q"), 250_000);
+    put(&store, &bytes(200_000, 1));
+    let more = bytes(100_000, 2);
+    let refused = store.put_blobs(&[NewBlob::new(Digest::of(&more), more.clone())]);
+    assert!(matches!(refused[0], Err(Error::QueueFull { queued: 200_000, limit: 250_000 })), "{refused:?}");
+    assert!(matches!(store.begin_upload("u", Digest::of(&more), 0), Err(Error::QueueFull { .. })));
+    assert_eq!(store.contains(&[Digest::of(&more)]).unwrap(), vec![false]);
+    // Once the queue drains, the write goes in.
+    store.dequeue_blob(&Digest::of(&bytes(200_000, 1))).unwrap();
+    put(&store, &more);
+
+    let plain = open(&tmp.path().join("plain"));
+    let d = put(&plain, &more);
+    plain.put_action_result("", &d, b"r").unwrap();
+    assert!(!plain.is_queued(&d).unwrap());
+    assert_eq!(plain.queue_len(), (0, 0));
+}
+
+#[test]
+fn eviction_keeps_queued_blobs_and_a_corrupt_one_leaves_the_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open_queueing(tmp.path(), 1 << 20);
+    let blobs: Vec<Bytes> = (0..4).map(|i| bytes(100_000, i)).collect();
+    let mut digests = Vec::new();
+    for b in &blobs {
+        digests.push(put(&store, b));
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    // The two oldest were copied; the other two still wait.
+    store.dequeue_blob(&digests[0]).unwrap();
+    store.dequeue_blob(&digests[1]).unwrap();
+    let evicted = store.evict_lru(u64::MAX, now_ms() + 1).unwrap();
+    assert_eq!(evicted.blobs, 2);
+    assert_eq!(store.contains(&digests).unwrap(), [false, false, true, true]);
+    // Once copied, they may go too: their place in the eviction order was kept.
+    store.dequeue_blob(&digests[2]).unwrap();
+    assert_eq!(store.evict_lru(u64::MAX, now_ms() + 1).unwrap().blobs, 1);
+
+    // A queued blob found corrupt is removed, and with it its queue entry.
+    let entry = store.get_entry(&digests[3]).unwrap().unwrap();
+    let key = chunk_key(entry.blob_id, 0);
+    let mut value = store.db.get_cf(store.cf(CF_CHUNKS), key).unwrap().unwrap();
+    value[10] ^= 0x40;
+    store.db.put_cf(store.cf(CF_CHUNKS), key, value).unwrap();
+    let blob = store.locate(&digests[3]).unwrap().unwrap();
+    assert!(matches!(store.read_at(&blob, 0), Err(Error::Removed(_))));
+    assert_eq!(store.queue_len(), (0, 0));
+    assert!(queued_items(&store).is_empty());
+}

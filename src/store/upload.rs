@@ -33,6 +33,9 @@ pub struct Upload {
     recorded: bool,
     progress: UploadProgress,
     hasher: Hasher,
+    /// Whether the finished blob is queued for the object store tier (a
+    /// client's write is; a copy from the object store is not).
+    queue: bool,
 }
 
 impl Store {
@@ -44,6 +47,26 @@ impl Store {
         resource: &str,
         digest: Digest,
         offset: u64,
+    ) -> Result<Upload, Error> {
+        let queue = self.queues();
+        if queue {
+            self.admit_queued(digest.size)?;
+        }
+        self.begin(resource, digest, offset, queue)
+    }
+
+    /// Starts an upload of a blob copied in from the object store tier
+    /// (which holds it already: it is not queued).
+    pub fn begin_copy(self: &Arc<Self>, resource: &str, digest: Digest) -> Result<Upload, Error> {
+        self.begin(resource, digest, 0, false)
+    }
+
+    fn begin(
+        self: &Arc<Self>,
+        resource: &str,
+        digest: Digest,
+        offset: u64,
+        queue: bool,
     ) -> Result<Upload, Error> {
         {
             let mut active = self.active_uploads.lock().unwrap_or_else(|e| e.into_inner());
@@ -60,6 +83,7 @@ impl Store {
             recorded: false,
             progress: UploadProgress::default(),
             hasher: Hasher::new(digest.function),
+            queue,
         };
         match self.upload_state(resource)? {
             Some((record, progress)) if offset == progress.committed && offset > 0 => {
@@ -270,7 +294,13 @@ impl Upload {
         batch.delete_cf(store.cf(CF_CHUNKS), chunk_key(blob_id, PROGRESS_OFFSET));
         let entry = IndexEntry { blob_id, stored: self.progress.stored, atime: now_ms() };
         store.add_entry(&mut batch, &self.digest, &entry);
+        if self.queue {
+            store.queue_blob(&mut batch, &self.digest);
+        }
         store.write(batch)?;
+        if self.queue {
+            store.count_queued(1, self.digest.size as i64);
+        }
         Ok(Written::Stored)
     }
 

@@ -5,7 +5,8 @@
 # (--remote_cache=grpc://) and once over Bazel's HTTP cache protocol
 # (--remote_cache=http://), each against a larder of its own; then over gRPC
 # with two larders sharing a Ceph RADOS Gateway bucket as their second tier:
-# the first build against one, the rebuild against the other.
+# the first build against one, the rebuild against the other; and so again
+# with the first larder in write-back mode.
 #
 #   tests/bazel/check.sh [path/to/larder]        (needs Debian's bazel-bootstrap)
 set -euo pipefail
@@ -37,24 +38,32 @@ start_larder() {
   [ -n "$addr" ] || { cat "$data/larder.log" >&2; echo "check: larder did not start" >&2; exit 1; }
 }
 
-# check NAME SCHEME [two-nodes]: the first build against one larder; the
-# second against the same one, or with two-nodes against a second larder
-# (with an empty local tier) sharing an object store with the first.
+# check NAME SCHEME [two-nodes|write-back]: the first build against one
+# larder; the second against the same one, or against a second larder (with
+# an empty local tier) sharing an object store with the first, which with
+# write-back acknowledges writes before they reach the object store.
 check() {
   local name=$1 scheme=$2 mode=${3:-}
   local dir="$work/$name" extra=() first second
   mkdir -p "$dir"
   cp -r "$here/workspace" "$dir/ws"
-  if [ "$mode" = two-nodes ]; then
-    ceph="$work/ceph"
-    local env
-    env=$(CEPH_RGW_NO_MGR=1 "$here/../s3/ceph-rgw-local.sh" start "$ceph" larder-check)
-    eval "$env"
-    extra=(--s3-endpoint "$AWS_ENDPOINT_URL" --s3-bucket larder-check)
+  if [ -n "$mode" ]; then
+    if [ -z "$ceph" ]; then
+      ceph="$work/ceph"
+      local env
+      env=$(CEPH_RGW_NO_MGR=1 "$here/../s3/ceph-rgw-local.sh" start "$ceph" larder-check)
+      eval "$env"
+    fi
+    # One bucket, a prefix per pass.
+    extra=(--s3-endpoint "$AWS_ENDPOINT_URL" --s3-bucket larder-check --s3-prefix "$name")
   fi
-  start_larder "$dir/a" "${extra[@]}"
+  if [ "$mode" = write-back ]; then
+    start_larder "$dir/a" "${extra[@]}" --s3-write-back
+  else
+    start_larder "$dir/a" "${extra[@]}"
+  fi
   first=$addr second=$addr
-  if [ "$mode" = two-nodes ]; then
+  if [ -n "$mode" ]; then
     start_larder "$dir/b" "${extra[@]}"
     second=$addr
   fi
@@ -68,6 +77,13 @@ check() {
     cp "$dir/ws"/bazel-bin/*.bin "$dir/ws"/bazel-bin/*.txt "$dir/out-$1/"
   }
   build first "$first"
+  if [ "$mode" = write-back ]; then
+    # The rebuild is on another node: let the first one's queue drain.
+    for _ in $(seq 1 300); do
+      curl -sf "http://$first/status.json" | grep -q '"queued":0,' && break
+      sleep 0.1
+    done
+  fi
   (cd "$dir/ws" && bazel --output_user_root="$dir/bazel" --batch clean --expunge >/dev/null 2>&1)
   build second "$second"
 
@@ -90,3 +106,4 @@ check grpc grpc
 check http http
 # Needs Debian's Ceph packages (see tests/s3.rs).
 check two-nodes grpc two-nodes
+check write-back grpc write-back

@@ -1,0 +1,114 @@
+//! The replicator: copies what the store's queue holds to the object store
+//! tier, in the background. With write-back that is every write; with
+//! write-through, only what a call could not copy itself (the object store
+//! was down, or larder stopped mid-call). While the object store is away it
+//! backs off, and it catches up by itself when it returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+use crate::remote::{self, Remote, blocking};
+use crate::store::{self, QueueEntry, Queued, Store, now_ms};
+
+/// Queue entries read per pass.
+const PASS: usize = 256;
+/// Copies in flight: small blobs cost the object store's latency each.
+const IN_FLIGHT: usize = 32;
+/// With write-through, the call that queued an entry copies it itself:
+/// entries younger than this are left to it.
+const SETTLE: Duration = Duration::from_secs(10);
+/// How long an idle replicator sleeps unless woken.
+const IDLE: Duration = Duration::from_secs(1);
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Runs until aborted. `wake` is notified after each write-back.
+pub async fn run(
+    store: Arc<Store>,
+    remote: Arc<Remote>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+    write_back: bool,
+) {
+    let settle = if write_back { 0 } else { SETTLE.as_millis() as u64 };
+    let mut after = Vec::new();
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let (listing, from) = (Arc::clone(&store), after.clone());
+        let entries = match blocking(move || listing.queued(&from, PASS)).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!("cannot read the queue for the object store: {e}");
+                tokio::time::sleep(MAX_BACKOFF).await;
+                continue;
+            }
+        };
+        // A full pass resumes after its last entry; a short one wraps around.
+        after = match entries.len() {
+            PASS => entries.last().map(|e| e.key.clone()).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let now = now_ms();
+        let due: Vec<QueueEntry> =
+            entries.into_iter().filter(|e| now.saturating_sub(e.since_ms) >= settle).collect();
+        if due.is_empty() {
+            if after.is_empty() {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(IDLE) => {}
+                }
+            }
+            continue;
+        }
+        let copies = due.into_iter().map(|entry| copy(&store, &remote, &metrics, entry));
+        let outcomes: Vec<Result<(), remote::Error>> =
+            futures::stream::iter(copies).buffer_unordered(IN_FLIGHT).collect().await;
+        match outcomes.into_iter().find_map(Result::err) {
+            None => backoff = MIN_BACKOFF,
+            Some(e) => {
+                metrics.tier_error(false);
+                tracing::warn!("copying queued writes to the object store: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                // Start over: what failed is retried first.
+                after.clear();
+            }
+        }
+    }
+}
+
+/// Copies one queued blob or action result, then takes it off the queue.
+async fn copy(
+    store: &Arc<Store>,
+    remote: &Remote,
+    metrics: &Metrics,
+    entry: QueueEntry,
+) -> Result<(), remote::Error> {
+    match entry.item {
+        Queued::Blob(digest) => {
+            match remote.upload_from(store, digest).await {
+                Ok(()) => metrics.tier_written(digest.size),
+                // No local copy left to send (it was found corrupt and removed).
+                Err(remote::Error::Local(store::Error::Vanished(_) | store::Error::Removed(_))) => {}
+                Err(e) => return Err(e),
+            }
+            let store = Arc::clone(store);
+            blocking(move || store.dequeue_blob(&digest)).await
+        }
+        Queued::ActionResult { instance, action } => {
+            let result = {
+                let (store, instance) = (Arc::clone(store), instance.clone());
+                blocking(move || store.get_action_result(&instance, &action)).await?
+            };
+            if let Some(result) = &result {
+                remote.put_action_result(&instance, &action, result).await?;
+            }
+            let store = Arc::clone(store);
+            blocking(move || store.dequeue_action_result(&instance, &action, result.as_deref())).await
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The queue of what the object store tier may lack: each blob and action
+//! result a client writes is queued in the same atomic write that stores it,
+//! and leaves the queue once a copy is in the object store. The queue
+//! survives restarts and kill -9; eviction never removes a queued blob; and
+//! its size is bounded, so that an object store that stays away cannot fill
+//! the disk with blobs eviction may not touch.
+//!
+//! A store opened without a queue limit (no object store) queues nothing.
+
+use std::sync::atomic::Ordering;
+
+use rocksdb::{Direction, IteratorMode, WriteBatch};
+
+pub use super::layout::Queued;
+use super::layout::{
+    AC_VALUE_VERSION, CF_AC, CF_QUEUE, QueueValue, ac_key, queue_ac_key, queue_blob_key, queued_of_key,
+};
+use super::{Error, Store, now_ms};
+use crate::digest::Digest;
+
+/// One queue entry, as [`Store::queued`] lists it.
+#[derive(Clone, Debug)]
+pub struct QueueEntry {
+    /// Where it sits in the queue: a listing resumes after it.
+    pub key: Vec<u8>,
+    pub item: Queued,
+    pub since_ms: u64,
+}
+
+impl Store {
+    /// Whether writes are queued for an object store tier.
+    pub fn queues(&self) -> bool {
+        self.options.queue_limit > 0
+    }
+
+    /// Entries in the queue, and the bytes they count.
+    pub fn queue_len(&self) -> (u64, u64) {
+        (self.queued.load(Ordering::Relaxed), self.queued_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Refuses `bytes` of new writes if the queue cannot take them.
+    pub(super) fn admit_queued(&self, bytes: u64) -> Result<(), Error> {
+        let limit = self.options.queue_limit;
+        let queued = self.queued_bytes.load(Ordering::Relaxed);
+        if self.queues() && queued.saturating_add(bytes) > limit {
+            self.rejected_writes.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::QueueFull { queued, limit });
+        }
+        Ok(())
+    }
+
+    /// Adds a new blob's queue entry to `batch`; [`Store::count_queued`]
+    /// counts it once the batch is written.
+    pub(super) fn queue_blob(&self, batch: &mut WriteBatch, digest: &Digest) {
+        let value = QueueValue { since_ms: now_ms(), bytes: digest.size };
+        batch.put_cf(self.cf(CF_QUEUE), queue_blob_key(digest), value.encode());
+    }
+
+    pub(super) fn count_queued(&self, entries: i64, bytes: i64) {
+        // Adding a negative delta as its two's complement wraps to a subtraction.
+        self.queued.fetch_add(entries as u64, Ordering::Relaxed);
+        self.queued_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn queue_entry(&self, key: &[u8]) -> Result<Option<QueueValue>, Error> {
+        match self.db.get_pinned_cf(self.cf(CF_QUEUE), key)? {
+            None => Ok(None),
+            Some(v) => QueueValue::decode(&v)
+                .map(Some)
+                .ok_or_else(|| Error::Corrupt(format!("queue entry {} is malformed", hex::encode(key)))),
+        }
+    }
+
+    /// Whether the blob waits in the queue.
+    pub fn is_queued(&self, digest: &Digest) -> Result<bool, Error> {
+        Ok(self.queues() && self.queue_entry(&queue_blob_key(digest))?.is_some())
+    }
+
+    /// Removes a blob from the queue (the object store holds it now, or it
+    /// has no local copy left to send). Does nothing if it is not queued.
+    pub fn dequeue_blob(&self, digest: &Digest) -> Result<(), Error> {
+        let _guard = self.stripe(digest);
+        self.dequeue_locked(&queue_blob_key(digest))
+    }
+
+    /// Removes a queue entry; the caller holds its stripe lock.
+    pub(super) fn dequeue_locked(&self, key: &[u8]) -> Result<(), Error> {
+        if let Some(value) = self.queue_entry(key)? {
+            self.db.delete_cf_opt(self.cf(CF_QUEUE), key, &self.write_options())?;
+            self.count_queued(-1, -(value.bytes as i64));
+        }
+        Ok(())
+    }
+
+    /// Stores an action result, queued when there is an object store tier.
+    pub fn put_action_result(&self, instance: &str, action: &Digest, result: &[u8]) -> Result<(), Error> {
+        let mut value = Vec::with_capacity(result.len() + 1);
+        value.push(AC_VALUE_VERSION);
+        value.extend_from_slice(result);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_AC), ac_key(instance, action), value);
+        if !self.queues() {
+            return self.write(batch);
+        }
+        // Under the action's stripe: a dequeue compares the stored result
+        // with the one it copied, and must not slip between these writes.
+        let _guard = self.stripe(action);
+        let key = queue_ac_key(instance, action);
+        let before = self.queue_entry(&key)?;
+        let bytes = result.len() as u64;
+        self.admit_queued(bytes.saturating_sub(before.map_or(0, |v| v.bytes)))?;
+        batch.put_cf(self.cf(CF_QUEUE), &key, QueueValue { since_ms: now_ms(), bytes }.encode());
+        self.write(batch)?;
+        match before {
+            None => self.count_queued(1, bytes as i64),
+            Some(v) => self.count_queued(0, bytes as i64 - v.bytes as i64),
+        }
+        Ok(())
+    }
+
+    /// Removes an action result from the queue once `copied` (what was
+    /// read for copying, `None` if there was none) is in the object store,
+    /// unless a newer result replaced it meanwhile: that one stays queued.
+    pub fn dequeue_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+        copied: Option<&[u8]>,
+    ) -> Result<(), Error> {
+        let _guard = self.stripe(action);
+        if self.get_action_result(instance, action)?.as_deref() == copied {
+            self.dequeue_locked(&queue_ac_key(instance, action))?;
+        }
+        Ok(())
+    }
+
+    /// Up to `max` queue entries after the key `after` (from the start for
+    /// an empty one), in key order: blobs first, then action results.
+    pub fn queued(&self, after: &[u8], max: usize) -> Result<Vec<QueueEntry>, Error> {
+        let mut entries = Vec::new();
+        let mode = IteratorMode::From(after, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_QUEUE), mode) {
+            let (key, value) = item?;
+            if *key == *after {
+                continue;
+            }
+            let (Some(item), Some(value)) = (queued_of_key(&key), QueueValue::decode(&value)) else {
+                return Err(Error::Corrupt(format!("queue entry {} is malformed", hex::encode(&key))));
+            };
+            entries.push(QueueEntry { key: key.into_vec(), item, since_ms: value.since_ms });
+            if entries.len() == max {
+                break;
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Counts the queue at open (it is bounded, so the scan is too).
+    pub(super) fn count_queue(&self) -> Result<(), Error> {
+        let (mut entries, mut bytes) = (0, 0);
+        for item in self.db.iterator_cf(self.cf(CF_QUEUE), IteratorMode::Start) {
+            let (_, value) = item?;
+            entries += 1;
+            bytes += QueueValue::decode(&value).map_or(0, |v| v.bytes);
+        }
+        self.queued.store(entries, Ordering::Relaxed);
+        self.queued_bytes.store(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+}
