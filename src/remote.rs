@@ -21,6 +21,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use tokio::sync::mpsc;
 
 use crate::digest::Digest;
 use crate::store::{self, Store, chunk};
@@ -276,7 +277,15 @@ impl Remote {
 
     /// Copies a blob into the local tier, checking every chunk and the
     /// digest; `false` if the object store lacks it (or holds it damaged).
-    pub async fn fetch_into(&self, local: &Arc<Store>, digest: Digest) -> Result<bool, Error> {
+    /// Each chunk is also sent to `tee`, if given, once it is stored: a
+    /// reader can stream the blob while it arrives. (A blob another call is
+    /// fetching already is waited for, and sends nothing.)
+    pub async fn fetch_into(
+        &self,
+        local: &Arc<Store>,
+        digest: Digest,
+        tee: Option<mpsc::Sender<Piece>>,
+    ) -> Result<bool, Error> {
         let stream = match self.store.get(&self.blob_path(&digest)).await {
             Ok(r) => r.into_stream(),
             Err(object_store::Error::NotFound { .. }) => return Ok(false),
@@ -301,7 +310,7 @@ impl Remote {
             Err(e) => return Err(e),
         };
         let mut reader = Reader { buffer: BytesMut::new(), stream };
-        let finished = match copy(&mut reader, upload, digest).await {
+        let finished = match copy(&mut reader, upload, digest, tee).await {
             (Some(upload), Ok(())) => blocking(move || upload.finish()).await,
             (Some(upload), Err(e)) => {
                 let _ = blocking(move || upload.discard()).await;
@@ -387,12 +396,22 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(Error::Local)
 }
 
+/// One chunk of a blob being fetched, as stored (`value`) and decoded.
+pub struct Piece {
+    /// Its offset in the blob.
+    pub start: u64,
+    pub data: Bytes,
+    pub value: Bytes,
+}
+
 /// Copies a blob object's chunks into a local upload, checking each (on
-/// the blocking pool: decompression and disk). Gives the upload back.
+/// the blocking pool: decompression and disk), and sends each to `tee`.
+/// Gives the upload back.
 async fn copy(
     reader: &mut Reader,
     mut upload: store::Upload,
     digest: Digest,
+    tee: Option<mpsc::Sender<Piece>>,
 ) -> (Option<store::Upload>, Result<(), Error>) {
     let size = match reader.header().await {
         Ok(size) if size == digest.size => size,
@@ -410,12 +429,12 @@ async fn copy(
             Ok(v) => v,
             Err(e) => return (Some(upload), Err(e)),
         };
+        let stored = value.clone();
         let worked = tokio::task::spawn_blocking(move || {
-            let appended = match chunk::decode(&value) {
-                Some(data) => upload
-                    .append_encoded(&data, value.to_vec())
-                    .map(|()| data.len() as u64)
-                    .map_err(Error::Local),
+            let appended = match chunk::decode(&stored) {
+                Some(data) => {
+                    upload.append_encoded(&data, stored.to_vec()).map(|()| data).map_err(Error::Local)
+                }
                 None => Err(Error::Damaged(format!("object for {digest}: a chunk fails its check"))),
             };
             (upload, appended)
@@ -433,7 +452,14 @@ async fn copy(
             }
         };
         match appended {
-            Ok(n) => held += n,
+            Ok(data) => {
+                let start = held;
+                held += data.len() as u64;
+                // A reader that went away does not stop the copy.
+                if let Some(tee) = &tee {
+                    let _ = tee.send(Piece { start, data, value }).await;
+                }
+            }
             Err(e) => return (Some(upload), Err(e)),
         }
     }

@@ -73,6 +73,27 @@ impl Rgw {
     }
 }
 
+impl Rgw {
+    /// An S3 client of the bucket, to change objects behind larder's back.
+    fn client(&self) -> object_store::aws::AmazonS3 {
+        let key = |k: &str| self.env.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_bucket_name(&self.bucket)
+            .with_region("us-east-1")
+            .with_access_key_id(key("AWS_ACCESS_KEY_ID"))
+            .with_secret_access_key(key("AWS_SECRET_ACCESS_KEY"))
+            .with_allow_http(true)
+            .build()
+            .unwrap()
+    }
+
+    /// The object of a SHA-256 blob.
+    fn path(&self, prefix: &str, data: &[u8]) -> object_store::path::Path {
+        object_store::path::Path::from(format!("{prefix}/larder/v1/cas/sha256/{}", digest(data).hash))
+    }
+}
+
 impl Drop for Rgw {
     fn drop(&mut self) {
         let _ = Command::new("bash").arg(script()).arg("stop").arg(self.dir.path().join("ceph")).output();
@@ -200,19 +221,7 @@ async fn a_damaged_object_is_treated_as_missing() {
     assert_eq!(ca.batch_update(&[&cut, &flipped]).await, vec![0, 0]);
 
     // Truncate one object and flip a byte of the other, behind larder's back.
-    let key = |k: &str| (k.to_string(), rgw.env.iter().find(|(n, _)| n == k).unwrap().1.clone());
-    let s3 = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(&rgw.endpoint)
-        .with_bucket_name(&rgw.bucket)
-        .with_region("us-east-1")
-        .with_access_key_id(key("AWS_ACCESS_KEY_ID").1)
-        .with_secret_access_key(key("AWS_SECRET_ACCESS_KEY").1)
-        .with_allow_http(true)
-        .build()
-        .unwrap();
-    let path = |data: &[u8]| {
-        object_store::path::Path::from(format!("{prefix}/larder/v1/cas/sha256/{}", digest(data).hash))
-    };
+    let (s3, path) = (rgw.client(), |data: &[u8]| rgw.path(&prefix, data));
     let whole = s3.get(&path(&cut)).await.unwrap().bytes().await.unwrap();
     s3.put(&path(&cut), whole.slice(..whole.len() / 2).into()).await.unwrap();
     let mut bytes = s3.get(&path(&flipped)).await.unwrap().bytes().await.unwrap().to_vec();
@@ -231,6 +240,56 @@ async fn a_damaged_object_is_treated_as_missing() {
     assert_eq!(cb.find_missing(&[digest(&cut), digest(&flipped)]).await.len(), 2);
     // Node A still serves both from its local tier.
     assert_eq!(ca.read(&read_name("", &cut), 0, 0).await.unwrap(), cut);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_stream_through_at_any_offset_in_either_encoding() {
+    use object_store::ObjectStoreExt;
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let a = rgw.node(&tmp.path().join("a"), &prefix);
+    let mut ca = Clients::connect(&a.addr).await;
+    // Five 1 MiB chunks and a bit.
+    let text = text_bytes((5 << 20) + 777, 21);
+    let random = random_bytes(3 << 20, 22);
+    for (data, uuid) in
+        [(&text, "0e1d2c3b-4a59-4867-9786-a5b4c3d2e1f0"), (&random, "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a")]
+    {
+        assert_eq!(ca.write(&upload_name("", uuid, data), data, 1 << 20).await.unwrap(), data.len() as i64);
+    }
+
+    // A part from the middle, on a node with an empty local tier...
+    let b = rgw.node(&tmp.path().join("b"), &prefix);
+    let mut cb = Clients::connect(&b.addr).await;
+    let (offset, limit) = ((3 << 19) + 5, 2 << 20);
+    let part = cb.read(&read_name("", &text), offset as i64, limit as i64).await.unwrap();
+    assert_eq!(part, &text[offset..offset + limit]);
+    // ...which kept the whole blob.
+    let status: serde_json::Value =
+        reqwest::get(format!("http://{}/status.json", b.addr)).await.unwrap().json().await.unwrap();
+    assert_eq!(status["blobs"], 1);
+    assert_eq!(cb.read(&read_name("", &text), 0, 0).await.unwrap(), text);
+
+    // zstd on the wire, streamed through from a chunk in the middle.
+    let c = rgw.node(&tmp.path().join("c"), &prefix);
+    let mut cc = Clients::connect(&c.addr).await;
+    let d = digest(&text);
+    let zstd_name = format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes);
+    let compressed = cc.read(&zstd_name, 1 << 20, 0).await.unwrap();
+    assert!(compressed.len() < text.len() / 2, "{} bytes", compressed.len());
+    assert_eq!(zstd::stream::decode_all(&compressed[..]).unwrap(), &text[1 << 20..]);
+
+    // A chunk damaged near the end: the read fails, after some bytes at
+    // most; the client never gets the whole blob.
+    let s3 = rgw.client();
+    let mut object = s3.get(&rgw.path(&prefix, &random)).await.unwrap().bytes().await.unwrap().to_vec();
+    let near_end = object.len() - 100;
+    object[near_end] ^= 0x01;
+    s3.put(&rgw.path(&prefix, &random), object.into()).await.unwrap();
+    let status = cc.read(&read_name("", &random), 0, 0).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(cc.find_missing(&[digest(&random)]).await.len(), 1, "deleted, to be written again");
 }
 
 impl Rgw {

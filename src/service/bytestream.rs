@@ -56,62 +56,171 @@ impl ByteStreamService {
                 request.read_offset, digest.size
             )));
         }
-        self.shared.fetch(&[digest]).await?;
-        let store = Arc::clone(&self.shared.store);
-        let blob = {
-            let store = Arc::clone(&store);
-            blocking(move || store.locate(&digest)).await?
-        }
-        .ok_or_else(|| Status::not_found(format!("blob {digest} is not in the CAS")))?;
         let start = request.read_offset as u64;
         let end = match request.read_limit as u64 {
             0 => digest.size,
             limit => digest.size.min(start.saturating_add(limit)),
         };
-        // A small channel: the reader fetches one chunk ahead of the sender,
-        // and memory stays bounded whatever the blob's size.
-        let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(async move {
-            let mut offset = start;
-            loop {
-                let store = Arc::clone(&store);
-                // Each piece is the rest of one stored chunk: plain bytes, or
-                // (for zstd) one frame of them, the stored frame where it can be.
-                let piece = blocking(move || {
-                    if zstd {
-                        store.read_frame_at(&blob, offset)
-                    } else {
-                        let data = store.read_at(&blob, offset)?;
-                        let len = data.len() as u64;
-                        Ok((data, len))
-                    }
-                })
-                .await;
-                let (mut data, len) = match piece {
-                    Ok(piece) => piece,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                };
-                if !zstd {
-                    data.truncate((end - offset) as usize);
+        let store = Arc::clone(&self.shared.store);
+        let locate = || {
+            let store = Arc::clone(&store);
+            blocking(move || store.locate(&digest))
+        };
+        let not_found = || Status::not_found(format!("blob {digest} is not in the CAS"));
+        let blob = match (locate().await?, &self.shared.remote) {
+            (Some(blob), remote) => {
+                if remote.is_some() {
+                    self.shared.metrics.tier_reads(1, 0, 0);
                 }
-                offset += len.min(end - offset);
-                while !data.is_empty() {
-                    let part = data.split_to(data.len().min(READ_MESSAGE_SIZE));
-                    if tx.send(Ok(ReadResponse { data: part })).await.is_err() {
-                        return; // the client went away
-                    }
-                }
-                if offset >= end {
-                    return;
-                }
+                blob
             }
-        });
-        Ok(Box::pin(ReceiverStream::new(rx)) as ReadStream)
+            (None, Some(remote)) if start < end => {
+                if let Some(stream) = self.read_through(remote, digest, start, end, zstd).await? {
+                    return Ok(stream);
+                }
+                // Another call brought it in meanwhile.
+                locate().await?.ok_or_else(not_found)?
+            }
+            (None, Some(_)) => {
+                self.shared.fetch(&[digest]).await?;
+                locate().await?.ok_or_else(not_found)?
+            }
+            (None, None) => return Err(not_found()),
+        };
+        Ok(read_local(store, blob, start, end, zstd))
     }
 
+    /// Streams a blob the local tier lacks from the object store, while it
+    /// is copied into the local tier. The last message is held back until
+    /// the whole blob has matched its digest: a client never receives a
+    /// whole stream of wrong bytes. `None` if another call was copying the
+    /// blob in already (it is local now).
+    async fn read_through(
+        &self,
+        remote: &Arc<crate::remote::Remote>,
+        digest: Digest,
+        start: u64,
+        end: u64,
+        zstd: bool,
+    ) -> Result<Option<ReadStream>, Status> {
+        let (tee, mut pieces) = mpsc::channel(2);
+        let fetch = tokio::spawn(self.shared.fetch_one(remote, digest, Some(tee)));
+        let finished = |joined: Result<Result<bool, Status>, tokio::task::JoinError>| {
+            joined.unwrap_or_else(|e| {
+                Err(Status::internal(format!("a fetch from the object store failed: {e}")))
+            })
+        };
+        let metrics = Arc::clone(&self.shared.metrics);
+        // The first chunk, or the end of the fetch, decides how the call answers.
+        let Some(mut piece) = pieces.recv().await else {
+            let found = finished(fetch.await)?;
+            metrics.tier_reads(0, u64::from(found), u64::from(!found));
+            return match found {
+                true => Ok(None),
+                false => Err(Status::not_found(format!("blob {digest} is not in the CAS"))),
+            };
+        };
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut held: Option<Bytes> = None;
+            loop {
+                let at = piece.start;
+                if at + piece.data.len() as u64 > start && at < end {
+                    let skip = start.saturating_sub(at) as usize;
+                    let part = match zstd {
+                        true => {
+                            crate::store::chunk::to_frame(piece.value.to_vec(), skip).map(|(frame, _)| frame)
+                        }
+                        false => Some(piece.data.slice(skip..((end - at) as usize).min(piece.data.len()))),
+                    };
+                    let Some(mut part) = part else {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("blob {digest}: a chunk fails its check"))))
+                            .await;
+                        return;
+                    };
+                    while !part.is_empty() {
+                        let message = part.split_to(part.len().min(READ_MESSAGE_SIZE));
+                        if let Some(ready) = held.replace(message)
+                            && tx.send(Ok(ReadResponse { data: ready })).await.is_err()
+                        {
+                            return; // the client went away; the copy goes on
+                        }
+                    }
+                }
+                match pieces.recv().await {
+                    Some(next) => piece = next,
+                    None => break,
+                }
+            }
+            let last = match finished(fetch.await) {
+                Ok(true) => {
+                    metrics.tier_reads(0, 1, 0);
+                    held.map(|data| Ok(ReadResponse { data }))
+                }
+                Ok(false) => {
+                    metrics.tier_reads(0, 0, 1);
+                    Some(Err(Status::not_found(format!(
+                        "blob {digest} was damaged in the object store, and is not in the CAS"
+                    ))))
+                }
+                Err(status) => Some(Err(status)),
+            };
+            if let Some(last) = last {
+                let _ = tx.send(last).await;
+            }
+        });
+        Ok(Some(Box::pin(ReceiverStream::new(rx)) as ReadStream))
+    }
+}
+
+/// Streams `start..end` of a blob the local tier holds.
+fn read_local(store: Arc<Store>, blob: crate::store::Blob, start: u64, end: u64, zstd: bool) -> ReadStream {
+    // A small channel: the reader fetches one chunk ahead of the sender,
+    // and memory stays bounded whatever the blob's size.
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let mut offset = start;
+        loop {
+            let store = Arc::clone(&store);
+            // Each piece is the rest of one stored chunk: plain bytes, or
+            // (for zstd) one frame of them, the stored frame where it can be.
+            let piece = blocking(move || {
+                if zstd {
+                    store.read_frame_at(&blob, offset)
+                } else {
+                    let data = store.read_at(&blob, offset)?;
+                    let len = data.len() as u64;
+                    Ok((data, len))
+                }
+            })
+            .await;
+            let (mut data, len) = match piece {
+                Ok(piece) => piece,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
+            if !zstd {
+                data.truncate((end - offset) as usize);
+            }
+            offset += len.min(end - offset);
+            while !data.is_empty() {
+                let part = data.split_to(data.len().min(READ_MESSAGE_SIZE));
+                if tx.send(Ok(ReadResponse { data: part })).await.is_err() {
+                    return; // the client went away
+                }
+            }
+            if offset >= end {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx)) as ReadStream
+}
+
+impl ByteStreamService {
     /// The rules of a ByteStream write over any stream of messages: a gRPC
     /// stream, or the body of an HTTP PUT.
     pub async fn write_stream<S>(&self, first: WriteRequest, mut stream: S) -> Result<WriteResponse, Status>

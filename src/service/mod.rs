@@ -76,27 +76,7 @@ impl Shared {
             .iter()
             .zip(present)
             .filter(|(_, p)| !p)
-            .map(|(d, _)| {
-                let (remote, store, metrics, d) =
-                    (Arc::clone(remote), Arc::clone(&self.store), Arc::clone(&self.metrics), *d);
-                async move {
-                    match remote.fetch_into(&store, d).await {
-                        Ok(found) => Ok(found),
-                        Err(crate::remote::Error::Damaged(what)) => {
-                            metrics.tier_error(true);
-                            tracing::warn!(
-                                "deleted, to be written again: the object store held a damaged {what}"
-                            );
-                            let _ = remote.forget(&d).await;
-                            Ok(false)
-                        }
-                        Err(e) => {
-                            metrics.tier_error(false);
-                            Err(Status::from(e))
-                        }
-                    }
-                }
-            })
+            .map(|(d, _)| self.fetch_one(remote, *d, None))
             .collect();
         // In parallel: small blobs cost the object store's latency each.
         let found: Vec<bool> =
@@ -104,6 +84,35 @@ impl Shared {
         let remote_hits = found.iter().filter(|&&f| f).count() as u64;
         self.metrics.tier_reads(local, remote_hits, found.len() as u64 - remote_hits);
         Ok(())
+    }
+
+    /// Brings one blob the local tier lacks in from the object store,
+    /// sending its chunks to `tee` as they are stored (see
+    /// [`crate::remote::Remote::fetch_into`]); `false` if the object store
+    /// lacks it. A damaged object is deleted, so that clients write it again.
+    pub fn fetch_one(
+        &self,
+        remote: &Arc<crate::remote::Remote>,
+        digest: digest::Digest,
+        tee: Option<tokio::sync::mpsc::Sender<crate::remote::Piece>>,
+    ) -> impl Future<Output = Result<bool, Status>> + Send + 'static {
+        let (remote, store, metrics) =
+            (Arc::clone(remote), Arc::clone(&self.store), Arc::clone(&self.metrics));
+        async move {
+            match remote.fetch_into(&store, digest, tee).await {
+                Ok(found) => Ok(found),
+                Err(crate::remote::Error::Damaged(what)) => {
+                    metrics.tier_error(true);
+                    tracing::warn!("deleted, to be written again: the object store held a damaged {what}");
+                    let _ = remote.forget(&digest).await;
+                    Ok(false)
+                }
+                Err(e) => {
+                    metrics.tier_error(false);
+                    Err(Status::from(e))
+                }
+            }
+        }
     }
 
     /// Copies a blob just written to the local tier to the object store.
