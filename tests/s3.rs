@@ -292,6 +292,77 @@ async fn reads_stream_through_at_any_offset_in_either_encoding() {
     assert_eq!(cc.find_missing(&[digest(&random)]).await.len(), 1, "deleted, to be written again");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trees_and_output_directories_read_through_a_level_at_a_time() {
+    use prost::Message;
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let a = rgw.node(&tmp.path().join("a"), &prefix);
+    let mut ca = Clients::connect(&a.addr).await;
+    let (f1, f3) = (text_bytes(10_000, 31), text_bytes(20_000, 33));
+    let file = |name: &str, data: &[u8]| reapi::FileNode {
+        name: name.into(),
+        digest: Some(digest(data)),
+        ..Default::default()
+    };
+    let child = reapi::Directory { files: vec![file("f3", &f3)], ..Default::default() }.encode_to_vec();
+    let root = reapi::Directory {
+        files: vec![file("f1", &f1)],
+        directories: vec![reapi::DirectoryNode { name: "sub".into(), digest: Some(digest(&child)) }],
+        ..Default::default()
+    };
+    let tree = reapi::Tree {
+        root: Some(root.clone()),
+        children: vec![reapi::Directory::decode(&child[..]).unwrap()],
+    }
+    .encode_to_vec();
+    let root = root.encode_to_vec();
+    assert_eq!(ca.batch_update(&[&f1, &f3, &child, &root, &tree]).await, vec![0; 5]);
+    // One result names its output directory by Tree, the other by its root Directory.
+    let by_tree =
+        reapi::OutputDirectory { path: "out".into(), tree_digest: Some(digest(&tree)), ..Default::default() };
+    let by_root = reapi::OutputDirectory {
+        path: "out".into(),
+        root_directory_digest: Some(digest(&root)),
+        ..Default::default()
+    };
+    for (action, output) in [(b"by tree", by_tree), (b"by root", by_root)] {
+        let result = reapi::ActionResult { output_directories: vec![output], ..Default::default() };
+        let update = reapi::UpdateActionResultRequest {
+            action_digest: Some(digest(action)),
+            action_result: Some(result),
+            ..Default::default()
+        };
+        ca.ac.update_action_result(update).await.unwrap();
+    }
+
+    // GetTree on a node with an empty local tier: the whole tree.
+    let b = rgw.node(&tmp.path().join("b"), &prefix);
+    let mut cb = Clients::connect(&b.addr).await;
+    let request = reapi::GetTreeRequest { root_digest: Some(digest(&root)), ..Default::default() };
+    let mut pages = cb.cas.get_tree(request).await.unwrap().into_inner();
+    let mut listed = Vec::new();
+    while let Some(page) = pages.message().await.unwrap() {
+        listed.extend(page.directories.into_iter().map(|d| d.encode_to_vec()));
+    }
+    assert_eq!(listed, vec![root.clone(), child.clone()]);
+
+    // Each result is a hit on a fresh node, which brings in every blob it
+    // depends on: the Tree and the files it names; or the Directories and files.
+    for (action, blobs) in [(b"by tree", 3), (b"by root", 4)] {
+        let dir = tempfile::tempdir().unwrap();
+        let node = rgw.node(dir.path(), &prefix);
+        let mut client = Clients::connect(&node.addr).await;
+        let request =
+            reapi::GetActionResultRequest { action_digest: Some(digest(action)), ..Default::default() };
+        client.ac.get_action_result(request).await.unwrap();
+        let status: serde_json::Value =
+            reqwest::get(format!("http://{}/status.json", node.addr)).await.unwrap().json().await.unwrap();
+        assert_eq!(status["blobs"], blobs, "{}", String::from_utf8_lossy(action));
+    }
+}
+
 impl Rgw {
     /// Stops the gateway alone (the cluster behind it keeps running) and
     /// returns its command line, for [`Rgw::restart`].

@@ -66,7 +66,8 @@ impl ActionCache for ActionCacheService {
     }
 }
 
-/// Blobs of one result fetched from the object store before giving up.
+/// Levels of one result's outputs fetched from the object store before
+/// giving up (a directory tree this deep).
 const FETCH_ROUNDS: usize = 64;
 
 impl ActionCacheService {
@@ -95,20 +96,19 @@ impl ActionCacheService {
         };
         let result = ActionResult::decode(bytes.clone())
             .map_err(|e| Status::from(store::Error::Corrupt(format!("action result of {action}: {e}"))))?;
-        if shared.remote.is_some() {
-            shared.fetch(&referenced_blobs(&result, function).unwrap_or_default()).await.ok();
-        }
         let mut rounds = 0;
         loop {
             let (store, checked) = (Arc::clone(&shared.store), result.clone());
-            let Some(missing) = blocking(move || first_missing_blob(&store, &checked, function)).await?
-            else {
+            let missing = blocking(move || missing_blobs(&store, &checked, function)).await?;
+            let Some(&first) = missing.first() else {
                 break;
             };
+            // Each round brings in one level: outputs, then what their
+            // trees name, and so on, all of a level in one parallel fetch.
             rounds += 1;
-            if shared.remote.is_some() && rounds <= FETCH_ROUNDS && shared.fetch(&[missing]).await.is_ok() {
+            if shared.remote.is_some() && rounds <= FETCH_ROUNDS && shared.fetch(&missing).await.is_ok() {
                 let store = Arc::clone(&shared.store);
-                if blocking(move || store.contains(&[missing])).await?[0] {
+                if blocking(move || store.contains(&missing)).await?.contains(&true) {
                     continue;
                 }
             }
@@ -118,7 +118,7 @@ impl ActionCacheService {
                 blocking(move || store.delete_action_result(&instance, &action)).await?;
             }
             return Ok(Err(format!(
-                "the action result of {action} refers to blob {missing}, which is not in the CAS"
+                "the action result of {action} refers to blob {first}, which is not in the CAS"
             )));
         }
         let store = Arc::clone(&shared.store);
@@ -160,20 +160,23 @@ fn referenced_blobs(result: &ActionResult, function: FunctionHint) -> Result<Vec
     Ok(digests)
 }
 
-/// The first blob the result depends on that is missing from the CAS:
-/// direct references, then the files and directories inside output
-/// directories. Every blob found counts as used.
-fn first_missing_blob(
+/// The blobs the result depends on that are missing from the CAS, at the
+/// first level that has any: direct references, else the files and
+/// directories inside output directories (as far as their Directory blobs
+/// are present). Every blob found counts as used.
+fn missing_blobs(
     store: &Store,
     result: &ActionResult,
     function: FunctionHint,
-) -> Result<Option<Digest>, store::Error> {
+) -> Result<Vec<Digest>, store::Error> {
     let Ok(direct) = referenced_blobs(result, function) else {
         return Err(store::Error::Corrupt("a stored action result has a malformed digest".into()));
     };
-    if let Some(missing) = first_absent(store, &direct)? {
-        return Ok(Some(missing));
+    let missing = absent(store, &direct)?;
+    if !missing.is_empty() {
+        return Ok(missing);
     }
+    let mut missing_directories = Vec::new();
     let mut inner = Vec::new();
     let mut seen = HashSet::new();
     let parse = |d: &Option<crate::proto::reapi::Digest>| {
@@ -199,7 +202,8 @@ fn first_missing_blob(
                     continue;
                 }
                 let Some(data) = store.read_all(&d)? else {
-                    return Ok(Some(d));
+                    missing_directories.push(d);
+                    continue;
                 };
                 let dir = Directory::decode(data)
                     .map_err(|e| store::Error::Corrupt(format!("Directory {d} does not decode: {e}")))?;
@@ -209,12 +213,13 @@ fn first_missing_blob(
     }
     inner.sort_unstable();
     inner.dedup();
-    first_absent(store, &inner)
+    missing_directories.extend(absent(store, &inner)?);
+    Ok(missing_directories)
 }
 
-fn first_absent(store: &Store, digests: &[Digest]) -> Result<Option<Digest>, store::Error> {
+fn absent(store: &Store, digests: &[Digest]) -> Result<Vec<Digest>, store::Error> {
     let present = store.contains(digests)?;
-    Ok(digests.iter().zip(present).find(|(_, p)| !p).map(|(d, _)| *d))
+    Ok(digests.iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| *d).collect())
 }
 
 /// Inlines stdout, stderr and the requested output files, as far as they fit

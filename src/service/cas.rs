@@ -207,6 +207,9 @@ impl ContentAddressableStorage for CasService {
             n => n as usize,
         };
         let store = Arc::clone(&self.shared.store);
+        if let Err(status) = self.shared.fetch(&[root]).await {
+            tracing::warn!("GetTree: {}", status.message());
+        }
         let root_present = {
             let store = Arc::clone(&store);
             blocking(move || store.contains(&[root])).await?[0]
@@ -215,8 +218,16 @@ impl ContentAddressableStorage for CasService {
             return Err(Status::not_found(format!("root directory {root} is not in the CAS")));
         }
         let (tx, rx) = mpsc::channel(2);
+        // Directories the local tier lacks are read through from the object
+        // store, a level at a time (the walk runs on a blocking thread).
+        let (shared, runtime) = (Arc::clone(&self.shared), tokio::runtime::Handle::current());
+        let fetch = move |missing: &[Digest]| {
+            if let Err(status) = runtime.block_on(shared.fetch(missing)) {
+                tracing::warn!("GetTree: {}", status.message());
+            }
+        };
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = walk_tree(&store, root, function, skip, page_size, &tx) {
+            if let Err(e) = walk_tree(&store, root, function, skip, page_size, &tx, fetch) {
                 // If the client is gone, nobody is waiting for the error either.
                 let _ = tx.blocking_send(Err(Status::from(e)));
             }
@@ -276,9 +287,12 @@ fn walk_tree(
     skip: usize,
     page_size: usize,
     tx: &mpsc::Sender<Result<GetTreeResponse, Status>>,
+    fetch: impl Fn(&[Digest]),
 ) -> Result<(), crate::store::Error> {
     let mut queue = VecDeque::from([root]);
     let mut seen = HashSet::from([root]);
+    // Asked of the object store already: each directory once.
+    let mut fetched = HashSet::from([root]);
     let mut position = 0;
     let mut listed = 0;
     let mut message = Vec::new();
@@ -288,7 +302,15 @@ fn walk_tree(
         tx.blocking_send(Ok(GetTreeResponse { directories, next_page_token })).is_ok()
     };
     while let Some(digest) = queue.pop_front() {
-        let Some(data) = store.read_all(&digest)? else {
+        let mut data = store.read_all(&digest)?;
+        if data.is_none() && fetched.insert(digest) {
+            // It and every directory waiting after it, in one parallel fetch.
+            let missing: Vec<Digest> =
+                std::iter::once(digest).chain(queue.iter().copied().filter(|d| fetched.insert(*d))).collect();
+            fetch(&missing);
+            data = store.read_all(&digest)?;
+        }
+        let Some(data) = data else {
             continue;
         };
         let Ok(directory) = Directory::decode(data.clone()) else {
