@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::Notify;
 
+use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::remote::{self, Remote, blocking};
 use crate::store::{self, QueueEntry, Queued, Store, now_ms};
@@ -65,8 +66,15 @@ pub async fn run(
             continue;
         }
         let copies = due.into_iter().map(|entry| copy(&store, &remote, &metrics, entry));
-        let outcomes: Vec<Result<(), remote::Error>> =
+        let outcomes: Vec<Result<Option<Digest>, remote::Error>> =
             futures::stream::iter(copies).buffer_unordered(IN_FLIGHT).collect().await;
+        // Copied blobs leave the queue in one write.
+        let copied: Vec<Digest> =
+            outcomes.iter().filter_map(|o| o.as_ref().ok().copied().flatten()).collect();
+        let dequeue = Arc::clone(&store);
+        if let Err(e) = blocking(move || dequeue.dequeue_blobs(&copied)).await {
+            tracing::warn!("could not take copied blobs off the queue: {e}");
+        }
         match outcomes.into_iter().find_map(Result::err) {
             None => backoff = MIN_BACKOFF,
             Some(e) => {
@@ -81,13 +89,14 @@ pub async fn run(
     }
 }
 
-/// Copies one queued blob or action result, then takes it off the queue.
+/// Copies one queued blob or action result. A blob is then to be taken off
+/// the queue (`Some`); an action result is taken off here.
 async fn copy(
     store: &Arc<Store>,
     remote: &Remote,
     metrics: &Metrics,
     entry: QueueEntry,
-) -> Result<(), remote::Error> {
+) -> Result<Option<Digest>, remote::Error> {
     match entry.item {
         Queued::Blob(digest) => {
             match remote.upload_from(store, digest).await {
@@ -96,8 +105,7 @@ async fn copy(
                 Err(remote::Error::Local(store::Error::Vanished(_) | store::Error::Removed(_))) => {}
                 Err(e) => return Err(e),
             }
-            let store = Arc::clone(store);
-            blocking(move || store.dequeue_blob(&digest)).await
+            Ok(Some(digest))
         }
         Queued::ActionResult { instance, action } => {
             let result = {
@@ -108,7 +116,8 @@ async fn copy(
                 remote.put_action_result(&instance, &action, result).await?;
             }
             let store = Arc::clone(store);
-            blocking(move || store.dequeue_action_result(&instance, &action, result.as_deref())).await
+            blocking(move || store.dequeue_action_result(&instance, &action, result.as_deref())).await?;
+            Ok(None)
         }
     }
 }

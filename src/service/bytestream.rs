@@ -242,7 +242,7 @@ impl ByteStreamService {
         };
         if self.present(digest).await? {
             // A copy an earlier write-through failed to make is made now.
-            self.shared.replicate(digest, Written::AlreadyPresent).await?;
+            self.shared.replicate_one(digest, Written::AlreadyPresent).await?;
             return Ok(done);
         }
         if first.write_offset < 0 {
@@ -315,7 +315,7 @@ impl ByteStreamService {
         let upload = sink.writer.take().expect("checked above").upload;
         let digest = upload.digest();
         let written = blocking(move || upload.finish()).await?;
-        self.shared.replicate(digest, written).await?;
+        self.shared.replicate_one(digest, written).await?;
         if written == Written::AlreadyPresent {
             return Ok(done); // stored by another writer meanwhile
         }

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -115,25 +115,20 @@ impl ContentAddressableStorage for CasService {
             Ok(results)
         })
         .await?;
-        // Acknowledged once both tiers hold each blob, copied in parallel.
-        let shared = &self.shared;
-        let responses = futures::stream::iter(results.into_iter().map(|(digest, result)| {
-            let shared = Arc::clone(shared);
-            async move {
-                let result = match result {
-                    Ok((d, written)) => shared.replicate(d, written).await,
-                    Err(status) => Err(status),
-                };
+        // Acknowledged once both tiers hold each blob (with write-through).
+        let stored: Vec<_> = results.iter().filter_map(|(_, r)| r.as_ref().ok().copied()).collect();
+        let mut replicated = self.shared.replicate(stored).await.into_iter();
+        let responses = results
+            .into_iter()
+            .map(|(digest, result)| {
+                let result = result.and_then(|_| replicated.next().expect("one result per stored blob"));
                 let status = match result {
                     Ok(()) => ok_status(),
                     Err(status) => rpc_status(&status),
                 };
                 batch_update_blobs_response::Response { digest, status: Some(status) }
-            }
-        }))
-        .buffered(32)
-        .collect()
-        .await;
+            })
+            .collect();
         Ok(Response::new(BatchUpdateBlobsResponse { responses }))
     }
 

@@ -115,26 +115,56 @@ impl Shared {
         }
     }
 
-    /// Copies a blob just written to the local tier to the object store.
-    /// Write-through: the write is acknowledged only once both tiers hold
-    /// it; a failed copy stays queued for the replicator. Write-back: the
-    /// queue holds it, and the replicator is woken. A blob the local tier
-    /// held already is copied if it is queued, or if the object store lacks
-    /// it (it may predate the tier).
-    pub async fn replicate(&self, digest: digest::Digest, written: store::Written) -> Result<(), Status> {
-        let Some(remote) = &self.remote else { return Ok(()) };
-        if digest.is_empty_blob() {
-            return Ok(());
+    /// Copies blobs just written to the local tier to the object store,
+    /// [`FETCHES_IN_FLIGHT`] at a time; a result per blob. Write-through: a
+    /// write is acknowledged only once both tiers hold it, and a failed copy
+    /// stays queued for the replicator. Write-back: the queue holds them,
+    /// and the replicator is woken.
+    pub async fn replicate(&self, written: Vec<(digest::Digest, store::Written)>) -> Vec<Result<(), Status>> {
+        let Some(remote) = self.remote.as_ref().filter(|_| !self.write_back) else {
+            if self.write_back {
+                self.replicate.notify_one();
+            }
+            return written.iter().map(|_| Ok(())).collect();
+        };
+        let copies = written.into_iter().map(|(digest, written)| self.copy_out(remote, digest, written));
+        let results: Vec<Result<Option<digest::Digest>, Status>> =
+            futures::stream::iter(copies).buffered(FETCHES_IN_FLIGHT).collect().await;
+        // Off the queue in one write.
+        let copied: Vec<digest::Digest> =
+            results.iter().filter_map(|r| r.as_ref().ok().copied().flatten()).collect();
+        if !copied.is_empty() {
+            let store = Arc::clone(&self.store);
+            if let Err(status) = blocking(move || store.dequeue_blobs(&copied)).await {
+                // Still queued: the replicator copies them again, harmlessly.
+                tracing::warn!("could not take copied blobs off the queue: {}", status.message());
+            }
         }
-        if self.write_back {
-            self.replicate.notify_one();
-            return Ok(());
+        results.into_iter().map(|r| r.map(|_| ())).collect()
+    }
+
+    /// [`Shared::replicate`] of one blob.
+    pub async fn replicate_one(&self, digest: digest::Digest, written: store::Written) -> Result<(), Status> {
+        self.replicate(vec![(digest, written)]).await.pop().unwrap_or(Ok(()))
+    }
+
+    /// Copies one blob to the object store: `Some` if it was copied. A blob
+    /// the local tier held already is copied if it is queued, or if the
+    /// object store lacks it (it may predate the tier).
+    async fn copy_out(
+        &self,
+        remote: &crate::remote::Remote,
+        digest: digest::Digest,
+        written: store::Written,
+    ) -> Result<Option<digest::Digest>, Status> {
+        if digest.is_empty_blob() {
+            return Ok(None);
         }
         if written == store::Written::AlreadyPresent {
             let store = Arc::clone(&self.store);
             let queued = blocking(move || store.is_queued(&digest)).await?;
             if !queued && remote.contains(&[digest]).await?[0] {
-                return Ok(());
+                return Ok(None);
             }
         }
         if let Err(e) = remote.upload_from(&self.store, digest).await {
@@ -142,8 +172,7 @@ impl Shared {
             return Err(e.into());
         }
         self.metrics.tier_written(digest.size);
-        let store = Arc::clone(&self.store);
-        blocking(move || store.dequeue_blob(&digest)).await
+        Ok(Some(digest))
     }
 
     /// Copies an action result just stored locally to the object store, as

@@ -7,6 +7,7 @@
 //!
 //! A store opened without a queue limit (no object store) queues nothing.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use rocksdb::{Direction, IteratorMode, WriteBatch};
@@ -15,7 +16,7 @@ pub use super::layout::Queued;
 use super::layout::{
     AC_VALUE_VERSION, CF_AC, CF_QUEUE, QueueValue, ac_key, queue_ac_key, queue_blob_key, queued_of_key,
 };
-use super::{Error, Store, now_ms};
+use super::{Error, Store, now_ms, stripe_of};
 use crate::digest::Digest;
 
 /// One queue entry, as [`Store::queued`] lists it.
@@ -76,11 +77,31 @@ impl Store {
         Ok(self.queues() && self.queue_entry(&queue_blob_key(digest))?.is_some())
     }
 
-    /// Removes a blob from the queue (the object store holds it now, or it
-    /// has no local copy left to send). Does nothing if it is not queued.
-    pub fn dequeue_blob(&self, digest: &Digest) -> Result<(), Error> {
-        let _guard = self.stripe(digest);
-        self.dequeue_locked(&queue_blob_key(digest))
+    /// Removes blobs from the queue (the object store holds them now, or
+    /// they have no local copy left to send), in one write. Blobs not
+    /// queued are left alone.
+    pub fn dequeue_blobs(&self, digests: &[Digest]) -> Result<(), Error> {
+        let mut digests = digests.to_vec();
+        digests.sort_unstable();
+        digests.dedup();
+        let stripes: BTreeSet<usize> = digests.iter().map(stripe_of).collect();
+        let _guards: Vec<_> =
+            stripes.iter().map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())).collect();
+        let keys: Vec<_> = digests.iter().map(queue_blob_key).collect();
+        let mut batch = WriteBatch::default();
+        let (mut entries, mut bytes) = (0, 0);
+        for (key, value) in keys.iter().zip(self.db.batched_multi_get_cf(self.cf(CF_QUEUE), &keys, false)) {
+            if let Some(value) = value? {
+                batch.delete_cf(self.cf(CF_QUEUE), key);
+                entries += 1;
+                bytes += QueueValue::decode(&value).map_or(0, |v| v.bytes) as i64;
+            }
+        }
+        if entries > 0 {
+            self.write(batch)?;
+            self.count_queued(-entries, -bytes);
+        }
+        Ok(())
     }
 
     /// Removes a queue entry; the caller holds its stripe lock.

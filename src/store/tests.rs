@@ -420,8 +420,8 @@ fn writes_are_queued_with_their_blobs_and_copies_are_not() {
     let first = store.queued(&[], 1).unwrap();
     assert_eq!(store.queued(&first[0].key, 10).unwrap().len(), 2);
 
-    store.dequeue_blob(&Digest::of(&batched)).unwrap();
-    store.dequeue_blob(&Digest::of(&batched)).unwrap(); // twice: counted once
+    store.dequeue_blobs(&[Digest::of(&batched), Digest::of(&batched)]).unwrap(); // counted once
+    store.dequeue_blobs(&[Digest::of(&batched)]).unwrap();
     assert_eq!(store.queue_len(), (2, 200_006));
     // A result replaced since it was copied stays queued; the one copied goes.
     store.put_action_result("ci", &action, b"newer").unwrap();
@@ -442,7 +442,7 @@ fn a_full_queue_refuses_writes_and_nothing_without_a_tier_is_queued() {
     assert!(matches!(store.begin_upload("u", Digest::of(&more), 0), Err(Error::QueueFull { .. })));
     assert_eq!(store.contains(&[Digest::of(&more)]).unwrap(), vec![false]);
     // Once the queue drains, the write goes in.
-    store.dequeue_blob(&Digest::of(&bytes(200_000, 1))).unwrap();
+    store.dequeue_blobs(&[Digest::of(&bytes(200_000, 1))]).unwrap();
     put(&store, &more);
 
     let plain = open(&tmp.path().join("plain"));
@@ -463,13 +463,12 @@ fn eviction_keeps_queued_blobs_and_a_corrupt_one_leaves_the_queue() {
         std::thread::sleep(Duration::from_millis(3));
     }
     // The two oldest were copied; the other two still wait.
-    store.dequeue_blob(&digests[0]).unwrap();
-    store.dequeue_blob(&digests[1]).unwrap();
+    store.dequeue_blobs(&digests[..2]).unwrap();
     let evicted = store.evict_lru(u64::MAX, now_ms() + 1).unwrap();
     assert_eq!(evicted.blobs, 2);
     assert_eq!(store.contains(&digests).unwrap(), [false, false, true, true]);
     // Once copied, they may go too: their place in the eviction order was kept.
-    store.dequeue_blob(&digests[2]).unwrap();
+    store.dequeue_blobs(&digests[2..3]).unwrap();
     assert_eq!(store.evict_lru(u64::MAX, now_ms() + 1).unwrap().blobs, 1);
 
     // A queued blob found corrupt is removed, and with it its queue entry.
