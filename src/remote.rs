@@ -18,9 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{
+    GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
+};
 use tokio::sync::mpsc;
 
 use crate::digest::Digest;
@@ -32,6 +35,8 @@ const AC_MAGIC: &[u8; 8] = b"LARDERA\n";
 const MULTIPART_FROM: usize = 8 << 20;
 /// Part size of multipart uploads (S3's minimum is 5 MiB).
 const PART: usize = 8 << 20;
+/// Bytes of an object read per GET request.
+const RANGE: u64 = 16 << 20;
 /// Object-store calls in flight for one FindMissingBlobs.
 const LOOKUPS_IN_FLIGHT: usize = 32;
 
@@ -286,10 +291,8 @@ impl Remote {
         digest: Digest,
         tee: Option<mpsc::Sender<Piece>>,
     ) -> Result<bool, Error> {
-        let stream = match self.store.get(&self.blob_path(&digest)).await {
-            Ok(r) => r.into_stream(),
-            Err(object_store::Error::NotFound { .. }) => return Ok(false),
-            Err(e) => return Err(e.into()),
+        let Some(stream) = self.get_ranged(&self.blob_path(&digest)).await? else {
+            return Ok(false);
         };
         let resource = format!("remote-fetch/{}/{}", digest.function.name(), digest.hex());
         let upload = {
@@ -325,6 +328,38 @@ impl Remote {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// An object's bytes, `RANGE` of them per request: the client's
+    /// timeout then bounds each request, not the whole object. Later ranges
+    /// must come from the same version of the object as the first (another
+    /// node may write the blob again meanwhile, in other chunks). `None` if
+    /// there is no such object.
+    async fn get_ranged(
+        &self,
+        path: &Path,
+    ) -> Result<Option<BoxStream<'static, object_store::Result<Bytes>>>, Error> {
+        let range = |start: u64, end: u64| Some(GetRange::Bounded(start..end));
+        let first = GetOptions { range: range(0, RANGE), ..GetOptions::default() };
+        let first = match self.store.get_opts(path, first).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let (size, version) = (first.meta.size, first.meta.e_tag.clone());
+        let (store, path) = (Arc::clone(&self.store), path.clone());
+        let rest = futures::stream::iter((RANGE..size).step_by(RANGE as usize))
+            .then(move |start| {
+                let (store, path) = (Arc::clone(&store), path.clone());
+                let options = GetOptions {
+                    range: range(start, size.min(start + RANGE)),
+                    if_match: version.clone(),
+                    ..GetOptions::default()
+                };
+                async move { store.get_opts(&path, options).await.map(GetResult::into_stream) }
+            })
+            .try_flatten();
+        Ok(Some(first.into_stream().chain(rest).boxed()))
     }
 
     /// The blob stored under `hash`, found by its object's header (for

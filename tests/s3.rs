@@ -271,6 +271,12 @@ async fn reads_stream_through_at_any_offset_in_either_encoding() {
     assert_eq!(status["blobs"], 1);
     assert_eq!(cb.read(&read_name("", &text), 0, 0).await.unwrap(), text);
 
+    // An object larger than one ranged GET (16 MiB) reads whole.
+    let large = random_bytes((20 << 20) + 3, 23);
+    let name = upload_name("", "3c4d5e6f-7a8b-49c0-8d1e-2f3a4b5c6d7e", &large);
+    assert_eq!(ca.write(&name, &large, 1 << 20).await.unwrap(), large.len() as i64);
+    assert!(cb.read(&read_name("", &large), 0, 0).await.unwrap() == large);
+
     // zstd on the wire, streamed through from a chunk in the middle.
     let c = rgw.node(&tmp.path().join("c"), &prefix);
     let mut cc = Clients::connect(&c.addr).await;
