@@ -54,11 +54,20 @@ pub enum Error {
 
 impl From<object_store::Error> for Error {
     fn from(e: object_store::Error) -> Error {
+        // S3 answers that no retry mends reach us as generic errors, whose
+        // text carries the HTTP status and S3's error code.
+        let text = e.to_string();
         match e {
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
                 Error::Config(format!("{e}: check the credentials and the bucket's permissions"))
             }
-            e => Error::Unavailable(e.to_string()),
+            _ if text.contains("NoSuchBucket") => {
+                Error::Config(format!("{text}: the bucket does not exist; create it, or fix s3_bucket"))
+            }
+            _ if text.contains("403 Forbidden") || text.contains("401 Unauthorized") => {
+                Error::Config(format!("{text}: check the credentials and the bucket's permissions"))
+            }
+            _ => Error::Unavailable(text),
         }
     }
 }

@@ -280,6 +280,12 @@ impl Running {
                 let waits = if write_back { "writes queue" } else { "writes fail" };
                 match checked.check().await {
                     Ok(()) => tracing::info!("object store tier: {} answers", checked.name),
+                    Err(e @ crate::remote::Error::Config(_)) => {
+                        tracing::error!(
+                            "object store tier {}: {e}; writes fail until that is fixed",
+                            checked.name
+                        )
+                    }
                     Err(e) => {
                         tracing::warn!("object store tier {}: {e}; {waits} until it answers", checked.name)
                     }

@@ -369,6 +369,31 @@ async fn trees_and_output_directories_read_through_a_level_at_a_time() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_bucket_and_refused_keys_are_named_as_such() {
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_bytes(1000, 41);
+    let flags = |bucket: &'static str| {
+        ["--s3-endpoint".to_string(), rgw.endpoint.clone(), "--s3-bucket".into(), bucket.into()]
+    };
+    let mut wrong_key = rgw.env.clone();
+    wrong_key.iter_mut().filter(|(k, _)| k == "AWS_SECRET_ACCESS_KEY").for_each(|(_, v)| v.push('x'));
+    for (name, bucket, env, says) in [
+        ("nobucket", "no-such-bucket", &rgw.env, "the bucket does not exist"),
+        ("wrongkey", "larder-test", &wrong_key, "check the credentials"),
+    ] {
+        let flags = flags(bucket);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let node = TestServer::start_with_env(&tmp.path().join(name), &flags, env);
+        let mut client = Clients::connect(&node.addr).await;
+        let name = upload_name("", "4d5e6f70-8192-4a3b-8c4d-5e6f70819203", &data);
+        let status = client.write(&name, &data, 1 << 20).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains(says), "{}", status.message());
+    }
+}
+
 impl Rgw {
     /// Stops the gateway alone (the cluster behind it keeps running) and
     /// returns its command line, for [`Rgw::restart`].
