@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::remote::{self, Remote, blocking};
-use crate::store::{self, QueueEntry, Queued, Store, now_ms};
+use crate::store::{self, BACKFILLED, QueueEntry, Queued, Store, now_ms};
 
 /// Queue entries read per pass.
 const PASS: usize = 256;
@@ -58,6 +58,17 @@ pub async fn run(
             entries.into_iter().filter(|e| now.saturating_sub(e.since_ms) >= settle).collect();
         if due.is_empty() {
             if after.is_empty() {
+                // Idle: queue the next blobs from before the tier, if any,
+                // into at most half of the queue (the rest is for writes).
+                let (filler, (_, queued)) = (Arc::clone(&store), store.queue_len());
+                let room = (store.options().queue_limit / 2).saturating_sub(queued);
+                if room > 0 {
+                    match blocking(move || filler.backfill(room)).await {
+                        Ok(Some(n)) if n > 0 => continue,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("cannot queue blobs from before the object store tier: {e}"),
+                    }
+                }
                 tokio::select! {
                     () = wake.notified() => {}
                     () = tokio::time::sleep(IDLE) => {}
@@ -99,6 +110,10 @@ async fn copy(
 ) -> Result<Option<Digest>, remote::Error> {
     match entry.item {
         Queued::Blob(digest) => {
+            // From before the tier: maybe there already (another node's).
+            if entry.since_ms == BACKFILLED && remote.contains(&[digest]).await?[0] {
+                return Ok(Some(digest));
+            }
             match remote.upload_from(store, digest).await {
                 Ok(()) => metrics.tier_written(digest.size),
                 // No local copy left to send (it was found corrupt and removed).

@@ -394,6 +394,31 @@ async fn a_missing_bucket_and_refused_keys_are_named_as_such() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_from_before_the_tier_reach_it() {
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let dir = tmp.path().join("a");
+    let before = text_bytes(30_000, 51);
+    {
+        let alone = TestServer::start(&dir, &[]);
+        assert_eq!(Clients::connect(&alone.addr).await.batch_update(&[&before]).await, vec![0]);
+        alone.stop();
+    }
+    // With the tier configured, the node copies what it held already.
+    let _a = rgw.node(&dir, &prefix);
+    let b = rgw.node(&tmp.path().join("b"), &prefix);
+    let mut cb = Clients::connect(&b.addr).await;
+    for _ in 0..300 {
+        if cb.find_missing(&[digest(&before)]).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(cb.read(&read_name("", &before), 0, 0).await.unwrap(), before);
+}
+
 impl Rgw {
     /// Stops the gateway alone (the cluster behind it keeps running) and
     /// returns its command line, for [`Rgw::restart`].

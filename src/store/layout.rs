@@ -16,6 +16,7 @@
 //! | `queue`   | 0x00 · index key | [`QueueValue`]: a blob the object store may lack |
 //! | `queue`   | 0x01 · `ac` key | [`QueueValue`]: an action result the object store may lack |
 //! | `default` | `layout` | layout version (ASCII) |
+//! | `default` | `backfill` | the index key after which blobs from before the queue are still to be queued |
 //!
 //! A blob's chunks live under a blob id, allocated when its upload starts, not
 //! under its digest: an upload writes its chunks where they will stay, and
@@ -30,8 +31,12 @@
 //!
 //! The `queue` column family is used only with an object store tier: a blob's
 //! queue entry is written in the same batch as its index entry, so no crash
-//! can leave a stored blob that is neither copied nor queued. Directories
-//! from before the queue get an empty one (their blobs are not queued).
+//! can leave a stored blob that is neither copied nor queued. Blobs stored
+//! while there was no queue (before the object store tier was configured)
+//! are queued by a backfill, a slice at a time, from the `backfill` cursor;
+//! opening the store without a tier empties the queue (nothing waits for
+//! an object store that is gone) and drops the cursor, so that turning the
+//! tier on again backfills from the start.
 
 use std::ops::Deref;
 
@@ -88,6 +93,10 @@ pub fn split_lru_key(k: &[u8]) -> Option<(u64, Digest)> {
 }
 
 pub const LAYOUT_KEY: &[u8] = b"layout";
+pub const BACKFILL_KEY: &[u8] = b"backfill";
+/// Whether the queue was kept when the store last opened (`1`), in the
+/// default column family too.
+pub const QUEUEING_KEY: &[u8] = b"queueing";
 pub const LAYOUT_VERSION: &[u8] = b"2";
 /// Version 1 differs only in the action cache key, which ended in the
 /// action's size; opening a version 1 directory re-keys it.

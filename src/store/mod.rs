@@ -24,7 +24,7 @@ use rocksdb::{
 use crate::digest::{Digest, Encoding, Function};
 pub use evict::Evicted;
 use layout::*;
-pub use queue::{QueueEntry, Queued};
+pub use queue::{BACKFILLED, QueueEntry, Queued};
 pub use upload::Upload;
 
 /// Tuning that callers choose; the layout itself is not configurable.
@@ -282,6 +282,7 @@ impl Store {
             queued_bytes: AtomicU64::new(0),
         };
         store.count_blobs_if_uncounted()?;
+        store.start_or_stop_queueing()?;
         store.count_queue()?;
         store.measure_disk()?;
         store.next_blob_id.store(store.highest_blob_id()? + 1, Ordering::Relaxed);

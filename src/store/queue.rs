@@ -14,10 +14,15 @@ use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 pub use super::layout::Queued;
 use super::layout::{
-    AC_VALUE_VERSION, CF_AC, CF_QUEUE, QueueValue, ac_key, queue_ac_key, queue_blob_key, queued_of_key,
+    AC_VALUE_VERSION, BACKFILL_KEY, CF_AC, CF_INDEX, CF_QUEUE, QUEUEING_KEY, QueueValue, ac_key,
+    digest_of_index_key, queue_ac_key, queue_blob_key, queued_of_key,
 };
 use super::{Error, Store, now_ms, stripe_of};
 use crate::digest::Digest;
+
+/// The queue time of a blob queued by the backfill: it is looked up in
+/// the object store before it is copied.
+pub const BACKFILLED: u64 = 0;
 
 /// One queue entry, as [`Store::queued`] lists it.
 #[derive(Clone, Debug)]
@@ -174,6 +179,72 @@ impl Store {
             }
         }
         Ok(entries)
+    }
+
+    /// At open: a store that starts queueing (its object store tier is new)
+    /// backfills the blobs it already holds; one that stops empties its
+    /// queue, so that eviction may take those blobs again.
+    pub(super) fn start_or_stop_queueing(&self) -> Result<(), Error> {
+        let queueing = self.db.get(QUEUEING_KEY)?.is_some();
+        let mut batch = WriteBatch::default();
+        match (self.queues(), queueing) {
+            (true, false) => {
+                batch.put(QUEUEING_KEY, b"1");
+                batch.put(BACKFILL_KEY, []);
+            }
+            (false, true) => {
+                batch.delete(QUEUEING_KEY);
+                batch.delete(BACKFILL_KEY);
+                batch.delete_range_cf(self.cf(CF_QUEUE), [0u8].as_slice(), [2u8].as_slice());
+            }
+            _ => return Ok(()),
+        }
+        self.write(batch)?;
+        // The default column family is flushed at once (see `open`).
+        Ok(self.db.flush()?)
+    }
+
+    /// Queues the next blobs stored from before the queue, up to `room`
+    /// bytes of them, marked to be looked up in the object store before
+    /// they are copied (they may be there already). Returns how many were
+    /// queued; `None` once the backfill is done (or none is due).
+    pub fn backfill(&self, room: u64) -> Result<Option<usize>, Error> {
+        let Some(after) = self.db.get(BACKFILL_KEY)? else { return Ok(None) };
+        let mode = IteratorMode::From(&after, Direction::Forward);
+        let (mut batch, mut queued, mut bytes, mut cursor) = (WriteBatch::default(), 0, 0, None);
+        let mut finished = true;
+        for item in self.db.iterator_cf(self.cf(CF_INDEX), mode) {
+            let (key, _) = item?;
+            if *key == *after {
+                continue;
+            }
+            let Some(digest) = digest_of_index_key(&key) else { continue };
+            if bytes + digest.size > room && queued > 0 {
+                finished = false;
+                break;
+            }
+            cursor = Some(key);
+            // A blob evicted or removed before the batch is written leaves an
+            // entry the replicator finds nothing to copy for, and drops.
+            let key = queue_blob_key(&digest);
+            if self.queue_entry(&key)?.is_some() {
+                continue;
+            }
+            batch.put_cf(
+                self.cf(CF_QUEUE),
+                key,
+                QueueValue { since_ms: BACKFILLED, bytes: digest.size }.encode(),
+            );
+            (queued, bytes) = (queued + 1, bytes + digest.size);
+        }
+        match (finished, cursor) {
+            (true, _) => batch.delete(BACKFILL_KEY),
+            (false, Some(cursor)) => batch.put(BACKFILL_KEY, cursor),
+            (false, None) => {}
+        }
+        self.write(batch)?;
+        self.count_queued(queued as i64, bytes as i64);
+        Ok(Some(queued))
     }
 
     /// Counts the queue at open (it is bounded, so the scan is too).

@@ -482,3 +482,45 @@ fn eviction_keeps_queued_blobs_and_a_corrupt_one_leaves_the_queue() {
     assert_eq!(store.queue_len(), (0, 0));
     assert!(queued_items(&store).is_empty());
 }
+
+#[test]
+fn blobs_from_before_the_queue_are_backfilled_and_a_store_without_a_tier_keeps_no_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blobs: Vec<Bytes> = (0..5).map(|i| bytes(1000, i)).collect();
+    {
+        let store = open(tmp.path());
+        for b in &blobs {
+            put(&store, b);
+        }
+    }
+    {
+        let store = open_queueing(tmp.path(), 1 << 20);
+        assert_eq!(store.queue_len(), (0, 0));
+        // A slice at a time, as room allows.
+        assert_eq!(store.backfill(2500).unwrap(), Some(2));
+        assert_eq!(store.backfill(1 << 20).unwrap(), Some(3));
+        assert_eq!(store.backfill(1 << 20).unwrap(), None, "done");
+        let entries = store.queued(&[], 10).unwrap();
+        assert_eq!(entries.len(), 5);
+        assert!(entries.iter().all(|e| e.since_ms == BACKFILLED));
+        // A new write is queued as such, not as backfilled.
+        let new = put(&store, &bytes(1000, 9));
+        let new = store.queued(&[], 10).unwrap().into_iter().find(|e| e.item == Queued::Blob(new)).unwrap();
+        assert_ne!(new.since_ms, BACKFILLED);
+    }
+    // Reopened with the tier: no second backfill.
+    let store = open_queueing(tmp.path(), 1 << 20);
+    assert_eq!(store.backfill(1 << 20).unwrap(), None);
+    assert_eq!(store.queue_len(), (6, 6000));
+    drop(store);
+    // Without the tier nothing waits (eviction may take every blob); with
+    // it again, a new backfill.
+    let store = open(tmp.path());
+    assert!(store.queued(&[], 10).unwrap().is_empty());
+    assert_eq!(store.evict_lru(u64::MAX, now_ms() + 1).unwrap().blobs, 6);
+    put(&store, &bytes(1000, 1));
+    drop(store);
+    let store = open_queueing(tmp.path(), 1 << 20);
+    assert_eq!(store.queue_len(), (0, 0));
+    assert_eq!(store.backfill(1 << 20).unwrap(), Some(1));
+}
