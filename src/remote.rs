@@ -35,6 +35,8 @@ const AC_MAGIC: &[u8; 8] = b"LARDERA\n";
 const MULTIPART_FROM: usize = 8 << 20;
 /// Part size of multipart uploads (S3's minimum is 5 MiB).
 const PART: usize = 8 << 20;
+/// How long a copy waits for a reader streaming it to take a chunk.
+const TEE_WAIT: Duration = Duration::from_secs(5);
 /// Bytes of an object read per GET request.
 const RANGE: u64 = 16 << 20;
 /// Object-store calls in flight for one FindMissingBlobs.
@@ -455,7 +457,7 @@ async fn copy(
     reader: &mut Reader,
     mut upload: store::Upload,
     digest: Digest,
-    tee: Option<mpsc::Sender<Piece>>,
+    mut tee: Option<mpsc::Sender<Piece>>,
 ) -> (Option<store::Upload>, Result<(), Error>) {
     let size = match reader.header().await {
         Ok(size) if size == digest.size => size,
@@ -499,9 +501,14 @@ async fn copy(
             Ok(data) => {
                 let start = held;
                 held += data.len() as u64;
-                // A reader that went away does not stop the copy.
-                if let Some(tee) = &tee {
-                    let _ = tee.send(Piece { start, data, value }).await;
+                // A reader that went away, or that is slower than the object
+                // store, does not hold up the copy: it is sent no more.
+                if let Some(sender) = &tee {
+                    let sent =
+                        tokio::time::timeout(TEE_WAIT, sender.send(Piece { start, data, value })).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        tee = None;
+                    }
                 }
             }
             Err(e) => return (Some(upload), Err(e)),

@@ -77,17 +77,32 @@ pub async fn run(
             continue;
         }
         let copies = due.into_iter().map(|entry| copy(&store, &remote, &metrics, entry));
-        let outcomes: Vec<Result<Option<Digest>, remote::Error>> =
+        let outcomes: Vec<Result<Outcome, remote::Error>> =
             futures::stream::iter(copies).buffer_unordered(IN_FLIGHT).collect().await;
-        // Copied blobs leave the queue in one write.
-        let copied: Vec<Digest> =
-            outcomes.iter().filter_map(|o| o.as_ref().ok().copied().flatten()).collect();
-        let dequeue = Arc::clone(&store);
-        if let Err(e) = blocking(move || dequeue.dequeue_blobs(&copied)).await {
-            tracing::warn!("could not take copied blobs off the queue: {e}");
+        // Blobs leave the queue in one write each way.
+        let (mut copied, mut vanished) = (Vec::new(), Vec::new());
+        for outcome in &outcomes {
+            match outcome {
+                Ok(Outcome::Copied(d)) => copied.push(*d),
+                Ok(Outcome::Vanished(d)) => vanished.push(*d),
+                _ => {}
+            }
         }
-        match outcomes.into_iter().find_map(Result::err) {
+        let dequeue = Arc::clone(&store);
+        let dequeued = blocking(move || {
+            dequeue.dequeue_blobs(&copied)?;
+            dequeue.dequeue_vanished(&vanished)
+        })
+        .await;
+        let failure = outcomes.into_iter().find_map(Result::err).or(dequeued.err());
+        match failure {
             None => backoff = MIN_BACKOFF,
+            // The local tier failed: the object store is fine, no backoff
+            // (the entry is tried again next pass).
+            Some(e @ remote::Error::Local(_)) => {
+                tracing::warn!("copying queued writes to the object store: {e}");
+                tokio::time::sleep(MIN_BACKOFF).await;
+            }
             Some(e) => {
                 metrics.tier_error(false);
                 tracing::warn!("copying queued writes to the object store: {e}; retrying in {backoff:?}");
@@ -100,27 +115,41 @@ pub async fn run(
     }
 }
 
-/// Copies one queued blob or action result. A blob is then to be taken off
-/// the queue (`Some`); an action result is taken off here.
+/// What became of a queue entry.
+enum Outcome {
+    /// The object store holds the blob: it leaves the queue.
+    Copied(Digest),
+    /// The blob has no local copy left to send: it leaves the queue, unless
+    /// it was stored (and queued) again meanwhile.
+    Vanished(Digest),
+    /// An action result, taken off the queue already.
+    Done,
+}
+
+/// Copies one queued blob or action result.
 async fn copy(
     store: &Arc<Store>,
     remote: &Remote,
     metrics: &Metrics,
     entry: QueueEntry,
-) -> Result<Option<Digest>, remote::Error> {
+) -> Result<Outcome, remote::Error> {
     match entry.item {
         Queued::Blob(digest) => {
             // From before the tier: maybe there already (another node's).
             if entry.since_ms == BACKFILLED && remote.contains(&[digest]).await?[0] {
-                return Ok(Some(digest));
+                return Ok(Outcome::Copied(digest));
             }
             match remote.upload_from(store, digest).await {
-                Ok(()) => metrics.tier_written(digest.size),
-                // No local copy left to send (it was found corrupt and removed).
-                Err(remote::Error::Local(store::Error::Vanished(_) | store::Error::Removed(_))) => {}
-                Err(e) => return Err(e),
+                Ok(()) => {
+                    metrics.tier_written(digest.size);
+                    Ok(Outcome::Copied(digest))
+                }
+                // Found corrupt and removed, say.
+                Err(remote::Error::Local(store::Error::Vanished(_) | store::Error::Removed(_))) => {
+                    Ok(Outcome::Vanished(digest))
+                }
+                Err(e) => Err(e),
             }
-            Ok(Some(digest))
         }
         Queued::ActionResult { instance, action } => {
             let result = {
@@ -132,7 +161,7 @@ async fn copy(
             }
             let store = Arc::clone(store);
             blocking(move || store.dequeue_action_result(&instance, &action, result.as_deref())).await?;
-            Ok(None)
+            Ok(Outcome::Done)
         }
     }
 }

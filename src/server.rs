@@ -224,9 +224,15 @@ async fn open_store(config: Config) -> Result<Arc<Store>, Error> {
     let mut noticed: Option<std::time::Instant> = None;
     loop {
         let (dir, options) = (config.dir.clone(), options.clone());
-        let opened = tokio::task::spawn_blocking(move || Store::open(&dir, options))
-            .await
-            .map_err(|e| Error::Store(store::Error::Open(e.to_string())))?;
+        // The server alone starts or stops the queue for the object store:
+        // other openers (`larder scrub`) leave it as it is.
+        let opened = tokio::task::spawn_blocking(move || {
+            let store = Store::open(&dir, options)?;
+            store.start_or_stop_queueing()?;
+            Ok(store)
+        })
+        .await
+        .map_err(|e| Error::Store(store::Error::Open(e.to_string())))?;
         match opened {
             Ok(store) => return Ok(Arc::new(store)),
             Err(store::Error::Locked(dir)) => {

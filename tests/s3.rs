@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{Clients, TestServer, digest, random_bytes, read_name, text_bytes, upload_name};
+use larder::proto::bytestream::ReadRequest;
 use larder::proto::reapi;
 use tonic::Code;
 
@@ -276,6 +277,22 @@ async fn reads_stream_through_at_any_offset_in_either_encoding() {
     let name = upload_name("", "3c4d5e6f-7a8b-49c0-8d1e-2f3a4b5c6d7e", &large);
     assert_eq!(ca.write(&name, &large, 1 << 20).await.unwrap(), large.len() as i64);
     assert!(cb.read(&read_name("", &large), 0, 0).await.unwrap() == large);
+
+    // A reader slower than the object store does not hold up the copy: it
+    // is left behind, and goes on from the local tier.
+    let d = rgw.node(&tmp.path().join("d"), &prefix);
+    let mut cd = Clients::connect(&d.addr).await;
+    let request = ReadRequest { resource_name: read_name("", &large), read_offset: 0, read_limit: 0 };
+    let mut stream = cd.bs.read(request).await.unwrap().into_inner();
+    let mut got = stream.message().await.unwrap().unwrap().data.to_vec();
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+    let status: serde_json::Value =
+        reqwest::get(format!("http://{}/status.json", d.addr)).await.unwrap().json().await.unwrap();
+    assert_eq!(status["blobs"], 1, "the copy finished while the reader slept");
+    while let Some(message) = stream.message().await.unwrap() {
+        got.extend_from_slice(&message.data);
+    }
+    assert!(got == large);
 
     // zstd on the wire, streamed through from a chunk in the middle.
     let c = rgw.node(&tmp.path().join("c"), &prefix);

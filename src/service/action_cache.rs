@@ -125,7 +125,7 @@ impl ActionCacheService {
         let limit = shared.max_message_size;
         let result = blocking(move || {
             if from_remote {
-                store.put_action_result(&request.instance_name, &action, &bytes)?;
+                store.copy_action_result(&request.instance_name, &action, &bytes)?;
             }
             let mut result = result;
             inline(&store, &mut result, &request, function, limit)?;

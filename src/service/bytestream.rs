@@ -121,10 +121,14 @@ impl ByteStreamService {
             };
         };
         let (tx, rx) = mpsc::channel(2);
+        let store = Arc::clone(&self.shared.store);
         tokio::spawn(async move {
             let mut held: Option<Bytes> = None;
+            // Where the pieces sent so far end.
+            let mut sent = start;
             loop {
                 let at = piece.start;
+                sent = sent.max((at + piece.data.len() as u64).min(end));
                 if at + piece.data.len() as u64 > start && at < end {
                     let skip = start.saturating_sub(at) as usize;
                     let part = match zstd {
@@ -154,6 +158,30 @@ impl ByteStreamService {
                 }
             }
             let last = match finished(fetch.await) {
+                Ok(true) if sent < end => {
+                    // A reader that fell behind the copy was left; it goes
+                    // on from the local tier.
+                    metrics.tier_reads(0, 1, 0);
+                    if let Some(data) = held
+                        && tx.send(Ok(ReadResponse { data })).await.is_err()
+                    {
+                        return;
+                    }
+                    let local = Arc::clone(&store);
+                    match blocking(move || local.locate(&digest)).await {
+                        Ok(Some(blob)) => {
+                            let mut rest = read_local(store, blob, sent, end, zstd);
+                            while let Some(message) = rest.next().await {
+                                if tx.send(message).await.is_err() {
+                                    return;
+                                }
+                            }
+                            None
+                        }
+                        Ok(None) => Some(Err(Status::not_found(format!("blob {digest} is not in the CAS")))),
+                        Err(status) => Some(Err(status)),
+                    }
+                }
                 Ok(true) => {
                     metrics.tier_reads(0, 1, 0);
                     held.map(|data| Ok(ReadResponse { data }))

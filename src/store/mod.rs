@@ -282,7 +282,6 @@ impl Store {
             queued_bytes: AtomicU64::new(0),
         };
         store.count_blobs_if_uncounted()?;
-        store.start_or_stop_queueing()?;
         store.count_queue()?;
         store.measure_disk()?;
         store.next_blob_id.store(store.highest_blob_id()? + 1, Ordering::Relaxed);
@@ -608,9 +607,10 @@ impl Store {
             };
             let mut batch = WriteBatch::default();
             self.delete_blob(&mut batch, digest, &entry);
-            self.write(batch)?;
             // Nothing left to copy to the object store.
-            self.dequeue_locked(&queue_blob_key(digest))?;
+            let queued = self.unqueue(&mut batch, &queue_blob_key(digest))?;
+            self.write(batch)?;
+            self.count_queued(-i64::from(queued.is_some()), -(queued.map_or(0, |v| v.bytes) as i64));
             Ok(true)
         })();
         match removed {

@@ -44,11 +44,12 @@ impl Store {
         (self.queued.load(Ordering::Relaxed), self.queued_bytes.load(Ordering::Relaxed))
     }
 
-    /// Refuses `bytes` of new writes if the queue cannot take them.
+    /// Refuses `bytes` of new writes if the queue cannot take them. An
+    /// empty queue takes anything: a blob larger than the whole queue.
     pub(super) fn admit_queued(&self, bytes: u64) -> Result<(), Error> {
         let limit = self.options.queue_limit;
         let queued = self.queued_bytes.load(Ordering::Relaxed);
-        if self.queues() && queued.saturating_add(bytes) > limit {
+        if self.queues() && queued > 0 && queued.saturating_add(bytes) > limit {
             self.rejected_writes.fetch_add(1, Ordering::Relaxed);
             return Err(Error::QueueFull { queued, limit });
         }
@@ -82,10 +83,23 @@ impl Store {
         Ok(self.queues() && self.queue_entry(&queue_blob_key(digest))?.is_some())
     }
 
-    /// Removes blobs from the queue (the object store holds them now, or
-    /// they have no local copy left to send), in one write. Blobs not
-    /// queued are left alone.
+    /// Removes blobs from the queue once the object store holds them, in
+    /// one write. Blobs not queued are left alone.
     pub fn dequeue_blobs(&self, digests: &[Digest]) -> Result<(), Error> {
+        self.dequeue_where(digests, |_| Ok(true))
+    }
+
+    /// Removes blobs with no local copy left to send from the queue; one
+    /// stored again meanwhile (and so queued again) stays.
+    pub fn dequeue_vanished(&self, digests: &[Digest]) -> Result<(), Error> {
+        self.dequeue_where(digests, |d| Ok(self.get_entry(d)?.is_none()))
+    }
+
+    fn dequeue_where(
+        &self,
+        digests: &[Digest],
+        gone: impl Fn(&Digest) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
         let mut digests = digests.to_vec();
         digests.sort_unstable();
         digests.dedup();
@@ -95,8 +109,11 @@ impl Store {
         let keys: Vec<_> = digests.iter().map(queue_blob_key).collect();
         let mut batch = WriteBatch::default();
         let (mut entries, mut bytes) = (0, 0);
-        for (key, value) in keys.iter().zip(self.db.batched_multi_get_cf(self.cf(CF_QUEUE), &keys, false)) {
-            if let Some(value) = value? {
+        let found = self.db.batched_multi_get_cf(self.cf(CF_QUEUE), &keys, false);
+        for ((digest, key), value) in digests.iter().zip(&keys).zip(found) {
+            if let Some(value) = value?
+                && gone(digest)?
+            {
                 batch.delete_cf(self.cf(CF_QUEUE), key);
                 entries += 1;
                 bytes += QueueValue::decode(&value).map_or(0, |v| v.bytes) as i64;
@@ -109,23 +126,40 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a queue entry; the caller holds its stripe lock.
-    pub(super) fn dequeue_locked(&self, key: &[u8]) -> Result<(), Error> {
-        if let Some(value) = self.queue_entry(key)? {
-            self.db.delete_cf_opt(self.cf(CF_QUEUE), key, &self.write_options())?;
-            self.count_queued(-1, -(value.bytes as i64));
+    /// Adds the removal of a queue entry to `batch` and returns it, for the
+    /// caller to uncount once written; the caller holds its stripe lock.
+    pub(super) fn unqueue(&self, batch: &mut WriteBatch, key: &[u8]) -> Result<Option<QueueValue>, Error> {
+        let value = self.queue_entry(key)?;
+        if value.is_some() {
+            batch.delete_cf(self.cf(CF_QUEUE), key);
         }
-        Ok(())
+        Ok(value)
     }
 
     /// Stores an action result, queued when there is an object store tier.
     pub fn put_action_result(&self, instance: &str, action: &Digest, result: &[u8]) -> Result<(), Error> {
+        self.store_action_result(instance, action, result, self.queues())
+    }
+
+    /// Stores an action result copied in from the object store (which
+    /// holds it already: it is not queued).
+    pub fn copy_action_result(&self, instance: &str, action: &Digest, result: &[u8]) -> Result<(), Error> {
+        self.store_action_result(instance, action, result, false)
+    }
+
+    fn store_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+        result: &[u8],
+        queue: bool,
+    ) -> Result<(), Error> {
         let mut value = Vec::with_capacity(result.len() + 1);
         value.push(AC_VALUE_VERSION);
         value.extend_from_slice(result);
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_AC), ac_key(instance, action), value);
-        if !self.queues() {
+        if !queue {
             return self.write(batch);
         }
         // Under the action's stripe: a dequeue compares the stored result
@@ -154,8 +188,13 @@ impl Store {
         copied: Option<&[u8]>,
     ) -> Result<(), Error> {
         let _guard = self.stripe(action);
-        if self.get_action_result(instance, action)?.as_deref() == copied {
-            self.dequeue_locked(&queue_ac_key(instance, action))?;
+        if self.get_action_result(instance, action)?.as_deref() != copied {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        if let Some(value) = self.unqueue(&mut batch, &queue_ac_key(instance, action))? {
+            self.write(batch)?;
+            self.count_queued(-1, -(value.bytes as i64));
         }
         Ok(())
     }
@@ -181,10 +220,10 @@ impl Store {
         Ok(entries)
     }
 
-    /// At open: a store that starts queueing (its object store tier is new)
+    /// At a server's start: a store that starts queueing (its object store tier is new)
     /// backfills the blobs it already holds; one that stops empties its
     /// queue, so that eviction may take those blobs again.
-    pub(super) fn start_or_stop_queueing(&self) -> Result<(), Error> {
+    pub fn start_or_stop_queueing(&self) -> Result<(), Error> {
         let queueing = self.db.get(QUEUEING_KEY)?.is_some();
         let mut batch = WriteBatch::default();
         match (self.queues(), queueing) {
@@ -211,30 +250,34 @@ impl Store {
     pub fn backfill(&self, room: u64) -> Result<Option<usize>, Error> {
         let Some(after) = self.db.get(BACKFILL_KEY)? else { return Ok(None) };
         let mode = IteratorMode::From(&after, Direction::Forward);
-        let (mut batch, mut queued, mut bytes, mut cursor) = (WriteBatch::default(), 0, 0, None);
-        let mut finished = true;
+        let (mut slice, mut bytes, mut cursor, mut finished) = (Vec::new(), 0, None, true);
         for item in self.db.iterator_cf(self.cf(CF_INDEX), mode) {
             let (key, _) = item?;
             if *key == *after {
                 continue;
             }
             let Some(digest) = digest_of_index_key(&key) else { continue };
-            if bytes + digest.size > room && queued > 0 {
+            if bytes + digest.size > room && !slice.is_empty() {
                 finished = false;
                 break;
             }
             cursor = Some(key);
-            // A blob evicted or removed before the batch is written leaves an
-            // entry the replicator finds nothing to copy for, and drops.
+            bytes += digest.size;
+            slice.push(digest);
+        }
+        // Under the slice's stripe locks: a blob evicted, removed or queued
+        // by a write meanwhile is left out.
+        let stripes: BTreeSet<usize> = slice.iter().map(stripe_of).collect();
+        let _guards: Vec<_> =
+            stripes.iter().map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())).collect();
+        let (mut batch, mut queued, mut bytes) = (WriteBatch::default(), 0, 0);
+        for digest in slice {
             let key = queue_blob_key(&digest);
-            if self.queue_entry(&key)?.is_some() {
+            if self.get_entry(&digest)?.is_none() || self.queue_entry(&key)?.is_some() {
                 continue;
             }
-            batch.put_cf(
-                self.cf(CF_QUEUE),
-                key,
-                QueueValue { since_ms: BACKFILLED, bytes: digest.size }.encode(),
-            );
+            let value = QueueValue { since_ms: BACKFILLED, bytes: digest.size };
+            batch.put_cf(self.cf(CF_QUEUE), key, value.encode());
             (queued, bytes) = (queued + 1, bytes + digest.size);
         }
         match (finished, cursor) {

@@ -382,9 +382,12 @@ fn a_flushed_store_keeps_no_write_ahead_log_it_no_longer_needs() {
     assert_eq!(wal_bytes(tmp.path()), 0, "no column family holds on to a WAL file");
 }
 
+/// A store as a server with an object store tier opens it.
 fn open_queueing(dir: &Path, queue_limit: u64) -> Arc<Store> {
     let options = StoreOptions { chunk_size: 64 << 10, queue_limit, ..StoreOptions::default() };
-    Arc::new(Store::open(dir, options).unwrap())
+    let store = Store::open(dir, options).unwrap();
+    store.start_or_stop_queueing().unwrap();
+    Arc::new(store)
 }
 
 fn queued_items(store: &Store) -> Vec<Queued> {
@@ -420,6 +423,8 @@ fn writes_are_queued_with_their_blobs_and_copies_are_not() {
     let first = store.queued(&[], 1).unwrap();
     assert_eq!(store.queued(&first[0].key, 10).unwrap().len(), 2);
 
+    store.dequeue_vanished(&[Digest::of(&batched)]).unwrap();
+    assert_eq!(store.queue_len().0, 3, "it is still there: it stays queued");
     store.dequeue_blobs(&[Digest::of(&batched), Digest::of(&batched)]).unwrap(); // counted once
     store.dequeue_blobs(&[Digest::of(&batched)]).unwrap();
     assert_eq!(store.queue_len(), (2, 200_006));
@@ -441,8 +446,14 @@ fn a_full_queue_refuses_writes_and_nothing_without_a_tier_is_queued() {
     assert!(matches!(refused[0], Err(Error::QueueFull { queued: 200_000, limit: 250_000 })), "{refused:?}");
     assert!(matches!(store.begin_upload("u", Digest::of(&more), 0), Err(Error::QueueFull { .. })));
     assert_eq!(store.contains(&[Digest::of(&more)]).unwrap(), vec![false]);
-    // Once the queue drains, the write goes in.
+    // Once the queue drains, writes go in: even one larger than the queue.
     store.dequeue_blobs(&[Digest::of(&bytes(200_000, 1))]).unwrap();
+    let larger = put(&store, &bytes(300_000, 3));
+    assert!(matches!(
+        store.put_blobs(&[NewBlob::new(Digest::of(&more), more.clone())])[0],
+        Err(Error::QueueFull { .. })
+    ));
+    store.dequeue_blobs(&[larger]).unwrap();
     put(&store, &more);
 
     let plain = open(&tmp.path().join("plain"));
@@ -513,9 +524,16 @@ fn blobs_from_before_the_queue_are_backfilled_and_a_store_without_a_tier_keeps_n
     assert_eq!(store.backfill(1 << 20).unwrap(), None);
     assert_eq!(store.queue_len(), (6, 6000));
     drop(store);
-    // Without the tier nothing waits (eviction may take every blob); with
-    // it again, a new backfill.
+    // Opened without the tier by something other than a server (`larder
+    // scrub`), the queue stays.
+    drop(open(tmp.path()));
+    let store = open_queueing(tmp.path(), 1 << 20);
+    assert_eq!(store.queue_len(), (6, 6000));
+    drop(store);
+    // A server without the tier: nothing waits (eviction may take every
+    // blob); with it again, a new backfill.
     let store = open(tmp.path());
+    store.start_or_stop_queueing().unwrap();
     assert!(store.queued(&[], 10).unwrap().is_empty());
     assert_eq!(store.evict_lru(u64::MAX, now_ms() + 1).unwrap().blobs, 6);
     put(&store, &bytes(1000, 1));
