@@ -161,8 +161,7 @@ async fn a_blob_written_through_one_node_reads_back_through_another() {
     assert!(metric(&metrics, "larder_local_tier_hits_total") >= 1);
     let metrics = reqwest::get(format!("http://{}/metrics", a.addr)).await.unwrap().text().await.unwrap();
     assert_eq!(metric(&metrics, "larder_object_store_written_blobs_total"), 3, "{metrics}");
-    let status: serde_json::Value =
-        reqwest::get(format!("http://{}/status.json", b.addr)).await.unwrap().json().await.unwrap();
+    let status = status(&b).await;
     assert_eq!(status["objectStore"]["objectStoreHits"], 4);
 
     // An action result stored through A is a hit on B, with its outputs.
@@ -187,15 +186,7 @@ async fn a_blob_written_through_one_node_reads_back_through_another() {
     let c = tempfile::tempdir().unwrap();
     let node_c = rgw.node(c.path(), &prefix);
     let mut cc = Clients::connect(&node_c.addr).await;
-    let hit = cc
-        .ac
-        .get_action_result(reapi::GetActionResultRequest {
-            action_digest: Some(action),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let hit = hit(&mut cc, &action).await;
     assert_eq!(hit.output_files, result.output_files);
     // Bazel's HTTP cache names blobs by hash alone: read through as well.
     let d = tempfile::tempdir().unwrap();
@@ -267,9 +258,7 @@ async fn reads_stream_through_at_any_offset_in_either_encoding() {
     let part = cb.read(&read_name("", &text), offset as i64, limit as i64).await.unwrap();
     assert_eq!(part, &text[offset..offset + limit]);
     // ...which kept the whole blob.
-    let status: serde_json::Value =
-        reqwest::get(format!("http://{}/status.json", b.addr)).await.unwrap().json().await.unwrap();
-    assert_eq!(status["blobs"], 1);
+    assert_eq!(status(&b).await["blobs"], 1);
     assert_eq!(cb.read(&read_name("", &text), 0, 0).await.unwrap(), text);
 
     // An object larger than one ranged GET (16 MiB) reads whole.
@@ -286,9 +275,7 @@ async fn reads_stream_through_at_any_offset_in_either_encoding() {
     let mut stream = cd.bs.read(request).await.unwrap().into_inner();
     let mut got = stream.message().await.unwrap().unwrap().data.to_vec();
     tokio::time::sleep(std::time::Duration::from_secs(7)).await;
-    let status: serde_json::Value =
-        reqwest::get(format!("http://{}/status.json", d.addr)).await.unwrap().json().await.unwrap();
-    assert_eq!(status["blobs"], 1, "the copy finished while the reader slept");
+    assert_eq!(status(&d).await["blobs"], 1, "the copy finished while the reader slept");
     while let Some(message) = stream.message().await.unwrap() {
         got.extend_from_slice(&message.data);
     }
@@ -377,11 +364,8 @@ async fn trees_and_output_directories_read_through_a_level_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let node = rgw.node(dir.path(), &prefix);
         let mut client = Clients::connect(&node.addr).await;
-        let request =
-            reapi::GetActionResultRequest { action_digest: Some(digest(action)), ..Default::default() };
-        client.ac.get_action_result(request).await.unwrap();
-        let status: serde_json::Value =
-            reqwest::get(format!("http://{}/status.json", node.addr)).await.unwrap().json().await.unwrap();
+        hit(&mut client, &digest(action)).await;
+        let status = status(&node).await;
         assert_eq!(status["blobs"], blobs, "{}", String::from_utf8_lossy(action));
     }
 }
@@ -524,11 +508,20 @@ async fn the_object_store_going_away_and_coming_back() {
     assert_eq!(cb.read(&read_name("", &abandoned), 0, 0).await.unwrap(), abandoned);
 }
 
-/// The node's status page: what waits for the object store.
+/// The node's status page, as JSON.
+async fn status(node: &TestServer) -> serde_json::Value {
+    reqwest::get(format!("http://{}/status.json", node.addr)).await.unwrap().json().await.unwrap()
+}
+
+/// What waits for the object store on the node.
 async fn queued(node: &TestServer) -> u64 {
-    let status: serde_json::Value =
-        reqwest::get(format!("http://{}/status.json", node.addr)).await.unwrap().json().await.unwrap();
-    status["objectStore"]["queued"].as_u64().unwrap()
+    status(node).await["objectStore"]["queued"].as_u64().unwrap()
+}
+
+/// The action result of `action`, which must be a hit.
+async fn hit(client: &mut Clients, action: &reapi::Digest) -> reapi::ActionResult {
+    let request = reapi::GetActionResultRequest { action_digest: Some(action.clone()), ..Default::default() };
+    client.ac.get_action_result(request).await.unwrap().into_inner()
 }
 
 /// Waits until nothing waits for the object store.
@@ -595,15 +588,7 @@ async fn write_back_acknowledges_through_an_outage_and_a_kill() {
     // Another node, with an empty local tier, has it all: blobs and the hit.
     let b = rgw.node(&tmp.path().join("b"), &prefix);
     let mut cb = Clients::connect(&b.addr).await;
-    let hit = cb
-        .ac
-        .get_action_result(reapi::GetActionResultRequest {
-            action_digest: Some(action),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let hit = hit(&mut cb, &action).await;
     assert_eq!(hit.output_files, result.output_files);
     assert_eq!(cb.read(&read_name("", &streamed), 0, 0).await.unwrap(), streamed);
     assert_eq!(cb.read(&read_name("", &small), 0, 0).await.unwrap(), small);
