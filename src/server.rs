@@ -273,7 +273,7 @@ impl Running {
             store: Arc::clone(&store),
             remote,
             write_back: config.s3_write_back,
-            replicate: Arc::new(tokio::sync::Notify::new()),
+            wake_replicator: Arc::new(tokio::sync::Notify::new()),
             metrics: Arc::clone(metrics),
             max_batch_size: config.max_batch_size.0,
             max_message_size: config.max_message_size.0 as usize,
@@ -298,7 +298,7 @@ impl Running {
                 }
             });
             let (store, metrics, wake) =
-                (Arc::clone(&store), Arc::clone(metrics), Arc::clone(&shared.replicate));
+                (Arc::clone(&store), Arc::clone(metrics), Arc::clone(&shared.wake_replicator));
             tokio::spawn(crate::replicate::run(store, remote, metrics, wake, write_back))
         });
         let maintenance = tokio::spawn(maintain(

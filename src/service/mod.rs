@@ -27,7 +27,7 @@ pub struct Shared {
     /// replicator copies them to the object store.
     pub write_back: bool,
     /// Wakes the replicator (see `crate::replicate`).
-    pub replicate: Arc<tokio::sync::Notify>,
+    pub wake_replicator: Arc<tokio::sync::Notify>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Largest sum of blob sizes in one batch call (advertised).
     pub max_batch_size: u64,
@@ -123,7 +123,7 @@ impl Shared {
     pub async fn replicate(&self, written: Vec<(digest::Digest, store::Written)>) -> Vec<Result<(), Status>> {
         let Some(remote) = self.remote.as_ref().filter(|_| !self.write_back) else {
             if self.write_back {
-                self.replicate.notify_one();
+                self.wake_replicator.notify_one();
             }
             return written.iter().map(|_| Ok(())).collect();
         };
@@ -185,7 +185,7 @@ impl Shared {
     ) -> Result<(), Status> {
         let Some(remote) = &self.remote else { return Ok(()) };
         if self.write_back {
-            self.replicate.notify_one();
+            self.wake_replicator.notify_one();
             return Ok(());
         }
         if let Err(e) = remote.put_action_result(&instance, &action, &result).await {
