@@ -39,8 +39,11 @@ pub async fn run(
     let mut after = Vec::new();
     let mut backoff = MIN_BACKOFF;
     loop {
-        let (listing, from) = (Arc::clone(&store), after.clone());
-        let entries = match blocking(move || listing.queued(&from, PASS)).await {
+        // An empty queue is not scanned: every entry copied leaves a delete
+        // tombstone behind, which a scan from the start must step over.
+        let (listing, from, empty) = (Arc::clone(&store), after.clone(), store.queue_len().0 == 0);
+        let listed = if empty { Ok(Vec::new()) } else { blocking(move || listing.queued(&from, PASS)).await };
+        let entries = match listed {
             Ok(entries) => entries,
             Err(e) => {
                 tracing::warn!("cannot read the queue for the object store: {e}");
