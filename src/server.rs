@@ -690,7 +690,8 @@ mod calls {
 
     fn log_grpc(method: &str, status: &Status) {
         let (code, message) = (status.code(), status.message());
-        let digest = digest_in(message).unwrap_or("");
+        // Recorded only when the message names a blob.
+        let digest = digest_in(message);
         match code {
             Code::Ok => {}
             Code::NotFound => tracing::debug!(method, digest, ?code, message, "call failed"),
