@@ -302,26 +302,33 @@ impl Remote {
         digest: Digest,
         tee: Option<mpsc::Sender<Piece>>,
     ) -> Result<bool, Error> {
-        let Some(stream) = self.get_ranged(&self.blob_path(&digest)).await? else {
-            return Ok(false);
-        };
         let resource = format!("remote-fetch/{}/{}", digest.function.name(), digest.hex());
-        let upload = {
-            let local = Arc::clone(local);
-            let resource = resource.clone();
-            blocking(move || local.begin_copy(&resource, digest)).await
-        };
-        let upload = match upload {
-            Ok(u) => u,
-            // Another call is fetching it right now: wait for that one.
-            Err(Error::Local(store::Error::UploadBusy(_))) => {
-                while local.upload_active(&resource) {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        // Another call may be fetching it right now: wait for that one, and
+        // if it failed, fetch again, so that this call gets its own answer
+        // (UNAVAILABLE, say) rather than a missing blob.
+        let (stream, upload) = loop {
+            let Some(stream) = self.get_ranged(&self.blob_path(&digest)).await? else {
+                return Ok(false);
+            };
+            let upload = {
+                let local = Arc::clone(local);
+                let resource = resource.clone();
+                blocking(move || local.begin_copy(&resource, digest)).await
+            };
+            match upload {
+                Ok(upload) => break (stream, upload),
+                Err(Error::Local(store::Error::UploadBusy(_))) => {
+                    drop(stream);
+                    while local.upload_active(&resource) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let (local, d) = (Arc::clone(local), digest);
+                    if blocking(move || local.contains(&[d])).await?[0] {
+                        return Ok(true);
+                    }
                 }
-                let (local, d) = (Arc::clone(local), digest);
-                return Ok(blocking(move || local.contains(&[d])).await?[0]);
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         };
         let mut reader = Reader { buffer: BytesMut::new(), stream };
         let finished = match copy(&mut reader, upload, digest, tee).await {
