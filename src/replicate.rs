@@ -159,7 +159,17 @@ async fn copy(
                 let (store, instance) = (Arc::clone(store), instance.clone());
                 blocking(move || store.get_action_result(&instance, &action)).await?
             };
-            if let Some(result) = &result {
+            // From before the tier: another node's newer result may be
+            // there already, and stays.
+            let there = entry.since_ms == BACKFILLED
+                && result.is_some()
+                && match remote.get_action_result(&instance, &action).await {
+                    Ok(found) => found.is_some(),
+                    // A damaged one is replaced.
+                    Err(remote::Error::Damaged(_)) => false,
+                    Err(e) => return Err(e),
+                };
+            if let Some(result) = result.as_ref().filter(|_| !there) {
                 remote.put_action_result(&instance, &action, result).await?;
             }
             let store = Arc::clone(store);

@@ -402,22 +402,49 @@ async fn blobs_from_before_the_tier_reach_it() {
     let prefix = prefix();
     let dir = tmp.path().join("a");
     let before = text_bytes(30_000, 51);
+    let output = |exit_code| reapi::ActionResult {
+        output_files: vec![reapi::OutputFile {
+            path: "out".into(),
+            digest: Some(digest(&before)),
+            ..Default::default()
+        }],
+        exit_code,
+        ..Default::default()
+    };
+    let update = |action: &reapi::Digest, result| reapi::UpdateActionResultRequest {
+        action_digest: Some(action.clone()),
+        action_result: Some(result),
+        ..Default::default()
+    };
+    let (early, contested) = (digest(b"early action"), digest(b"contested action"));
     {
         let alone = TestServer::start(&dir, &[]);
-        assert_eq!(Clients::connect(&alone.addr).await.batch_update(&[&before]).await, vec![0]);
+        let mut c = Clients::connect(&alone.addr).await;
+        assert_eq!(c.batch_update(&[&before]).await, vec![0]);
+        c.ac.update_action_result(update(&early, output(0))).await.unwrap();
+        c.ac.update_action_result(update(&contested, output(1))).await.unwrap();
         alone.stop();
     }
-    // With the tier configured, the node copies what it held already.
-    let _a = rgw.node(&dir, &prefix);
+    // Another node writes a newer result for the contested action first.
     let b = rgw.node(&tmp.path().join("b"), &prefix);
     let mut cb = Clients::connect(&b.addr).await;
+    cb.ac.update_action_result(update(&contested, output(2))).await.unwrap();
+    // With the tier configured, the node copies what it held already.
+    let a = rgw.node(&dir, &prefix);
     for _ in 0..300 {
-        if cb.find_missing(&[digest(&before)]).await.is_empty() {
+        if cb.find_missing(&[digest(&before)]).await.is_empty() && queued(&a).await == 0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    drained(&a).await;
     assert_eq!(cb.read(&read_name("", &before), 0, 0).await.unwrap(), before);
+    // A node with an empty local tier gets the early result; the
+    // contested one stays the newer.
+    let c = rgw.node(&tmp.path().join("c"), &prefix);
+    let mut cc = Clients::connect(&c.addr).await;
+    assert_eq!(hit(&mut cc, &early).await.exit_code, 0);
+    assert_eq!(hit(&mut cc, &contested).await.exit_code, 2);
 }
 
 impl Rgw {

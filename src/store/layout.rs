@@ -93,7 +93,11 @@ pub fn split_lru_key(k: &[u8]) -> Option<(u64, Digest)> {
 }
 
 pub const LAYOUT_KEY: &[u8] = b"layout";
+/// Where the backfill of blobs from before the object store tier is: the
+/// last index key queued (empty: none yet); absent once done.
 pub const BACKFILL_KEY: &[u8] = b"backfill";
+/// The same for action results (an action cache key), after the blobs.
+pub const BACKFILL_AC_KEY: &[u8] = b"backfill-ac";
 /// Whether the queue was kept when the store last opened (`1`), in the
 /// default column family too.
 pub const QUEUEING_KEY: &[u8] = b"queueing";

@@ -14,14 +14,14 @@ use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 pub use super::layout::Queued;
 use super::layout::{
-    AC_VALUE_VERSION, BACKFILL_KEY, CF_AC, CF_INDEX, CF_QUEUE, QUEUEING_KEY, QueueValue, ac_key,
-    digest_of_index_key, queue_ac_key, queue_blob_key, queued_of_key,
+    AC_VALUE_VERSION, BACKFILL_AC_KEY, BACKFILL_KEY, CF_AC, CF_INDEX, CF_QUEUE, QUEUEING_KEY, QueueValue,
+    ac_key, queue_ac_key, queue_blob_key, queued_of_key,
 };
 use super::{Error, Store, now_ms, stripe_of};
 use crate::digest::Digest;
 
-/// The queue time of a blob queued by the backfill: it is looked up in
-/// the object store before it is copied.
+/// The queue time of a blob or action result queued by the backfill: it
+/// is looked up in the object store before it is copied.
 pub const BACKFILLED: u64 = 0;
 
 /// One queue entry, as [`Store::queued`] lists it.
@@ -220,8 +220,9 @@ impl Store {
         Ok(entries)
     }
 
-    /// At a server's start: a store that starts queueing (its object store tier is new)
-    /// backfills the blobs it already holds; one that stops empties its
+    /// At a server's start: a store that starts queueing (its object store
+    /// tier is new) backfills the blobs and action results it already
+    /// holds; one that stops empties its
     /// queue, so that eviction may take those blobs again.
     pub fn start_or_stop_queueing(&self) -> Result<(), Error> {
         let queueing = self.db.get(QUEUEING_KEY)?.is_some();
@@ -230,10 +231,12 @@ impl Store {
             (true, false) => {
                 batch.put(QUEUEING_KEY, b"1");
                 batch.put(BACKFILL_KEY, []);
+                batch.put(BACKFILL_AC_KEY, []);
             }
             (false, true) => {
                 batch.delete(QUEUEING_KEY);
                 batch.delete(BACKFILL_KEY);
+                batch.delete(BACKFILL_AC_KEY);
                 batch.delete_range_cf(self.cf(CF_QUEUE), [0u8].as_slice(), [2u8].as_slice());
             }
             _ => return Ok(()),
@@ -243,51 +246,69 @@ impl Store {
         Ok(self.db.flush()?)
     }
 
-    /// Queues the next blobs stored from before the queue, up to `room`
-    /// bytes of them, marked to be looked up in the object store before
-    /// they are copied (they may be there already). Returns how many were
-    /// queued; `None` once the backfill is done (or none is due).
+    /// Queues the next blobs, then action results, stored from before the
+    /// queue, up to `room` bytes of them, marked to be looked up in the
+    /// object store before they are copied (they may be there already).
+    /// Returns how many were queued; `None` once the backfill is done (or
+    /// none is due).
     pub fn backfill(&self, room: u64) -> Result<Option<usize>, Error> {
-        let Some(after) = self.db.get(BACKFILL_KEY)? else { return Ok(None) };
-        let mode = IteratorMode::From(&after, Direction::Forward);
-        let (mut slice, mut bytes, mut cursor, mut finished) = (Vec::new(), 0, None, true);
-        for item in self.db.iterator_cf(self.cf(CF_INDEX), mode) {
-            let (key, _) = item?;
+        for (cf, cursor) in [(CF_INDEX, BACKFILL_KEY), (CF_AC, BACKFILL_AC_KEY)] {
+            if let Some(after) = self.db.get(cursor)? {
+                return self.backfill_slice(cf, cursor, &after, room).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// One slice of the backfill of `cf` (the index or the action cache),
+    /// from after the key `after`; its progress is kept under `cursor`.
+    fn backfill_slice(&self, cf: &str, cursor: &[u8], after: &[u8], room: u64) -> Result<usize, Error> {
+        // A queue key is the stored key after a kind byte.
+        let kind = if cf == CF_INDEX { 0 } else { 1 };
+        let mode = IteratorMode::From(after, Direction::Forward);
+        let (mut slice, mut bytes, mut last, mut finished) = (Vec::new(), 0, None, true);
+        for item in self.db.iterator_cf(self.cf(cf), mode) {
+            let (key, value) = item?;
             if *key == *after {
                 continue;
             }
-            let Some(digest) = digest_of_index_key(&key) else { continue };
-            if bytes + digest.size > room && !slice.is_empty() {
+            let queue_key = [&[kind], &*key].concat();
+            let (lock, size) = match queued_of_key(&queue_key) {
+                Some(Queued::Blob(digest)) => (digest, digest.size),
+                Some(Queued::ActionResult { action, .. }) => (action, value.len().saturating_sub(1) as u64),
+                None => continue,
+            };
+            if bytes + size > room && !slice.is_empty() {
                 finished = false;
                 break;
             }
-            cursor = Some(key);
-            bytes += digest.size;
-            slice.push(digest);
+            last = Some(key);
+            bytes += size;
+            slice.push((queue_key, lock, size));
         }
-        // Under the slice's stripe locks: a blob evicted, removed or queued
-        // by a write meanwhile is left out.
-        let stripes: BTreeSet<usize> = slice.iter().map(stripe_of).collect();
+        // Under the slice's stripe locks: what was evicted, removed or
+        // queued by a write meanwhile is left out.
+        let stripes: BTreeSet<usize> = slice.iter().map(|(_, lock, _)| stripe_of(lock)).collect();
         let _guards: Vec<_> =
             stripes.iter().map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())).collect();
         let (mut batch, mut queued, mut bytes) = (WriteBatch::default(), 0, 0);
-        for digest in slice {
-            let key = queue_blob_key(&digest);
-            if self.get_entry(&digest)?.is_none() || self.queue_entry(&key)?.is_some() {
+        for (queue_key, _, size) in slice {
+            let stored = self.db.get_pinned_cf(self.cf(cf), &queue_key[1..])?.is_some();
+            if !stored || self.queue_entry(&queue_key)?.is_some() {
                 continue;
             }
-            let value = QueueValue { since_ms: BACKFILLED, bytes: digest.size };
-            batch.put_cf(self.cf(CF_QUEUE), key, value.encode());
-            (queued, bytes) = (queued + 1, bytes + digest.size);
+            let value = QueueValue { since_ms: BACKFILLED, bytes: size };
+            batch.put_cf(self.cf(CF_QUEUE), queue_key, value.encode());
+            (queued, bytes) = (queued + 1, bytes + size);
         }
-        match (finished, cursor) {
-            (true, _) => batch.delete(BACKFILL_KEY),
-            (false, Some(cursor)) => batch.put(BACKFILL_KEY, cursor),
+        match (finished, last) {
+            (true, _) => batch.delete(cursor),
+            (false, Some(last)) => batch.put(cursor, last),
             (false, None) => {}
         }
         self.write(batch)?;
         self.count_queued(queued as i64, bytes as i64);
-        Ok(Some(queued))
+        Ok(queued)
     }
 
     /// Counts the queue at open (it is bounded, so the scan is too).

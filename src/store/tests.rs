@@ -498,22 +498,35 @@ fn eviction_keeps_queued_blobs_and_a_corrupt_one_leaves_the_queue() {
 fn blobs_from_before_the_queue_are_backfilled_and_a_store_without_a_tier_keeps_no_queue() {
     let tmp = tempfile::tempdir().unwrap();
     let blobs: Vec<Bytes> = (0..5).map(|i| bytes(1000, i)).collect();
+    let actions = [Digest::of(b"early action"), Digest::of(b"other early action")];
     {
         let store = open(tmp.path());
         for b in &blobs {
             put(&store, b);
         }
+        store.put_action_result("ci", &actions[0], b"early").unwrap();
+        store.put_action_result("", &actions[1], b"also early").unwrap();
     }
     {
         let store = open_queueing(tmp.path(), 1 << 20);
         assert_eq!(store.queue_len(), (0, 0));
-        // A slice at a time, as room allows.
+        // A slice at a time, as room allows: blobs, then action results.
         assert_eq!(store.backfill(2500).unwrap(), Some(2));
         assert_eq!(store.backfill(1 << 20).unwrap(), Some(3));
+        assert_eq!(store.backfill(6).unwrap(), Some(1));
+        assert_eq!(store.backfill(1 << 20).unwrap(), Some(1));
         assert_eq!(store.backfill(1 << 20).unwrap(), None, "done");
         let entries = store.queued(&[], 10).unwrap();
-        assert_eq!(entries.len(), 5);
+        assert_eq!(entries.len(), 7);
         assert!(entries.iter().all(|e| e.since_ms == BACKFILLED));
+        let results: Vec<_> =
+            entries.iter().filter(|e| matches!(e.item, Queued::ActionResult { .. })).collect();
+        assert_eq!(results.len(), 2);
+        assert_eq!(store.queue_len(), (7, 5000 + 5 + 10));
+        // Once copied, a backfilled result leaves the queue like any other.
+        store.dequeue_action_result("ci", &actions[0], Some(b"early")).unwrap();
+        assert_eq!(store.queue_len(), (6, 5010));
+        store.dequeue_action_result("", &actions[1], Some(b"also early")).unwrap();
         // A new write is queued as such, not as backfilled.
         let new = put(&store, &bytes(1000, 9));
         let new = store.queued(&[], 10).unwrap().into_iter().find(|e| e.item == Queued::Blob(new)).unwrap();
@@ -541,4 +554,6 @@ fn blobs_from_before_the_queue_are_backfilled_and_a_store_without_a_tier_keeps_n
     let store = open_queueing(tmp.path(), 1 << 20);
     assert_eq!(store.queue_len(), (0, 0));
     assert_eq!(store.backfill(1 << 20).unwrap(), Some(1));
+    assert_eq!(store.backfill(1 << 20).unwrap(), Some(2), "the action results, again");
+    assert_eq!(store.backfill(1 << 20).unwrap(), None);
 }
