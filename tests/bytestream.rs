@@ -208,16 +208,17 @@ async fn a_stream_ending_without_finish_write_can_be_continued() {
 async fn one_stream_at_a_time_per_upload() {
     let (_tmp, server) = server();
     let mut c = server.clients().await;
-    let data = random_bytes(200_000, 13);
+    // A whole chunk first: the server stores it while the stream is open.
+    let data = random_bytes(3 << 20, 13);
     let name = upload_name("", "busy", &data);
     let (tx, rx) = mpsc::channel(8);
-    tx.send(write_messages(&name, &data[..50_000], 0, 50_000, false).remove(0)).await.unwrap();
+    tx.send(write_messages(&name, &data[..1 << 20], 0, 1 << 20, false).remove(0)).await.unwrap();
     let mut bs = c.bs.clone();
     let first = tokio::spawn(async move { bs.write(ReceiverStream::new(rx)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = write_messages(&name, &data, 0, 50_000, true);
+    c.until_committed(&name, 1 << 20).await;
+    let second = write_messages(&name, &data, 0, 1 << 20, true);
     assert_code(c.bs.write(tokio_stream::iter(second)).await, Code::Aborted);
-    for m in write_messages(&name, &data, 50_000, 50_000, true) {
+    for m in write_messages(&name, &data, 1 << 20, 1 << 20, true) {
         tx.send(m).await.unwrap();
     }
     drop(tx);

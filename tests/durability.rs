@@ -48,7 +48,8 @@ async fn an_upload_resumes_after_a_restart() {
 async fn stale_partial_uploads_expire() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("larder.toml");
-    std::fs::write(&config, "partial_upload_max_age = \"1s\"\n").unwrap();
+    // Expiry counts whole seconds: 3 s leaves at least 2 s to query.
+    std::fs::write(&config, "partial_upload_max_age = \"3s\"\n").unwrap();
     let server = TestServer::start(&tmp.path().join("data"), &["--config", config.to_str().unwrap()]);
     let mut c = server.clients().await;
     let data = text_bytes(50_000, 1);
@@ -57,7 +58,7 @@ async fn stale_partial_uploads_expire() {
     c.bs.write(tokio_stream::iter(first)).await.unwrap();
     assert_eq!(c.query(&name).await, (20_000, false));
     let mut expired = false;
-    for _ in 0..50 {
+    for _ in 0..150 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         if c.query(&name).await == (0, false) {
             expired = true;

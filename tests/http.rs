@@ -319,12 +319,11 @@ async fn a_blob_written_over_one_protocol_reads_over_the_others() {
 #[tokio::test]
 async fn a_separate_http_port_serves_the_same() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let server =
-        TestServer::start(&tmp.path().join("data"), &["--http-listen", &format!("127.0.0.1:{port}")]);
+    let server = TestServer::start(&tmp.path().join("data"), &["--http-listen", "127.0.0.1:0"]);
+    let http_addr = server.address("HTTP also");
     let c = http();
     let blob = b"one store behind both ports".as_slice();
-    c.put(format!("http://127.0.0.1:{port}/cas/{}", sha256(blob))).body(blob).send().await.unwrap();
+    c.put(format!("http://{http_addr}/cas/{}", sha256(blob))).body(blob).send().await.unwrap();
     let got = c.get(format!("http://{}/cas/{}", server.addr, sha256(blob))).send().await.unwrap();
     assert_eq!(got.bytes().await.unwrap(), blob);
 }

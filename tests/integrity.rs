@@ -81,7 +81,7 @@ async fn the_online_scrub_finds_corruption_nobody_read() {
     let server = TestServer::start(&dir, &["--scrub-rate", "100MiB"]);
     let metrics = format!("http://{}/metrics", server.addr);
     let mut removed = false;
-    for _ in 0..100 {
+    for _ in 0..600 {
         let page = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
         if page.contains("larder_corrupt_blobs_removed_total 1") {
             removed = true;

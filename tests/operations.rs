@@ -27,10 +27,11 @@ async fn sigterm_lets_an_upload_in_flight_finish_then_exits_0() {
     let mut server = TestServer::start(&dir, &[]);
     let mut c = server.clients().await;
     let data = random_bytes(3 << 20, 1);
-    let mut messages = write_messages(&upload_name("", "drain", &data), &data, 0, 1 << 20, true).into_iter();
+    let name = upload_name("", "drain", &data);
+    let mut messages = write_messages(&name, &data, 0, 1 << 20, true).into_iter();
     let (tx, call) = open_upload(&mut c).await;
     tx.send(messages.next().unwrap()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.until_committed(&name, 1 << 20).await;
     server.terminate();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(server.is_running(), "waits for the call in flight");
@@ -54,9 +55,11 @@ async fn stuck_and_terminated(
     let server = TestServer::start(dir, &["--drain-timeout", drain]);
     let mut c = server.clients().await;
     let (tx, _call) = open_upload(&mut c).await;
-    let first = write_messages(&upload_name("", "stuck", b"never finished"), b"never", 0, 4, false).remove(0);
+    let data = random_bytes(2 << 20, 2);
+    let name = upload_name("", "stuck", &data);
+    let first = write_messages(&name, &data, 0, 1 << 20, false).remove(0);
     tx.send(first).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.until_committed(&name, 1 << 20).await;
     server.terminate();
     (server, tx)
 }
@@ -68,6 +71,13 @@ async fn a_second_signal_exits_at_once_and_the_drain_timeout_bounds_the_wait() {
     let (mut server, _upload) = stuck_and_terminated(&tmp.path().join("a"), "60s").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(server.is_running(), "waits for the stuck upload");
+    // The listener closes once the first signal is handled; a second signal
+    // sent before that could merge with the first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&server.addr).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "still accepting connections while draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.terminate();
     let status = server.wait_for_exit(Duration::from_secs(10)).expect("the second signal exits at once");
     assert_eq!(status.code(), Some(130));
@@ -186,9 +196,8 @@ fn sample(page: &str, series: &str) -> f64 {
 #[tokio::test]
 async fn metrics_count_calls_bytes_hits_and_the_store() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let metrics_addr = format!("127.0.0.1:{port}");
-    let server = TestServer::start(&tmp.path().join("data"), &["--metrics-listen", &metrics_addr]);
+    let server = TestServer::start(&tmp.path().join("data"), &["--metrics-listen", "127.0.0.1:0"]);
+    let metrics_addr = server.address("metrics");
     let http = reqwest::Client::new();
     let scrape = || async {
         let r = http.get(format!("http://{}/metrics", server.addr)).send().await.unwrap();

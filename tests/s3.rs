@@ -156,13 +156,16 @@ async fn a_blob_written_through_one_node_reads_back_through_another() {
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
     let metrics = reqwest::get(format!("http://{}/metrics", b.addr)).await.unwrap().text().await.unwrap();
-    // Both readers of the large blob count (the second waited for the first's copy).
-    assert_eq!(metric(&metrics, "larder_object_store_hits_total"), 4, "{metrics}");
-    assert!(metric(&metrics, "larder_local_tier_hits_total") >= 1);
+    // Small, tiny and the large blob came from the object store. The
+    // second reader of the large blob counts there too if it waited for
+    // the first's copy, else locally (it came after the copy).
+    let from_object_store = metric(&metrics, "larder_object_store_hits_total");
+    assert!((3..=4).contains(&from_object_store), "{metrics}");
+    assert!(metric(&metrics, "larder_local_tier_hits_total") > 4 - from_object_store, "{metrics}");
     let metrics = reqwest::get(format!("http://{}/metrics", a.addr)).await.unwrap().text().await.unwrap();
     assert_eq!(metric(&metrics, "larder_object_store_written_blobs_total"), 3, "{metrics}");
     let status = status(&b).await;
-    assert_eq!(status["objectStore"]["objectStoreHits"], 4);
+    assert_eq!(status["objectStore"]["objectStoreHits"], from_object_store);
 
     // An action result stored through A is a hit on B, with its outputs.
     let action = digest(b"an action");
@@ -274,8 +277,12 @@ async fn reads_stream_through_at_any_offset_in_either_encoding() {
     let request = ReadRequest { resource_name: read_name("", &large), read_offset: 0, read_limit: 0 };
     let mut stream = cd.bs.read(request).await.unwrap().into_inner();
     let mut got = stream.message().await.unwrap().unwrap().data.to_vec();
-    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
-    assert_eq!(status(&d).await["blobs"], 1, "the copy finished while the reader slept");
+    // The copy waits 5 s for the reader, then goes on without it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while status(&d).await["blobs"] != 1 {
+        assert!(std::time::Instant::now() < deadline, "the copy waited for the reader");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     while let Some(message) = stream.message().await.unwrap() {
         got.extend_from_slice(&message.data);
     }
@@ -429,21 +436,27 @@ async fn blobs_from_before_the_tier_reach_it() {
     let b = rgw.node(&tmp.path().join("b"), &prefix);
     let mut cb = Clients::connect(&b.addr).await;
     cb.ac.update_action_result(update(&contested, output(2))).await.unwrap();
-    // With the tier configured, the node copies what it held already.
+    // With the tier configured, the node copies what it held already: a
+    // node with an empty local tier gets the early result, with its output.
     let a = rgw.node(&dir, &prefix);
-    for _ in 0..300 {
-        if cb.find_missing(&[digest(&before)]).await.is_empty() && queued(&a).await == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    drained(&a).await;
-    assert_eq!(cb.read(&read_name("", &before), 0, 0).await.unwrap(), before);
-    // A node with an empty local tier gets the early result; the
-    // contested one stays the newer.
     let c = rgw.node(&tmp.path().join("c"), &prefix);
     let mut cc = Clients::connect(&c.addr).await;
-    assert_eq!(hit(&mut cc, &early).await.exit_code, 0);
+    let request = reapi::GetActionResultRequest { action_digest: Some(early), ..Default::default() };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        match cc.ac.get_action_result(request.clone()).await {
+            Ok(result) => break assert_eq!(result.into_inner().exit_code, 0),
+            Err(status) if status.code() == Code::NotFound => {
+                assert!(std::time::Instant::now() < deadline, "never copied: {status:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    assert_eq!(cc.read(&read_name("", &before), 0, 0).await.unwrap(), before);
+    // Both results were queued in one write, so an empty queue means both
+    // were handled: the contested one stays the newer.
+    drained(&a).await;
     assert_eq!(hit(&mut cc, &contested).await.exit_code, 2);
 }
 
@@ -466,17 +479,27 @@ impl Rgw {
         argv
     }
 
-    /// Starts the gateway again and waits until it answers.
+    /// Starts the gateway again and waits until it answers HTTP (an open
+    /// port alone is not enough), for as long as its start script would.
     fn restart(&self, argv: &[String]) {
+        use std::io::{Read, Write};
         assert!(Command::new(&argv[0]).args(&argv[1..]).status().unwrap().success());
         let address = self.endpoint.trim_start_matches("http://").to_string();
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(&address).is_ok() {
+        let answers = || -> std::io::Result<bool> {
+            let mut socket = std::net::TcpStream::connect(&address)?;
+            socket.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            socket.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut head = [0u8; 5];
+            socket.read_exact(&mut head)?;
+            Ok(&head == b"HTTP/")
+        };
+        for _ in 0..1200 {
+            if answers().unwrap_or(false) {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        panic!("the gateway did not come back on {address}");
+        panic!("the gateway did not come back on {address} in 120 s");
     }
 }
 
@@ -553,13 +576,14 @@ async fn hit(client: &mut Clients, action: &reapi::Digest) -> reapi::ActionResul
 
 /// Waits until nothing waits for the object store.
 async fn drained(node: &TestServer) {
-    for _ in 0..600 {
+    // Generous: the replicator may be backing off (up to 10 s) from an outage.
+    for _ in 0..1800 {
         if queued(node).await == 0 {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    panic!("the queue for the object store did not drain in 60 s: {} left", queued(node).await);
+    panic!("the queue for the object store did not drain in 180 s: {} left", queued(node).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,7 +33,7 @@ start_larder() {
   "$larder" serve --listen 127.0.0.1:0 --dir "$data/db" "$@" > "$data/larder.out" 2> "$data/larder.log" &
   pids+=($!)
   addr=
-  for _ in $(seq 1 100); do grep -q "serving REAPI on" "$data/larder.out" 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 1 600); do grep -q "serving REAPI on" "$data/larder.out" 2>/dev/null && break; sleep 0.1; done
   addr=$(sed -n 's/.*serving REAPI on \([^ ]*\).*/\1/p' "$data/larder.out")
   [ -n "$addr" ] || { cat "$data/larder.log" >&2; echo "check: larder did not start" >&2; exit 1; }
 }
@@ -79,10 +79,12 @@ check() {
   build first "$first"
   if [ "$mode" = write-back ]; then
     # The rebuild is on another node: let the first one's queue drain.
-    for _ in $(seq 1 300); do
-      curl -sf "http://$first/status.json" | grep -q '"queued":0,' && break
+    local drained=
+    for _ in $(seq 1 1800); do
+      curl -sf "http://$first/status.json" | grep -q '"queued":0,' && { drained=1; break; }
       sleep 0.1
     done
+    [ -n "$drained" ] || { echo "check: FAILED over $name: the write-back queue did not drain in 180 s" >&2; exit 1; }
   fi
   (cd "$dir/ws" && bazel --output_user_root="$dir/bazel" --batch clean --expunge >/dev/null 2>&1)
   build second "$second"

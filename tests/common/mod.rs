@@ -25,6 +25,8 @@ pub struct TestServer {
     pub addr: String,
     pub dir: PathBuf,
     lines: mpsc::Receiver<String>,
+    /// The line that says the store is open, with the other addresses.
+    serving: String,
 }
 
 impl TestServer {
@@ -84,7 +86,8 @@ impl TestServer {
                 let _ = tx.send(line);
             }
         });
-        let mut server = TestServer { child, addr: String::new(), dir: dir.to_path_buf(), lines };
+        let mut server =
+            TestServer { child, addr: String::new(), dir: dir.to_path_buf(), lines, serving: String::new() };
         let line = server.next_line();
         server.addr = line
             .split(" listening on ")
@@ -106,6 +109,15 @@ impl TestServer {
     pub fn wait_until_serving(&mut self) {
         let line = self.next_line();
         assert!(line.contains(&format!("serving REAPI on {}", self.addr)), "unexpected line: {line}");
+        self.serving = line;
+    }
+
+    /// The address larder says it serves `what` on ("HTTP also",
+    /// "metrics"): ports picked by larder, never taken by another socket.
+    pub fn address(&self, what: &str) -> String {
+        let rest = self.serving.split(&format!("{what} on ")).nth(1);
+        let address = rest.and_then(|r| r.split([',', ')']).next());
+        address.unwrap_or_else(|| panic!("no {what} address in: {}", self.serving)).to_string()
     }
 
     /// Whether the server process is still alive.
@@ -208,6 +220,16 @@ impl Clients {
             out.extend_from_slice(&message.data);
         }
         Ok(out)
+    }
+
+    /// Waits until the server has stored `bytes` of the upload `name`: a
+    /// call with that much sent is then in flight there, not on its way.
+    pub async fn until_committed(&mut self, name: &str, bytes: i64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.query(name).await.0 < bytes {
+            assert!(std::time::Instant::now() < deadline, "the server never stored {bytes} bytes of {name}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn query(&mut self, name: &str) -> (i64, bool) {
