@@ -646,4 +646,17 @@ async fn write_back_acknowledges_through_an_outage_and_a_kill() {
     // With room in its queue again, the node takes the refused write.
     let mut ca = Clients::connect(&a.addr).await;
     assert_eq!(ca.write(&name, &refused, 1 << 20).await.unwrap(), refused.len() as i64);
+
+    // A blob lost from the bucket (and so missing to every other node) is
+    // checked when a client writes it again, though A's local tier held it.
+    drained(&a).await;
+    let s3 = rgw.client();
+    object_store::ObjectStoreExt::delete(&s3, &rgw.path(&prefix, &small)).await.unwrap();
+    let c = rgw.node(&tmp.path().join("c"), &prefix);
+    let mut cc = Clients::connect(&c.addr).await;
+    assert_eq!(cc.find_missing(&[digest(&small)]).await.len(), 1);
+    assert_eq!(ca.batch_update(&[&small]).await, vec![0]);
+    drained(&a).await;
+    assert!(cc.find_missing(&[digest(&small)]).await.is_empty(), "copied again");
+    assert_eq!(cc.read(&read_name("", &small), 0, 0).await.unwrap(), small);
 }

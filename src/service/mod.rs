@@ -118,11 +118,26 @@ impl Shared {
     /// Copies blobs just written to the local tier to the object store,
     /// [`FETCHES_IN_FLIGHT`] at a time; a result per blob. Write-through: a
     /// write is acknowledged only once both tiers hold it, and a failed copy
-    /// stays queued for the replicator. Write-back: the queue holds them,
-    /// and the replicator is woken.
+    /// stays queued for the replicator. Write-back: the queue holds them
+    /// (blobs the local tier held already are queued to be checked), and
+    /// the replicator is woken.
     pub async fn replicate(&self, written: Vec<(digest::Digest, store::Written)>) -> Vec<Result<(), Status>> {
         let Some(remote) = self.remote.as_ref().filter(|_| !self.write_back) else {
             if self.write_back {
+                let rewritten: Vec<digest::Digest> = written
+                    .iter()
+                    .filter(|(_, w)| *w == store::Written::AlreadyPresent)
+                    .map(|(d, _)| *d)
+                    .collect();
+                if !rewritten.is_empty() {
+                    let store = Arc::clone(&self.store);
+                    if let Err(status) = blocking(move || store.recheck_blobs(&rewritten)).await {
+                        tracing::warn!(
+                            "could not queue blobs written again for a check: {}",
+                            status.message()
+                        );
+                    }
+                }
                 self.wake_replicator.notify_one();
             }
             return written.iter().map(|_| Ok(())).collect();

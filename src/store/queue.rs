@@ -20,8 +20,9 @@ use super::layout::{
 use super::{Error, Store, now_ms, stripe_of};
 use crate::digest::Digest;
 
-/// The queue time of a blob or action result queued by the backfill: it
-/// is looked up in the object store before it is copied.
+/// The queue time of a blob or action result queued by the backfill (or
+/// to be checked again): it is looked up in the object store before it is
+/// copied.
 pub const BACKFILLED: u64 = 0;
 
 /// One queue entry, as [`Store::queued`] lists it.
@@ -286,13 +287,50 @@ impl Store {
             bytes += size;
             slice.push((queue_key, lock, size));
         }
-        // Under the slice's stripe locks: what was evicted, removed or
-        // queued by a write meanwhile is left out.
-        let stripes: BTreeSet<usize> = slice.iter().map(|(_, lock, _)| stripe_of(lock)).collect();
+        let mut batch = WriteBatch::default();
+        match (finished, last) {
+            (true, _) => batch.delete(cursor),
+            (false, Some(last)) => batch.put(cursor, last),
+            (false, None) => {}
+        }
+        self.queue_to_check(cf, slice, batch)
+    }
+
+    /// Queues blobs a client wrote again that the local tier held already,
+    /// unqueued, to be looked up in the object store and copied if it
+    /// lacks them (the client may have found them missing there). With
+    /// write-back, the write is acknowledged before that look-up. Best
+    /// effort: a full queue leaves them out. Returns how many were queued.
+    pub fn recheck_blobs(&self, digests: &[Digest]) -> Result<usize, Error> {
+        let mut items: Vec<(Vec<u8>, Digest, u64)> = digests
+            .iter()
+            .filter(|d| !d.is_empty_blob())
+            .map(|d| (queue_blob_key(d).to_vec(), *d, d.size))
+            .collect();
+        items.sort_unstable();
+        items.dedup();
+        let bytes = items.iter().map(|(_, _, size)| size).sum();
+        if !self.queues() || items.is_empty() || self.admit_queued(bytes).is_err() {
+            return Ok(0);
+        }
+        self.queue_to_check(CF_INDEX, items, WriteBatch::default())
+    }
+
+    /// Writes `batch` with a queue entry to be checked before copying
+    /// (queue key, the digest whose stripe guards it, bytes) for each item
+    /// still stored in `cf` and not queued. Under the items' stripe locks:
+    /// what was evicted, removed or queued by a write meanwhile is left out.
+    fn queue_to_check(
+        &self,
+        cf: &str,
+        items: Vec<(Vec<u8>, Digest, u64)>,
+        mut batch: WriteBatch,
+    ) -> Result<usize, Error> {
+        let stripes: BTreeSet<usize> = items.iter().map(|(_, lock, _)| stripe_of(lock)).collect();
         let _guards: Vec<_> =
             stripes.iter().map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())).collect();
-        let (mut batch, mut queued, mut bytes) = (WriteBatch::default(), 0, 0);
-        for (queue_key, _, size) in slice {
+        let (mut queued, mut bytes) = (0, 0);
+        for (queue_key, _, size) in items {
             let stored = self.db.get_pinned_cf(self.cf(cf), &queue_key[1..])?.is_some();
             if !stored || self.queue_entry(&queue_key)?.is_some() {
                 continue;
@@ -300,11 +338,6 @@ impl Store {
             let value = QueueValue { since_ms: BACKFILLED, bytes: size };
             batch.put_cf(self.cf(CF_QUEUE), queue_key, value.encode());
             (queued, bytes) = (queued + 1, bytes + size);
-        }
-        match (finished, last) {
-            (true, _) => batch.delete(cursor),
-            (false, Some(last)) => batch.put(cursor, last),
-            (false, None) => {}
         }
         self.write(batch)?;
         self.count_queued(queued as i64, bytes as i64);

@@ -437,6 +437,33 @@ fn writes_are_queued_with_their_blobs_and_copies_are_not() {
 }
 
 #[test]
+fn blobs_written_again_are_queued_for_a_check_unless_queued_or_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open_queueing(&tmp.path().join("q"), 250_000);
+    let (copied, queued, absent) = (bytes(3000, 1), bytes(1000, 2), Digest::of(b"never stored"));
+    let mut copy = store.begin_copy("c", Digest::of(&copied)).unwrap();
+    copy.append(&copied, None).unwrap();
+    copy.finish().unwrap();
+    let queued = put(&store, &queued);
+    let empty = Digest::of(b"");
+    let digests = [Digest::of(&copied), Digest::of(&copied), queued, absent, empty];
+    assert_eq!(store.recheck_blobs(&digests).unwrap(), 1, "only the unqueued copy");
+    let entry =
+        store.queued(&[], 10).unwrap().into_iter().find(|e| e.item == Queued::Blob(Digest::of(&copied)));
+    assert_eq!(entry.unwrap().since_ms, BACKFILLED, "looked up before it is copied");
+    assert_eq!(store.queue_len(), (2, 4000));
+    // Best effort: a full queue leaves them out, and the write stands.
+    store.dequeue_blobs(&[Digest::of(&copied)]).unwrap();
+    put(&store, &bytes(248_000, 3));
+    assert_eq!(store.recheck_blobs(&[Digest::of(&copied)]).unwrap(), 0);
+    assert_eq!(store.queue_len(), (2, 249_000));
+    // Without a tier, nothing.
+    let plain = open(&tmp.path().join("plain"));
+    let d = put(&plain, &copied);
+    assert_eq!(plain.recheck_blobs(&[d]).unwrap(), 0);
+}
+
+#[test]
 fn a_full_queue_refuses_writes_and_nothing_without_a_tier_is_queued() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open_queueing(&tmp.path().join("q"), 250_000);
