@@ -79,8 +79,10 @@ pub struct Store {
     hard_limit: AtomicU64,
     /// Bytes of the data directory at the last measurement.
     measured_disk: AtomicU64,
-    /// Bytes admitted for writing since that measurement.
+    /// Bytes written since that measurement began (some may be in it).
     written_since: AtomicU64,
+    /// Bytes admitted for writing and not yet written (see [`Admitted`]).
+    writing: AtomicU64,
     /// Totals since the store opened, for metrics.
     rejected_writes: AtomicU64,
     corrupt_blobs: AtomicU64,
@@ -158,6 +160,21 @@ impl NewBlob {
 pub enum Written {
     Stored,
     AlreadyPresent,
+}
+
+/// Bytes admitted for writing: counted as being written until dropped
+/// (written, or failed), then as written since the last measurement, which
+/// counts them for good only if it began after that.
+struct Admitted<'a> {
+    store: &'a Store,
+    bytes: u64,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.store.written_since.fetch_add(self.bytes, Ordering::Relaxed);
+        self.store.writing.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 const STRIPES: usize = 256;
@@ -274,6 +291,7 @@ impl Store {
             hard_limit: AtomicU64::new(u64::MAX),
             measured_disk: AtomicU64::new(0),
             written_since: AtomicU64::new(0),
+            writing: AtomicU64::new(0),
             rejected_writes: AtomicU64::new(0),
             corrupt_blobs: AtomicU64::new(0),
             evicted_blobs: AtomicU64::new(0),
@@ -418,8 +436,8 @@ impl Store {
     /// RocksDB keeps there: SST and blob files, WAL, manifest), plus what the
     /// memtables hold, and restarts the estimate of writes since.
     pub fn measure_disk(&self) -> Result<u64, Error> {
-        // Writes admitted during the scan may be missing from it: they stay
-        // in the estimate until the next measurement.
+        // Writes that end during the scan may be missing from it, and
+        // writes in progress are: both stay in the estimate.
         let counted = self.written_since.load(Ordering::Relaxed);
         let mut total = 0;
         for entry in std::fs::read_dir(&self.path).map_err(Error::Measure)? {
@@ -448,9 +466,12 @@ impl Store {
         Ok(filesystem_space(&self.path).map_err(Error::Measure)?.1)
     }
 
-    /// The last disk measurement plus what was written since.
+    /// The last disk measurement plus what was written since, or is being
+    /// written.
     pub fn disk_estimate(&self) -> u64 {
-        self.measured_disk.load(Ordering::Relaxed) + self.written_since.load(Ordering::Relaxed)
+        self.measured_disk.load(Ordering::Relaxed)
+            + self.written_since.load(Ordering::Relaxed)
+            + self.writing.load(Ordering::Relaxed)
     }
 
     /// Writes that would take the disk estimate above `limit` are refused
@@ -459,16 +480,17 @@ impl Store {
         self.hard_limit.store(limit, Ordering::Relaxed);
     }
 
-    /// Admits `bytes` of new data, or refuses them at the hard limit.
-    fn admit(&self, bytes: u64) -> Result<(), Error> {
+    /// Admits `bytes` of new data, or refuses them at the hard limit. The
+    /// caller holds the admission while it writes them.
+    fn admit(&self, bytes: u64) -> Result<Admitted<'_>, Error> {
         let limit = self.hard_limit.load(Ordering::Relaxed);
         let estimate = self.disk_estimate();
         if estimate.saturating_add(bytes) > limit {
             self.rejected_writes.fetch_add(1, Ordering::Relaxed);
             return Err(Error::Full { estimate, limit });
         }
-        self.written_since.fetch_add(bytes, Ordering::Relaxed);
-        Ok(())
+        self.writing.fetch_add(bytes, Ordering::Relaxed);
+        Ok(Admitted { store: self, bytes })
     }
 
     /// Which of `digests` are present (the empty blob always is). One batched
@@ -831,7 +853,7 @@ impl Store {
         }
         let bytes = candidates.iter().map(|&i| blobs[i].digest.size).sum();
         self.admit_queued(bytes)?;
-        self.admit(bytes)?;
+        let _admitted = self.admit(bytes)?;
         // Compress outside the locks.
         let now = now_ms();
         let mut prepared = Vec::with_capacity(candidates.len());

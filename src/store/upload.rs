@@ -210,7 +210,8 @@ impl Upload {
         if data.is_empty() {
             return Ok(());
         }
-        self.store.admit(data.len() as u64)?;
+        let store = Arc::clone(&self.store);
+        let _admitted = store.admit(data.len() as u64)?;
         let level = self.store.options.zstd_level;
         let value = match frame {
             Some(frame) => chunk::encode_frame(frame, data, level),
@@ -225,7 +226,8 @@ impl Upload {
         if data.is_empty() {
             return Ok(());
         }
-        self.store.admit(data.len() as u64)?;
+        let store = Arc::clone(&self.store);
+        let _admitted = store.admit(data.len() as u64)?;
         self.persist(data, value)
     }
 
