@@ -155,13 +155,15 @@ async fn copy(
             }
         }
         Queued::ActionResult { instance, action } => {
-            let result = {
+            // Whether it is from before the tier is read with the result: a
+            // client's newer one may have replaced both since the listing.
+            let (result, backfilled) = {
                 let (store, instance) = (Arc::clone(store), instance.clone());
-                blocking(move || store.get_action_result(&instance, &action)).await?
+                blocking(move || store.action_result_to_copy(&instance, &action)).await?
             };
             // From before the tier: another node's newer result may be
             // there already, and stays.
-            let there = entry.since_ms == BACKFILLED
+            let there = backfilled
                 && result.is_some()
                 && match remote.get_action_result(&instance, &action).await {
                     Ok(found) => found.is_some(),

@@ -17,6 +17,8 @@
 //! | `queue`   | 0x01 · `ac` key | [`QueueValue`]: an action result the object store may lack |
 //! | `default` | `layout` | layout version (ASCII) |
 //! | `default` | `backfill` | the index key after which blobs from before the queue are still to be queued |
+//! | `default` | `backfill-ac` | the same for action results (an `ac` key), after the blobs |
+//! | `default` | `queueing` | `1` while the store keeps a queue (it has an object store tier) |
 //!
 //! A blob's chunks live under a blob id, allocated when its upload starts, not
 //! under its digest: an upload writes its chunks where they will stay, and
@@ -33,10 +35,11 @@
 //! queue entry is written in the same batch as its index entry, so no crash
 //! can leave a stored blob that is neither copied nor queued. Blobs stored
 //! while there was no queue (before the object store tier was configured)
-//! are queued by a backfill, a slice at a time, from the `backfill` cursor;
-//! opening the store without a tier empties the queue (nothing waits for
-//! an object store that is gone) and drops the cursor, so that turning the
-//! tier on again backfills from the start.
+//! are queued by a backfill, a slice at a time, from the `backfill` cursor,
+//! and then action results from the `backfill-ac` one; a server opening the
+//! store without a tier empties the queue (nothing waits for an object
+//! store that is gone) and drops the cursors, so that turning the tier on
+//! again backfills from the start.
 
 use std::ops::Deref;
 

@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
+use bytes::Bytes;
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 pub use super::layout::Queued;
@@ -200,6 +201,20 @@ impl Store {
         Ok(())
     }
 
+    /// An action result to copy to the object store, and whether the
+    /// backfill queued it (then it is looked up there first). Read together
+    /// under the action's stripe: a client storing a newer result replaces
+    /// both at once.
+    pub fn action_result_to_copy(
+        &self,
+        instance: &str,
+        action: &Digest,
+    ) -> Result<(Option<Bytes>, bool), Error> {
+        let _guard = self.stripe(action);
+        let entry = self.queue_entry(&queue_ac_key(instance, action))?;
+        Ok((self.get_action_result(instance, action)?, entry.is_some_and(|v| v.since_ms == BACKFILLED)))
+    }
+
     /// Up to `max` queue entries after the key `after` (from the start for
     /// an empty one), in key order: blobs first, then action results.
     pub fn queued(&self, after: &[u8], max: usize) -> Result<Vec<QueueEntry>, Error> {
@@ -300,7 +315,8 @@ impl Store {
     /// unqueued, to be looked up in the object store and copied if it
     /// lacks them (the client may have found them missing there). With
     /// write-back, the write is acknowledged before that look-up. Best
-    /// effort: a full queue leaves them out. Returns how many were queued.
+    /// effort: a queue more than half full leaves them out. Returns how
+    /// many were queued.
     pub fn recheck_blobs(&self, digests: &[Digest]) -> Result<usize, Error> {
         let mut items: Vec<(Vec<u8>, Digest, u64)> = digests
             .iter()
@@ -309,8 +325,11 @@ impl Store {
             .collect();
         items.sort_unstable();
         items.dedup();
-        let bytes = items.iter().map(|(_, _, size)| size).sum();
-        if !self.queues() || items.is_empty() || self.admit_queued(bytes).is_err() {
+        let bytes: u64 = items.iter().map(|(_, _, size)| size).sum();
+        // Like the backfill, into half of the queue at most: the rest is
+        // for writes.
+        let room = (self.options.queue_limit / 2).saturating_sub(self.queue_len().1);
+        if !self.queues() || items.is_empty() || bytes > room {
             return Ok(0);
         }
         self.queue_to_check(CF_INDEX, items, WriteBatch::default())
