@@ -27,6 +27,17 @@ pub struct TestServer {
     lines: mpsc::Receiver<String>,
     /// The line that says the store is open, with the other addresses.
     serving: String,
+    /// Where larder's log goes: shown if the test fails, else removed
+    /// (unless the test asked for it).
+    log: PathBuf,
+    own_log: bool,
+}
+
+/// A log file of its own for each server a test starts.
+fn new_log_path() -> PathBuf {
+    static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("larder-test-{}-{n}.log", std::process::id()))
 }
 
 impl TestServer {
@@ -74,9 +85,12 @@ impl TestServer {
             .env_remove("XDG_CACHE_HOME")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped());
-        if let Some(log) = log {
-            command.stderr(std::fs::File::create(log).expect("create the log file"));
-        }
+        // Not on the terminal: some tests log thousands of refused writes.
+        let (log, own_log) = match log {
+            Some(log) => (log.to_path_buf(), false),
+            None => (new_log_path(), true),
+        };
+        command.stderr(std::fs::File::create(&log).expect("create the log file"));
         let mut child = command.spawn().expect("spawn larder");
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -86,8 +100,15 @@ impl TestServer {
                 let _ = tx.send(line);
             }
         });
-        let mut server =
-            TestServer { child, addr: String::new(), dir: dir.to_path_buf(), lines, serving: String::new() };
+        let mut server = TestServer {
+            child,
+            addr: String::new(),
+            dir: dir.to_path_buf(),
+            lines,
+            serving: String::new(),
+            log,
+            own_log,
+        };
         let line = server.next_line();
         server.addr = line
             .split(" listening on ")
@@ -179,6 +200,15 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("--- the last {} lines of larder's log ({}) ---", tail.len(), self.log.display());
+            eprintln!("{}", tail.join("\n"));
+        } else if self.own_log {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
