@@ -63,8 +63,7 @@ pub async fn run(
             if after.is_empty() {
                 // Idle: queue the next blobs from before the tier, if any,
                 // into at most half of the queue (the rest is for writes).
-                let (filler, (_, queued)) = (Arc::clone(&store), store.queue_len());
-                let room = (store.options().queue_limit / 2).saturating_sub(queued);
+                let (filler, room) = (Arc::clone(&store), store.room_for_checks());
                 if room > 0 {
                     match blocking(move || filler.backfill(room)).await {
                         Ok(Some(n)) if n > 0 => continue,

@@ -64,13 +64,7 @@ impl Store {
         evicted: &mut Evicted,
     ) -> Result<(), Error> {
         let mut batch = WriteBatch::default();
-        let mut guards = Vec::new();
-        let mut stripes: Vec<usize> = candidates.iter().map(|(_, d)| super::stripe_of(d)).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        for s in stripes {
-            guards.push(self.stripes[s].lock().unwrap_or_else(|e| e.into_inner()));
-        }
+        let _guards = self.lock_stripes(candidates.iter().map(|(_, d)| d));
         let before = (evicted.blobs, evicted.bytes);
         let mut done = std::collections::HashSet::new();
         for (atime, digest) in candidates {

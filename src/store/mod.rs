@@ -349,6 +349,13 @@ impl Store {
         self.stripes[stripe_of(d)].lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The stripes of all of `digests`, each once, taken in order (so that
+    /// two callers never deadlock).
+    fn lock_stripes<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> Vec<MutexGuard<'_, ()>> {
+        let stripes: BTreeSet<usize> = digests.into_iter().map(stripe_of).collect();
+        stripes.into_iter().map(|s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())).collect()
+    }
+
     fn get_entry(&self, d: &Digest) -> Result<Option<IndexEntry>, Error> {
         match self.db.get_pinned_cf(self.cf(CF_INDEX), index_key(d))? {
             None => Ok(None),
@@ -878,9 +885,7 @@ impl Store {
             let entry = IndexEntry { blob_id, stored, atime: now };
             prepared.push((i, *digest, entry, chunks));
         }
-        let stripe_ids: BTreeSet<usize> = prepared.iter().map(|(_, d, _, _)| stripe_of(d)).collect();
-        let _guards: Vec<_> =
-            stripe_ids.iter().map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())).collect();
+        let _guards = self.lock_stripes(prepared.iter().map(|(_, d, _, _)| d));
         let mut batch = WriteBatch::default();
         let (mut queued, mut queued_bytes) = (0, 0);
         for (i, digest, entry, chunks) in prepared {

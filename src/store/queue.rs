@@ -7,7 +7,6 @@
 //!
 //! A store opened without a queue limit (no object store) queues nothing.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
@@ -18,7 +17,7 @@ use super::layout::{
     AC_VALUE_VERSION, BACKFILL_AC_KEY, BACKFILL_KEY, CF_AC, CF_INDEX, CF_QUEUE, QUEUEING_KEY, QueueValue,
     ac_key, queue_ac_key, queue_blob_key, queued_of_key,
 };
-use super::{Error, Store, now_ms, stripe_of};
+use super::{Error, Store, now_ms};
 use crate::digest::Digest;
 
 /// The queue time of a blob or action result queued by the backfill (or
@@ -44,6 +43,13 @@ impl Store {
     /// Entries in the queue, and the bytes they count.
     pub fn queue_len(&self) -> (u64, u64) {
         (self.queued.load(Ordering::Relaxed), self.queued_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Bytes the queue has left for entries to be checked before copying
+    /// (the backfill, blobs written again): they may fill half of it, the
+    /// rest is for writes.
+    pub fn room_for_checks(&self) -> u64 {
+        (self.options.queue_limit / 2).saturating_sub(self.queue_len().1)
     }
 
     /// Refuses `bytes` of new writes if the queue cannot take them. An
@@ -105,9 +111,7 @@ impl Store {
         let mut digests = digests.to_vec();
         digests.sort_unstable();
         digests.dedup();
-        let stripes: BTreeSet<usize> = digests.iter().map(stripe_of).collect();
-        let _guards: Vec<_> =
-            stripes.iter().map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())).collect();
+        let _guards = self.lock_stripes(&digests);
         let keys: Vec<_> = digests.iter().map(queue_blob_key).collect();
         let mut batch = WriteBatch::default();
         let (mut entries, mut bytes) = (0, 0);
@@ -238,8 +242,8 @@ impl Store {
 
     /// At a server's start: a store that starts queueing (its object store
     /// tier is new) backfills the blobs and action results it already
-    /// holds; one that stops empties its
-    /// queue, so that eviction may take those blobs again.
+    /// holds; one that stops empties its queue, so that eviction may take
+    /// those blobs again.
     pub fn start_or_stop_queueing(&self) -> Result<(), Error> {
         let queueing = self.db.get(QUEUEING_KEY)?.is_some();
         let mut batch = WriteBatch::default();
@@ -326,10 +330,7 @@ impl Store {
         items.sort_unstable();
         items.dedup();
         let bytes: u64 = items.iter().map(|(_, _, size)| size).sum();
-        // Like the backfill, into half of the queue at most: the rest is
-        // for writes.
-        let room = (self.options.queue_limit / 2).saturating_sub(self.queue_len().1);
-        if !self.queues() || items.is_empty() || bytes > room {
+        if !self.queues() || items.is_empty() || bytes > self.room_for_checks() {
             return Ok(0);
         }
         self.queue_to_check(CF_INDEX, items, WriteBatch::default())
@@ -345,9 +346,7 @@ impl Store {
         items: Vec<(Vec<u8>, Digest, u64)>,
         mut batch: WriteBatch,
     ) -> Result<usize, Error> {
-        let stripes: BTreeSet<usize> = items.iter().map(|(_, lock, _)| stripe_of(lock)).collect();
-        let _guards: Vec<_> =
-            stripes.iter().map(|&s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())).collect();
+        let _guards = self.lock_stripes(items.iter().map(|(_, lock, _)| lock));
         let (mut queued, mut bytes) = (0, 0);
         for (queue_key, _, size) in items {
             let stored = self.db.get_pinned_cf(self.cf(cf), &queue_key[1..])?.is_some();
