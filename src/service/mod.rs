@@ -122,26 +122,24 @@ impl Shared {
     /// (blobs the local tier held already are queued to be checked), and
     /// the replicator is woken.
     pub async fn replicate(&self, written: Vec<(digest::Digest, store::Written)>) -> Vec<Result<(), Status>> {
-        let Some(remote) = self.remote.as_ref().filter(|_| !self.write_back) else {
-            if self.write_back {
-                let rewritten: Vec<digest::Digest> = written
-                    .iter()
-                    .filter(|(_, w)| *w == store::Written::AlreadyPresent)
-                    .map(|(d, _)| *d)
-                    .collect();
-                if !rewritten.is_empty() {
-                    let store = Arc::clone(&self.store);
-                    if let Err(status) = blocking(move || store.recheck_blobs(&rewritten)).await {
-                        tracing::warn!(
-                            "could not queue blobs written again for a check: {}",
-                            status.message()
-                        );
-                    }
+        let all_done =
+            |written: &[(digest::Digest, store::Written)]| written.iter().map(|_| Ok(())).collect();
+        let Some(remote) = &self.remote else { return all_done(&written) };
+        if self.write_back {
+            let rewritten: Vec<digest::Digest> = written
+                .iter()
+                .filter(|(_, w)| *w == store::Written::AlreadyPresent)
+                .map(|(d, _)| *d)
+                .collect();
+            if !rewritten.is_empty() {
+                let store = Arc::clone(&self.store);
+                if let Err(status) = blocking(move || store.recheck_blobs(&rewritten)).await {
+                    tracing::warn!("could not queue blobs written again for a check: {}", status.message());
                 }
-                self.wake_replicator.notify_one();
             }
-            return written.iter().map(|_| Ok(())).collect();
-        };
+            self.wake_replicator.notify_one();
+            return all_done(&written);
+        }
         let copies = written.into_iter().map(|(digest, written)| self.copy_out(remote, digest, written));
         let results: Vec<Result<Option<digest::Digest>, Status>> =
             futures::stream::iter(copies).buffered(FETCHES_IN_FLIGHT).collect().await;
