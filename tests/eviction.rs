@@ -144,12 +144,7 @@ async fn evicted_outputs_remove_their_action_results() {
         }],
         ..Default::default()
     };
-    let update = reapi::UpdateActionResultRequest {
-        action_digest: Some(action.clone()),
-        action_result: Some(result),
-        ..Default::default()
-    };
-    c.ac.update_action_result(update).await.unwrap();
+    c.put_action_result(&action, result).await;
     let get = reapi::GetActionResultRequest { action_digest: Some(action.clone()), ..Default::default() };
     c.ac.get_action_result(get.clone()).await.unwrap();
     // Push the output out with newer blobs.

@@ -178,14 +178,7 @@ async fn a_blob_written_through_one_node_reads_back_through_another() {
         stdout_digest: Some(digest(&small)),
         ..Default::default()
     };
-    ca.ac
-        .update_action_result(reapi::UpdateActionResultRequest {
-            action_digest: Some(action.clone()),
-            action_result: Some(result.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    ca.put_action_result(&action, result.clone()).await;
     let c = tempfile::tempdir().unwrap();
     let node_c = rgw.node(c.path(), &prefix);
     let mut cc = Clients::connect(&node_c.addr).await;
@@ -346,12 +339,7 @@ async fn trees_and_output_directories_read_through_a_level_at_a_time() {
     };
     for (action, output) in [(b"by tree", by_tree), (b"by root", by_root)] {
         let result = reapi::ActionResult { output_directories: vec![output], ..Default::default() };
-        let update = reapi::UpdateActionResultRequest {
-            action_digest: Some(digest(action)),
-            action_result: Some(result),
-            ..Default::default()
-        };
-        ca.ac.update_action_result(update).await.unwrap();
+        ca.put_action_result(&digest(action), result).await;
     }
 
     // GetTree on a node with an empty local tier: the whole tree.
@@ -418,24 +406,19 @@ async fn blobs_from_before_the_tier_reach_it() {
         exit_code,
         ..Default::default()
     };
-    let update = |action: &reapi::Digest, result| reapi::UpdateActionResultRequest {
-        action_digest: Some(action.clone()),
-        action_result: Some(result),
-        ..Default::default()
-    };
     let (early, contested) = (digest(b"early action"), digest(b"contested action"));
     {
         let alone = TestServer::start(&dir, &[]);
         let mut c = Clients::connect(&alone.addr).await;
         assert_eq!(c.batch_update(&[&before]).await, vec![0]);
-        c.ac.update_action_result(update(&early, output(0))).await.unwrap();
-        c.ac.update_action_result(update(&contested, output(1))).await.unwrap();
+        c.put_action_result(&early, output(0)).await;
+        c.put_action_result(&contested, output(1)).await;
         alone.stop();
     }
     // Another node writes a newer result for the contested action first.
     let b = rgw.node(&tmp.path().join("b"), &prefix);
     let mut cb = Clients::connect(&b.addr).await;
-    cb.ac.update_action_result(update(&contested, output(2))).await.unwrap();
+    cb.put_action_result(&contested, output(2)).await;
     // With the tier configured, the node copies what it held already: a
     // node with an empty local tier gets the early result, with its output.
     let a = rgw.node(&dir, &prefix);
@@ -613,12 +596,7 @@ async fn write_back_acknowledges_through_an_outage_and_a_kill() {
         stdout_digest: Some(digest(&small)),
         ..Default::default()
     };
-    let update = reapi::UpdateActionResultRequest {
-        action_digest: Some(action.clone()),
-        action_result: Some(result.clone()),
-        ..Default::default()
-    };
-    ca.ac.update_action_result(update).await.unwrap();
+    ca.put_action_result(&action, result.clone()).await;
     assert_eq!(queued(&a).await, 3);
     // The queue is bounded: past its 4 MiB, writes are refused, saying why.
     let refused = random_bytes(1 << 20, 13);

@@ -252,6 +252,16 @@ impl Clients {
         Ok(out)
     }
 
+    /// Stores `result` for `action` (no instance name), which must succeed.
+    pub async fn put_action_result(&mut self, action: &reapi::Digest, result: reapi::ActionResult) {
+        let request = reapi::UpdateActionResultRequest {
+            action_digest: Some(action.clone()),
+            action_result: Some(result),
+            ..Default::default()
+        };
+        self.ac.update_action_result(request).await.expect("UpdateActionResult");
+    }
+
     /// Waits until the server has stored `bytes` of the upload `name`: a
     /// call with that much sent is then in flight there, not on its way.
     pub async fn until_committed(&mut self, name: &str, bytes: i64) {
