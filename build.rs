@@ -11,13 +11,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ["proto"],
     )?;
     let descriptors = fds.encode_to_vec();
+    // Type names let larder's codec (src/codec.rs) tell requests apart.
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
     tonic_prost_build::configure()
+        .codec_path("crate::codec::Codec")
         // Blob payloads are `bytes::Bytes`: passed along without copying.
         .bytes(".")
         // Well-known types with serde support, for the JSON mapping.
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
-        .compile_fds(fds)?;
+        .compile_fds_with_config(fds, config)?;
     pbjson_build::Builder::new().register_descriptors(&descriptors)?.build(&[
         ".build.bazel",
         ".google.bytestream",

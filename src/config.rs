@@ -44,6 +44,10 @@ pub struct Config {
     pub max_batch_size: ByteSize,
     /// Largest gRPC message accepted or sent.
     pub max_message_size: ByteSize,
+    /// Most entries (digests, blobs, output files...) in one request.
+    pub max_call_entries: usize,
+    /// Largest Directory or Tree blob GetTree and GetActionResult read.
+    pub max_directory_size: ByteSize,
     /// Partial uploads untouched for this long are deleted.
     #[serde(deserialize_with = "duration")]
     pub partial_upload_max_age: Duration,
@@ -59,6 +63,15 @@ pub struct Config {
     /// At shutdown, in-flight calls have this long to finish.
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
+    /// A connection must bring its first call (and an HTTP/1.1 request its
+    /// headers) within this long.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// A connection with no call in flight for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Most connections open at once (also bounded by the open-file limit).
+    pub max_connections: usize,
     /// How logs are written to stderr.
     pub log_format: LogFormat,
     /// TLS certificate chain and key (PEM) for every port; empty for plain TCP.
@@ -74,6 +87,8 @@ pub struct Config {
     pub htpasswd_file: PathBuf,
     /// With htpasswd_file: anonymous clients may read; writes need credentials.
     pub allow_unauthenticated_reads: bool,
+    /// With htpasswd_file: the metrics port serves /metrics without credentials.
+    pub public_metrics_port: bool,
     /// Bytes per second the server re-hashes stored blobs at, in the
     /// background (0: no online scrub).
     pub scrub_rate: ByteSize,
@@ -122,6 +137,8 @@ pub struct Overrides {
     pub htpasswd_file: Option<PathBuf>,
     /// `Some(true)` when the flag is given.
     pub allow_unauthenticated_reads: Option<bool>,
+    /// `Some(true)` when the flag is given.
+    pub public_metrics_port: Option<bool>,
     pub scrub_rate: Option<String>,
     pub s3_endpoint: Option<String>,
     pub s3_bucket: Option<String>,
@@ -158,6 +175,7 @@ impl Config {
             .set_override_option("tls_client_ca", overrides.tls_client_ca.map(|p| p.display().to_string()))?
             .set_override_option("htpasswd_file", overrides.htpasswd_file.map(|p| p.display().to_string()))?
             .set_override_option("allow_unauthenticated_reads", overrides.allow_unauthenticated_reads)?
+            .set_override_option("public_metrics_port", overrides.public_metrics_port)?
             .set_override_option("scrub_rate", overrides.scrub_rate)?
             .set_override_option("s3_endpoint", overrides.s3_endpoint)?
             .set_override_option("s3_bucket", overrides.s3_bucket)?
@@ -181,6 +199,7 @@ impl Config {
             prefix: self.s3_prefix.clone(),
             region: self.s3_region.clone(),
             path_style: self.s3_path_style,
+            max_action_result: self.max_message_size.0 as usize,
         })
     }
 
@@ -205,7 +224,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), Error> {
         let invalid = |key: &str, why: String| Err(Error::Invalid(key.to_string(), why));
-        if !(4 << 10..=64 << 20).contains(&self.chunk_size.0) {
+        if !(4 << 10..=crate::store::chunk::MAX_CHUNK_SIZE as u64).contains(&self.chunk_size.0) {
             return invalid("chunk_size", "must be between 4KiB and 64MiB".into());
         }
         if !self.s3_endpoint.is_empty() && self.s3_bucket.is_empty() {
@@ -249,6 +268,33 @@ impl Config {
             return invalid(
                 "allow_unauthenticated_reads",
                 "only means something with htpasswd_file: without one, everyone may read and write".into(),
+            );
+        }
+        if self.header_timeout < Duration::from_secs(1) || self.idle_timeout < self.header_timeout {
+            return invalid(
+                "idle_timeout",
+                format!(
+                    "header_timeout ({:?}) must be at least 1s, and idle_timeout ({:?}) at least as long",
+                    self.header_timeout, self.idle_timeout
+                ),
+            );
+        }
+        if self.max_connections < 16 {
+            return invalid("max_connections", "must be at least 16".into());
+        }
+        if self.max_call_entries < 1000 {
+            return invalid(
+                "max_call_entries",
+                format!("{} is too few: use at least 1000", self.max_call_entries),
+            );
+        }
+        if self.max_directory_size.0 < 64 << 10 {
+            return invalid("max_directory_size", "must be at least 64KiB".into());
+        }
+        if self.public_metrics_port && self.metrics_listen.is_none() {
+            return invalid(
+                "public_metrics_port",
+                "only means something with metrics_listen: the main port's /metrics needs read access".into(),
             );
         }
         if self.max_message_size.0 > 1 << 30 {

@@ -298,11 +298,19 @@ pub fn parse_read_resource(name: &str) -> Result<BlobResource, Error> {
         .iter()
         .position(|s| *s == "blobs" || *s == "compressed-blobs")
         .ok_or_else(|| Error::BadResource(name.to_string(), "has no blobs/ segment"))?;
+    if segments[..marker].contains(&"uploads") {
+        return Err(Error::BadResource(
+            name.to_string(),
+            "names an upload: reads take {instance}/blobs/{hash}/{size}",
+        ));
+    }
     let (blob, rest) = parse_blob_part(name, &segments[marker..])?;
     if !rest.is_empty() {
         return Err(Error::BadResource(name.to_string(), "has segments after the size"));
     }
-    Ok(BlobResource { instance: segments[..marker].join("/"), ..blob })
+    let instance = segments[..marker].join("/");
+    check_instance(&instance)?;
+    Ok(BlobResource { instance, ..blob })
 }
 
 /// Parses `{instance}/uploads/{uuid}/blobs/{hash}/{size}{/metadata...}` (a Write).
@@ -317,7 +325,9 @@ pub fn parse_write_resource(name: &str) -> Result<BlobResource, Error> {
     }
     // Anything after the size is client metadata and is ignored.
     let (blob, _metadata) = parse_blob_part(name, &segments[marker + 2..])?;
-    Ok(BlobResource { instance: segments[..marker].join("/"), ..blob })
+    let instance = segments[..marker].join("/");
+    check_instance(&instance)?;
+    Ok(BlobResource { instance, ..blob })
 }
 
 /// Parses `blobs/[function/]hash/size...` or `compressed-blobs/comp/[function/]hash/size...`,

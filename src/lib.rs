@@ -7,10 +7,12 @@
 
 pub mod auth;
 pub mod bench;
+pub mod codec;
 pub mod compression;
 pub mod config;
 pub mod digest;
 pub mod eviction;
+pub mod idle;
 pub mod metrics;
 pub mod proto;
 pub mod remote;

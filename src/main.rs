@@ -84,6 +84,10 @@ struct ServeArgs {
     /// With --htpasswd: anonymous clients may read; writes need credentials.
     #[arg(long)]
     allow_unauthenticated_reads: bool,
+    /// With --htpasswd: the metrics port (--metrics-listen) serves /metrics
+    /// without credentials, for Prometheus.
+    #[arg(long)]
+    public_metrics_port: bool,
     /// Re-hash stored blobs in the background at this many bytes per second,
     /// e.g. 20MiB [default: 0, off].
     #[arg(long, value_name = "SIZE")]
@@ -147,6 +151,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         tls_client_ca: args.tls_client_ca,
         htpasswd_file: args.htpasswd,
         allow_unauthenticated_reads: args.allow_unauthenticated_reads.then_some(true),
+        public_metrics_port: args.public_metrics_port.then_some(true),
         scrub_rate: args.scrub_rate,
         s3_endpoint: args.s3_endpoint,
         s3_bucket: args.s3_bucket,

@@ -82,11 +82,15 @@ pub struct Settings {
     pub prefix: String,
     pub region: String,
     pub path_style: bool,
+    /// The largest action result accepted (`max_message_size`): a larger
+    /// object is damaged.
+    pub max_action_result: usize,
 }
 
 pub struct Remote {
     store: Arc<dyn ObjectStore>,
     prefix: String,
+    max_action_result: usize,
     /// What it is, for messages: endpoint and bucket.
     pub name: String,
 }
@@ -165,6 +169,7 @@ impl Remote {
         Ok(Remote {
             store: Arc::new(store),
             prefix,
+            max_action_result: settings.max_action_result,
             name: format!("{} bucket {}", settings.endpoint, settings.bucket),
         })
     }
@@ -422,20 +427,30 @@ impl Remote {
         Ok(())
     }
 
-    /// An action result, `None` if absent.
+    /// An action result, `None` if absent. An object larger than any
+    /// result larder accepts is damaged, and is not read.
     pub async fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<Bytes>, Error> {
+        let damaged = || Error::Damaged(format!("action result of {action}"));
         let object = match self.store.get(&self.ac_path(instance, action)).await {
+            Ok(r) if r.meta.size > self.max_action_result as u64 + 12 => return Err(damaged()),
             Ok(r) => r.bytes().await?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let damaged = || Error::Damaged(format!("action result of {action}"));
         let rest = object.strip_prefix(AC_MAGIC).ok_or_else(damaged)?;
         let (crc, result) = rest.split_first_chunk::<4>().ok_or_else(damaged)?;
         if crc32c::crc32c(result) != u32::from_le_bytes(*crc) {
             return Err(damaged());
         }
         Ok(Some(object.slice(12..)))
+    }
+
+    /// Deletes an action result's object (one found damaged).
+    pub async fn forget_action_result(&self, instance: &str, action: &Digest) -> Result<(), Error> {
+        match self.store.delete(&self.ac_path(instance, action)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -483,11 +498,15 @@ async fn copy(
             Err(e) => return (Some(upload), Err(e)),
         };
         let stored = value.clone();
+        let remaining = size - held;
         let worked = tokio::task::spawn_blocking(move || {
             let appended = match chunk::decode(&stored) {
-                Some(data) => {
+                Some(data) if data.len() as u64 <= remaining => {
                     upload.append_encoded(&data, stored.to_vec()).map(|()| data).map_err(Error::Local)
                 }
+                Some(_) => Err(Error::Damaged(format!(
+                    "object for {digest}: its chunks hold more than {size} bytes"
+                ))),
                 None => Err(Error::Damaged(format!("object for {digest}: a chunk fails its check"))),
             };
             (upload, appended)
@@ -554,8 +573,9 @@ impl Reader {
     async fn chunk(&mut self) -> Result<Bytes, Error> {
         self.fill(4).await?;
         let len = u32::from_le_bytes(self.buffer[..4].try_into().expect("4 bytes")) as usize;
-        // A chunk holds at most 64 MiB, compressed or not.
-        if len > (64 << 20) + 1024 {
+        // A chunk holds at most MAX_CHUNK_SIZE bytes, compressed or not (a
+        // frame that cannot shrink them is stored raw).
+        if len > chunk::MAX_CHUNK_SIZE + 1024 {
             return Err(Error::Damaged(format!("object: a chunk of {len} bytes")));
         }
         self.fill(4 + len).await?;

@@ -3,7 +3,7 @@
 
 use crate::remote::Remote;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::status::Board;
 use tower::ServiceExt;
 
-use crate::auth::{Auth, Caller, Htpasswd};
+use crate::auth::{Access, Auth, Caller, Htpasswd};
 use crate::config::Config;
 use crate::eviction;
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
@@ -111,6 +111,13 @@ impl Server {
         );
         let app = App {
             port: Port::Main,
+            peer: None,
+            calls: None,
+            timeouts: crate::idle::Timeouts {
+                first_call: config.header_timeout,
+                between_calls: config.idle_timeout,
+            },
+            public_metrics: config.public_metrics_port,
             auth,
             board: Arc::new(board),
             health: Routes::new(health_service).prepare(),
@@ -121,7 +128,13 @@ impl Server {
         let mut open: Option<Running> = None;
         let mut ready = Some(ready);
         let connections = GracefulShutdown::new();
-        let builder = connection_builder();
+        let builder = connection_builder(&config);
+        let open_files = raise_open_file_limit();
+        let max_connections =
+            config.max_connections.min(open_files.saturating_sub(RESERVED_FILES) as usize).max(16);
+        tracing::info!("open files: up to {open_files}; connections: up to {max_connections}");
+        let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+        let mut refusals = Refusals::default();
         let mut shutdown = std::pin::pin!(shutdown);
         let result = loop {
             let (accepted, port) = tokio::select! {
@@ -147,19 +160,33 @@ impl Server {
                 }
                 () = &mut shutdown => break Ok(()),
             };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
+            let (stream, peer) = match accepted {
+                Ok((stream, peer)) => {
+                    refusals.backoff = Duration::ZERO;
+                    (stream, peer)
+                }
                 Err(e) => {
                     // Out of file descriptors, or a connection reset before
-                    // it was accepted: keep serving the others.
-                    tracing::warn!("cannot accept a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // it was accepted: keep serving the others, and back off
+                    // while descriptors are short (idle connections close).
+                    refusals.backoff =
+                        (refusals.backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    refusals.note(format_args!("cannot accept connections: {e}; retrying"));
+                    tokio::time::sleep(refusals.backoff).await;
                     continue;
                 }
             };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                refusals.note(format_args!(
+                    "{max_connections} connections are open (max_connections): closing new ones"
+                ));
+                continue;
+            };
             // Small RPCs must not wait on Nagle's algorithm.
             let _ = stream.set_nodelay(true);
-            let app = App { port, ..app.clone() };
+            let calls = crate::idle::Calls::new();
+            let stream = crate::idle::Watched::new(stream, Arc::clone(&calls), app.timeouts);
+            let app = App { port, peer: Some(peer.ip()), calls: Some(calls), ..app.clone() };
             let (builder, watcher, tls) = (builder.clone(), connections.watcher(), tls.clone());
             // The handshake runs in the connection's task: a slow client
             // never holds up the accept loop.
@@ -175,6 +202,7 @@ impl Server {
                 if let Err(e) = served {
                     tracing::debug!("connection ended: {e}");
                 }
+                drop(slot);
             });
         };
         opening.abort();
@@ -277,7 +305,13 @@ impl Running {
             metrics: Arc::clone(metrics),
             max_batch_size: config.max_batch_size.0,
             max_message_size: config.max_message_size.0 as usize,
+            max_entries: config.max_call_entries,
+            directories: crate::service::DirectoryLimit::new(
+                config.max_directory_size.0,
+                config.max_call_entries,
+            ),
         });
+        crate::codec::set_max_entries(config.max_call_entries);
         let replicator = shared.remote.clone().map(|remote| {
             // Say at once whether the object store answers; serving goes on either way.
             let checked = Arc::clone(&remote);
@@ -374,17 +408,69 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
     }
 }
 
+/// Open files kept for RocksDB and the server itself: the rest may be connections.
+const RESERVED_FILES: u64 = 128;
+/// How often HTTP/2 connections are pinged, and how long a ping may go unanswered.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Calls at once on one HTTP/2 connection.
+const MAX_STREAMS: u32 = 200;
+
 /// HTTP/1.1 and HTTP/2 (h2c), told apart by the connection preface. Fixed,
 /// generous HTTP/2 windows avoid the stalls adaptive windows cause on large
-/// streams.
-fn connection_builder() -> auto::Builder<TokioExecutor> {
+/// streams; every wait on the client has a timeout.
+fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(config.header_timeout);
     builder
         .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .max_concurrent_streams(MAX_STREAMS)
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
         .max_frame_size(256 << 10);
     builder
+}
+
+/// Raises the soft limit on open files to the hard limit (each connection
+/// takes one), and returns the limit now in force.
+fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// Connections refused or failed at accept, logged at most once every few
+/// seconds: a flood must not fill the log.
+#[derive(Default)]
+struct Refusals {
+    backoff: Duration,
+    last_logged: Option<Instant>,
+    since_logged: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, what: std::fmt::Arguments<'_>) {
+        self.since_logged += 1;
+        if self.last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            tracing::warn!("{what} ({} times since the last notice)", self.since_logged);
+            self.last_logged = Some(Instant::now());
+            self.since_logged = 0;
+        }
+    }
 }
 
 /// The gRPC services, with message limits above the advertised batch size.
@@ -435,6 +521,13 @@ enum Port {
 #[derive(Clone)]
 struct App {
     port: Port,
+    /// The client's address, for throttling failed logins.
+    peer: Option<IpAddr>,
+    /// The calls in flight on this connection (see [`crate::idle`]).
+    calls: Option<Arc<crate::idle::Calls>>,
+    timeouts: crate::idle::Timeouts,
+    /// The metrics port serves /metrics without credentials.
+    public_metrics: bool,
     auth: Option<Arc<Auth>>,
     board: Arc<Board>,
     health: Routes,
@@ -443,7 +536,14 @@ struct App {
 }
 
 impl App {
+    /// Answers one request; the connection counts it as a call in flight
+    /// until its reply has been sent.
     async fn serve(&self, request: Request<Incoming>) -> Response<Body> {
+        let in_flight = self.calls.as_ref().map(|calls| calls.begin());
+        self.answer(request).await.map(|body| Body::new(Held { body, _held: in_flight }))
+    }
+
+    async fn answer(&self, request: Request<Incoming>) -> Response<Body> {
         let grpc = request
             .headers()
             .get(CONTENT_TYPE)
@@ -465,9 +565,15 @@ impl App {
                     Bytes::from_static(text.as_bytes()),
                 );
             }
-            (false, "/metrics") => return self.metrics_page().await,
+            // Prometheus may scrape the metrics port without credentials,
+            // if the operator says so (`public_metrics_port`).
+            (false, "/metrics") if self.port == Port::Metrics && self.public_metrics => {
+                return self.metrics_page().await;
+            }
+            (false, "/metrics") => {}
             _ if self.port == Port::Metrics => {
-                return refuse(grpc, Status::not_found("this port serves only /metrics and /healthz"));
+                let status = Status::not_found("this port serves only /metrics and /healthz");
+                return refuse(grpc, Refusal::Status(status));
             }
             _ => {}
         }
@@ -477,28 +583,33 @@ impl App {
         };
         // Refusals count as calls too: an operator sees them in the metrics.
         let admitted = match self.authorize(&request, grpc).await {
-            Ok(()) => self
-                .ready
-                .get()
-                .ok_or_else(|| Status::unavailable("larder is still opening its store: retry shortly")),
-            Err(status) => Err(status),
+            Ok(_) if !grpc && path == "/metrics" => return self.metrics_page().await,
+            Ok(access) => self.ready.get().map(|services| (services, access)).ok_or_else(|| {
+                Refusal::Status(Status::unavailable("larder is still opening its store: retry shortly"))
+            }),
+            Err(refusal) => Err(refusal),
         };
-        let services = match admitted {
-            Ok(services) => services,
-            Err(status) => {
-                let code = match grpc {
-                    true => code_name(status.code()).to_string(),
-                    false => crate::service::http::http_code(status.code()).as_u16().to_string(),
+        let (services, access) = match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                let code = match (grpc, &refusal) {
+                    (true, _) => code_name(refusal.code()).to_string(),
+                    (false, Refusal::Throttled(_)) => StatusCode::TOO_MANY_REQUESTS.as_str().to_string(),
+                    (false, _) => crate::service::http::http_code(refusal.code()).as_u16().to_string(),
                 };
                 self.metrics.record_call(&label(), &code, Instant::now());
-                return refuse(grpc, status);
+                return refuse(grpc, refusal);
             }
         };
         if !grpc && matches!(path.as_str(), "/" | "/status.json") {
-            return self.status_page(&services.store, path == "/").await;
+            return self.status_page(&services.store, path == "/", access).await;
         }
         let started = Instant::now();
-        let request = request.map(|body| self.metrics.count_received(body));
+        // The services ask what the caller may do (Capabilities says it).
+        let mut request = request;
+        request.extensions_mut().insert(access);
+        let stall = self.timeouts.between_calls;
+        let request = request.map(|body| self.metrics.count_received(crate::idle::Timed::new(body, stall)));
         if grpc {
             calls::observe_grpc(&self.metrics, label(), started, call(&services.grpc, request).await)
         } else {
@@ -508,42 +619,63 @@ impl App {
     }
 
     /// Lets through callers with good credentials, and anonymous readers
-    /// when allowed; refuses the rest.
-    async fn authorize<B>(&self, request: &Request<B>, grpc: bool) -> Result<(), Status> {
+    /// when allowed; refuses the rest. Says what the caller may do.
+    async fn authorize<B>(&self, request: &Request<B>, grpc: bool) -> Result<Access, Refusal> {
         let Some(auth) = &self.auth else {
-            return Ok(());
+            return Ok(Access::ALL);
         };
         let header = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes().to_vec());
         let caller = match auth.users.check_quickly(header.as_deref()) {
             Some(caller) => caller,
-            None => {
-                // bcrypt is slow on purpose: a flood of wrong passwords may
-                // hold two threads, never the whole blocking pool.
-                let Ok(_permit) = auth.bcrypt.acquire().await else {
-                    return Err(Status::unavailable("shutting down"));
-                };
-                let auth = Arc::clone(auth);
-                tokio::task::spawn_blocking(move || auth.users.check(header.as_deref()))
-                    .await
-                    .unwrap_or(Caller::Refused)
-            }
+            None => self.check_password(auth, header).await?,
         };
         let write = is_write(grpc, request.method(), request.uri().path());
         match caller {
-            Caller::User(_) => Ok(()),
-            Caller::Anonymous if auth.anonymous_reads && !write => Ok(()),
-            Caller::Anonymous if auth.anonymous_reads => Err(Status::permission_denied(
+            Caller::User(_) => Ok(Access { write: true, anonymous: false }),
+            Caller::Anonymous if auth.anonymous_reads && !write => {
+                Ok(Access { write: false, anonymous: true })
+            }
+            Caller::Anonymous if auth.anonymous_reads => Err(Refusal::Status(Status::permission_denied(
                 "anonymous clients may only read here: send credentials (authorization: Basic) to write",
-            )),
-            Caller::Anonymous => Err(Status::unauthenticated(
+            ))),
+            Caller::Anonymous => Err(Refusal::Status(Status::unauthenticated(
                 "credentials required: send authorization: Basic with a user's password",
-            )),
-            Caller::Refused => Err(Status::unauthenticated("wrong credentials: check the user and password")),
+            ))),
+            Caller::Refused => Err(Refusal::Status(Status::unauthenticated(
+                "wrong credentials: check the user and password",
+            ))),
         }
     }
 
-    /// The status page, as HTML or JSON.
-    async fn status_page(&self, store: &Arc<Store>, html: bool) -> Response<Body> {
+    /// bcrypt's verdict on a password it has not seen. bcrypt is slow on
+    /// purpose: at most two checks run at once, and callers with too many
+    /// recent failures are refused without one (before and after waiting
+    /// their turn, so that a queue of them drains at once).
+    async fn check_password(&self, auth: &Arc<Auth>, header: Option<Vec<u8>>) -> Result<Caller, Refusal> {
+        let user = header.as_deref().and_then(crate::auth::user_of).unwrap_or_default();
+        let throttled = || auth.throttle.wait(self.peer, &user).map(Refusal::Throttled);
+        if let Some(refusal) = throttled() {
+            return Err(refusal);
+        }
+        let Ok(_permit) = auth.bcrypt.acquire().await else {
+            return Err(Refusal::Status(Status::unavailable("shutting down")));
+        };
+        if let Some(refusal) = throttled() {
+            return Err(refusal);
+        }
+        let checker = Arc::clone(auth);
+        let caller = tokio::task::spawn_blocking(move || checker.users.check(header.as_deref()))
+            .await
+            .unwrap_or(Caller::Refused);
+        if caller == Caller::Refused {
+            auth.throttle.failed(self.peer, &user, auth.users.knows(&user));
+        }
+        Ok(caller)
+    }
+
+    /// The status page, as HTML or JSON. Anonymous callers are not shown
+    /// the data directory or the object store's endpoint.
+    async fn status_page(&self, store: &Arc<Store>, html: bool, access: Access) -> Response<Body> {
         let store = Arc::clone(store);
         let stats = match crate::service::blocking(move || store.stats()).await {
             Ok(stats) => stats,
@@ -553,11 +685,11 @@ impl App {
             true => bytes_response(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                Bytes::from(self.board.html(&stats, &self.metrics)),
+                Bytes::from(self.board.html(&stats, &self.metrics, access.anonymous)),
             ),
             false => crate::service::http::json_response(
                 StatusCode::OK,
-                self.board.json(&stats, &self.metrics).to_string().into_bytes(),
+                self.board.json(&stats, &self.metrics, access.anonymous).to_string().into_bytes(),
             ),
         }
     }
@@ -580,11 +712,72 @@ impl App {
     }
 }
 
-/// A refusal in the caller's protocol: a gRPC status, or Google's JSON error.
-fn refuse(grpc: bool, status: Status) -> Response<Body> {
-    match grpc {
-        true => status.into_http(),
-        false => HttpError::Status(status).into_response(),
+/// A reply body that holds something (a call's in-flight mark) until it
+/// has been sent or dropped.
+struct Held<T> {
+    body: Body,
+    _held: T,
+}
+
+impl<T: Send + Unpin + 'static> http_body::Body for Held<T> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Why a call is not let in.
+enum Refusal {
+    Status(Status),
+    /// Too many failed logins: try again after this long.
+    Throttled(Duration),
+}
+
+impl Refusal {
+    fn code(&self) -> tonic::Code {
+        match self {
+            Refusal::Status(status) => status.code(),
+            Refusal::Throttled(_) => tonic::Code::Unauthenticated,
+        }
+    }
+}
+
+/// A refusal in the caller's protocol: a gRPC status, or Google's JSON error
+/// (429 with Retry-After for a throttled login).
+fn refuse(grpc: bool, refusal: Refusal) -> Response<Body> {
+    let (status, retry_after) = match refusal {
+        Refusal::Status(status) => (status, None),
+        Refusal::Throttled(wait) => {
+            let seconds = wait.as_secs().max(1);
+            let message = format!(
+                "too many failed logins from this address or for this user: retry in {seconds}s, with the right password"
+            );
+            (Status::unauthenticated(message), Some(seconds))
+        }
+    };
+    match (grpc, retry_after) {
+        (true, _) => status.into_http(),
+        (false, None) => HttpError::Status(status).into_response(),
+        (false, Some(seconds)) => {
+            let code = StatusCode::TOO_MANY_REQUESTS;
+            let mut response =
+                HttpError::Http { code, message: status.message().to_string(), allow: None }.into_response();
+            response.headers_mut().insert(http::header::RETRY_AFTER, seconds.into());
+            response
+        }
     }
 }
 

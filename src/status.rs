@@ -68,7 +68,9 @@ impl Board {
         history.push_back(rates);
     }
 
-    pub fn json(&self, stats: &Stats, metrics: &Metrics) -> Value {
+    /// The figures for scripts; `anonymous` callers are not shown the data
+    /// directory or the object store's endpoint.
+    pub fn json(&self, stats: &Stats, metrics: &Metrics, anonymous: bool) -> Value {
         let (hits, misses) = metrics.action_cache_counts();
         let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         json!({
@@ -77,7 +79,7 @@ impl Board {
             "listen": self.listen,
             "httpListen": self.http_listen,
             "metricsListen": self.metrics_listen,
-            "dataDir": self.dir.display().to_string(),
+            "dataDir": (!anonymous).then(|| self.dir.display().to_string()),
             "maxSizeBytes": stats.max_size,
             "diskBytes": stats.disk_bytes,
             "storedBytes": stats.stored_bytes,
@@ -90,6 +92,7 @@ impl Board {
             "corruptBlobsRemoved": stats.corrupt_blobs,
             "objectStore": self.object_store.as_ref().map(|name| {
                 let [local, remote, missing, written, errors] = metrics.tier_counts();
+                let name = if anonymous { "(hidden from anonymous callers)" } else { name.as_str() };
                 json!({"name": name, "localHits": local, "objectStoreHits": remote, "misses": missing,
                        "writtenBlobs": written, "errors": errors, "queued": stats.queued,
                        "queuedBytes": stats.queued_bytes, "queueLimitBytes": stats.queue_limit})
@@ -102,7 +105,7 @@ impl Board {
         })
     }
 
-    pub fn html(&self, stats: &Stats, metrics: &Metrics) -> String {
+    pub fn html(&self, stats: &Stats, metrics: &Metrics, anonymous: bool) -> String {
         let (hits, misses) = metrics.action_cache_counts();
         let history: Vec<(f64, f64)> =
             self.history.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
@@ -128,7 +131,9 @@ impl Board {
         if let Some(addr) = &self.metrics_listen {
             row("Metrics on", addr.clone());
         }
-        row("Data directory", self.dir.display().to_string());
+        if !anonymous {
+            row("Data directory", self.dir.display().to_string());
+        }
         row("Blobs", stats.blobs.to_string());
         row(
             "Stored",
@@ -146,6 +151,7 @@ impl Board {
         );
         row("Corrupt blobs removed", stats.corrupt_blobs.to_string());
         if let Some(name) = &self.object_store {
+            let name = if anonymous { "(hidden from anonymous callers)" } else { name.as_str() };
             let [local, remote, missing, written, errors] = metrics.tier_counts();
             row(
                 "Object store",

@@ -71,9 +71,11 @@ async fn every_call_needs_good_credentials() {
     assert_eq!(http.get(&url).basic_auth(USER, Some("wrong")).send().await.unwrap().status(), 401);
     let r = http.get(&url).basic_auth(USER, Some(PASSWORD)).send().await.unwrap();
     assert_eq!((r.status().as_u16(), r.bytes().await.unwrap().as_ref()), (200, b"blob".as_slice()));
-    // Health and metrics need no credentials, and the refusals are counted.
+    // Health needs no credentials; metrics do, and the refusals are counted.
     assert_eq!(http.get(format!("http://{}/healthz", server.addr)).send().await.unwrap().status(), 200);
-    let metrics = http.get(format!("http://{}/metrics", server.addr)).send().await.unwrap();
+    let metrics_url = format!("http://{}/metrics", server.addr);
+    assert_eq!(http.get(&metrics_url).send().await.unwrap().status(), 401);
+    let metrics = http.get(&metrics_url).basic_auth(USER, Some(PASSWORD)).send().await.unwrap();
     assert_eq!(metrics.status(), 200);
     let metrics = metrics.text().await.unwrap();
     let refused = r#"larder_calls_total{method="/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",code="UNAUTHENTICATED"} 4"#;

@@ -118,7 +118,7 @@ async fn bad_writes_are_refused_and_store_nothing() {
     assert_code(c.bs.write(tokio_stream::iter(messages)).await, Code::InvalidArgument);
 
     assert_eq!(c.find_missing(&[digest(&data)]).await.len(), 1, "nothing was stored");
-    assert_eq!(c.query(&name).await, (0, false));
+    assert_eq!(c.upload_status(&name).await, None, "no upload is kept");
     // And a correct upload still works afterwards.
     assert_eq!(c.write(&name, &data, 10_000).await.unwrap(), data.len() as i64);
 }
@@ -148,7 +148,7 @@ async fn a_broken_upload_resumes_at_the_committed_size() {
     let mut c = server.clients().await;
     let data = random_bytes((4 << 20) + 12_345, 11);
     let name = upload_name("", "resume", &data);
-    assert_eq!(c.query(&name).await, (0, false), "unknown uploads report 0");
+    assert_eq!(c.upload_status(&name).await, None, "unknown uploads are NOT_FOUND");
 
     // The client goes away mid-stream, without finish_write.
     let (tx, rx) = mpsc::channel(64);

@@ -196,7 +196,7 @@ async fn a_decompression_bomb_is_cut_off_and_stores_nothing() {
     let name = zstd_upload("bomb", &fake);
     let status = assert_code(write_zstd(&mut c, &name, &bomb, 64 << 10).await, Code::InvalidArgument);
     assert!(status.message().contains("more than the declared"), "{}", status.message());
-    assert_eq!(c.query(&name).await, (0, false), "the upload is gone");
+    assert_eq!(c.upload_status(&name).await, None, "the upload is gone");
     assert_eq!(c.find_missing(&[digest(&fake)]).await.len(), 1);
     assert!(server.peak_rss_bytes() < 200 * MIB as u64, "peak RSS {}", server.peak_rss_bytes());
     let on_disk: u64 = std::fs::read_dir(tmp.path().join("data"))
@@ -227,7 +227,7 @@ async fn bad_compressed_uploads_are_invalid_arguments() {
         let name = zstd_upload(what, &data);
         let status = assert_code(write_zstd(&mut c, &name, &compressed, 50_000).await, Code::InvalidArgument);
         assert!(status.message().contains(message), "{what}: {}", status.message());
-        assert_eq!(c.query(&name).await, (0, false), "{what}: nothing kept");
+        assert_eq!(c.upload_status(&name).await, None, "{what}: nothing kept");
     }
     assert_eq!(c.find_missing(&[digest(&data)]).await.len(), 1);
     let d = digest(&data);

@@ -60,7 +60,7 @@ async fn stale_partial_uploads_expire() {
     let mut expired = false;
     for _ in 0..150 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if c.query(&name).await == (0, false) {
+        if c.upload_status(&name).await.is_none() {
             expired = true;
             break;
         }

@@ -230,6 +230,104 @@ async fn a_damaged_object_is_treated_as_missing() {
     assert_eq!(ca.read(&read_name("", &cut), 0, 0).await.unwrap(), cut);
 }
 
+/// A zstd frame of `data` whose header declares `declared` bytes of content.
+fn frame_declaring(data: &[u8], declared: u64) -> Vec<u8> {
+    let mut frame = zstd::bulk::compress(data, 1).unwrap();
+    let descriptor = frame[4];
+    let fcs = match descriptor >> 6 {
+        0 => usize::from(descriptor & 0x20 != 0),
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let window = usize::from(descriptor & 0x20 == 0);
+    let body = frame.split_off(5 + window + fcs);
+    frame.truncate(5 + window);
+    frame[4] = (descriptor & 0x3f) | 0xc0;
+    frame.extend_from_slice(&declared.to_le_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// A blob object as larder writes it, of one zstd chunk (sealed with a good
+/// CRC-32C and tag) that declares far more than any chunk holds.
+fn hostile_blob_object(size: u64, frame: &[u8]) -> Vec<u8> {
+    const ZSTD_SUMMED: u8 = 0x5a;
+    let mut value = frame.to_vec();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&value), &[ZSTD_SUMMED]);
+    value.extend_from_slice(&crc.to_le_bytes());
+    value.push(ZSTD_SUMMED);
+    let mut object = b"LARDER1\n".to_vec();
+    object.extend_from_slice(&size.to_le_bytes());
+    object.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    object.extend_from_slice(&value);
+    object
+}
+
+/// Case 1 of the hardening issue: objects crafted to make a reader allocate
+/// what they declare. Each is answered NOT_FOUND, deleted, and the node lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_objects_are_missing_and_deleted_and_crash_nothing() {
+    use object_store::ObjectStoreExt;
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let s3 = rgw.client();
+    // A blob whose only chunk declares 2^62 bytes: the frame a node would
+    // have allocated for whole before any check.
+    let data = text_bytes(5000, 21);
+    let bomb = hostile_blob_object(data.len() as u64, &frame_declaring(&data, 1 << 62));
+    s3.put(&rgw.path(&prefix, &data), bomb.into()).await.unwrap();
+    // A blob whose chunk is honest but holds more than the object declares.
+    let short = text_bytes(3000, 22);
+    let frame = zstd::bulk::compress(&text_bytes(9000, 23), 1).unwrap();
+    s3.put(&rgw.path(&prefix, &short), hostile_blob_object(short.len() as u64, &frame).into()).await.unwrap();
+    // Action results: garbage that passes no check, and bytes that pass the
+    // checksum but do not decode.
+    let ac_path = |action: &reapi::Digest| {
+        object_store::path::Path::from(format!("{prefix}/larder/v1/ac/-/sha256/{}", action.hash))
+    };
+    let (garbage, undecodable) = (digest(b"action one"), digest(b"action two"));
+    s3.put(&ac_path(&garbage), vec![7u8; 1000].into()).await.unwrap();
+    let junk = [0xffu8; 64];
+    let mut object = b"LARDERA\n".to_vec();
+    object.extend_from_slice(&crc32c::crc32c(&junk).to_le_bytes());
+    object.extend_from_slice(&junk);
+    s3.put(&ac_path(&undecodable), object.into()).await.unwrap();
+
+    let mut node = rgw.node(&tmp.path().join("n"), &prefix);
+    let mut client = Clients::connect(&node.addr).await;
+    for blob in [&data, &short] {
+        let status = client.read(&read_name("", blob), 0, 0).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        let batch = client
+            .cas
+            .batch_read_blobs(reapi::BatchReadBlobsRequest {
+                digests: vec![digest(blob)],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(batch.responses[0].status.as_ref().unwrap().code, Code::NotFound as i32);
+    }
+    for action in [&garbage, &undecodable] {
+        let request =
+            reapi::GetActionResultRequest { action_digest: Some(action.clone()), ..Default::default() };
+        let status = client.ac.get_action_result(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    assert!(node.is_running(), "the node survived every object");
+    // Every hostile object was deleted: the next node is not hurt by them.
+    for path in
+        [rgw.path(&prefix, &data), rgw.path(&prefix, &short), ac_path(&garbage), ac_path(&undecodable)]
+    {
+        let head = s3.head(&path).await;
+        assert!(matches!(head, Err(object_store::Error::NotFound { .. })), "{path} is still there: {head:?}");
+    }
+    assert!(node.peak_rss_bytes() < 300 << 20, "peak RSS {} MiB", node.peak_rss_bytes() >> 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_stream_through_at_any_offset_in_either_encoding() {
     use object_store::ObjectStoreExt;

@@ -411,7 +411,10 @@ impl Client {
             Client::Store(store) => {
                 let store = Arc::clone(store);
                 let bytes = blocking(move || {
-                    store.get_action_result("", &action).map_err(|e| store_failed("get_action_result", e))
+                    store
+                        .get_action_result("", &action)
+                        .map(|r| r.map(|r| r.result))
+                        .map_err(|e| store_failed("get_action_result", e))
                 })
                 .await?;
                 bytes
@@ -444,7 +447,7 @@ impl Client {
                 let store = Arc::clone(store);
                 blocking(move || {
                     store
-                        .put_action_result("", &action, &result.encode_to_vec())
+                        .put_action_result("", &action, Some(action.size), &result.encode_to_vec())
                         .map_err(|e| store_failed("put_action_result", e))
                 })
                 .await

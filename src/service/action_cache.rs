@@ -8,7 +8,7 @@ use std::sync::Arc;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::{Shared, blocking, request_function, required_digest};
+use super::{DirectoryLimit, Shared, blocking, request_function, required_digest};
 use crate::digest::{Digest, FunctionHint};
 use crate::proto::reapi::{
     ActionResult, Directory, GetActionResultRequest, Tree, UpdateActionResultRequest,
@@ -18,6 +18,16 @@ use crate::store::{self, Store};
 
 pub struct ActionCacheService {
     shared: Arc<Shared>,
+}
+
+/// Marks a call from Bazel's HTTP cache, which names an action by its hash
+/// alone: its digest's size is unknown, and matches any stored size.
+#[derive(Clone, Copy)]
+pub struct AnySize;
+
+/// The action size a call names, `None` for [`AnySize`] calls.
+fn named_size<T>(request: &Request<T>, action: &Digest) -> Option<u64> {
+    request.extensions().get::<AnySize>().is_none().then_some(action.size)
 }
 
 impl ActionCacheService {
@@ -32,12 +42,12 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let request = request.into_inner();
-        let function = request_function(&request.instance_name, request.digest_function)?;
-        let action = required_digest(request.action_digest.as_ref(), "action_digest", function)?;
+        let function = request_function(&request.get_ref().instance_name, request.get_ref().digest_function)?;
+        let action = required_digest(request.get_ref().action_digest.as_ref(), "action_digest", function)?;
+        let size = named_size(&request, &action);
         // The blobs a result names use the action's function.
         let function = FunctionHint::Given(action.function);
-        let lookup = self.lookup(request, action, function).await?;
+        let lookup = self.lookup(request.into_inner(), action, size, function).await?;
         self.shared.metrics.action_cache_lookup(lookup.is_ok());
         lookup.map(Response::new).map_err(Status::not_found)
     }
@@ -46,9 +56,10 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let function = request_function(&request.get_ref().instance_name, request.get_ref().digest_function)?;
+        let action = required_digest(request.get_ref().action_digest.as_ref(), "action_digest", function)?;
+        let size = named_size(&request, &action);
         let request = request.into_inner();
-        let function = request_function(&request.instance_name, request.digest_function)?;
-        let action = required_digest(request.action_digest.as_ref(), "action_digest", function)?;
         // The blobs a result names use the action's function.
         let function = FunctionHint::Given(action.function);
         let result =
@@ -59,7 +70,7 @@ impl ActionCache for ActionCacheService {
         let store = Arc::clone(&self.shared.store);
         let instance = request.instance_name;
         let local = (instance.clone(), encoded.clone());
-        blocking(move || store.put_action_result(&local.0, &action, &local.1)).await?;
+        blocking(move || store.put_action_result(&local.0, &action, size, &local.1)).await?;
         // In the object store too: any node can answer the hit.
         self.shared.replicate_action_result(instance, action, encoded).await?;
         Ok(Response::new(result))
@@ -73,33 +84,72 @@ const FETCH_ROUNDS: usize = 64;
 impl ActionCacheService {
     /// The result for `action` if it is complete: its blobs in the local
     /// tier, or brought in from the object store (as is a result only the
-    /// object store holds). `Err` inside says why it is a miss.
+    /// object store holds). A result stored for another size of the action
+    /// is a miss. `Err` inside says why it is a miss.
     async fn lookup(
         &self,
         request: GetActionResultRequest,
         action: Digest,
+        size: Option<u64>,
         function: FunctionHint,
     ) -> Result<Result<ActionResult, String>, Status> {
         let shared = &self.shared;
         let store = Arc::clone(&shared.store);
         let instance = request.instance_name.clone();
-        let mut bytes = blocking(move || store.get_action_result(&instance, &action)).await?;
+        let stored = blocking(move || store.get_action_result(&instance, &action)).await?;
+        let mut bytes = match stored {
+            Some(stored) if size.is_some() && stored.size.is_some() && stored.size != size => {
+                return Ok(Err(format!(
+                    "no action result for {action}: one is stored for size {}",
+                    stored.size.unwrap_or_default()
+                )));
+            }
+            stored => stored.map(|s| s.result),
+        };
         let from_remote = bytes.is_none() && shared.remote.is_some();
         if let (None, Some(remote)) = (&bytes, &shared.remote) {
             match remote.get_action_result(&request.instance_name, &action).await {
                 Ok(found) => bytes = found,
+                Err(e @ crate::remote::Error::Damaged(_)) => {
+                    shared.metrics.tier_error(true);
+                    tracing::warn!("deleted, to be written again: {e}");
+                    let _ = remote.forget_action_result(&request.instance_name, &action).await;
+                }
                 Err(e) => tracing::warn!("GetActionResult answered from the local tier alone: {e}"),
             }
         }
         let Some(bytes) = bytes else {
             return Ok(Err(format!("no action result for {action}")));
         };
-        let result = ActionResult::decode(bytes.clone())
-            .map_err(|e| Status::from(store::Error::Corrupt(format!("action result of {action}: {e}"))))?;
+        // Counted before it is decoded: the object store holds anyone's bytes.
+        let decoded = crate::codec::check_entries::<ActionResult>(&bytes)
+            .and_then(|()| ActionResult::decode(bytes.clone()).map_err(|e| Status::data_loss(e.to_string())));
+        let result = match decoded {
+            Ok(result) => result,
+            // A result that does not decode is a miss, and is deleted so
+            // that the client stores it again.
+            Err(e) if from_remote => {
+                let remote = shared.remote.as_ref().expect("from the object store");
+                shared.metrics.tier_error(true);
+                let e = e.message();
+                tracing::warn!(
+                    "deleted, to be written again: the action result of {action} in the object store: {e}"
+                );
+                let _ = remote.forget_action_result(&request.instance_name, &action).await;
+                return Ok(Err(format!("no action result for {action}")));
+            }
+            Err(e) => {
+                let e = e.message();
+                return Err(Status::from(store::Error::Corrupt(format!("action result of {action}: {e}"))));
+            }
+        };
         let mut rounds = 0;
         loop {
-            let (store, checked) = (Arc::clone(&shared.store), result.clone());
-            let missing = blocking(move || missing_blobs(&store, &checked, function)).await?;
+            let (store, checked, limit) = (Arc::clone(&shared.store), result.clone(), shared.directories);
+            let missing =
+                tokio::task::spawn_blocking(move || missing_blobs(&store, &checked, function, limit))
+                    .await
+                    .map_err(|e| Status::internal(format!("a storage worker failed: {e}")))??;
             let Some(&first) = missing.first() else {
                 break;
             };
@@ -125,7 +175,7 @@ impl ActionCacheService {
         let limit = shared.max_message_size;
         let result = blocking(move || {
             if from_remote {
-                store.copy_action_result(&request.instance_name, &action, &bytes)?;
+                store.copy_action_result(&request.instance_name, &action, size, &bytes)?;
             }
             let mut result = result;
             inline(&store, &mut result, &request, function, limit)?;
@@ -168,9 +218,10 @@ fn missing_blobs(
     store: &Store,
     result: &ActionResult,
     function: FunctionHint,
-) -> Result<Vec<Digest>, store::Error> {
+    limit: DirectoryLimit,
+) -> Result<Vec<Digest>, Status> {
     let Ok(direct) = referenced_blobs(result, function) else {
-        return Err(store::Error::Corrupt("a stored action result has a malformed digest".into()));
+        return Err(store::Error::Corrupt("a stored action result has a malformed digest".into()).into());
     };
     let missing = absent(store, &direct)?;
     if !missing.is_empty() {
@@ -188,9 +239,8 @@ fn missing_blobs(
     };
     for output in &result.output_directories {
         if let Some(tree_digest) = parse(&output.tree_digest) {
-            let data = store.read_all(&tree_digest)?.unwrap_or_default();
-            let tree = Tree::decode(data)
-                .map_err(|e| store::Error::Corrupt(format!("Tree {tree_digest} does not decode: {e}")))?;
+            // Present: the direct references were checked above.
+            let tree = limit.read::<Tree>(store, &tree_digest)?.unwrap_or_default();
             for dir in tree.root.iter().chain(&tree.children) {
                 add_directory(dir, &mut inner);
             }
@@ -201,12 +251,10 @@ fn missing_blobs(
                 if !seen.insert(d) {
                     continue;
                 }
-                let Some(data) = store.read_all(&d)? else {
+                let Some(dir) = limit.read::<Directory>(store, &d)? else {
                     missing_directories.push(d);
                     continue;
                 };
-                let dir = Directory::decode(data)
-                    .map_err(|e| store::Error::Corrupt(format!("Directory {d} does not decode: {e}")))?;
                 queue.extend(add_directory(&dir, &mut inner));
             }
         }
@@ -217,7 +265,7 @@ fn missing_blobs(
     Ok(missing_directories)
 }
 
-fn absent(store: &Store, digests: &[Digest]) -> Result<Vec<Digest>, store::Error> {
+fn absent(store: &Store, digests: &[Digest]) -> Result<Vec<Digest>, Status> {
     let present = store.contains(digests)?;
     Ok(digests.iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| *d).collect())
 }

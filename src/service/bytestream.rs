@@ -202,15 +202,32 @@ impl ByteStreamService {
     }
 }
 
-/// Streams `start..end` of a blob the local tier holds.
+/// Streams `start..end` of a blob the local tier holds. Lazily: a chunk is
+/// read once the client has taken the one before, so a client that stops
+/// reading holds at most one chunk here, whatever the blob's size.
 fn read_local(store: Arc<Store>, blob: crate::store::Blob, start: u64, end: u64, zstd: bool) -> ReadStream {
-    // A small channel: the reader fetches one chunk ahead of the sender,
-    // and memory stays bounded whatever the blob's size.
-    let (tx, rx) = mpsc::channel(2);
-    tokio::spawn(async move {
-        let mut offset = start;
-        loop {
-            let store = Arc::clone(&store);
+    struct Reading {
+        store: Arc<Store>,
+        blob: crate::store::Blob,
+        offset: u64,
+        end: u64,
+        zstd: bool,
+        /// What is left of the last chunk read.
+        piece: Bytes,
+        /// Nothing read yet: a read always reads once (a compressed read of
+        /// an empty range still gets its frame).
+        first: bool,
+        failed: bool,
+    }
+    let reading =
+        Reading { store, blob, offset: start, end, zstd, piece: Bytes::new(), first: true, failed: false };
+    let stream = futures::stream::unfold(reading, |mut r| async move {
+        while r.piece.is_empty() {
+            if r.failed || (!r.first && r.offset >= r.end) {
+                return None;
+            }
+            r.first = false;
+            let (store, blob, offset, zstd) = (Arc::clone(&r.store), r.blob, r.offset, r.zstd);
             // Each piece is the rest of one stored chunk: plain bytes, or
             // (for zstd) one frame of them, the stored frame where it can be.
             let piece = blocking(move || {
@@ -223,29 +240,24 @@ fn read_local(store: Arc<Store>, blob: crate::store::Blob, start: u64, end: u64,
                 }
             })
             .await;
-            let (mut data, len) = match piece {
-                Ok(piece) => piece,
+            match piece {
+                Ok((mut data, len)) => {
+                    if !r.zstd {
+                        data.truncate((r.end - r.offset) as usize);
+                    }
+                    r.offset += len.min(r.end - r.offset);
+                    r.piece = data;
+                }
                 Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return;
+                    r.failed = true;
+                    return Some((Err(status), r));
                 }
-            };
-            if !zstd {
-                data.truncate((end - offset) as usize);
-            }
-            offset += len.min(end - offset);
-            while !data.is_empty() {
-                let part = data.split_to(data.len().min(READ_MESSAGE_SIZE));
-                if tx.send(Ok(ReadResponse { data: part })).await.is_err() {
-                    return; // the client went away
-                }
-            }
-            if offset >= end {
-                return;
             }
         }
+        let part = r.piece.split_to(r.piece.len().min(READ_MESSAGE_SIZE));
+        Some((Ok(ReadResponse { data: part }), r))
     });
-    Box::pin(ReceiverStream::new(rx)) as ReadStream
+    Box::pin(stream) as ReadStream
 }
 
 impl ByteStreamService {
@@ -320,12 +332,17 @@ impl ByteStreamService {
             }
             message = match stream.next().await.transpose() {
                 Ok(Some(next)) => next,
-                // A disconnect, not an error: keep what arrived so the client can resume.
-                Ok(None) | Err(_) => {
-                    return Ok(match sink.persist_tail().await? {
-                        Progress::AlreadyPresent => done,
-                        Progress::Continue => WriteResponse { committed_size: sink.wire as i64 },
-                    });
+                ended => {
+                    // Whatever ended the stream, what arrived is kept for
+                    // the client to resume.
+                    let progress = sink.persist_tail().await?;
+                    return match (ended, progress) {
+                        (_, Progress::AlreadyPresent) => Ok(done),
+                        // A client that stalled is told why its call ended.
+                        (Err(status), _) if status.code() == Code::DeadlineExceeded => Err(status),
+                        // A disconnect is not an error.
+                        _ => Ok(WriteResponse { committed_size: sink.wire as i64 }),
+                    };
                 }
             };
         }
@@ -366,6 +383,7 @@ impl ByteStream for ByteStreamService {
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
         let mut stream = request.into_inner();
+        // A stalled first message ends the call too: the request body times out.
         let first = stream
             .message()
             .await?
@@ -396,7 +414,10 @@ impl ByteStream for ByteStreamService {
         }
         // Uncompressed bytes for either encoding: a compressed upload resumes
         // at this offset of the blob with a new zstd stream.
-        let committed = blocking(move || store.upload_committed(&name)).await?.unwrap_or(0);
+        let looked_up = name.clone();
+        let committed = blocking(move || store.upload_committed(&looked_up)).await?.ok_or_else(|| {
+            Status::not_found(format!("no upload {name:?} is in progress: start it with a Write at offset 0"))
+        })?;
         Ok(Response::new(QueryWriteStatusResponse { committed_size: committed as i64, complete: false }))
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, request_function};
+use crate::auth::Access;
 use crate::digest::Function;
 use crate::proto::reapi::{
     ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, ServerCapabilities,
@@ -35,12 +36,12 @@ impl Capabilities for CapabilitiesService {
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
         request_function(&request.get_ref().instance_name, 0)?;
+        // Each caller is told whether it may write (anonymous readers may not).
+        let update_enabled = request.extensions().get::<Access>().is_none_or(|access| access.write);
         Ok(Response::new(ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
                 digest_functions: Function::ALL.iter().map(|f| f.to_wire() as i32).collect(),
-                action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
-                    update_enabled: true,
-                }),
+                action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities { update_enabled }),
                 max_batch_total_size_bytes: self.shared.max_batch_size as i64,
                 // A cache stores what clients send; it never follows symlinks.
                 symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,

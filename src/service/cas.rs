@@ -11,7 +11,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{READ_MESSAGE_SIZE, Shared, blocking, ok_status, request_function, required_digest, rpc_status};
+use super::{
+    DirectoryLimit, READ_MESSAGE_SIZE, Shared, blocking, ok_status, request_function, required_digest,
+    rpc_status,
+};
 use crate::compression::{self, Decoder};
 use crate::digest::{Digest, Encoding, FunctionHint};
 use crate::proto::reapi::{
@@ -48,7 +51,7 @@ impl CasService {
 /// GetTree pages hold at most this many directories when the client sets no page size.
 const DEFAULT_TREE_PAGE: usize = 10_000;
 
-type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, Status>> + Send>>;
+pub type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ContentAddressableStorage for CasService {
@@ -57,6 +60,7 @@ impl ContentAddressableStorage for CasService {
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
         let request = request.into_inner();
+        self.shared.check_entries(request.blob_digests.len(), "FindMissingBlobs")?;
         let function = request_function(&request.instance_name, request.digest_function)?;
         let digests = request
             .blob_digests
@@ -73,6 +77,7 @@ impl ContentAddressableStorage for CasService {
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         let request = request.into_inner();
+        self.shared.check_entries(request.requests.len(), "BatchUpdateBlobs")?;
         let function = request_function(&request.instance_name, request.digest_function)?;
         // Clients batch by uncompressed size; a zstd blob may decompress to
         // its declared size, and no further.
@@ -137,6 +142,7 @@ impl ContentAddressableStorage for CasService {
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         let request = request.into_inner();
+        self.shared.check_entries(request.digests.len(), "BatchReadBlobs")?;
         let function = request_function(&request.instance_name, request.digest_function)?;
         let digests: Vec<Result<Digest, Status>> =
             request.digests.iter().map(|d| Digest::from_proto(d, function).map_err(Status::from)).collect();
@@ -183,7 +189,14 @@ impl ContentAddressableStorage for CasService {
     type GetTreeStream = TreeStream;
 
     async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<TreeStream>, Status> {
-        let request = request.into_inner();
+        self.tree_page(request.into_inner(), usize::MAX).await.map(Response::new)
+    }
+}
+
+impl CasService {
+    /// GetTree: one page of the tree, as a stream of messages. The page
+    /// ends early once it holds `max_bytes` of directories.
+    pub async fn tree_page(&self, request: GetTreeRequest, max_bytes: usize) -> Result<TreeStream, Status> {
         let function = request_function(&request.instance_name, request.digest_function)?;
         let root = required_digest(request.root_digest.as_ref(), "root_digest", function)?;
         // Subdirectories use the root's function.
@@ -201,6 +214,13 @@ impl ContentAddressableStorage for CasService {
             0 => DEFAULT_TREE_PAGE,
             n => n as usize,
         };
+        let limit = self.shared.directories;
+        if root.size > limit.max_size {
+            return Err(Status::failed_precondition(format!(
+                "root {root} is larger than max_directory_size ({} bytes): it is not read",
+                limit.max_size
+            )));
+        }
         let store = Arc::clone(&self.shared.store);
         if let Err(status) = self.shared.fetch(&[root]).await {
             tracing::warn!("GetTree: {}", status.message());
@@ -222,12 +242,13 @@ impl ContentAddressableStorage for CasService {
             }
         };
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = walk_tree(&store, root, function, skip, page_size, &tx, fetch) {
+            let page = Page { skip, size: page_size, max_bytes };
+            if let Err(status) = walk_tree(&store, root, function, page, limit, &tx, fetch) {
                 // If the client is gone, nobody is waiting for the error either.
-                let _ = tx.blocking_send(Err(Status::from(e)));
+                let _ = tx.blocking_send(Err(status));
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as TreeStream))
+        Ok(Box::pin(ReceiverStream::new(rx)) as TreeStream)
     }
 }
 
@@ -270,20 +291,33 @@ fn incoming_blob(
     Ok(blob)
 }
 
+/// Which directories of a walk make one GetTree page.
+#[derive(Clone, Copy)]
+pub struct Page {
+    /// Directories listed on earlier pages.
+    pub skip: usize,
+    /// Most directories on this page.
+    pub size: usize,
+    /// The page ends early once its directories take this many bytes (a
+    /// REST reply is one body, not a stream of messages).
+    pub max_bytes: usize,
+}
+
 /// Sends one GetTree page: directories breadth-first from `root`, starting
-/// after the first `skip`, at most `page_size` of them, split into messages
-/// of about [`READ_MESSAGE_SIZE`]. Missing subtrees are left out; each
-/// directory is listed once. The page token is the count of directories
-/// listed before the next page: the order is a function of the tree alone.
-fn walk_tree(
+/// after the first `page.skip`, split into messages of about
+/// [`READ_MESSAGE_SIZE`]. Missing subtrees are left out; each directory is
+/// listed once. The page token is the count of directories listed before the
+/// next page: the order is a function of the tree alone. A root that is not
+/// a Directory, and any directory over `limit`, fail the call.
+pub fn walk_tree(
     store: &Store,
     root: Digest,
     function: FunctionHint,
-    skip: usize,
-    page_size: usize,
+    page: Page,
+    limit: DirectoryLimit,
     tx: &mpsc::Sender<Result<GetTreeResponse, Status>>,
     fetch: impl Fn(&[Digest]),
-) -> Result<(), crate::store::Error> {
+) -> Result<(), Status> {
     let mut queue = VecDeque::from([root]);
     let mut seen = HashSet::from([root]);
     // Asked of the object store already: each directory once.
@@ -292,23 +326,21 @@ fn walk_tree(
     let mut listed = 0;
     let mut message = Vec::new();
     let mut message_bytes = 0;
+    let mut page_bytes = 0;
     let send = |directories, next_page_token| {
         // An error means the client went away: stop walking.
         tx.blocking_send(Ok(GetTreeResponse { directories, next_page_token })).is_ok()
     };
     while let Some(digest) = queue.pop_front() {
-        let mut data = store.read_all(&digest)?;
-        if data.is_none() && fetched.insert(digest) {
+        let mut directory = limit.read::<Directory>(store, &digest)?;
+        if directory.is_none() && fetched.insert(digest) {
             // It and every directory waiting after it, in one parallel fetch.
             let missing: Vec<Digest> =
                 std::iter::once(digest).chain(queue.iter().copied().filter(|d| fetched.insert(*d))).collect();
             fetch(&missing);
-            data = store.read_all(&digest)?;
+            directory = limit.read::<Directory>(store, &digest)?;
         }
-        let Some(data) = data else {
-            continue;
-        };
-        let Ok(directory) = Directory::decode(data.clone()) else {
+        let Some(directory) = directory else {
             continue;
         };
         for child in &directory.directories {
@@ -319,13 +351,15 @@ fn walk_tree(
             }
         }
         position += 1;
-        if position <= skip {
+        if position <= page.skip {
             continue;
         }
-        message_bytes += data.len();
+        let bytes = directory.encoded_len();
+        message_bytes += bytes;
+        page_bytes += bytes;
         message.push(directory);
         listed += 1;
-        if listed == page_size {
+        if listed == page.size || (page_bytes >= page.max_bytes && !queue.is_empty()) {
             let token = if queue.is_empty() { String::new() } else { position.to_string() };
             send(std::mem::take(&mut message), token);
             return Ok(());

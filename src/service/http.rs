@@ -20,8 +20,9 @@ use super::capabilities::CapabilitiesService;
 use super::cas::CasService;
 use super::{Shared, http_cache, rest};
 
-/// Request bodies, counted as they are read (for metrics).
-pub type RequestBody = Counted<Incoming>;
+/// Request bodies, counted as they are read (for metrics), ended if the
+/// client stalls.
+pub type RequestBody = Counted<crate::idle::Timed<Incoming>>;
 
 /// The gRPC services, called in-process by the HTTP adapters.
 pub struct HttpApi {
@@ -210,7 +211,11 @@ pub async fn read_body(body: RequestBody, limit: usize) -> Result<Bytes, HttpErr
             message: format!("the request body is larger than {limit} bytes (max_message_size)"),
             allow: None,
         }),
-        Err(e) => Err(HttpError::Status(Status::cancelled(format!("the request body broke off: {e}")))),
+        Err(e) => match e.downcast::<Status>() {
+            // It broke off, or stalled (see `crate::idle::Timed`).
+            Ok(status) => Err(HttpError::Status(*status)),
+            Err(e) => Err(HttpError::Status(Status::cancelled(format!("the request body broke off: {e}")))),
+        },
     }
 }
 

@@ -17,6 +17,7 @@ use prost::Message;
 use tonic::Status;
 use tonic::body::Body;
 
+use super::action_cache::AnySize;
 use super::blocking;
 use super::http::{HttpApi, HttpError, RequestBody, bytes_response, percent_decode, read_body};
 use crate::digest::{Digest, FunctionHint};
@@ -121,7 +122,9 @@ pub async fn handle(
                 digest_function: named.function.to_wire() as i32,
                 ..Default::default()
             };
-            let result = api.action_cache.get_action_result(tonic::Request::new(message)).await?;
+            let mut request = tonic::Request::new(message);
+            request.extensions_mut().insert(AnySize);
+            let result = api.action_cache.get_action_result(request).await?;
             let body = Bytes::from(result.into_inner().encode_to_vec());
             let mut response = bytes_response(StatusCode::OK, OCTETS, body);
             if head {
@@ -131,6 +134,7 @@ pub async fn handle(
         }
         (Kind::Ac, Method::PUT) => {
             let body = read_body(request.into_body(), api.shared.max_message_size).await?;
+            crate::codec::check_entries::<ActionResult>(&body)?;
             let result = ActionResult::decode(body).map_err(|e| {
                 HttpError::bad_request(format!("the body is not a serialized ActionResult protobuf: {e}"))
             })?;
@@ -141,7 +145,9 @@ pub async fn handle(
                 digest_function: named.function.to_wire() as i32,
                 ..Default::default()
             };
-            api.action_cache.update_action_result(tonic::Request::new(message)).await?;
+            let mut request = tonic::Request::new(message);
+            request.extensions_mut().insert(AnySize);
+            api.action_cache.update_action_result(request).await?;
             Ok(bytes_response(StatusCode::OK, OCTETS, Bytes::new()))
         }
         (_, method) => Err(HttpError::method(&method, &path, "GET, HEAD, PUT")),
@@ -183,7 +189,8 @@ fn write_requests(body: RequestBody) -> impl Stream<Item = Result<WriteRequest, 
                     Ok(data) => Ok(WriteRequest { write_offset: offset, data, ..Default::default() }),
                     Err(_) => continue,
                 },
-                Some(Err(e)) => Err(Status::cancelled(format!("the request body broke off: {e}"))),
+                // It broke off, or stalled (see `crate::idle::Timed`).
+                Some(Err(status)) => Err(status),
                 None => Ok(WriteRequest { write_offset: offset, finish_write: true, ..Default::default() }),
             };
             let (next, ended) = match &message {

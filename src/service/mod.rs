@@ -33,6 +33,69 @@ pub struct Shared {
     pub max_batch_size: u64,
     /// Largest gRPC message received or sent.
     pub max_message_size: usize,
+    /// Most entries in one request (`max_call_entries`).
+    pub max_entries: usize,
+    /// What Directory and Tree blobs a call may read.
+    pub directories: DirectoryLimit,
+}
+
+/// The Directory and Tree blobs a call reads are stored client bytes: one
+/// over `max_size` is refused unread, one with more than `max_entries`
+/// entries undecoded (decoding costs a struct per entry).
+#[derive(Clone, Copy, Debug)]
+pub struct DirectoryLimit {
+    pub max_size: u64,
+    pub max_entries: usize,
+}
+
+impl DirectoryLimit {
+    /// `max_directory_size`, with one entry per 32 bytes of it (or
+    /// `max_call_entries`, if more).
+    pub fn new(max_size: u64, max_call_entries: usize) -> DirectoryLimit {
+        DirectoryLimit { max_size, max_entries: max_call_entries.max((max_size / 32) as usize) }
+    }
+
+    /// A Directory or Tree blob, decoded; `None` if the local tier lacks it.
+    pub fn read<M: prost::Message + prost::Name + Default>(
+        &self,
+        store: &store::Store,
+        digest: &digest::Digest,
+    ) -> Result<Option<M>, Status> {
+        let what = M::NAME;
+        if digest.size > self.max_size {
+            return Err(Status::failed_precondition(format!(
+                "{what} {digest} is larger than max_directory_size ({} bytes): it is not read; raise the limit if such {what}s are real",
+                self.max_size
+            )));
+        }
+        let Some(data) = store.read_all(digest)? else {
+            return Ok(None);
+        };
+        let nested = crate::codec::nested::<M>();
+        if crate::codec::count_entries(&data, nested, self.max_entries) > self.max_entries {
+            return Err(Status::failed_precondition(format!(
+                "{what} {digest} has more than {} entries: it is not decoded (max_directory_size allows one per 32 bytes)",
+                self.max_entries
+            )));
+        }
+        M::decode(data)
+            .map(Some)
+            .map_err(|e| Status::failed_precondition(format!("blob {digest} is not a {what}: {e}")))
+    }
+}
+
+impl Shared {
+    /// Refuses a call with more entries than `max_call_entries`, before any
+    /// work per entry (the REST face decodes its JSON before this).
+    pub fn check_entries(&self, entries: usize, what: &str) -> Result<(), Status> {
+        if entries > self.max_entries {
+            return Err(Status::invalid_argument(format!(
+                "{what} lists {entries} entries, more than max_call_entries ({}): split it into smaller calls",
+                self.max_entries
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Blobs copied between the tiers at once for one call.

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::body::Body;
 
+use super::Shared;
 use super::http::{HttpApi, HttpError, RequestBody, json_response, percent_decode, read_body};
 use crate::proto::reapi::{
     self, ActionResult, FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
@@ -87,21 +88,26 @@ pub async fn handle(
     let digest = |hash: String, size| Some(reapi::Digest { hash, size_bytes: size });
     match (route, &method) {
         (Route::Capabilities, &Method::GET) => {
-            let request = GetCapabilitiesRequest { instance_name: instance };
-            reply(api.capabilities.get_capabilities(tonic::Request::new(request)).await?)
+            let access = request.extensions().get::<crate::auth::Access>().copied();
+            let mut request = tonic::Request::new(GetCapabilitiesRequest { instance_name: instance });
+            if let Some(access) = access {
+                request.extensions_mut().insert(access);
+            }
+            reply(api.capabilities.get_capabilities(request).await?)
         }
         (Route::FindMissing, &Method::POST) => {
-            let mut message: FindMissingBlobsRequest = decode(request.into_body(), limit).await?;
+            let mut message: FindMissingBlobsRequest = decode(request.into_body(), &api.shared).await?;
             message.instance_name = instance;
             reply(api.cas.find_missing_blobs(tonic::Request::new(message)).await?)
         }
         (Route::BatchUpdate, &Method::POST) => {
-            let mut message: reapi::BatchUpdateBlobsRequest = decode(request.into_body(), limit).await?;
+            let mut message: reapi::BatchUpdateBlobsRequest =
+                decode(request.into_body(), &api.shared).await?;
             message.instance_name = instance;
             reply(api.cas.batch_update_blobs(tonic::Request::new(message)).await?)
         }
         (Route::BatchRead, &Method::POST) => {
-            let mut message: reapi::BatchReadBlobsRequest = decode(request.into_body(), limit).await?;
+            let mut message: reapi::BatchReadBlobsRequest = decode(request.into_body(), &api.shared).await?;
             message.instance_name = instance;
             reply(api.cas.batch_read_blobs(tonic::Request::new(message)).await?)
         }
@@ -114,7 +120,7 @@ pub async fn handle(
                 digest_function: query.digest_function()?,
             };
             // One page, whatever number of messages gRPC would stream it in.
-            let mut stream = api.cas.get_tree(tonic::Request::new(message)).await?.into_inner();
+            let mut stream = api.cas.tree_page(message, limit).await?;
             let mut page = GetTreeResponse::default();
             while let Some(part) = stream.next().await {
                 let part = part?;
@@ -135,7 +141,7 @@ pub async fn handle(
             reply(api.action_cache.get_action_result(tonic::Request::new(message)).await?)
         }
         (Route::ActionResult { hash, size }, &Method::PUT) => {
-            let result: ActionResult = decode(request.into_body(), limit).await?;
+            let result: ActionResult = decode(request.into_body(), &api.shared).await?;
             let message = UpdateActionResultRequest {
                 instance_name: instance,
                 action_digest: digest(hash, size),
@@ -155,10 +161,20 @@ pub async fn handle(
     }
 }
 
-/// Decodes a JSON request body; an empty body is the empty message.
-async fn decode<T: DeserializeOwned>(body: RequestBody, limit: usize) -> Result<T, HttpError> {
+/// Decodes a JSON request body; an empty body is the empty message. Its
+/// values are counted first: each `{` or `,` may start one, and decoding
+/// costs a struct per value (`{}` is two bytes).
+async fn decode<T: DeserializeOwned>(body: RequestBody, shared: &Shared) -> Result<T, HttpError> {
     // Base64 makes blobs a third larger in JSON.
-    let bytes = read_body(body, limit.saturating_mul(4) / 3 + (1 << 20)).await?;
+    let bytes = read_body(body, shared.max_message_size.saturating_mul(4) / 3 + (1 << 20)).await?;
+    let values = bytes.iter().filter(|&&b| b == b'{' || b == b',').count();
+    let max = shared.max_entries;
+    // Each entry takes at most a few: `{"digest": {...}, "data": "..."},`.
+    if values > 4 * max + 64 {
+        return Err(HttpError::bad_request(format!(
+            "the request body holds more than {max} entries (max_call_entries): split it into smaller calls"
+        )));
+    }
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
     serde_json::from_slice(text)
         .map_err(|e| HttpError::bad_request(format!("the request body is not valid JSON for this call: {e}")))

@@ -78,6 +78,11 @@ fn payload_len(value: &[u8]) -> Option<(Kind, usize)> {
     }
 }
 
+/// The most bytes one chunk holds (the largest `chunk_size`). A frame that
+/// declares more is corrupt or hostile (an object-store object is anyone's
+/// bytes): it is refused before anything is allocated for it.
+pub const MAX_CHUNK_SIZE: usize = 64 << 20;
+
 /// Below this, compression rarely pays for its frame header.
 const MIN_COMPRESS: usize = 128;
 
@@ -170,7 +175,7 @@ pub fn decode(value: &[u8]) -> Option<Bytes> {
 }
 
 fn decompress(frame: &[u8]) -> Option<Bytes> {
-    let size = zstd::zstd_safe::get_frame_content_size(frame).ok()??;
+    let size = frame_content_size(frame)?;
     DECOMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
         if cell.is_none() {
@@ -181,12 +186,19 @@ fn decompress(frame: &[u8]) -> Option<Bytes> {
     })
 }
 
+/// The bytes a frame declares it holds; `None` if it declares none, or more
+/// than a chunk can hold.
+fn frame_content_size(frame: &[u8]) -> Option<u64> {
+    let size = zstd::zstd_safe::get_frame_content_size(frame).ok()??;
+    (size <= MAX_CHUNK_SIZE as u64).then_some(size)
+}
+
 /// How many bytes of the blob a stored chunk holds, its checksum verified
 /// (without decompressing). `None` means the value is corrupt.
 pub fn content_len(value: &[u8]) -> Option<u64> {
     match open(value)? {
         (Kind::Raw, payload) => Some(payload.len() as u64),
-        (Kind::Zstd, frame) => zstd::zstd_safe::get_frame_content_size(frame).ok()?,
+        (Kind::Zstd, frame) => frame_content_size(frame),
     }
 }
 
@@ -205,7 +217,7 @@ pub fn to_frame(mut value: Vec<u8>, skip: usize) -> Option<(Bytes, u64)> {
         (Kind::Raw, payload) => wrap(payload.get(skip..)?),
         (Kind::Zstd, frame) if skip > 0 => wrap(decompress(frame)?.get(skip..)?),
         (Kind::Zstd, frame) => {
-            let (len, held) = (frame.len(), zstd::zstd_safe::get_frame_content_size(frame).ok()??);
+            let (len, held) = (frame.len(), frame_content_size(frame)?);
             value.truncate(len);
             Some((Bytes::from(value), held))
         }
@@ -296,6 +308,34 @@ mod tests {
         let mut legacy = b"old bytes".to_vec();
         legacy.push(RAW);
         assert_eq!(decode(&legacy).unwrap(), b"old bytes".as_slice());
+    }
+
+    #[test]
+    fn frames_declaring_more_than_a_chunk_are_refused_unallocated() {
+        // A valid frame header declaring 2^62 bytes, sealed with a good
+        // checksum: what a hostile object in the object store could hold.
+        let mut frame = zstd::bulk::compress(b"tiny", 1).unwrap();
+        let declared = 1u64 << 62;
+        // Rewrite the header to an 8-byte content size field (FCS flag 3).
+        let descriptor = frame[4];
+        let old_fcs = match descriptor >> 6 {
+            0 => usize::from(descriptor & 0x20 != 0),
+            1 => 2,
+            2 => 4,
+            _ => 8,
+        };
+        let window = usize::from(descriptor & 0x20 == 0);
+        let body = frame.split_off(5 + window + old_fcs);
+        frame.truncate(5 + window);
+        frame[4] = (descriptor & 0x3f) | 0xc0;
+        frame.extend_from_slice(&declared.to_le_bytes());
+        frame.extend_from_slice(&body);
+        assert_eq!(zstd::zstd_safe::get_frame_content_size(&frame).ok(), Some(Some(declared)));
+        let stored = seal(frame, Kind::Zstd);
+        assert!(decode(&stored).is_none());
+        assert!(content_len(&stored).is_none());
+        assert!(to_frame(stored.clone(), 0).is_none());
+        assert!(to_frame(stored, 1).is_none());
     }
 
     #[test]

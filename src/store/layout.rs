@@ -12,7 +12,7 @@
 //! | `chunks`  | `0` (8) · `2` (8) | uncompressed bytes of all blobs (i64 LE, merge-added) |
 //! | `lru`     | last access (8, BE, ms) · index key | empty: the eviction order |
 //! | `uploads` | ByteStream resource name (UTF-8) | [`UploadRecord`] |
-//! | `ac`      | instance name · 0x00 · function (1) · hash | 0x01 · ActionResult protobuf |
+//! | `ac`      | instance name · 0x00 · function (1) · hash | [`AC_VALUE_SIZED`] · action size (8, BE) · ActionResult protobuf, or [`AC_VALUE_VERSION`] · ActionResult protobuf when the size is unknown |
 //! | `queue`   | 0x00 · index key | [`QueueValue`]: a blob the object store may lack |
 //! | `queue`   | 0x01 · `ac` key | [`QueueValue`]: an action result the object store may lack |
 //! | `default` | `layout` | layout version (ASCII) |
@@ -263,7 +263,39 @@ pub fn ac_key_from_v1(k: &[u8]) -> Option<Vec<u8>> {
 
 /// A stored action result is prefixed with a version byte, so that an
 /// all-default ActionResult (zero bytes of protobuf) is never an empty value.
+/// This one carries no action size: Bazel's HTTP cache names actions by
+/// hash alone.
 pub const AC_VALUE_VERSION: u8 = 1;
+/// An action result stored with its action's size: REAPI makes the size part
+/// of the digest, so a lookup with another size is a miss.
+pub const AC_VALUE_SIZED: u8 = 2;
+
+/// An action cache value: the action's size, if known, and the result.
+pub fn ac_value(size: Option<u64>, result: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(result.len() + 9);
+    match size {
+        Some(size) => {
+            value.push(AC_VALUE_SIZED);
+            value.extend_from_slice(&size.to_be_bytes());
+        }
+        None => value.push(AC_VALUE_VERSION),
+    }
+    value.extend_from_slice(result);
+    value
+}
+
+/// The action size (if recorded) and the result of an action cache value;
+/// `None` if it is malformed.
+pub fn parse_ac_value(v: &[u8]) -> Option<(Option<u64>, &[u8])> {
+    match v.split_first()? {
+        (&AC_VALUE_VERSION, result) => Some((None, result)),
+        (&AC_VALUE_SIZED, rest) => {
+            let (size, result) = rest.split_first_chunk::<8>()?;
+            Some((Some(u64::from_be_bytes(*size)), result))
+        }
+        _ => None,
+    }
+}
 
 /// Reads fixed-width big-endian fields.
 fn u64_at(v: &[u8], i: usize) -> u64 {

@@ -94,6 +94,14 @@ pub struct Store {
 }
 
 /// A present blob, located for reading.
+/// An action result as stored: the action's size, if the client gave one,
+/// and the ActionResult protobuf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResult {
+    pub size: Option<u64>,
+    pub result: Bytes,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Blob {
     pub digest: Digest,
@@ -960,14 +968,15 @@ impl Store {
         Ok(updated)
     }
 
-    /// The stored action result for `action` under `instance`, as protobuf bytes.
-    pub fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<Bytes>, Error> {
-        match self.db.get_cf(self.cf(CF_AC), ac_key(instance, action))? {
-            None => Ok(None),
-            Some(v) => match v.split_first() {
-                Some((&AC_VALUE_VERSION, rest)) => Ok(Some(Bytes::copy_from_slice(rest))),
-                _ => Err(Error::Corrupt(format!("action cache entry of {action} is malformed"))),
-            },
+    /// The stored action result for `action` under `instance` (whatever its
+    /// size), as protobuf bytes, with the action size it was stored with.
+    pub fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<StoredResult>, Error> {
+        let Some(v) = self.db.get_cf(self.cf(CF_AC), ac_key(instance, action))? else {
+            return Ok(None);
+        };
+        match layout::parse_ac_value(&v) {
+            Some((size, result)) => Ok(Some(StoredResult { size, result: Bytes::copy_from_slice(result) })),
+            None => Err(Error::Corrupt(format!("action cache entry of {action} is malformed"))),
         }
     }
 

@@ -14,8 +14,8 @@ use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 pub use super::layout::Queued;
 use super::layout::{
-    AC_VALUE_VERSION, BACKFILL_AC_KEY, BACKFILL_KEY, CF_AC, CF_INDEX, CF_QUEUE, QUEUEING_KEY, QueueValue,
-    ac_key, queue_ac_key, queue_blob_key, queued_of_key,
+    BACKFILL_AC_KEY, BACKFILL_KEY, CF_AC, CF_INDEX, CF_QUEUE, QUEUEING_KEY, QueueValue, ac_key, ac_value,
+    queue_ac_key, queue_blob_key, queued_of_key,
 };
 use super::{Error, Store, now_ms};
 use crate::digest::Digest;
@@ -143,28 +143,40 @@ impl Store {
     }
 
     /// Stores an action result, queued when there is an object store tier.
-    pub fn put_action_result(&self, instance: &str, action: &Digest, result: &[u8]) -> Result<(), Error> {
-        self.store_action_result(instance, action, result, self.queues())
+    /// `size` is the action's size, when the client gave one (Bazel's HTTP
+    /// cache names actions by hash alone).
+    pub fn put_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+        size: Option<u64>,
+        result: &[u8],
+    ) -> Result<(), Error> {
+        self.store_action_result(instance, action, size, result, self.queues())
     }
 
     /// Stores an action result copied in from the object store (which
     /// holds it already: it is not queued).
-    pub fn copy_action_result(&self, instance: &str, action: &Digest, result: &[u8]) -> Result<(), Error> {
-        self.store_action_result(instance, action, result, false)
+    pub fn copy_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+        size: Option<u64>,
+        result: &[u8],
+    ) -> Result<(), Error> {
+        self.store_action_result(instance, action, size, result, false)
     }
 
     fn store_action_result(
         &self,
         instance: &str,
         action: &Digest,
+        size: Option<u64>,
         result: &[u8],
         queue: bool,
     ) -> Result<(), Error> {
-        let mut value = Vec::with_capacity(result.len() + 1);
-        value.push(AC_VALUE_VERSION);
-        value.extend_from_slice(result);
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_AC), ac_key(instance, action), value);
+        batch.put_cf(self.cf(CF_AC), ac_key(instance, action), ac_value(size, result));
         if !queue {
             return self.write(batch);
         }
@@ -194,7 +206,7 @@ impl Store {
         copied: Option<&[u8]>,
     ) -> Result<(), Error> {
         let _guard = self.stripe(action);
-        if self.get_action_result(instance, action)?.as_deref() != copied {
+        if self.get_action_result(instance, action)?.as_ref().map(|r| &r.result[..]) != copied {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
@@ -216,7 +228,8 @@ impl Store {
     ) -> Result<(Option<Bytes>, bool), Error> {
         let _guard = self.stripe(action);
         let entry = self.queue_entry(&queue_ac_key(instance, action))?;
-        Ok((self.get_action_result(instance, action)?, entry.is_some_and(|v| v.since_ms == BACKFILLED)))
+        let result = self.get_action_result(instance, action)?.map(|r| r.result);
+        Ok((result, entry.is_some_and(|v| v.since_ms == BACKFILLED)))
     }
 
     /// Up to `max` queue entries after the key `after` (from the start for

@@ -286,7 +286,7 @@ fn a_version_1_directory_keeps_its_action_results() {
         store.db.put(LAYOUT_KEY, LAYOUT_VERSION_1).unwrap();
     }
     let store = open(tmp.path());
-    assert_eq!(store.get_action_result("inst", &action).unwrap().unwrap(), b"result".as_slice());
+    assert_eq!(store.get_action_result("inst", &action).unwrap().unwrap().result, b"result".as_slice());
     assert_eq!(store.db.get(LAYOUT_KEY).unwrap().unwrap(), LAYOUT_VERSION);
 }
 
@@ -408,7 +408,7 @@ fn writes_are_queued_with_their_blobs_and_copies_are_not() {
         let mut copy = store.begin_copy("c", Digest::of(&copied)).unwrap();
         copy.append(&copied, None).unwrap();
         copy.finish().unwrap();
-        store.put_action_result("ci", &action, b"result").unwrap();
+        store.put_action_result("ci", &action, None, b"result").unwrap();
         assert!(store.is_queued(&batched).unwrap());
         assert!(!store.is_queued(&Digest::of(&copied)).unwrap(), "a copy from the object store");
         assert_eq!(store.queue_len(), (3, 1000 + 200_000 + 6));
@@ -429,7 +429,7 @@ fn writes_are_queued_with_their_blobs_and_copies_are_not() {
     store.dequeue_blobs(&[Digest::of(&batched)]).unwrap();
     assert_eq!(store.queue_len(), (2, 200_006));
     // A result replaced since it was copied stays queued; the one copied goes.
-    store.put_action_result("ci", &action, b"newer").unwrap();
+    store.put_action_result("ci", &action, None, b"newer").unwrap();
     store.dequeue_action_result("ci", &action, Some(b"result")).unwrap();
     assert_eq!(store.queue_len(), (2, 200_005));
     store.dequeue_action_result("ci", &action, Some(b"newer")).unwrap();
@@ -487,7 +487,7 @@ fn a_full_queue_refuses_writes_and_nothing_without_a_tier_is_queued() {
 
     let plain = open(&tmp.path().join("plain"));
     let d = put(&plain, &more);
-    plain.put_action_result("", &d, b"r").unwrap();
+    plain.put_action_result("", &d, None, b"r").unwrap();
     assert!(!plain.is_queued(&d).unwrap());
     assert_eq!(plain.queue_len(), (0, 0));
 }
@@ -533,8 +533,8 @@ fn blobs_from_before_the_queue_are_backfilled_and_a_store_without_a_tier_keeps_n
         for b in &blobs {
             put(&store, b);
         }
-        store.put_action_result("ci", &actions[0], b"early").unwrap();
-        store.put_action_result("", &actions[1], b"also early").unwrap();
+        store.put_action_result("ci", &actions[0], None, b"early").unwrap();
+        store.put_action_result("", &actions[1], None, b"also early").unwrap();
     }
     {
         let store = open_queueing(tmp.path(), 1 << 20);

@@ -266,20 +266,26 @@ impl Clients {
     /// call with that much sent is then in flight there, not on its way.
     pub async fn until_committed(&mut self, name: &str, bytes: i64) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while self.query(name).await.0 < bytes {
+        while self.upload_status(name).await.map_or(0, |(committed, _)| committed) < bytes {
             assert!(std::time::Instant::now() < deadline, "the server never stored {bytes} bytes of {name}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
+    /// QueryWriteStatus of an upload the server knows (or a stored blob).
     pub async fn query(&mut self, name: &str) -> (i64, bool) {
-        let r = self
-            .bs
-            .query_write_status(QueryWriteStatusRequest { resource_name: name.to_string() })
-            .await
-            .expect("QueryWriteStatus")
-            .into_inner();
-        (r.committed_size, r.complete)
+        self.upload_status(name).await.unwrap_or_else(|| panic!("QueryWriteStatus: no upload {name}"))
+    }
+
+    /// QueryWriteStatus: `None` for an upload the server does not know
+    /// (NOT_FOUND: never started, finished with an error, or expired).
+    pub async fn upload_status(&mut self, name: &str) -> Option<(i64, bool)> {
+        let request = QueryWriteStatusRequest { resource_name: name.to_string() };
+        match self.bs.query_write_status(request).await {
+            Ok(r) => Some((r.get_ref().committed_size, r.get_ref().complete)),
+            Err(status) if status.code() == Code::NotFound => None,
+            Err(status) => panic!("QueryWriteStatus: {status:?}"),
+        }
     }
 
     pub async fn find_missing(&mut self, digests: &[reapi::Digest]) -> Vec<reapi::Digest> {

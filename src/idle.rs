@@ -1,0 +1,252 @@
+//! Closes connections that carry no call: a client cannot hold a socket (and
+//! one of the server's file descriptors) by connecting and saying nothing,
+//! by sending half a request, or by keeping an HTTP/2 connection open with
+//! no stream on it.
+//!
+//! A connection's reads are watched: while no call is in flight on it, a
+//! read that would wait past the deadline fails instead, and the connection
+//! closes. The deadline is short until the first call arrives and longer
+//! between calls, so that clients between builds keep their connections for a
+//! while.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// How long a connection may go without a call in flight.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Before its first call.
+    pub first_call: Duration,
+    /// After a call.
+    pub between_calls: Duration,
+}
+
+/// The calls in flight on one connection.
+#[derive(Debug)]
+pub struct Calls {
+    active: AtomicUsize,
+    /// A call has started on this connection.
+    started: AtomicBool,
+    /// When the last call ended (or the connection was accepted).
+    idle_since: Mutex<Instant>,
+    /// The connection's reader, woken when its last call ends.
+    reader: AtomicWaker,
+}
+
+impl Calls {
+    pub fn new() -> Arc<Calls> {
+        Arc::new(Calls {
+            active: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+            reader: AtomicWaker::new(),
+        })
+    }
+
+    /// Counts a call as in flight until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.started.store(true, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(self))
+    }
+
+    /// When the connection closes if nothing happens; `None` while a call is
+    /// in flight.
+    fn deadline(&self, timeouts: Timeouts) -> Option<Instant> {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let limit = match self.started.load(Ordering::Relaxed) {
+            true => timeouts.between_calls,
+            false => timeouts.first_call,
+        };
+        Some(*self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) + limit)
+    }
+}
+
+/// A call in flight (see [`Calls::begin`]).
+pub struct InFlight(Arc<Calls>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// A connection's stream, whose reads fail once it has carried no call for
+/// too long.
+pub struct Watched<S> {
+    inner: S,
+    calls: Arc<Calls>,
+    timeouts: Timeouts,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<S> Watched<S> {
+    pub fn new(inner: S, calls: Arc<Calls>, timeouts: Timeouts) -> Watched<S> {
+        let timer = Box::pin(tokio::time::sleep(timeouts.first_call));
+        Watched { inner, calls, timeouts, timer }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if polled.is_ready() {
+            return polled;
+        }
+        // Woken when the last call ends, to start the clock.
+        this.calls.reader.register(cx.waker());
+        let Some(deadline) = this.calls.deadline(this.timeouts) else {
+            return Poll::Pending;
+        };
+        if this.timer.deadline() != deadline {
+            this.timer.as_mut().reset(deadline);
+        }
+        match this.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection carried no call for too long: closed",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A request body that fails once its client has sent nothing for too long
+/// while the server waits for more: a stalled upload ends (and what it
+/// sent is kept, to be resumed or to expire) instead of holding its call
+/// forever.
+pub struct Timed<B> {
+    body: B,
+    limit: Duration,
+    /// Running while the server waits for the next frame.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<B> Timed<B> {
+    pub fn new(body: B, limit: Duration) -> Timed<B> {
+        Timed { body, limit, timer: None }
+    }
+}
+
+impl<B> http_body::Body for Timed<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.timer = None;
+                let broke =
+                    |e: B::Error| tonic::Status::cancelled(format!("the request body broke off: {e}"));
+                Poll::Ready(frame.map(|f| f.map_err(broke)))
+            }
+            Poll::Pending => {
+                let limit = this.limit;
+                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
+                        "the client sent nothing for {limit:?} (idle_timeout): the call is ended; an upload keeps what arrived, to resume"
+                    ))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    const TIMEOUTS: Timeouts =
+        Timeouts { first_call: Duration::from_millis(200), between_calls: Duration::from_millis(400) };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_closes_and_a_busy_one_does_not() {
+        let (client, server) = tokio::io::duplex(64);
+        let calls = Calls::new();
+        let mut watched = Watched::new(server, Arc::clone(&calls), TIMEOUTS);
+        let started = Instant::now();
+        let mut buf = [0u8; 8];
+        let error = watched.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), TIMEOUTS.first_call);
+
+        // A call in flight holds the connection open however long it takes;
+        // its end starts the longer clock.
+        let (_peer, end) = tokio::io::duplex(64);
+        let mut watched = Watched::new(end, Arc::clone(&calls), TIMEOUTS);
+        let call = calls.begin();
+        let read = tokio::spawn(async move {
+            let started = Instant::now();
+            let _ = watched.read(&mut [0u8; 8]).await;
+            started.elapsed()
+        });
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(call);
+        let waited = read.await.unwrap();
+        assert_eq!(waited, Duration::from_secs(3600) + TIMEOUTS.between_calls);
+        drop(client);
+    }
+}
