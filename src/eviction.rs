@@ -1,7 +1,8 @@
 //! The eviction compactor: keeps the data directory under its size budget.
 //!
 //! It measures the real bytes on disk a few times a second. Past the high
-//! watermark it deletes least recently used blobs (and idle partial uploads)
+//! watermark it deletes least recently used blobs and action results (and
+//! idle partial uploads)
 //! down to the low watermark, then compacts the deleted ranges so RocksDB
 //! gives the space back. Writes that would pass the budget itself are
 //! refused by the store until eviction catches up; reads always go on.
@@ -79,13 +80,18 @@ pub fn pass(store: &Store, budget: Budget) -> Result<(), crate::store::Error> {
     let evicted = store.evict_lru(disk - low, used_before)?;
     match evicted.blob_ids {
         Some(range) => store.compact_chunks(range),
-        None => store.compact_all_chunks()?,
+        None if evicted.action_results == 0 => store.compact_all_chunks()?,
+        None => {}
+    }
+    if evicted.action_results > 0 {
+        store.compact_action_results();
     }
     let after = store.measure_disk()?;
-    if evicted.blobs > 0 || uploads > 0 {
+    if evicted.blobs > 0 || evicted.action_results > 0 || uploads > 0 {
         tracing::info!(
-            "evicted {} blobs ({} stored bytes) and {uploads} idle partial uploads: {disk} -> {after} bytes on disk",
+            "evicted {} blobs and {} action results ({} stored bytes), and {uploads} idle partial uploads: {disk} -> {after} bytes on disk",
             evicted.blobs,
+            evicted.action_results,
             evicted.bytes
         );
     } else if after > budget.max_size {

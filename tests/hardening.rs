@@ -164,3 +164,79 @@ async fn directory_blobs_are_capped_and_a_root_must_be_a_directory() {
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("is not a Directory"), "{}", status.message());
 }
+
+/// Case 5: action results once went around the size budget: all admitted,
+/// never evicted, and every blob write refused from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn action_results_live_inside_the_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("larder.toml");
+    std::fs::write(&config, "max_size = \"16MiB\"\neviction_min_age = \"0s\"\n").unwrap();
+    let server = TestServer::start(&tmp.path().join("data"), &["--config", config.to_str().unwrap()]);
+    let mut c = server.clients().await;
+    let (mut stored, mut refused, mut peak) = (0, 0, 0u64);
+    for i in 0..80u32 {
+        let result = reapi::ActionResult {
+            stdout_raw: random_bytes(1 << 20, u64::from(i)).into(),
+            ..Default::default()
+        };
+        let request = reapi::UpdateActionResultRequest {
+            action_digest: Some(digest(&i.to_le_bytes())),
+            action_result: Some(result),
+            ..Default::default()
+        };
+        match c.ac.update_action_result(request).await {
+            Ok(_) => stored += 1,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                refused += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("UpdateActionResult: {status:?}"),
+        }
+        peak = peak.max(dir_bytes(&server.dir));
+    }
+    eprintln!(
+        "80 results of 1 MiB: {stored} stored, {refused} refused, the directory peaked at {} MiB",
+        peak >> 20
+    );
+    assert!(stored > 16, "eviction made room again and again: {stored} stored, {refused} refused");
+    assert!(peak < 24 << 20, "the data directory peaked at {} MiB", peak >> 20);
+    // Old results were evicted, not kept around the budget.
+    let get = |i: u32| reapi::GetActionResultRequest {
+        action_digest: Some(digest(&i.to_le_bytes())),
+        ..Default::default()
+    };
+    assert_code(c.ac.get_action_result(get(0)).await, Code::NotFound);
+    // And blobs are stored again once eviction has caught up.
+    let blob = random_bytes(1 << 20, 999);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        match c.write(&upload_name("", "after", &blob), &blob, 256 << 10).await {
+            Ok(_) => break,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(std::time::Instant::now() < deadline, "blob writes never came back: {status:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("write: {status:?}"),
+        }
+    }
+    let metrics =
+        reqwest::get(format!("http://{}/metrics", server.addr)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("larder_evicted_bytes_total"), "{metrics}");
+}
+
+/// Bytes of the files in a directory and its subdirectories.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -176,6 +176,9 @@ impl ActionCacheService {
         let result = blocking(move || {
             if from_remote {
                 store.copy_action_result(&request.instance_name, &action, size, &bytes)?;
+            } else {
+                // A hit keeps the result from eviction, like its blobs.
+                store.touch_action_result(&request.instance_name, &action);
             }
             let mut result = result;
             inline(&store, &mut result, &request, function, limit)?;

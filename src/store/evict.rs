@@ -1,19 +1,20 @@
-//! Eviction primitives: delete the least recently used blobs, and make
-//! RocksDB give their space back. The policy (when, how much) lives in
-//! `crate::eviction`.
+//! Eviction primitives: delete the least recently used blobs and action
+//! results, and make RocksDB give their space back. The policy (when, how
+//! much) lives in `crate::eviction`.
 
 use std::sync::atomic::Ordering;
 
 use rocksdb::{IteratorMode, WriteBatch};
 
-use super::layout::{CF_CHUNKS, CF_LRU, chunk_key, lru_key, split_lru_key};
+use super::layout::{CF_CHUNKS, CF_LRU, Used, chunk_key, lru_key, split_ac_key, split_lru_key};
 use super::{Error, Store};
 
 /// What one eviction pass removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Evicted {
     pub blobs: u64,
-    /// Stored (compressed) bytes of the evicted blobs.
+    pub action_results: u64,
+    /// Stored (compressed) bytes of the evicted blobs and action results.
     pub bytes: u64,
     /// The lowest and highest blob id evicted: the chunk range to compact.
     pub blob_ids: Option<(u64, u64)>,
@@ -23,9 +24,10 @@ pub struct Evicted {
 const BATCH: usize = 256;
 
 impl Store {
-    /// Deletes least recently used blobs, oldest first, until `want` stored
-    /// bytes are gone or the next blob was used after `used_before_ms`.
-    /// Blobs queued for the object store are kept: they may be its only copy.
+    /// Deletes least recently used blobs and action results, oldest first,
+    /// until `want` stored bytes are gone or the next was used after
+    /// `used_before_ms`. What is queued for the object store is kept: it may
+    /// be its only copy.
     pub fn evict_lru(&self, want: u64, used_before_ms: u64) -> Result<Evicted, Error> {
         // Access times still in memory decide the order too.
         self.flush_access_times()?;
@@ -36,19 +38,24 @@ impl Store {
         let iter = self.db.iterator_cf(self.cf(CF_LRU), IteratorMode::Start);
         for item in iter {
             let (key, _) = item?;
-            let Some((atime, digest)) = split_lru_key(&key) else {
+            let Some((atime, used)) = split_lru_key(&key) else {
                 return Err(Error::Corrupt(format!("eviction order key {} is malformed", hex::encode(&key))));
             };
             if atime >= used_before_ms || planned >= want {
                 break;
             }
-            if let Some(entry) = self.get_entry(&digest)?
-                && entry.atime == atime
-                && !self.is_queued(&digest)?
-            {
-                planned += entry.stored;
+            match &used {
+                Used::Blob(digest) => {
+                    if let Some(entry) = self.get_entry(digest)?
+                        && entry.atime == atime
+                        && !self.is_queued(digest)?
+                    {
+                        planned += entry.stored;
+                    }
+                }
+                Used::ActionResult(key) => planned += self.result_to_evict(atime, key)?,
             }
-            candidates.push((atime, digest));
+            candidates.push((atime, used));
             if candidates.len() == BATCH {
                 self.evict_batch(&candidates, &mut evicted)?;
                 candidates.clear();
@@ -58,16 +65,35 @@ impl Store {
         Ok(evicted)
     }
 
-    fn evict_batch(
-        &self,
-        candidates: &[(u64, crate::digest::Digest)],
-        evicted: &mut Evicted,
-    ) -> Result<(), Error> {
+    fn evict_batch(&self, candidates: &[(u64, Used)], evicted: &mut Evicted) -> Result<(), Error> {
         let mut batch = WriteBatch::default();
-        let _guards = self.lock_stripes(candidates.iter().map(|(_, d)| d));
+        // Results are locked by their action, like blobs by their digest.
+        let actions: Vec<crate::digest::Digest> = candidates
+            .iter()
+            .filter_map(|(_, used)| match used {
+                Used::ActionResult(key) => split_ac_key(key).map(|(_, action)| action),
+                Used::Blob(_) => None,
+            })
+            .collect();
+        let blobs = candidates.iter().filter_map(|(_, used)| match used {
+            Used::Blob(digest) => Some(digest),
+            Used::ActionResult(_) => None,
+        });
+        let _guards = self.lock_stripes(blobs.chain(&actions));
         let before = (evicted.blobs, evicted.bytes);
         let mut done = std::collections::HashSet::new();
-        for (atime, digest) in candidates {
+        for (atime, used) in candidates {
+            let digest = match used {
+                Used::Blob(digest) => digest,
+                Used::ActionResult(key) => {
+                    let freed = self.evict_result(&mut batch, *atime, key)?;
+                    if freed > 0 {
+                        evicted.action_results += 1;
+                        evicted.bytes += freed;
+                    }
+                    continue;
+                }
+            };
             if self.is_queued(digest)? {
                 // Kept in its place, for a later pass once it is copied.
                 continue;
@@ -101,6 +127,12 @@ impl Store {
     /// leave the SST files and blob files with no live chunk are deleted.
     pub fn compact_chunks(&self, (lo, hi): (u64, u64)) {
         self.db.compact_range_cf(self.cf(CF_CHUNKS), Some(chunk_key(lo, 0)), Some(chunk_key(hi + 1, 0)));
+    }
+
+    /// Compacts the action cache, so that evicted results leave its files
+    /// (and the write-ahead log that held them is released).
+    pub fn compact_action_results(&self) {
+        self.db.compact_range_cf(self.cf(super::layout::CF_AC), None::<&[u8]>, None::<&[u8]>);
     }
 
     /// Compacts all chunks with garbage collection, which relocates the live

@@ -1,6 +1,6 @@
 //! Keys and values of every column family, in one place.
 //!
-//! Layout version 2:
+//! Layout version 3:
 //!
 //! | column family | key | value |
 //! |---|---|---|
@@ -10,9 +10,10 @@
 //! | `chunks`  | `0` (8) · `0` (8) | stored bytes of all blobs and uploads (i64 LE, merge-added) |
 //! | `chunks`  | `0` (8) · `1` (8) | number of blobs (i64 LE, merge-added) |
 //! | `chunks`  | `0` (8) · `2` (8) | uncompressed bytes of all blobs (i64 LE, merge-added) |
-//! | `lru`     | last access (8, BE, ms) · index key | empty: the eviction order |
+//! | `lru`     | last access (8, BE, ms) · index key | empty: the eviction order of blobs... |
+//! | `lru`     | last access (8, BE, ms) · 0xFF · `ac` key | empty: ...and of action results, in one order |
 //! | `uploads` | ByteStream resource name (UTF-8) | [`UploadRecord`] |
-//! | `ac`      | instance name · 0x00 · function (1) · hash | [`AC_VALUE_SIZED`] · action size (8, BE) · ActionResult protobuf, or [`AC_VALUE_VERSION`] · ActionResult protobuf when the size is unknown |
+//! | `ac`      | instance name · 0x00 · function (1) · hash | [`AC_VALUE_TIMED`] · last access (8, BE, ms) · action size (8, BE; `u64::MAX` if unknown) · ActionResult protobuf |
 //! | `queue`   | 0x00 · index key | [`QueueValue`]: a blob the object store may lack |
 //! | `queue`   | 0x01 · `ac` key | [`QueueValue`]: an action result the object store may lack |
 //! | `default` | `layout` | layout version (ASCII) |
@@ -90,9 +91,34 @@ pub fn lru_key(atime_ms: u64, d: &Digest) -> Key {
     k
 }
 
-pub fn split_lru_key(k: &[u8]) -> Option<(u64, Digest)> {
-    let (atime, index) = k.split_first_chunk::<8>()?;
-    Some((u64::from_be_bytes(*atime), digest_of_index_key(index)?))
+/// Marks an action result's place in the eviction order: no index key
+/// starts with it (they start with a digest function).
+const LRU_ACTION: u8 = 0xff;
+
+/// An action result's place in the eviction order.
+pub fn lru_action_key(atime_ms: u64, ac_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + ac_key.len());
+    k.extend_from_slice(&atime_ms.to_be_bytes());
+    k.push(LRU_ACTION);
+    k.extend_from_slice(ac_key);
+    k
+}
+
+/// What a place in the eviction order holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Used {
+    Blob(Digest),
+    /// An action result, by its `ac` key.
+    ActionResult(Vec<u8>),
+}
+
+pub fn split_lru_key(k: &[u8]) -> Option<(u64, Used)> {
+    let (atime, rest) = k.split_first_chunk::<8>()?;
+    let used = match rest.split_first()? {
+        (&LRU_ACTION, ac_key) => Used::ActionResult(ac_key.to_vec()),
+        _ => Used::Blob(digest_of_index_key(rest)?),
+    };
+    Some((u64::from_be_bytes(*atime), used))
 }
 
 pub const LAYOUT_KEY: &[u8] = b"layout";
@@ -104,7 +130,11 @@ pub const BACKFILL_AC_KEY: &[u8] = b"backfill-ac";
 /// Whether the queue was kept when the store last opened (`1`), in the
 /// default column family too.
 pub const QUEUEING_KEY: &[u8] = b"queueing";
-pub const LAYOUT_VERSION: &[u8] = b"2";
+pub const LAYOUT_VERSION: &[u8] = b"3";
+/// Version 2 differs only in action results: they were neither timed nor
+/// in the eviction order, nor counted in the stored bytes; opening a
+/// version 2 directory times them all as used now.
+pub const LAYOUT_VERSION_2: &[u8] = b"2";
 /// Version 1 differs only in the action cache key, which ended in the
 /// action's size; opening a version 1 directory re-keys it.
 pub const LAYOUT_VERSION_1: &[u8] = b"1";
@@ -189,8 +219,13 @@ pub fn queue_blob_key(d: &Digest) -> Key {
 }
 
 pub fn queue_ac_key(instance: &str, action: &Digest) -> Vec<u8> {
+    queue_key_of_ac_key(&ac_key(instance, action))
+}
+
+/// The queue key of the action result stored under an `ac` key.
+pub fn queue_key_of_ac_key(ac_key: &[u8]) -> Vec<u8> {
     let mut k = vec![1];
-    k.extend_from_slice(&ac_key(instance, action));
+    k.extend_from_slice(ac_key);
     k
 }
 
@@ -261,39 +296,56 @@ pub fn ac_key_from_v1(k: &[u8]) -> Option<Vec<u8>> {
     Some(ac_key(std::str::from_utf8(&k[..nul]).ok()?, &action))
 }
 
-/// A stored action result is prefixed with a version byte, so that an
-/// all-default ActionResult (zero bytes of protobuf) is never an empty value.
-/// This one carries no action size: Bazel's HTTP cache names actions by
-/// hash alone.
-pub const AC_VALUE_VERSION: u8 = 1;
-/// An action result stored with its action's size: REAPI makes the size part
-/// of the digest, so a lookup with another size is a miss.
-pub const AC_VALUE_SIZED: u8 = 2;
-
-/// An action cache value: the action's size, if known, and the result.
-pub fn ac_value(size: Option<u64>, result: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(result.len() + 9);
-    match size {
-        Some(size) => {
-            value.push(AC_VALUE_SIZED);
-            value.extend_from_slice(&size.to_be_bytes());
-        }
-        None => value.push(AC_VALUE_VERSION),
-    }
-    value.extend_from_slice(result);
-    value
+/// The instance and action (its size unknown) of an `ac` key.
+pub fn split_ac_key(k: &[u8]) -> Option<(String, Digest)> {
+    let nul = k.iter().position(|b| *b == 0)?;
+    let (&function, hash) = k[nul + 1..].split_first()?;
+    let action = Digest::new(Function::from_byte(function)?, hash, 0)?;
+    Some((String::from_utf8(k[..nul].to_vec()).ok()?, action))
 }
 
-/// The action size (if recorded) and the result of an action cache value;
-/// `None` if it is malformed.
-pub fn parse_ac_value(v: &[u8]) -> Option<(Option<u64>, &[u8])> {
-    match v.split_first()? {
-        (&AC_VALUE_VERSION, result) => Some((None, result)),
-        (&AC_VALUE_SIZED, rest) => {
-            let (size, result) = rest.split_first_chunk::<8>()?;
-            Some((Some(u64::from_be_bytes(*size)), result))
+/// A stored action result is prefixed with a version byte, so that an
+/// all-default ActionResult (zero bytes of protobuf) is never an empty value.
+/// Layout 2 wrote this one: the result alone.
+pub const AC_VALUE_VERSION: u8 = 1;
+/// The value layout 3 writes: the last access (for eviction) and the
+/// action's size, which REAPI makes part of the digest, so that a lookup
+/// with another size is a miss. Bazel's HTTP cache names actions by hash
+/// alone: their size is unknown.
+pub const AC_VALUE_TIMED: u8 = 2;
+const UNKNOWN_SIZE: u64 = u64::MAX;
+
+/// An action cache value, parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcValue<'a> {
+    /// Last access, ms; `None` for a layout 2 value.
+    pub atime: Option<u64>,
+    pub size: Option<u64>,
+    pub result: &'a [u8],
+}
+
+impl AcValue<'_> {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut value = Vec::with_capacity(17 + self.result.len());
+        value.push(AC_VALUE_TIMED);
+        value.extend_from_slice(&self.atime.unwrap_or(0).to_be_bytes());
+        value.extend_from_slice(&self.size.unwrap_or(UNKNOWN_SIZE).to_be_bytes());
+        value.extend_from_slice(self.result);
+        value
+    }
+
+    /// `None` if the value is malformed.
+    pub fn decode(v: &[u8]) -> Option<AcValue<'_>> {
+        match v.split_first()? {
+            (&AC_VALUE_VERSION, result) => Some(AcValue { atime: None, size: None, result }),
+            (&AC_VALUE_TIMED, rest) => {
+                let (atime, rest) = rest.split_first_chunk::<8>()?;
+                let (size, result) = rest.split_first_chunk::<8>()?;
+                let size = Some(u64::from_be_bytes(*size)).filter(|s| *s != UNKNOWN_SIZE);
+                Some(AcValue { atime: Some(u64::from_be_bytes(*atime)), size, result })
+            }
+            _ => None,
         }
-        _ => None,
     }
 }
 
@@ -406,8 +458,23 @@ mod tests {
         for f in Function::ALL {
             let d = f.digest(b"hello");
             assert_eq!(digest_of_index_key(&index_key(&d)), Some(d));
-            assert_eq!(split_lru_key(&lru_key(9, &d)), Some((9, d)));
+            assert_eq!(split_lru_key(&lru_key(9, &d)), Some((9, Used::Blob(d))));
+            let ac = ac_key("team/a", &d);
+            assert_eq!(split_lru_key(&lru_action_key(9, &ac)), Some((9, Used::ActionResult(ac.clone()))));
+            let action = Digest::new(f, d.hash(), 0).unwrap();
+            assert_eq!(split_ac_key(&ac), Some(("team/a".to_string(), action)));
         }
+        for (atime, size) in [(None, None), (Some(5), None), (Some(5), Some(7))] {
+            let value = AcValue { atime, size, result: b"result" };
+            let encoded = value.encode();
+            let decoded = AcValue::decode(&encoded).unwrap();
+            assert_eq!(decoded, AcValue { atime: Some(atime.unwrap_or(0)), ..value });
+        }
+        assert_eq!(
+            AcValue::decode(&[AC_VALUE_VERSION, b'r']),
+            Some(AcValue { atime: None, size: None, result: b"r" })
+        );
+        assert_eq!(AcValue::decode(&[AC_VALUE_TIMED, 1, 2]), None);
         assert_eq!(digest_of_index_key(&index_key(&Digest::of(b"x"))[..40]), None);
         assert_eq!(split_chunk_key(&chunk_key(7, 1 << 40)), Some((7, 1 << 40)));
         let e = IndexEntry { blob_id: 1, stored: 2, atime: 3 };

@@ -2,6 +2,7 @@
 //! key formats (see [`layout`]). Every method is synchronous and may block on
 //! disk or CPU: async callers run them on the blocking pool.
 
+mod actions;
 pub mod chunk;
 mod evict;
 mod layout;
@@ -75,6 +76,8 @@ pub struct Store {
     /// Blobs used since the last access-time flush, with the time of their
     /// last use (see [`Store::flush_access_times`]).
     accessed: Mutex<HashMap<Digest, u64>>,
+    /// The same for action results, by `ac` key.
+    accessed_results: Mutex<HashMap<Vec<u8>, u64>>,
     /// Writes are refused while the disk use estimate is above this.
     hard_limit: AtomicU64,
     /// Bytes of the data directory at the last measurement.
@@ -274,7 +277,11 @@ impl Store {
         match db.get(LAYOUT_KEY)? {
             None => db.put(LAYOUT_KEY, LAYOUT_VERSION)?,
             Some(v) if v == LAYOUT_VERSION => {}
-            Some(v) if v == LAYOUT_VERSION_1 => upgrade_from_v1(&db)?,
+            Some(v) if v == LAYOUT_VERSION_1 => {
+                upgrade_from_v1(&db)?;
+                upgrade_from_v2(&db)?;
+            }
+            Some(v) if v == LAYOUT_VERSION_2 => upgrade_from_v2(&db)?,
             Some(v) => {
                 return Err(Error::Open(format!(
                     "{} holds layout version {}, this larder reads version {}: use a new --dir",
@@ -296,6 +303,7 @@ impl Store {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             active_uploads: Mutex::new(HashSet::new()),
             accessed: Mutex::new(HashMap::new()),
+            accessed_results: Mutex::new(HashMap::new()),
             hard_limit: AtomicU64::new(u64::MAX),
             measured_disk: AtomicU64::new(0),
             written_since: AtomicU64::new(0),
@@ -965,24 +973,7 @@ impl Store {
             }
             self.write(batch)?;
         }
-        Ok(updated)
-    }
-
-    /// The stored action result for `action` under `instance` (whatever its
-    /// size), as protobuf bytes, with the action size it was stored with.
-    pub fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<StoredResult>, Error> {
-        let Some(v) = self.db.get_cf(self.cf(CF_AC), ac_key(instance, action))? else {
-            return Ok(None);
-        };
-        match layout::parse_ac_value(&v) {
-            Some((size, result)) => Ok(Some(StoredResult { size, result: Bytes::copy_from_slice(result) })),
-            None => Err(Error::Corrupt(format!("action cache entry of {action} is malformed"))),
-        }
-    }
-
-    /// Removes an action result (one whose outputs are gone).
-    pub fn delete_action_result(&self, instance: &str, action: &Digest) -> Result<(), Error> {
-        Ok(self.db.delete_cf_opt(self.cf(CF_AC), ac_key(instance, action), &self.write_options())?)
+        Ok(updated + self.flush_result_access_times()?)
     }
 
     /// Writes every memtable out to files (what a clean close does), so
@@ -1016,7 +1007,7 @@ impl Drop for Store {
 /// in the action's size), in batches; a crash midway is finished on the next
 /// open, since re-keyed keys are told apart from old ones.
 fn upgrade_from_v1(db: &DB) -> Result<(), Error> {
-    let cf = db.cf_handle(CF_AC).expect("column families are created at open");
+    let cf = cf_handle(db, CF_AC);
     let mut batch = WriteBatch::default();
     let mut moved = 0usize;
     for item in db.iterator_cf(cf, IteratorMode::Start) {
@@ -1030,10 +1021,48 @@ fn upgrade_from_v1(db: &DB) -> Result<(), Error> {
             db.write(std::mem::take(&mut batch))?;
         }
     }
-    batch.put(LAYOUT_KEY, LAYOUT_VERSION);
+    batch.put(LAYOUT_KEY, LAYOUT_VERSION_2);
     db.write(batch)?;
     tracing::info!("upgraded the data directory to layout version 2 ({moved} action cache keys)");
     Ok(())
+}
+
+/// Times every action result of a layout version 2 directory as used now,
+/// gives it a place in the eviction order, and counts it in the stored
+/// bytes, in batches; a crash midway is finished on the next open, since
+/// timed values are told apart from old ones.
+fn upgrade_from_v2(db: &DB) -> Result<(), Error> {
+    let (ac, lru, chunks) = (cf_handle(db, CF_AC), cf_handle(db, CF_LRU), cf_handle(db, CF_CHUNKS));
+    let now = now_ms();
+    let mut batch = WriteBatch::default();
+    let mut timed = 0usize;
+    let mut counted = 0i64;
+    for item in db.iterator_cf(ac, IteratorMode::Start) {
+        let (key, value) = item?;
+        let Some(old @ AcValue { atime: None, .. }) = AcValue::decode(&value) else {
+            continue;
+        };
+        let value = AcValue { atime: Some(now), ..old }.encode();
+        batch.put_cf(lru, lru_action_key(now, &key), []);
+        counted += value.len() as i64;
+        batch.put_cf(ac, &key, value);
+        timed += 1;
+        if batch.len() >= 10_000 {
+            batch.merge_cf(chunks, USAGE_KEY, usage_delta(std::mem::take(&mut counted)));
+            db.write(std::mem::take(&mut batch))?;
+        }
+    }
+    batch.merge_cf(chunks, USAGE_KEY, usage_delta(counted));
+    batch.put(LAYOUT_KEY, LAYOUT_VERSION);
+    db.write(batch)?;
+    tracing::info!(
+        "upgraded the data directory to layout version 3 ({timed} action results timed for eviction)"
+    );
+    Ok(())
+}
+
+fn cf_handle<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
+    db.cf_handle(name).expect("column families are created at open")
 }
 
 /// The size of the filesystem holding `path`, and its bytes free for an

@@ -14,7 +14,7 @@ use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 pub use super::layout::Queued;
 use super::layout::{
-    BACKFILL_AC_KEY, BACKFILL_KEY, CF_AC, CF_INDEX, CF_QUEUE, QUEUEING_KEY, QueueValue, ac_key, ac_value,
+    AcValue, BACKFILL_AC_KEY, BACKFILL_KEY, CF_AC, CF_INDEX, CF_QUEUE, QUEUEING_KEY, QueueValue,
     queue_ac_key, queue_blob_key, queued_of_key,
 };
 use super::{Error, Store, now_ms};
@@ -77,7 +77,7 @@ impl Store {
         self.queued_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    fn queue_entry(&self, key: &[u8]) -> Result<Option<QueueValue>, Error> {
+    pub(super) fn queue_entry(&self, key: &[u8]) -> Result<Option<QueueValue>, Error> {
         match self.db.get_pinned_cf(self.cf(CF_QUEUE), key)? {
             None => Ok(None),
             Some(v) => QueueValue::decode(&v)
@@ -140,60 +140,6 @@ impl Store {
             batch.delete_cf(self.cf(CF_QUEUE), key);
         }
         Ok(value)
-    }
-
-    /// Stores an action result, queued when there is an object store tier.
-    /// `size` is the action's size, when the client gave one (Bazel's HTTP
-    /// cache names actions by hash alone).
-    pub fn put_action_result(
-        &self,
-        instance: &str,
-        action: &Digest,
-        size: Option<u64>,
-        result: &[u8],
-    ) -> Result<(), Error> {
-        self.store_action_result(instance, action, size, result, self.queues())
-    }
-
-    /// Stores an action result copied in from the object store (which
-    /// holds it already: it is not queued).
-    pub fn copy_action_result(
-        &self,
-        instance: &str,
-        action: &Digest,
-        size: Option<u64>,
-        result: &[u8],
-    ) -> Result<(), Error> {
-        self.store_action_result(instance, action, size, result, false)
-    }
-
-    fn store_action_result(
-        &self,
-        instance: &str,
-        action: &Digest,
-        size: Option<u64>,
-        result: &[u8],
-        queue: bool,
-    ) -> Result<(), Error> {
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_AC), ac_key(instance, action), ac_value(size, result));
-        if !queue {
-            return self.write(batch);
-        }
-        // Under the action's stripe: a dequeue compares the stored result
-        // with the one it copied, and must not slip between these writes.
-        let _guard = self.stripe(action);
-        let key = queue_ac_key(instance, action);
-        let before = self.queue_entry(&key)?;
-        let bytes = result.len() as u64;
-        self.admit_queued(bytes.saturating_sub(before.map_or(0, |v| v.bytes)))?;
-        batch.put_cf(self.cf(CF_QUEUE), &key, QueueValue { since_ms: now_ms(), bytes }.encode());
-        self.write(batch)?;
-        match before {
-            None => self.count_queued(1, bytes as i64),
-            Some(v) => self.count_queued(0, bytes as i64 - v.bytes as i64),
-        }
-        Ok(())
     }
 
     /// Removes an action result from the queue once `copied` (what was
@@ -308,7 +254,10 @@ impl Store {
             let queue_key = [&[kind], &*key].concat();
             let (lock, size) = match queued_of_key(&queue_key) {
                 Some(Queued::Blob(digest)) => (digest, digest.size),
-                Some(Queued::ActionResult { action, .. }) => (action, value.len().saturating_sub(1) as u64),
+                Some(Queued::ActionResult { action, .. }) => {
+                    let Some(value) = AcValue::decode(&value) else { continue };
+                    (action, value.result.len() as u64)
+                }
                 None => continue,
             };
             if bytes + size > room && !slice.is_empty() {

@@ -288,6 +288,50 @@ fn a_version_1_directory_keeps_its_action_results() {
     let store = open(tmp.path());
     assert_eq!(store.get_action_result("inst", &action).unwrap().unwrap().result, b"result".as_slice());
     assert_eq!(store.db.get(LAYOUT_KEY).unwrap().unwrap(), LAYOUT_VERSION);
+    // And, upgraded through version 2, it is counted and can be evicted.
+    assert_eq!(store.stored_bytes().unwrap(), 17 + 6);
+    let evicted = store.evict_lru(u64::MAX, u64::MAX).unwrap();
+    assert_eq!((evicted.action_results, evicted.bytes), (1, 17 + 6));
+    assert_eq!(store.get_action_result("inst", &action).unwrap(), None);
+    assert_eq!(store.stored_bytes().unwrap(), 0);
+}
+
+#[test]
+fn action_results_live_inside_the_budget_and_are_evicted_with_blobs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let result = bytes(100_000, 9);
+    let actions: Vec<Digest> = (0..4u8).map(|i| Digest::of(&[i])).collect();
+    let incompressible = |seed| Bytes::from(crate::bench::data::random_bytes(50_000, seed));
+    let old_blob = put(&store, &incompressible(1));
+    for action in &actions {
+        store.put_action_result("ci", action, Some(action.size), &result).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let new_blob = put(&store, &incompressible(2));
+    let counted = store.stored_bytes().unwrap();
+    assert!(counted > 4 * 100_000, "results are counted: {counted}");
+    // Replacing a result counts it once.
+    store.put_action_result("ci", &actions[3], None, &result).unwrap();
+    assert_eq!(store.stored_bytes().unwrap(), counted);
+    // A hit makes the first result the most recent of all.
+    store.touch_action_result("ci", &actions[0]);
+    store.flush_access_times().unwrap();
+    // The oldest go first, blob or result: the old blob, then results 1 and 2.
+    let evicted = store.evict_lru(50_000 + 2 * 100_000, now_ms() + 1).unwrap();
+    assert_eq!((evicted.blobs, evicted.action_results), (1, 2), "{evicted:?}");
+    let present = |a: &Digest| store.get_action_result("ci", a).unwrap().is_some();
+    assert_eq!(actions.iter().map(present).collect::<Vec<_>>(), [true, false, false, true]);
+    assert_eq!(store.contains(&[old_blob, new_blob]).unwrap(), [false, true]);
+    assert_eq!(store.stored_bytes().unwrap(), counted - evicted.bytes);
+    // At the hard limit, results are refused like blobs.
+    store.set_hard_limit(store.disk_estimate() + 50_000);
+    let refused = store.put_action_result("ci", &Digest::of(b"late"), None, &result);
+    assert!(matches!(refused, Err(Error::Full { .. })), "{refused:?}");
+    store.delete_action_result("ci", &actions[0]).unwrap();
+    store.delete_action_result("ci", &actions[3]).unwrap();
+    store.evict_lru(u64::MAX, u64::MAX).unwrap();
+    assert_eq!(store.stored_bytes().unwrap(), 0, "deleted results are uncounted");
 }
 
 #[test]
@@ -577,8 +621,11 @@ fn blobs_from_before_the_queue_are_backfilled_and_a_store_without_a_tier_keeps_n
     let store = open(tmp.path());
     store.start_or_stop_queueing().unwrap();
     assert!(store.queued(&[], 10).unwrap().is_empty());
-    assert_eq!(store.evict_lru(u64::MAX, now_ms() + 1).unwrap().blobs, 6);
+    let evicted = store.evict_lru(u64::MAX, now_ms() + 1).unwrap();
+    assert_eq!((evicted.blobs, evicted.action_results), (6, 2));
     put(&store, &bytes(1000, 1));
+    store.put_action_result("ci", &actions[0], None, b"late").unwrap();
+    store.put_action_result("", &actions[1], None, b"also late").unwrap();
     drop(store);
     let store = open_queueing(tmp.path(), 1 << 20);
     assert_eq!(store.queue_len(), (0, 0));

@@ -1,0 +1,182 @@
+//! The action cache in the store: results live inside the size budget like
+//! blobs. Each write is admitted against the hard limit and counted in the
+//! stored bytes; each result has a place in the one eviction order (by last
+//! use), so that eviction takes old results and old blobs alike.
+
+use rocksdb::WriteBatch;
+
+use super::layout::{
+    AcValue, CF_AC, CF_LRU, CF_QUEUE, QueueValue, ac_key, lru_action_key, queue_ac_key, queue_key_of_ac_key,
+    split_ac_key,
+};
+use super::{Error, Store, StoredResult, now_ms, stripe_of};
+use crate::digest::Digest;
+
+impl Store {
+    /// Stores an action result, queued when there is an object store tier.
+    /// `size` is the action's size, when the client gave one (Bazel's HTTP
+    /// cache names actions by hash alone). Refused with [`Error::Full`] at
+    /// the hard limit.
+    pub fn put_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+        size: Option<u64>,
+        result: &[u8],
+    ) -> Result<(), Error> {
+        self.store_action_result(instance, action, size, result, self.queues())
+    }
+
+    /// Stores an action result copied in from the object store (which
+    /// holds it already: it is not queued).
+    pub fn copy_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+        size: Option<u64>,
+        result: &[u8],
+    ) -> Result<(), Error> {
+        self.store_action_result(instance, action, size, result, false)
+    }
+
+    fn store_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+        size: Option<u64>,
+        result: &[u8],
+        queue: bool,
+    ) -> Result<(), Error> {
+        let key = ac_key(instance, action);
+        let now = now_ms();
+        let value = AcValue { atime: Some(now), size, result }.encode();
+        let _admitted = self.admit(value.len() as u64)?;
+        // Under the action's stripe: the result it replaces leaves the
+        // eviction order in the same write, and a dequeue compares the stored
+        // result with the one it copied, and must not slip between.
+        let _guard = self.stripe(action);
+        let mut batch = WriteBatch::default();
+        self.forget_result(&mut batch, &key)?;
+        batch.put_cf(self.cf(CF_LRU), lru_action_key(now, &key), []);
+        self.count_stored(&mut batch, value.len() as i64);
+        batch.put_cf(self.cf(CF_AC), &key, value);
+        if !queue {
+            return self.write(batch);
+        }
+        let queue_key = queue_ac_key(instance, action);
+        let before = self.queue_entry(&queue_key)?;
+        let bytes = result.len() as u64;
+        self.admit_queued(bytes.saturating_sub(before.map_or(0, |v| v.bytes)))?;
+        batch.put_cf(self.cf(CF_QUEUE), &queue_key, QueueValue { since_ms: now, bytes }.encode());
+        self.write(batch)?;
+        match before {
+            None => self.count_queued(1, bytes as i64),
+            Some(v) => self.count_queued(0, bytes as i64 - v.bytes as i64),
+        }
+        Ok(())
+    }
+
+    /// Adds to `batch` the removal of the result stored under `key`, if
+    /// any: its place in the eviction order and its stored bytes. (Results
+    /// from before layout 3 have neither.)
+    fn forget_result(&self, batch: &mut WriteBatch, key: &[u8]) -> Result<(), Error> {
+        let Some(old) = self.db.get_pinned_cf(self.cf(CF_AC), key)? else {
+            return Ok(());
+        };
+        if let Some(AcValue { atime: Some(atime), .. }) = AcValue::decode(&old) {
+            batch.delete_cf(self.cf(CF_LRU), lru_action_key(atime, key));
+            self.count_stored(batch, -(old.len() as i64));
+        }
+        batch.delete_cf(self.cf(CF_AC), key);
+        Ok(())
+    }
+
+    /// The stored action result for `action` under `instance` (whatever its
+    /// size), as protobuf bytes, with the action size it was stored with.
+    /// Not a use: a served hit calls [`Store::touch_action_result`].
+    pub fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<StoredResult>, Error> {
+        let Some(v) = self.db.get_pinned_cf(self.cf(CF_AC), ac_key(instance, action))? else {
+            return Ok(None);
+        };
+        match AcValue::decode(&v) {
+            Some(value) => Ok(Some(StoredResult {
+                size: value.size,
+                result: bytes::Bytes::copy_from_slice(value.result),
+            })),
+            None => Err(Error::Corrupt(format!("action cache entry of {action} is malformed"))),
+        }
+    }
+
+    /// Counts a served hit as a use of the result (written with the next
+    /// flush of access times).
+    pub fn touch_action_result(&self, instance: &str, action: &Digest) {
+        let mut accessed = self.accessed_results.lock().unwrap_or_else(|e| e.into_inner());
+        accessed.insert(ac_key(instance, action), now_ms());
+    }
+
+    /// Removes an action result (one whose outputs are gone).
+    pub fn delete_action_result(&self, instance: &str, action: &Digest) -> Result<(), Error> {
+        let _guard = self.stripe(action);
+        let mut batch = WriteBatch::default();
+        self.forget_result(&mut batch, &ac_key(instance, action))?;
+        self.write(batch)
+    }
+
+    /// Writes the last uses of results hit since the last flush; the number
+    /// of results moved in the eviction order.
+    pub(super) fn flush_result_access_times(&self) -> Result<usize, Error> {
+        let accessed: Vec<(Vec<u8>, u64)> =
+            self.accessed_results.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        let mut updated = 0;
+        for (key, atime) in accessed {
+            let Some((_, action)) = split_ac_key(&key) else { continue };
+            let _guard = self.stripes[stripe_of(&action)].lock().unwrap_or_else(|e| e.into_inner());
+            let Some(stored) = self.db.get_pinned_cf(self.cf(CF_AC), &key)? else { continue };
+            let Some(value) = AcValue::decode(&stored) else { continue };
+            if value.atime.is_some_and(|t| t >= atime) {
+                continue;
+            }
+            let mut batch = WriteBatch::default();
+            // (Every result has a time since layout 3: opening upgrades.)
+            if let Some(old) = value.atime {
+                batch.delete_cf(self.cf(CF_LRU), lru_action_key(old, &key));
+            }
+            batch.put_cf(self.cf(CF_LRU), lru_action_key(atime, &key), []);
+            batch.put_cf(self.cf(CF_AC), &key, AcValue { atime: Some(atime), ..value }.encode());
+            self.write(batch)?;
+            updated += 1;
+        }
+        Ok(updated)
+    }
+
+    /// The stored bytes [`Store::evict_result`] would free.
+    pub(super) fn result_to_evict(&self, atime: u64, key: &[u8]) -> Result<u64, Error> {
+        let Some(stored) = self.db.get_pinned_cf(self.cf(CF_AC), key)? else {
+            return Ok(0);
+        };
+        let current = AcValue::decode(&stored).and_then(|v| v.atime) == Some(atime);
+        let queued = self.queues() && self.queue_entry(&queue_key_of_ac_key(key))?.is_some();
+        Ok(if current && !queued { stored.len() as u64 } else { 0 })
+    }
+
+    /// Evicts the result stored under `key` if it was last used at `atime`
+    /// (else its place in the order is stale) and is not queued for the
+    /// object store; the stored bytes freed.
+    pub(super) fn evict_result(&self, batch: &mut WriteBatch, atime: u64, key: &[u8]) -> Result<u64, Error> {
+        let Some(stored) = self.db.get_pinned_cf(self.cf(CF_AC), key)? else {
+            batch.delete_cf(self.cf(CF_LRU), lru_action_key(atime, key));
+            return Ok(0);
+        };
+        if AcValue::decode(&stored).and_then(|v| v.atime) != Some(atime) {
+            // Used since: it has a newer place.
+            batch.delete_cf(self.cf(CF_LRU), lru_action_key(atime, key));
+            return Ok(0);
+        }
+        // Queued for the object store: kept in its place for a later pass.
+        let freed = self.result_to_evict(atime, key)?;
+        if freed > 0 {
+            self.forget_result(batch, key)?;
+        }
+        Ok(freed)
+    }
+}
