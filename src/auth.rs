@@ -250,6 +250,27 @@ fn basic_credentials(header: &[u8]) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::hostile::config())]
+
+        /// Any authorization header is a caller or a refusal; credentials
+        /// read back as they were written.
+        #[test]
+        fn authorization_headers_parse_or_are_refused(
+            header in crate::hostile::bytes(),
+            text in crate::hostile::text(),
+            user in "[^:]{0,12}",
+            password in ".{0,12}",
+        ) {
+            let _ = basic_credentials(&header);
+            let _ = basic_credentials(format!("Basic {text}").as_bytes());
+            let written = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
+            prop_assert_eq!(basic_credentials(written.as_bytes()), Some((user.clone(), password)));
+            prop_assert_eq!(user_of(written.as_bytes()), Some(user));
+        }
+    }
 
     fn header(user: &str, password: &str) -> Vec<u8> {
         format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))

@@ -70,10 +70,11 @@ pub fn count_entries(buf: &[u8], nested: &[&[u32]], limit: usize) -> usize {
                 if end > buf.len() {
                     break;
                 }
-                if let Some((here, deeper)) = nested.split_first()
+                if count <= limit
+                    && let Some((here, deeper)) = nested.split_first()
                     && u32::try_from(key >> 3).is_ok_and(|tag| here.contains(&tag))
                 {
-                    count += count_entries(&buf[start..end], deeper, limit - count.min(limit));
+                    count += count_entries(&buf[start..end], deeper, limit - count);
                 }
                 end
             }
@@ -160,6 +161,25 @@ impl<U: Message + Name + Default> Decoder for CountingDecoder<U> {
 mod tests {
     use super::*;
     use crate::proto::reapi;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::hostile::config())]
+
+        /// Any bytes: the count stops just past its limit, and what passes
+        /// the check decodes or fails cleanly.
+        #[test]
+        fn any_bytes_are_counted_within_the_limit(wire in crate::hostile::bytes(), limit in 0usize..64) {
+            prop_assert!(count_entries(&wire, &[&[3]], limit) <= limit + 1);
+            prop_assert!(count_entries(&wire, &[&[1, 2]], limit) <= limit + 1);
+            if check_entries::<reapi::UpdateActionResultRequest>(&wire).is_ok() {
+                let _ = reapi::UpdateActionResultRequest::decode(&wire[..]);
+            }
+            if check_entries::<reapi::Tree>(&wire).is_ok() {
+                let _ = reapi::Tree::decode(&wire[..]);
+            }
+        }
+    }
 
     #[test]
     fn entries_are_counted_on_the_wire() {

@@ -411,6 +411,28 @@ pub enum Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::hostile::config())]
+
+        /// Any text is a size or is refused; a size written out reads back.
+        #[test]
+        fn sizes_parse_or_are_refused(text in crate::hostile::text(), n in any::<u64>()) {
+            if let Ok(size) = text.parse::<ByteSize>() {
+                prop_assert!(size.to_string().parse::<ByteSize>().is_ok());
+            }
+            prop_assert!(ByteSize(n).to_string().parse::<ByteSize>().is_ok());
+            let _ = humantime::parse_duration(&text);
+            // Every key's value from the environment's side: a string.
+            let toml = format!("max_size = {:?}\nidle_timeout = {:?}\nmax_call_entries = {:?}\n", text, text, text);
+            let _ = config::Config::builder()
+                .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml))
+                .add_source(config::File::from_str(&toml, config::FileFormat::Toml))
+                .build()
+                .and_then(|c| c.try_deserialize::<Config>());
+        }
+    }
 
     #[test]
     fn sizes() {

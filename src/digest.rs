@@ -398,6 +398,37 @@ pub enum Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::hostile::config())]
+
+        /// Any name parses or is refused; what parses names the same blob
+        /// when written out again, under an instance that is allowed.
+        #[test]
+        fn resource_names_parse_or_are_refused(name in crate::hostile::path()) {
+            if let Ok(read) = parse_read_resource(&name) {
+                prop_assert!(check_instance(&read.instance).is_ok());
+                let d = read.digest;
+                let again = format!("blobs/{}/{}/{}", d.function.name(), d.hex(), d.size);
+                prop_assert_eq!(parse_read_resource(&again).unwrap().digest, d);
+            }
+            if let Ok(write) = parse_write_resource(&name) {
+                prop_assert!(check_instance(&write.instance).is_ok());
+            }
+        }
+
+        #[test]
+        fn digests_parse_or_are_refused(hash in crate::hostile::text(), size in any::<i64>(), f in 0i32..12) {
+            for hint in [FunctionHint::ByLength, FunctionHint::Given(Function::Blake3)] {
+                if let Ok(d) = Digest::parse(&hash, size, hint) {
+                    prop_assert_eq!(d.size as i64, size);
+                    prop_assert_eq!(d.hex(), hash.to_ascii_lowercase());
+                }
+            }
+            let _ = Function::from_request(f);
+        }
+    }
 
     const H: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 

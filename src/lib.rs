@@ -12,6 +12,8 @@ pub mod compression;
 pub mod config;
 pub mod digest;
 pub mod eviction;
+#[cfg(test)]
+mod hostile;
 pub mod idle;
 pub mod metrics;
 pub mod proto;

@@ -134,13 +134,21 @@ impl Server {
             config.max_connections.min(open_files.saturating_sub(RESERVED_FILES) as usize).max(16);
         tracing::info!("open files: up to {open_files}; connections: up to {max_connections}");
         let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
-        let mut refusals = Refusals::default();
+        let mut accept_errors = AcceptErrors::default();
         let mut shutdown = std::pin::pin!(shutdown);
+        // A slot for the next connection is taken before it is accepted: at
+        // max_connections, new ones wait in the listen backlog (costing the
+        // server no descriptor) until an open one closes.
+        let mut slot: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let result = loop {
             let (accepted, port) = tokio::select! {
-                accepted = listener.accept() => (accepted, Port::Main),
-                accepted = accept(http_listener.as_ref()) => (accepted, Port::Main),
-                accepted = accept(metrics_listener.as_ref()) => (accepted, Port::Metrics),
+                free = Arc::clone(&slots).acquire_owned(), if slot.is_none() => {
+                    slot = free.ok();
+                    continue;
+                }
+                accepted = listener.accept(), if slot.is_some() => (accepted, Port::Main),
+                accepted = accept(http_listener.as_ref()), if slot.is_some() => (accepted, Port::Main),
+                accepted = accept(metrics_listener.as_ref()), if slot.is_some() => (accepted, Port::Metrics),
                 opened = &mut opening, if open.is_none() => {
                     match opened.map_err(|e| Error::Store(store::Error::Open(e.to_string()))).and_then(|r| r) {
                         Ok(store) => {
@@ -162,26 +170,21 @@ impl Server {
             };
             let (stream, peer) = match accepted {
                 Ok((stream, peer)) => {
-                    refusals.backoff = Duration::ZERO;
+                    accept_errors.backoff = Duration::ZERO;
                     (stream, peer)
                 }
                 Err(e) => {
                     // Out of file descriptors, or a connection reset before
                     // it was accepted: keep serving the others, and back off
                     // while descriptors are short (idle connections close).
-                    refusals.backoff =
-                        (refusals.backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                    refusals.note(format_args!("cannot accept connections: {e}; retrying"));
-                    tokio::time::sleep(refusals.backoff).await;
+                    accept_errors.backoff =
+                        (accept_errors.backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    accept_errors.note(format_args!("cannot accept connections: {e}; retrying"));
+                    tokio::time::sleep(accept_errors.backoff).await;
                     continue;
                 }
             };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                refusals.note(format_args!(
-                    "{max_connections} connections are open (max_connections): closing new ones"
-                ));
-                continue;
-            };
+            let slot = slot.take().expect("accepted with a slot");
             // Small RPCs must not wait on Nagle's algorithm.
             let _ = stream.set_nodelay(true);
             let calls = crate::idle::Calls::new();
@@ -453,16 +456,16 @@ fn raise_open_file_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// Connections refused or failed at accept, logged at most once every few
-/// seconds: a flood must not fill the log.
+/// Failed accepts (out of descriptors, say): backed off, and logged at most
+/// once every few seconds, so that a flood cannot fill the log.
 #[derive(Default)]
-struct Refusals {
+struct AcceptErrors {
     backoff: Duration,
     last_logged: Option<Instant>,
     since_logged: u64,
 }
 
-impl Refusals {
+impl AcceptErrors {
     fn note(&mut self, what: std::fmt::Arguments<'_>) {
         self.since_logged += 1;
         if self.last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
@@ -649,8 +652,9 @@ impl App {
 
     /// bcrypt's verdict on a password it has not seen. bcrypt is slow on
     /// purpose: at most two checks run at once, and callers with too many
-    /// recent failures are refused without one (before and after waiting
-    /// their turn, so that a queue of them drains at once).
+    /// recent failures, or a password checked meanwhile, get no check
+    /// (looked at before and after waiting their turn, so that a queue of
+    /// them drains at once).
     async fn check_password(&self, auth: &Arc<Auth>, header: Option<Vec<u8>>) -> Result<Caller, Refusal> {
         let user = header.as_deref().and_then(crate::auth::user_of).unwrap_or_default();
         let throttled = || auth.throttle.wait(self.peer, &user).map(Refusal::Throttled);
@@ -662,6 +666,11 @@ impl App {
         };
         if let Some(refusal) = throttled() {
             return Err(refusal);
+        }
+        // The password may have been checked while this call waited (the
+        // same wrong one, sent by 40 clients at once, is checked once).
+        if let Some(caller) = auth.users.check_quickly(header.as_deref()) {
+            return Ok(caller);
         }
         let checker = Arc::clone(auth);
         let caller = tokio::task::spawn_blocking(move || checker.users.check(header.as_deref()))
@@ -921,6 +930,22 @@ mod calls {
 
     #[cfg(test)]
     mod tests {
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(crate::hostile::config())]
+
+            /// Log fields are taken from error messages, which quote client
+            /// input: whatever they hold, a digest found is a part of them.
+            #[test]
+            fn digests_in_any_message(message in crate::hostile::path()) {
+                if let Some(digest) = super::digest_in(&message) {
+                    prop_assert!(message.contains(digest));
+                }
+                prop_assert!(super::method_label(&message) == "other" || message.starts_with('/'));
+            }
+        }
+
         #[test]
         fn digests_are_found_in_messages() {
             let h = "ab".repeat(32);

@@ -240,3 +240,124 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A server whose config sets `toml` (besides the data directory).
+fn server_with(toml: &str, extra: &[&str]) -> (tempfile::TempDir, TestServer) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("larder.toml");
+    std::fs::write(&config, toml).unwrap();
+    let mut args = vec!["--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let server = TestServer::start(&tmp.path().join("data"), &args);
+    (tmp, server)
+}
+
+/// Reads until the server closes the connection; false if it is still open
+/// after `wait`.
+async fn closed_within(socket: &mut tokio::net::TcpStream, wait: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // an HTTP/2 server's SETTINGS, say
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Case 6: silent, half-sent and preface-only connections were all still
+/// open after 65 s, and under `ulimit -n 256` idle sockets starved /healthz.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_cannot_starve_the_server() {
+    use tokio::io::AsyncWriteExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("larder.toml");
+    std::fs::write(&config, "header_timeout = \"2s\"\nidle_timeout = \"4s\"\n").unwrap();
+    let log = tmp.path().join("larder.log");
+    let server = TestServer::start_with_open_files(
+        &tmp.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &log,
+        256,
+    );
+    let mut sockets = Vec::new();
+    // An HTTP/2 preface and an empty SETTINGS frame, then nothing.
+    let preface = [&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &[0, 0, 0, 4, 0, 0, 0, 0, 0]].concat();
+    for i in 0..290 {
+        let mut socket = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+        match i % 3 {
+            0 => {}
+            1 => socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: larder\r\n").await.unwrap(),
+            _ => socket.write_all(&preface).await.unwrap(),
+        }
+        sockets.push(socket);
+    }
+    // More sockets than the server may open: /healthz still answers, once
+    // the silent ones are closed.
+    let started = std::time::Instant::now();
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap();
+    let health = client.get(format!("http://{}/healthz", server.addr)).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    eprintln!("/healthz answered after {:.1}s behind 290 idle sockets", started.elapsed().as_secs_f64());
+    for (i, socket) in sockets.iter_mut().enumerate() {
+        assert!(closed_within(socket, std::time::Duration::from_secs(60)).await, "socket {i} is still open");
+    }
+    // A connection that made a call is kept between calls for a while...
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(format!("http://{}/healthz", server.addr)).send().await.unwrap().status(), 200);
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("open files: up to 256"), "{log_text}");
+    let noisy = log_text.lines().filter(|l| l.contains("cannot accept")).count();
+    assert!(noisy <= 15, "{noisy} lines about accepting");
+}
+
+/// Case 9: a Write that stalls once held its partial upload forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_ended_and_its_bytes_kept_to_resume() {
+    let toml = "header_timeout = \"2s\"\nidle_timeout = \"3s\"\npartial_upload_max_age = \"3s\"\n";
+    let (_tmp, server) = server_with(toml, &[]);
+    let mut c = server.clients().await;
+    let data = random_bytes(300_000, 5);
+    let name = upload_name("", "stalls", &data);
+    // The first 100,000 bytes, then nothing, on a stream that stays open.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    for message in write_messages(&name, &data[..100_000], 0, 50_000, false) {
+        tx.send(message).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let status = assert_code(
+        c.bs.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await,
+        Code::DeadlineExceeded,
+    );
+    assert!(status.message().contains("idle_timeout"), "{}", status.message());
+    eprintln!("a stalled Write ended after {:.1}s", started.elapsed().as_secs_f64());
+    drop(tx);
+    // What arrived was kept: the client may resume...
+    assert_eq!(c.query(&name).await, (100_000, false));
+    // ...and, left alone, it expires like any partial upload.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while c.upload_status(&name).await.is_some() {
+        assert!(std::time::Instant::now() < deadline, "the partial upload never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // An HTTP PUT that stalls halfway is ended the same way.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let head = format!(
+        "PUT /cas/{} HTTP/1.1\r\nHost: larder\r\nContent-Length: {}\r\n\r\n",
+        digest(&data).hash,
+        data.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket.write_all(&data[..1000]).await.unwrap();
+    let mut reply = vec![0u8; 1024];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(60), socket.read(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
+}

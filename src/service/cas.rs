@@ -201,12 +201,7 @@ impl CasService {
         let root = required_digest(request.root_digest.as_ref(), "root_digest", function)?;
         // Subdirectories use the root's function.
         let function = FunctionHint::Given(root.function);
-        let skip: usize = match request.page_token.as_str() {
-            "" => 0,
-            token => token.parse().map_err(|_| {
-                Status::invalid_argument(format!("page_token {token:?} was not issued by this server"))
-            })?,
-        };
+        let skip = page_token(&request.page_token)?;
         let page_size = match request.page_size {
             n if n < 0 => {
                 return Err(Status::invalid_argument(format!("page_size {n} is negative")));
@@ -249,6 +244,16 @@ impl CasService {
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)) as TreeStream)
+    }
+}
+
+/// How many directories earlier pages listed: the token this server issued.
+fn page_token(token: &str) -> Result<usize, Status> {
+    match token {
+        "" => Ok(0),
+        token => token.parse().map_err(|_| {
+            Status::invalid_argument(format!("page_token {token:?} was not issued by this server"))
+        }),
     }
 }
 
@@ -373,4 +378,24 @@ pub fn walk_tree(
     }
     send(message, String::new());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::hostile::config())]
+
+        /// A page token is a count this server wrote, or INVALID_ARGUMENT.
+        #[test]
+        fn page_tokens_parse_or_are_refused(token in crate::hostile::text(), n in any::<usize>()) {
+            match page_token(&token) {
+                Ok(_) => prop_assert!(token.bytes().all(|b| b.is_ascii_digit() || b == b'+')),
+                Err(status) => prop_assert_eq!(status.code(), tonic::Code::InvalidArgument),
+            }
+            prop_assert_eq!(page_token(&n.to_string()).unwrap(), n);
+        }
+    }
 }

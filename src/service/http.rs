@@ -246,3 +246,27 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, HttpError>
     }
     String::from_utf8(out).map_err(|_| HttpError::bad_request(format!("{s:?} is not UTF-8 once decoded")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::hostile::config())]
+
+        /// A metric label names a route from a fixed set, whatever the path:
+        /// clients cannot grow the label set.
+        #[test]
+        fn labels_name_routes_from_a_fixed_set(path in crate::hostile::path(), post in any::<bool>()) {
+            let method = if post { Method::POST } else { Method::GET };
+            let label = route_label(&method, &path);
+            let route = label.split_once(' ').map(|(_, r)| r).unwrap_or("");
+            let known = [
+                "/v2/blobs:findMissing", "/v2/blobs:batchUpdate", "/v2/blobs:batchRead", "/v2/blobs:getTree",
+                "/v2/capabilities", "/v2/actionResults", "/v2/other", "/cas", "/ac", "/healthz", "/metrics", "other",
+            ];
+            prop_assert!(known.contains(&route), "{}", label);
+        }
+    }
+}

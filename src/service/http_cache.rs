@@ -102,7 +102,7 @@ pub async fn handle(
             Ok(response)
         }
         (Kind::Cas, Method::PUT) => {
-            let size = content_length(&request)?;
+            let size = content_length(request.headers())?;
             let digest = Digest::new(named.function, named.hash(), size).expect("the same function and hash");
             let resource = format!(
                 "{prefix}uploads/http-{}/blobs/{}/{}/{size}",
@@ -155,8 +155,8 @@ pub async fn handle(
 }
 
 /// A CAS PUT must say how large it is: the size is part of the digest.
-fn content_length(request: &Request<RequestBody>) -> Result<u64, HttpError> {
-    let header = request.headers().get(CONTENT_LENGTH).ok_or_else(|| HttpError::Http {
+fn content_length(headers: &http::HeaderMap) -> Result<u64, HttpError> {
+    let header = headers.get(CONTENT_LENGTH).ok_or_else(|| HttpError::Http {
         code: StatusCode::LENGTH_REQUIRED,
         message: "a CAS PUT needs a Content-Length header: the size is part of the blob's digest".into(),
         allow: None,
@@ -205,6 +205,27 @@ fn write_requests(body: RequestBody) -> impl Stream<Item = Result<WriteRequest, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::hostile::config())]
+
+        /// Any path is a cache target or is not; a target's parts come from
+        /// the path, and its label is one of two.
+        #[test]
+        fn targets_parse_or_are_refused(path in crate::hostile::path(), length in crate::hostile::text()) {
+            if let Some(t) = Target::parse(&path) {
+                prop_assert!(path.contains(&t.hash) && path.contains(&t.instance));
+                prop_assert!(matches!(t.route(), "/cas" | "/ac"));
+                let _ = Digest::parse(&t.hash, 0, FunctionHint::ByLength);
+            }
+            let mut request = Request::new(());
+            if let Ok(value) = http::HeaderValue::from_str(&length) {
+                request.headers_mut().insert(CONTENT_LENGTH, value);
+            }
+            let _ = content_length(request.headers());
+        }
+    }
 
     #[test]
     fn targets_parse_from_the_tail() {

@@ -242,6 +242,32 @@ impl Query {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::hostile::config())]
+
+        /// Routes, query strings, percent escapes and JSON bodies: parsed
+        /// or refused, never a panic.
+        #[test]
+        fn routes_queries_and_bodies_parse_or_are_refused(
+            path in crate::hostile::path(),
+            query in crate::hostile::text(),
+            body in crate::hostile::bytes(),
+        ) {
+            if let Some((instance, _)) = Route::parse(&path) {
+                prop_assert!(path.starts_with(&instance));
+            }
+            if let Ok(query) = Query::parse(Some(&query)) {
+                let _ = (query.flag("inlineStdout"), query.number("pageSize"), query.digest_function());
+            }
+            let _ = percent_decode(&query, true);
+            let _ = percent_decode(&path, false);
+            let _ = serde_json::from_slice::<reapi::FindMissingBlobsRequest>(&body);
+            let _ = serde_json::from_slice::<reapi::BatchUpdateBlobsRequest>(&body);
+            let _ = serde_json::from_slice::<ActionResult>(query.as_bytes());
+        }
+    }
 
     #[test]
     fn routes_parse_from_the_tail() {

@@ -227,6 +227,27 @@ pub fn to_frame(mut value: Vec<u8>, skip: usize) -> Option<(Bytes, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::hostile::config())]
+
+        /// Stored values come from disk or from the object store, which
+        /// holds anyone's bytes: any value decodes or is corrupt, sealed
+        /// with a good checksum or not, and never yields more than a chunk.
+        #[test]
+        fn any_value_decodes_or_is_corrupt(payload in crate::hostile::bytes(), zstd in any::<bool>()) {
+            let kind = if zstd { Kind::Zstd } else { Kind::Raw };
+            for value in [payload.clone(), seal(payload.clone(), kind)] {
+                if let Some(data) = decode(&value) {
+                    prop_assert!(data.len() <= MAX_CHUNK_SIZE);
+                }
+                prop_assert!(content_len(&value).is_none_or(|n| n <= MAX_CHUNK_SIZE as u64));
+                let _ = to_frame(value.clone(), 0);
+                let _ = to_frame(value, 3);
+            }
+        }
+    }
 
     /// How many bytes a stored chunk holds, as a read finds it.
     fn content_len(value: &[u8]) -> Option<u64> {

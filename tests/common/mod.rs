@@ -52,19 +52,27 @@ impl TestServer {
     /// Starts `larder serve` and returns once it listens, maybe before its
     /// store is open.
     pub fn spawn(dir: &Path, extra: &[&str]) -> TestServer {
-        TestServer::spawn_logging(dir, extra, "warn", None, &[])
+        TestServer::spawn_logging(dir, extra, "warn", None, &[], None)
     }
 
     /// Like [`TestServer::start`], with extra environment variables.
     pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(String, String)]) -> TestServer {
-        let mut server = TestServer::spawn_logging(dir, extra, "warn", None, env);
+        let mut server = TestServer::spawn_logging(dir, extra, "warn", None, env, None);
         server.wait_until_serving();
         server
     }
 
     /// Like [`TestServer::start`], with logs at `level` written to `log`.
     pub fn start_logging(dir: &Path, extra: &[&str], level: &str, log: &Path) -> TestServer {
-        let mut server = TestServer::spawn_logging(dir, extra, level, Some(log), &[]);
+        let mut server = TestServer::spawn_logging(dir, extra, level, Some(log), &[], None);
+        server.wait_until_serving();
+        server
+    }
+
+    /// Like [`TestServer::start_logging`], under a limit on open files (soft
+    /// and hard, as `ulimit -n` sets them).
+    pub fn start_with_open_files(dir: &Path, extra: &[&str], log: &Path, open_files: u64) -> TestServer {
+        let mut server = TestServer::spawn_logging(dir, extra, "info", Some(log), &[], Some(open_files));
         server.wait_until_serving();
         server
     }
@@ -75,8 +83,21 @@ impl TestServer {
         level: &str,
         log: Option<&Path>,
         env: &[(String, String)],
+        open_files: Option<u64>,
     ) -> TestServer {
         let mut command = Command::new(env!("CARGO_BIN_EXE_larder"));
+        if let Some(limit) = open_files {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            // SAFETY: setrlimit is async-signal-safe and touches no memory
+            // of the parent.
+            unsafe {
+                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--dir"])
             .arg(dir)
