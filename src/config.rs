@@ -72,6 +72,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Most connections open at once (also bounded by the open-file limit).
     pub max_connections: usize,
+    /// Most bytes held for calls in flight, all together.
+    pub max_inflight_bytes: ByteSize,
     /// How logs are written to stderr.
     pub log_format: LogFormat,
     /// TLS certificate chain and key (PEM) for every port; empty for plain TCP.
@@ -278,6 +280,9 @@ impl Config {
                     self.header_timeout, self.idle_timeout
                 ),
             );
+        }
+        if self.max_inflight_bytes.0 < 16 << 20 {
+            return invalid("max_inflight_bytes", "must be at least 16MiB".into());
         }
         if self.max_connections < 16 {
             return invalid("max_connections", "must be at least 16".into());

@@ -7,11 +7,15 @@
 //! read that would wait past the deadline fails instead, and the connection
 //! closes. The deadline is short until the first call arrives and longer
 //! between calls, so that clients between builds keep their connections for a
-//! while.
+//! while. While calls are in flight, a reply that waits on its client (which
+//! grants it no HTTP/2 window, say) for that longer time closes the
+//! connection too: a client that stops reading cannot pin what the reply
+//! holds.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,8 +41,13 @@ pub struct Calls {
     started: AtomicBool,
     /// When the last call ended (or the connection was accepted).
     idle_since: Mutex<Instant>,
-    /// The connection's reader, woken when its last call ends.
+    /// The connection's reader, woken when its last call ends, and when a
+    /// reply starts to wait on the client.
     reader: AtomicWaker,
+    /// Replies waiting on the client to take what they handed over, by id,
+    /// since when.
+    waiting: Mutex<HashMap<u64, Instant>>,
+    next_reply: AtomicU64,
 }
 
 impl Calls {
@@ -48,6 +57,8 @@ impl Calls {
             started: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             reader: AtomicWaker::new(),
+            waiting: Mutex::new(HashMap::new()),
+            next_reply: AtomicU64::new(0),
         })
     }
 
@@ -62,13 +73,70 @@ impl Calls {
     /// in flight.
     fn deadline(&self, timeouts: Timeouts) -> Option<Instant> {
         if self.active.load(Ordering::Acquire) > 0 {
-            return None;
+            let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            return waiting.values().min().map(|since| *since + timeouts.between_calls);
         }
         let limit = match self.started.load(Ordering::Relaxed) {
             true => timeouts.between_calls,
             false => timeouts.first_call,
         };
         Some(*self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) + limit)
+    }
+}
+
+/// A reply body whose waits on the client the connection watches (see
+/// the module's comment). `held` is kept until the reply ends.
+pub struct Sending<T> {
+    body: tonic::body::Body,
+    calls: Option<Arc<Calls>>,
+    id: u64,
+    _held: T,
+}
+
+impl<T> Sending<T> {
+    pub fn new(body: tonic::body::Body, calls: Option<Arc<Calls>>, held: T) -> Sending<T> {
+        let id = calls.as_ref().map_or(0, |c| c.next_reply.fetch_add(1, Ordering::Relaxed));
+        Sending { body, calls, id, _held: held }
+    }
+
+    fn stop_waiting(&self) {
+        if let Some(calls) = &self.calls {
+            calls.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        }
+    }
+}
+
+impl<T: Send + Unpin + 'static> http_body::Body for Sending<T> {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        // Asked for more: the client took what was handed over.
+        self.stop_waiting();
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(_))), Some(calls)) = (&polled, &self.calls) {
+            // Handed over: until asked for more, this waits on the client.
+            calls.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(self.id, Instant::now());
+            calls.reader.wake();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<T> Drop for Sending<T> {
+    fn drop(&mut self) {
+        self.stop_waiting();
     }
 }
 
@@ -111,7 +179,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         if polled.is_ready() {
             return polled;
         }
-        // Woken when the last call ends, to start the clock.
+        // Woken when the last call ends, or a reply starts to wait, to start
+        // the clock.
         this.calls.reader.register(cx.waker());
         let Some(deadline) = this.calls.deadline(this.timeouts) else {
             return Poll::Pending;
@@ -122,7 +191,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         match this.timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "the connection carried no call for too long: closed",
+                "the connection carried no call, or its client took nothing, for too long: closed",
             ))),
             Poll::Pending => Poll::Pending,
         }

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod bench;
+pub mod budget;
 pub mod codec;
 pub mod compression;
 pub mod config;

@@ -28,6 +28,7 @@ use crate::status::Board;
 use tower::ServiceExt;
 
 use crate::auth::{Access, Auth, Caller, Htpasswd};
+use crate::budget::{Budget, Charged, Holding, Keep};
 use crate::config::Config;
 use crate::eviction;
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
@@ -113,6 +114,7 @@ impl Server {
             port: Port::Main,
             peer: None,
             calls: None,
+            budget: Budget::new(config.max_inflight_bytes.0, config.idle_timeout),
             timeouts: crate::idle::Timeouts {
                 first_call: config.header_timeout,
                 between_calls: config.idle_timeout,
@@ -152,7 +154,8 @@ impl Server {
                 opened = &mut opening, if open.is_none() => {
                     match opened.map_err(|e| Error::Store(store::Error::Open(e.to_string()))).and_then(|r| r) {
                         Ok(store) => {
-                            let running = Running::start(store, remote.clone(), &config, &app.metrics, &app.board);
+                            let running =
+                                Running::start(store, remote.clone(), &config, &app.metrics, &app.board, &app.budget);
                             let _ = app.ready.set(running.services.clone());
                             for service in SERVICES.iter().chain([&""]) {
                                 health.set_service_status(*service, ServingStatus::Serving).await;
@@ -299,6 +302,7 @@ impl Running {
         config: &Config,
         metrics: &Arc<Metrics>,
         board: &Arc<Board>,
+        budget: &Arc<Budget>,
     ) -> Running {
         let shared = Arc::new(Shared {
             store: Arc::clone(&store),
@@ -309,6 +313,7 @@ impl Running {
             max_batch_size: config.max_batch_size.0,
             max_message_size: config.max_message_size.0 as usize,
             max_entries: config.max_call_entries,
+            budget: Arc::clone(budget),
             directories: crate::service::DirectoryLimit::new(
                 config.max_directory_size.0,
                 config.max_call_entries,
@@ -528,6 +533,8 @@ struct App {
     peer: Option<IpAddr>,
     /// The calls in flight on this connection (see [`crate::idle`]).
     calls: Option<Arc<crate::idle::Calls>>,
+    /// The bytes all calls in flight may hold.
+    budget: Arc<Budget>,
     timeouts: crate::idle::Timeouts,
     /// The metrics port serves /metrics without credentials.
     public_metrics: bool,
@@ -539,14 +546,17 @@ struct App {
 }
 
 impl App {
-    /// Answers one request; the connection counts it as a call in flight
-    /// until its reply has been sent.
+    /// Answers one request; the connection counts it as a call in flight,
+    /// and the budget what it holds, until its reply has been sent.
     async fn serve(&self, request: Request<Incoming>) -> Response<Body> {
         let in_flight = self.calls.as_ref().map(|calls| calls.begin());
-        self.answer(request).await.map(|body| Body::new(Held { body, _held: in_flight }))
+        let holding = Holding::default();
+        let response = self.answer(request, &holding).await;
+        let calls = self.calls.clone();
+        response.map(|body| Body::new(crate::idle::Sending::new(body, calls, (in_flight, holding))))
     }
 
-    async fn answer(&self, request: Request<Incoming>) -> Response<Body> {
+    async fn answer(&self, request: Request<Incoming>, holding: &Holding) -> Response<Body> {
         let grpc = request
             .headers()
             .get(CONTENT_TYPE)
@@ -611,8 +621,19 @@ impl App {
         // The services ask what the caller may do (Capabilities says it).
         let mut request = request;
         request.extensions_mut().insert(access);
-        let stall = self.timeouts.between_calls;
-        let request = request.map(|body| self.metrics.count_received(crate::idle::Timed::new(body, stall)));
+        // A unary call's message is decoded whole: its body is held until
+        // the call ends. An upload's stream is held a frame at a time (the
+        // upload holds its own buffers).
+        let keep = match route_label(&method, &path).as_str() {
+            "PUT /cas" => Keep::LastFrame,
+            _ if grpc && path == "/google.bytestream.ByteStream/Write" => Keep::LastFrame,
+            _ => Keep::Everything,
+        };
+        let (stall, budget) = (self.timeouts.between_calls, Arc::clone(&self.budget));
+        let request = request.map(|body| {
+            let timed = crate::idle::Timed::new(body, stall);
+            self.metrics.count_received(Charged::new(timed, budget, keep, Arc::clone(holding)))
+        });
         if grpc {
             calls::observe_grpc(&self.metrics, label(), started, call(&services.grpc, request).await)
         } else {
@@ -718,33 +739,6 @@ impl App {
             ),
             Err(status) => HttpError::Status(status).into_response(),
         }
-    }
-}
-
-/// A reply body that holds something (a call's in-flight mark) until it
-/// has been sent or dropped.
-struct Held<T> {
-    body: Body,
-    _held: T,
-}
-
-impl<T: Send + Unpin + 'static> http_body::Body for Held<T> {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 

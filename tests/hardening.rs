@@ -361,3 +361,54 @@ async fn a_stalled_upload_is_ended_and_its_bytes_kept_to_resume() {
     let reply = String::from_utf8_lossy(&reply[..n]);
     assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
 }
+
+/// Case 3: Read streams that are never read once pinned about 4 MiB each
+/// (199 streams per connection on a 16 MiB blob: 881 MB for one connection,
+/// 2.52 GB for three). Now a read holds about a chunk, all reads together
+/// stay within max_inflight_bytes, and a client that takes nothing has its
+/// connection closed after idle_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_reads_are_bounded_and_then_closed() {
+    let (_tmp, server) = server_with("header_timeout = \"2s\"\nidle_timeout = \"6s\"\n", &[]);
+    let blob = random_bytes(16 << 20, 77);
+    let mut c = server.clients().await;
+    c.write(&upload_name("", "big", &blob), &blob, 1 << 20).await.unwrap();
+    let name = read_name("", &blob);
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        // A connection of its own, with HTTP/2's default 64 KiB windows: the
+        // server can send little before it must wait on this client.
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let bs = larder::proto::bytestream::byte_stream_client::ByteStreamClient::new(channel);
+        for _ in 0..199 {
+            let (mut bs, name) = (bs.clone(), name.clone());
+            streams.push(tokio::spawn(async move {
+                let read = ReadRequest { resource_name: name, ..Default::default() };
+                // Opened, and never read.
+                let opened = bs.read(read).await;
+                tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+                drop(opened);
+            }));
+        }
+    }
+    let mut peak = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        peak = peak.max(server.peak_rss_bytes());
+    }
+    eprintln!("597 unread reads of a 16 MiB blob: peak RSS {} MiB", peak >> 20);
+    assert!(peak < 300 << 20, "peak RSS {} MiB", peak >> 20);
+    // Everyone else is still served.
+    let mut fresh = server.clients().await;
+    let small = b"served meanwhile".as_slice();
+    assert_eq!(fresh.batch_update(&[small]).await, vec![0]);
+    assert_eq!(fresh.read(&read_name("", small), 0, 0).await.unwrap(), small);
+    for stream in streams {
+        stream.abort();
+    }
+    assert_eq!(fresh.read(&name, 0, 0).await.unwrap(), blob);
+}

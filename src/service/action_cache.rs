@@ -173,6 +173,7 @@ impl ActionCacheService {
         }
         let store = Arc::clone(&shared.store);
         let limit = shared.max_message_size;
+        let _held = shared.budget.hold(inlined_bytes(&result, &request, function).min(limit as u64)).await?;
         let result = blocking(move || {
             if from_remote {
                 store.copy_action_result(&request.instance_name, &action, size, &bytes)?;
@@ -271,6 +272,19 @@ fn missing_blobs(
 fn absent(store: &Store, digests: &[Digest]) -> Result<Vec<Digest>, Status> {
     let present = store.contains(digests)?;
     Ok(digests.iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| *d).collect())
+}
+
+/// The bytes [`inline`] may add to a result: what the reply holds.
+fn inlined_bytes(result: &ActionResult, request: &GetActionResultRequest, function: FunctionHint) -> u64 {
+    let size = |d: &Option<crate::proto::reapi::Digest>| {
+        d.as_ref().and_then(|d| Digest::from_proto(d, function).ok()).map_or(0, |d| d.size)
+    };
+    let wanted: HashSet<&str> = request.inline_output_files.iter().map(String::as_str).collect();
+    let files =
+        result.output_files.iter().filter(|f| wanted.contains(f.path.as_str())).map(|f| size(&f.digest));
+    let stdout = if request.inline_stdout { size(&result.stdout_digest) } else { 0 };
+    let stderr = if request.inline_stderr { size(&result.stderr_digest) } else { 0 };
+    files.fold(stdout.saturating_add(stderr), u64::saturating_add)
 }
 
 /// Inlines stdout, stderr and the requested output files, as far as they fit

@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::{READ_MESSAGE_SIZE, Shared, blocking};
+use crate::budget::Held;
 use crate::compression::Decoder;
 use crate::digest::{self, Digest, Encoding};
 use crate::proto::bytestream::{
@@ -61,6 +62,11 @@ impl ByteStreamService {
             0 => digest.size,
             limit => digest.size.min(start.saturating_add(limit)),
         };
+        // A read holds about a chunk and a message while its client takes
+        // them (a read-through holds what its copy has in flight too).
+        let chunk = self.shared.store.options().chunk_size as u64;
+        let holds = (end - start).min(chunk) + (end - start).min(READ_MESSAGE_SIZE as u64);
+        let held = self.shared.budget.hold(holds).await?;
         let store = Arc::clone(&self.shared.store);
         let locate = || {
             let store = Arc::clone(&store);
@@ -75,11 +81,16 @@ impl ByteStreamService {
                 blob
             }
             (None, Some(remote)) if start < end => {
-                if let Some(stream) = self.read_through(remote, digest, start, end, zstd).await? {
-                    return Ok(stream);
+                let copying = self.shared.budget.hold(2 * holds).await?;
+                match self.read_through(remote, digest, start, end, zstd, (held, copying)).await? {
+                    Some(stream) => return Ok(stream),
+                    // Another call brought it in meanwhile.
+                    None => {
+                        let blob = locate().await?.ok_or_else(not_found)?;
+                        let held = self.shared.budget.hold(holds).await?;
+                        return Ok(read_local(store, blob, start, end, zstd, held));
+                    }
                 }
-                // Another call brought it in meanwhile.
-                locate().await?.ok_or_else(not_found)?
             }
             (None, Some(_)) => {
                 self.shared.fetch(&[digest]).await?;
@@ -87,7 +98,7 @@ impl ByteStreamService {
             }
             (None, None) => return Err(not_found()),
         };
-        Ok(read_local(store, blob, start, end, zstd))
+        Ok(read_local(store, blob, start, end, zstd, held))
     }
 
     /// Streams a blob the local tier lacks from the object store, while it
@@ -102,6 +113,7 @@ impl ByteStreamService {
         start: u64,
         end: u64,
         zstd: bool,
+        held: (Held, Held),
     ) -> Result<Option<ReadStream>, Status> {
         let (tee, mut pieces) = mpsc::channel(2);
         let fetch = tokio::spawn(self.shared.fetch_one(remote, digest, Some(tee)));
@@ -123,6 +135,8 @@ impl ByteStreamService {
         let (tx, rx) = mpsc::channel(2);
         let store = Arc::clone(&self.shared.store);
         tokio::spawn(async move {
+            // Given back when the copy and the stream are done.
+            let _budget = held;
             let mut held: Option<Bytes> = None;
             // Where the pieces sent so far end.
             let mut sent = start;
@@ -170,7 +184,7 @@ impl ByteStreamService {
                     let local = Arc::clone(&store);
                     match blocking(move || local.locate(&digest)).await {
                         Ok(Some(blob)) => {
-                            let mut rest = read_local(store, blob, sent, end, zstd);
+                            let mut rest = read_local(store, blob, sent, end, zstd, Held::default());
                             while let Some(message) = rest.next().await {
                                 if tx.send(message).await.is_err() {
                                     return;
@@ -204,9 +218,18 @@ impl ByteStreamService {
 
 /// Streams `start..end` of a blob the local tier holds. Lazily: a chunk is
 /// read once the client has taken the one before, so a client that stops
-/// reading holds at most one chunk here, whatever the blob's size.
-fn read_local(store: Arc<Store>, blob: crate::store::Blob, start: u64, end: u64, zstd: bool) -> ReadStream {
+/// reading holds at most one chunk here, whatever the blob's size; `held`
+/// counts it in the budget until the stream ends.
+fn read_local(
+    store: Arc<Store>,
+    blob: crate::store::Blob,
+    start: u64,
+    end: u64,
+    zstd: bool,
+    held: Held,
+) -> ReadStream {
     struct Reading {
+        _held: Held,
         store: Arc<Store>,
         blob: crate::store::Blob,
         offset: u64,
@@ -219,8 +242,17 @@ fn read_local(store: Arc<Store>, blob: crate::store::Blob, start: u64, end: u64,
         first: bool,
         failed: bool,
     }
-    let reading =
-        Reading { store, blob, offset: start, end, zstd, piece: Bytes::new(), first: true, failed: false };
+    let reading = Reading {
+        _held: held,
+        store,
+        blob,
+        offset: start,
+        end,
+        zstd,
+        piece: Bytes::new(),
+        first: true,
+        failed: false,
+    };
     let stream = futures::stream::unfold(reading, |mut r| async move {
         while r.piece.is_empty() {
             if r.failed || (!r.first && r.offset >= r.end) {
@@ -288,6 +320,12 @@ impl ByteStreamService {
         if first.write_offset < 0 {
             return Err(Status::invalid_argument(format!("write_offset {} is negative", first.write_offset)));
         }
+        // An upload holds a piece being gathered, one being written and, for
+        // zstd, a chunk of decompressed bytes (the request body holds the
+        // message being received).
+        let remaining = digest.size.saturating_sub(first.write_offset as u64);
+        let chunk = self.shared.store.options().chunk_size as u64;
+        let _held = self.shared.budget.hold(remaining.min(2 * chunk) + remaining.min(chunk)).await?;
         // The first offset counts uncompressed bytes for either encoding: it
         // resumes at what QueryWriteStatus reported.
         let name = first.resource_name.clone();

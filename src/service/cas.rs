@@ -147,6 +147,8 @@ impl ContentAddressableStorage for CasService {
         let digests: Vec<Result<Digest, Status>> =
             request.digests.iter().map(|d| Digest::from_proto(d, function).map_err(Status::from)).collect();
         self.check_batch_size(digests.iter().flatten().map(|d| d.size), "the requested blobs")?;
+        // The reply holds every blob read.
+        let _held = self.shared.budget.hold(digests.iter().flatten().map(|d| d.size).sum()).await?;
         // IDENTITY is always acceptable; zstd when the client lists it.
         let zstd = request.acceptable_compressors.contains(&(compressor::Value::Zstd as i32));
         let wanted: Vec<Digest> = digests.iter().flatten().copied().collect();
@@ -228,6 +230,8 @@ impl CasService {
             return Err(Status::not_found(format!("root directory {root} is not in the CAS")));
         }
         let (tx, rx) = mpsc::channel(2);
+        // Two messages queued and one being built (or a REST page).
+        let held = self.shared.budget.hold(max_bytes.min(4 * READ_MESSAGE_SIZE) as u64).await?;
         // Directories the local tier lacks are read through from the object
         // store, a level at a time (the walk runs on a blocking thread).
         let (shared, runtime) = (Arc::clone(&self.shared), tokio::runtime::Handle::current());
@@ -237,6 +241,7 @@ impl CasService {
             }
         };
         tokio::task::spawn_blocking(move || {
+            let _held = held;
             let page = Page { skip, size: page_size, max_bytes };
             if let Err(status) = walk_tree(&store, root, function, page, limit, &tx, fetch) {
                 // If the client is gone, nobody is waiting for the error either.

@@ -20,9 +20,9 @@ use super::capabilities::CapabilitiesService;
 use super::cas::CasService;
 use super::{Shared, http_cache, rest};
 
-/// Request bodies, counted as they are read (for metrics), ended if the
-/// client stalls.
-pub type RequestBody = Counted<crate::idle::Timed<Incoming>>;
+/// Request bodies, counted as they are read (for metrics), held in the
+/// budget, and ended if the client stalls.
+pub type RequestBody = Counted<crate::budget::Charged<crate::idle::Timed<Incoming>>>;
 
 /// The gRPC services, called in-process by the HTTP adapters.
 pub struct HttpApi {

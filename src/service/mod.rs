@@ -35,6 +35,8 @@ pub struct Shared {
     pub max_message_size: usize,
     /// Most entries in one request (`max_call_entries`).
     pub max_entries: usize,
+    /// The bytes calls in flight may hold, all together.
+    pub budget: Arc<crate::budget::Budget>,
     /// What Directory and Tree blobs a call may read.
     pub directories: DirectoryLimit,
 }

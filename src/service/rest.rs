@@ -9,8 +9,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::body::Body;
 
-use super::Shared;
 use super::http::{HttpApi, HttpError, RequestBody, json_response, percent_decode, read_body};
+use super::{READ_MESSAGE_SIZE, Shared};
 use crate::proto::reapi::{
     self, ActionResult, FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
     GetTreeRequest, GetTreeResponse, UpdateActionResultRequest, action_cache_server::ActionCache,
@@ -84,7 +84,6 @@ pub async fn handle(
     let (instance, route) = Route::parse(rest).ok_or_else(|| HttpError::route(&path))?;
     let instance = percent_decode(&instance, false)?;
     let method = request.method().clone();
-    let limit = api.shared.max_message_size;
     let digest = |hash: String, size| Some(reapi::Digest { hash, size_bytes: size });
     match (route, &method) {
         (Route::Capabilities, &Method::GET) => {
@@ -120,7 +119,9 @@ pub async fn handle(
                 digest_function: query.digest_function()?,
             };
             // One page, whatever number of messages gRPC would stream it in.
-            let mut stream = api.cas.tree_page(message, limit).await?;
+            // A page is one body: it ends at a few messages' worth, with a
+            // token for the next.
+            let mut stream = api.cas.tree_page(message, 4 * READ_MESSAGE_SIZE).await?;
             let mut page = GetTreeResponse::default();
             while let Some(part) = stream.next().await {
                 let part = part?;
