@@ -11,7 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ["proto"],
     )?;
     let descriptors = fds.encode_to_vec();
-    // Type names let larder's codec (src/codec.rs) tell requests apart.
+    // The codec (src/codec.rs) counts entries by the messages' schema.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("descriptors.bin"), &descriptors)?;
+    // Type names let larder's codec tell requests apart.
     let mut config = tonic_prost_build::Config::new();
     config.enable_type_names();
     tonic_prost_build::configure()

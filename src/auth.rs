@@ -83,6 +83,7 @@ impl Throttle {
     /// How long the caller must wait before bcrypt will check a password
     /// for `user` from `address`; `None` if it may try now.
     pub fn wait(&self, address: Option<IpAddr>, user: &str) -> Option<Duration> {
+        let address = address.map(network);
         let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let recent = |entry: Option<&(Instant, u32)>, limit: u32| {
             entry
@@ -102,6 +103,7 @@ impl Throttle {
     /// Records a password bcrypt refused. Only known users are counted per
     /// user, so random names cannot grow the table.
     pub fn failed(&self, address: Option<IpAddr>, user: &str, known_user: bool) {
+        let address = address.map(network);
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let count = |entry: &mut (Instant, u32)| {
             if entry.0.elapsed() >= WINDOW {
@@ -112,9 +114,14 @@ impl Throttle {
         if let Some(address) = address {
             if failures.addresses.len() >= MAX_ADDRESSES {
                 failures.addresses.retain(|_, (since, _)| since.elapsed() < WINDOW);
-                if failures.addresses.len() >= MAX_ADDRESSES {
-                    failures.addresses.clear();
-                }
+            }
+            if failures.addresses.len() >= MAX_ADDRESSES {
+                // Still full of recent failures: the oldest half goes, so
+                // that no flood can wipe the addresses it throttles.
+                let mut since: Vec<Instant> = failures.addresses.values().map(|(s, _)| *s).collect();
+                let (_, middle, _) = since.select_nth_unstable(MAX_ADDRESSES / 2);
+                let middle = *middle;
+                failures.addresses.retain(|_, (s, _)| *s > middle);
             }
             count(failures.addresses.entry(address).or_insert((Instant::now(), 0)));
         }
@@ -225,6 +232,17 @@ impl Htpasswd {
     }
 }
 
+/// The address failures are counted under: an IPv6 host has a /64 of them.
+fn network(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
+        },
+        v4 => v4,
+    }
+}
+
 /// How long a refused password is refused without bcrypt.
 const REFUSED_FOR: Duration = Duration::from_secs(600);
 /// Refused passwords remembered at most.
@@ -329,6 +347,13 @@ mod tests {
             "a failed address waits"
         );
         assert_eq!(throttle.wait(Some(other), "alice"), None, "a clean address is still checked");
+        // An IPv6 host's /64 is one address.
+        let host = |last: u16| IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]);
+        for last in 0..PER_ADDRESS as u16 {
+            throttle.failed(Some(host(last)), "bob", true);
+        }
+        assert!(throttle.wait(Some(host(999)), "carol").is_some(), "the /64 waits");
+        assert_eq!(throttle.wait(Some(IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1])), "carol"), None);
         // Unknown users are not tracked.
         throttle.failed(None, "nobody", false);
         assert!(!throttle.failures.lock().unwrap().users.contains_key("nobody"));

@@ -95,11 +95,14 @@ pub struct Charged<B> {
     keep: Keep,
     holding: Holding,
     waiting: Option<(http_body::Frame<Bytes>, Waiting)>,
+    /// Bytes received and not held yet: holds are whole KiB, so that tiny
+    /// frames cannot take a KiB each.
+    owed: u64,
 }
 
 impl<B> Charged<B> {
     pub fn new(body: B, budget: Arc<Budget>, keep: Keep, holding: Holding) -> Charged<B> {
-        Charged { body, budget, keep, holding, waiting: None }
+        Charged { body, budget, keep, holding, waiting: None, owed: 0 }
     }
 
     fn keep(&self, held: Held) {
@@ -142,10 +145,12 @@ where
             Poll::Ready(Some(Ok(frame))) => frame,
             other => return other,
         };
-        let bytes = frame.data_ref().map_or(0, |d| d.len() as u64);
+        this.owed += frame.data_ref().map_or(0, |d| d.len() as u64);
+        let bytes = this.owed / UNIT * UNIT;
         if bytes == 0 {
             return Poll::Ready(Some(Ok(frame)));
         }
+        this.owed -= bytes;
         if let Some(held) = this.budget.try_hold(bytes) {
             this.keep(held);
             return Poll::Ready(Some(Ok(frame)));

@@ -7,11 +7,15 @@
 //! Counting fields on the wire costs nothing, and a request over the limit is
 //! refused with INVALID_ARGUMENT naming it.
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Buf;
 use prost::{Message, Name};
+use prost_types::field_descriptor_proto::{self, Type};
+use prost_types::{DescriptorProto, FileDescriptorSet};
 use tonic::Status;
 use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
 use tonic_prost::ProstCodec;
@@ -30,32 +34,67 @@ pub fn max_entries() -> usize {
     MAX_ENTRIES.load(Ordering::Relaxed)
 }
 
-/// Fields of a few messages whose own fields are entries too: the protobuf
-/// field numbers to descend into, level by level. Every other message counts
-/// its top-level fields.
-pub fn nested<M: Name>() -> &'static [&'static [u32]] {
-    if M::PACKAGE != "build.bazel.remote.execution.v2" {
-        return &[];
-    }
-    match M::NAME {
-        // action_result: its output files, directories and symlinks.
-        "UpdateActionResultRequest" => &[&[3]],
-        // root and children: their files, directories and symlinks.
-        "Tree" => &[&[1, 2]],
-        _ => &[],
-    }
+/// Every message's fields that hold messages, by full name, from the protos
+/// larder was built from (build.rs writes them).
+struct Schema(HashMap<String, HashMap<u32, Field>>);
+
+/// What decoding a field costs: a struct per message, a string per repeated
+/// string, a number per packed byte at most; a single string or number
+/// costs no more than its bytes on the wire, and is not an entry.
+#[derive(Clone, Debug)]
+enum Field {
+    /// A message of this type (full name, no leading dot): an entry, and so
+    /// are the entries inside it.
+    Message(String),
+    /// Repeated strings or bytes: an entry each.
+    Strings,
+    /// Repeated numbers, which arrive packed: an entry per byte.
+    Packed,
+    /// Anything else.
+    Plain,
 }
 
-/// Fields (`nested` levels deep) of a protobuf message, counting stopped once
-/// past `limit`. Malformed input ends the count: prost's decoder then says
-/// what is wrong with it.
-pub fn count_entries(buf: &[u8], nested: &[&[u32]], limit: usize) -> usize {
+static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
+    let set = FileDescriptorSet::decode(&include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"))[..])
+        .expect("build.rs wrote a valid descriptor set");
+    let mut messages = HashMap::new();
+    for file in &set.file {
+        let package = file.package();
+        let mut queue: Vec<(String, &DescriptorProto)> =
+            file.message_type.iter().map(|m| (format!("{package}.{}", m.name()), m)).collect();
+        while let Some((name, message)) = queue.pop() {
+            queue.extend(message.nested_type.iter().map(|n| (format!("{name}.{}", n.name()), n)));
+            let fields = message.field.iter().map(|f| {
+                let repeated = f.label() == field_descriptor_proto::Label::Repeated;
+                let kind = match f.r#type() {
+                    Type::Message | Type::Group => {
+                        Field::Message(f.type_name().trim_start_matches('.').to_string())
+                    }
+                    Type::String | Type::Bytes if repeated => Field::Strings,
+                    _ if repeated => Field::Packed,
+                    _ => Field::Plain,
+                };
+                (f.number() as u32, kind)
+            });
+            messages.insert(name, fields.collect());
+        }
+    }
+    Schema(messages)
+});
+
+/// The entries of a protobuf message of type `message` (a full name, such
+/// as `build.bazel.remote.execution.v2.Tree`): the messages and repeated
+/// values in it, at any depth (see [`Field`]), counting stopped once past
+/// `limit`. Malformed input ends the count (prost's decoder then says what
+/// is wrong with it), except groups, which prost would skip and decode past:
+/// a message with one is over any limit.
+pub fn count_entries(buf: &[u8], message: &str, limit: usize) -> usize {
+    let fields = SCHEMA.0.get(message);
     let mut count = 0;
     let mut at = 0;
     while at < buf.len() && count <= limit {
         let Some((key, used)) = varint(&buf[at..]) else { break };
         at += used;
-        count += 1;
         at = match key & 7 {
             0 => match varint(&buf[at..]) {
                 Some((_, used)) => at + used,
@@ -70,19 +109,27 @@ pub fn count_entries(buf: &[u8], nested: &[&[u32]], limit: usize) -> usize {
                 if end > buf.len() {
                     break;
                 }
-                if count <= limit
-                    && let Some((here, deeper)) = nested.split_first()
-                    && u32::try_from(key >> 3).is_ok_and(|tag| here.contains(&tag))
-                {
-                    count += count_entries(&buf[start..end], deeper, limit - count);
+                let field = u32::try_from(key >> 3).ok().and_then(|tag| fields?.get(&tag));
+                match field {
+                    Some(Field::Message(inner)) => {
+                        count += 1;
+                        if count <= limit {
+                            count += count_entries(&buf[start..end], inner, limit - count);
+                        }
+                    }
+                    Some(Field::Strings) => count += 1,
+                    Some(Field::Packed) => count = count.saturating_add(end - start),
+                    // Unknown fields are skipped by the decoder.
+                    Some(Field::Plain) | None => {}
                 }
                 end
             }
-            // Groups (long deprecated) and invalid wire types.
+            // Groups (long deprecated, and never used by REAPI).
+            3 | 4 => return limit.saturating_add(1),
             _ => break,
         };
     }
-    count
+    count.min(limit.saturating_add(1))
 }
 
 fn varint(buf: &[u8]) -> Option<(u64, usize)> {
@@ -99,8 +146,7 @@ fn varint(buf: &[u8]) -> Option<(u64, usize)> {
 /// Checks a message's entries against the limit before it is decoded.
 pub fn check_entries<M: Name>(wire: &[u8]) -> Result<(), Status> {
     let limit = max_entries();
-    let count = count_entries(wire, nested::<M>(), limit);
-    if count > limit {
+    if count_entries(wire, &M::full_name(), limit) > limit {
         return Err(Status::invalid_argument(format!(
             "the {} carries more than {limit} entries (max_call_entries): split it into smaller calls",
             M::NAME
@@ -170,8 +216,8 @@ mod tests {
         /// the check decodes or fails cleanly.
         #[test]
         fn any_bytes_are_counted_within_the_limit(wire in crate::hostile::bytes(), limit in 0usize..64) {
-            prop_assert!(count_entries(&wire, &[&[3]], limit) <= limit + 1);
-            prop_assert!(count_entries(&wire, &[&[1, 2]], limit) <= limit + 1);
+            prop_assert!(count_entries(&wire, &reapi::UpdateActionResultRequest::full_name(), limit) <= limit + 1);
+            prop_assert!(count_entries(&wire, &reapi::Tree::full_name(), limit) <= limit + 1);
             if check_entries::<reapi::UpdateActionResultRequest>(&wire).is_ok() {
                 let _ = reapi::UpdateActionResultRequest::decode(&wire[..]);
             }
@@ -189,8 +235,10 @@ mod tests {
             blob_digests: digests,
             digest_function: 1,
         };
-        assert_eq!(count_entries(&request.encode_to_vec(), &[], usize::MAX), 1002);
-        assert_eq!(count_entries(&request.encode_to_vec(), &[], 10), 11, "stops past the limit");
+        let find = reapi::FindMissingBlobsRequest::full_name();
+        // Each digest is an entry; the instance name and function are not.
+        assert_eq!(count_entries(&request.encode_to_vec(), &find, usize::MAX), 1000);
+        assert_eq!(count_entries(&request.encode_to_vec(), &find, 10), 11, "stops past the limit");
 
         let result = reapi::ActionResult {
             output_files: vec![reapi::OutputFile::default(); 500],
@@ -198,11 +246,45 @@ mod tests {
             ..Default::default()
         };
         let update = reapi::UpdateActionResultRequest { action_result: Some(result), ..Default::default() };
-        let nested = nested::<reapi::UpdateActionResultRequest>();
-        assert_eq!(count_entries(&update.encode_to_vec(), nested, usize::MAX), 1 + 501);
-        // Truncated or garbage input just ends the count.
-        assert!(count_entries(&[0x12, 0x7f, 0x00], &[], usize::MAX) <= 1);
-        assert!(count_entries(&[0xff; 20], &[], usize::MAX) <= 1);
+        let name = reapi::UpdateActionResultRequest::full_name();
+        assert_eq!(count_entries(&update.encode_to_vec(), &name, usize::MAX), 1 + 500);
+        // Entries as deep as they go: properties of an output file's node
+        // properties, and the metadata of an execution.
+        let property = reapi::NodeProperty::default();
+        let file = reapi::OutputFile {
+            node_properties: Some(reapi::NodeProperties {
+                properties: vec![property; 300],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let metadata = reapi::ExecutedActionMetadata {
+            auxiliary_metadata: vec![Default::default(); 200],
+            ..Default::default()
+        };
+        let result = reapi::ActionResult {
+            output_files: vec![file],
+            execution_metadata: Some(metadata),
+            ..Default::default()
+        };
+        let update = reapi::UpdateActionResultRequest { action_result: Some(result), ..Default::default() };
+        assert_eq!(count_entries(&update.encode_to_vec(), &name, usize::MAX), 1 + 2 + 1 + 300 + 200);
+        // Repeated strings are entries too.
+        let get = reapi::GetActionResultRequest {
+            inline_output_files: vec![String::new(); 70],
+            ..Default::default()
+        };
+        assert_eq!(
+            count_entries(&get.encode_to_vec(), &reapi::GetActionResultRequest::full_name(), 1000),
+            70
+        );
+        // Truncated or garbage input just ends the count; a group is over
+        // any limit (prost would skip it and decode on).
+        assert!(count_entries(&[0x12, 0x7f, 0x00], &name, usize::MAX) <= 1);
+        assert!(count_entries(&[0xff; 20], &name, usize::MAX) <= 1);
+        let grouped =
+            [&[0x7b, 0x7c][..], &reapi::FindMissingBlobsRequest::default().encode_to_vec()].concat();
+        assert_eq!(count_entries(&grouped, &find, 1000), 1001);
     }
 
     #[test]

@@ -119,8 +119,13 @@ impl<T: Send + Unpin + 'static> http_body::Body for Sending<T> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if let (Poll::Ready(Some(Ok(_))), Some(calls)) = (&polled, &self.calls) {
             // Handed over: until asked for more, this waits on the client.
-            calls.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(self.id, Instant::now());
-            calls.reader.wake();
+            let mut waiting = calls.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            waiting.insert(self.id, Instant::now());
+            // The reader's clock need only start for the first waiting reply:
+            // a later one's deadline is later.
+            if waiting.len() == 1 {
+                calls.reader.wake();
+            }
         }
         polled
     }
@@ -145,8 +150,10 @@ pub struct InFlight(Arc<Calls>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // The clock is set before the count can reach zero: a reader that
+        // sees no call in flight never sees the time of an older idle spell.
+        *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
             self.0.reader.wake();
         }
     }
@@ -159,12 +166,34 @@ pub struct Watched<S> {
     calls: Arc<Calls>,
     timeouts: Timeouts,
     timer: Pin<Box<Sleep>>,
+    /// Running while a write waits on the client (its socket buffer full):
+    /// HTTP/1.1 stops reading while it writes a reply, so only the write
+    /// side sees a client that takes nothing.
+    write_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S> Watched<S> {
     pub fn new(inner: S, calls: Arc<Calls>, timeouts: Timeouts) -> Watched<S> {
         let timer = Box::pin(tokio::time::sleep(timeouts.first_call));
-        Watched { inner, calls, timeouts, timer }
+        Watched { inner, calls, timeouts, timer, write_timer: None }
+    }
+
+    /// A write's outcome, failed once it has waited on the client for
+    /// `between_calls`.
+    fn within_time<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.write_timer = None;
+            return polled;
+        }
+        let limit = self.timeouts.between_calls;
+        let timer = self.write_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing for too long: closed",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -200,11 +229,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.within_time(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.within_time(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -216,7 +247,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.within_time(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

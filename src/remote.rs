@@ -427,12 +427,19 @@ impl Remote {
         Ok(())
     }
 
-    /// An action result, `None` if absent. An object larger than any
-    /// result larder accepts is damaged, and is not read.
+    /// An action result, `None` if absent. An object larger than this node
+    /// accepts (`max_message_size`) is not read, and is a miss here: other
+    /// nodes may accept it.
     pub async fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<Bytes>, Error> {
         let damaged = || Error::Damaged(format!("action result of {action}"));
         let object = match self.store.get(&self.ac_path(instance, action)).await {
-            Ok(r) if r.meta.size > self.max_action_result as u64 + 12 => return Err(damaged()),
+            Ok(r) if r.meta.size > self.max_action_result as u64 + 12 => {
+                tracing::warn!(
+                    "the object store's action result of {action} is {} bytes, over max_message_size: a miss on this node",
+                    r.meta.size
+                );
+                return Ok(None);
+            }
             Ok(r) => r.bytes().await?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),

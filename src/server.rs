@@ -56,6 +56,9 @@ pub struct Server {
     config: Config,
 }
 
+/// How long a login may wait for a bcrypt check.
+const BCRYPT_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a client may take over the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -682,8 +685,15 @@ impl App {
         if let Some(refusal) = throttled() {
             return Err(refusal);
         }
-        let Ok(_permit) = auth.bcrypt.acquire().await else {
-            return Err(Refusal::Status(Status::unavailable("shutting down")));
+        // The queue for bcrypt is bounded in time: a flood from many
+        // addresses gets UNAVAILABLE, which clients retry, not a hang.
+        let _permit = match tokio::time::timeout(BCRYPT_WAIT, auth.bcrypt.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(Refusal::Status(Status::unavailable("shutting down"))),
+            Err(_) => {
+                let status = Status::unavailable("too many logins to check at once: retry shortly");
+                return Err(Refusal::Status(status));
+            }
         };
         if let Some(refusal) = throttled() {
             return Err(refusal);

@@ -121,9 +121,18 @@ impl ActionCacheService {
         let Some(bytes) = bytes else {
             return Ok(Err(format!("no action result for {action}")));
         };
-        // Counted before it is decoded: the object store holds anyone's bytes.
-        let decoded = crate::codec::check_entries::<ActionResult>(&bytes)
-            .and_then(|()| ActionResult::decode(bytes.clone()).map_err(|e| Status::data_loss(e.to_string())));
+        // Counted before it is decoded: the object store holds anyone's
+        // bytes. One over this node's limit is a miss (other nodes may
+        // accept it); a local one was stored under another limit, and goes.
+        if let Err(status) = crate::codec::check_entries::<ActionResult>(&bytes) {
+            tracing::warn!("the action result of {action} is a miss here: {}", status.message());
+            if !from_remote {
+                let (store, instance) = (Arc::clone(&shared.store), request.instance_name.clone());
+                blocking(move || store.delete_action_result(&instance, &action)).await?;
+            }
+            return Ok(Err(format!("no action result for {action} within max_call_entries")));
+        }
+        let decoded = ActionResult::decode(bytes.clone()).map_err(|e| Status::data_loss(e.to_string()));
         let result = match decoded {
             Ok(result) => result,
             // A result that does not decode is a miss, and is deleted so

@@ -63,10 +63,12 @@ impl ByteStreamService {
             limit => digest.size.min(start.saturating_add(limit)),
         };
         // A read holds about a chunk and a message while its client takes
-        // them (a read-through holds what its copy has in flight too).
+        // them (a read-through holds what its copy has in flight too), taken
+        // in one hold: a call that waits for more while holding some could
+        // wait on others that do the same.
         let chunk = self.shared.store.options().chunk_size as u64;
         let holds = (end - start).min(chunk) + (end - start).min(READ_MESSAGE_SIZE as u64);
-        let held = self.shared.budget.hold(holds).await?;
+        let budget = &self.shared.budget;
         let store = Arc::clone(&self.shared.store);
         let locate = || {
             let store = Arc::clone(&store);
@@ -81,15 +83,11 @@ impl ByteStreamService {
                 blob
             }
             (None, Some(remote)) if start < end => {
-                let copying = self.shared.budget.hold(2 * holds).await?;
-                match self.read_through(remote, digest, start, end, zstd, (held, copying)).await? {
+                let held = budget.hold(3 * holds).await?;
+                match self.read_through(remote, digest, start, end, zstd, held).await? {
                     Some(stream) => return Ok(stream),
                     // Another call brought it in meanwhile.
-                    None => {
-                        let blob = locate().await?.ok_or_else(not_found)?;
-                        let held = self.shared.budget.hold(holds).await?;
-                        return Ok(read_local(store, blob, start, end, zstd, held));
-                    }
+                    None => locate().await?.ok_or_else(not_found)?,
                 }
             }
             (None, Some(_)) => {
@@ -98,6 +96,7 @@ impl ByteStreamService {
             }
             (None, None) => return Err(not_found()),
         };
+        let held = budget.hold(holds).await?;
         Ok(read_local(store, blob, start, end, zstd, held))
     }
 
@@ -113,7 +112,7 @@ impl ByteStreamService {
         start: u64,
         end: u64,
         zstd: bool,
-        held: (Held, Held),
+        held: Held,
     ) -> Result<Option<ReadStream>, Status> {
         let (tee, mut pieces) = mpsc::channel(2);
         let fetch = tokio::spawn(self.shared.fetch_one(remote, digest, Some(tee)));

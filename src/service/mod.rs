@@ -73,8 +73,7 @@ impl DirectoryLimit {
         let Some(data) = store.read_all(digest)? else {
             return Ok(None);
         };
-        let nested = crate::codec::nested::<M>();
-        if crate::codec::count_entries(&data, nested, self.max_entries) > self.max_entries {
+        if crate::codec::count_entries(&data, &M::full_name(), self.max_entries) > self.max_entries {
             return Err(Status::failed_precondition(format!(
                 "{what} {digest} has more than {} entries: it is not decoded (max_directory_size allows one per 32 bytes)",
                 self.max_entries

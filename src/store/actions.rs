@@ -125,26 +125,32 @@ impl Store {
     /// Writes the last uses of results hit since the last flush; the number
     /// of results moved in the eviction order.
     pub(super) fn flush_result_access_times(&self) -> Result<usize, Error> {
-        let accessed: Vec<(Vec<u8>, u64)> =
-            self.accessed_results.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        // One batch per lock stripe, as for blobs.
+        let mut by_stripe: std::collections::BTreeMap<usize, Vec<(Vec<u8>, u64)>> = Default::default();
+        for (key, atime) in self.accessed_results.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            if let Some((_, action)) = split_ac_key(&key) {
+                by_stripe.entry(stripe_of(&action)).or_default().push((key, atime));
+            }
+        }
         let mut updated = 0;
-        for (key, atime) in accessed {
-            let Some((_, action)) = split_ac_key(&key) else { continue };
-            let _guard = self.stripes[stripe_of(&action)].lock().unwrap_or_else(|e| e.into_inner());
-            let Some(stored) = self.db.get_pinned_cf(self.cf(CF_AC), &key)? else { continue };
-            let Some(value) = AcValue::decode(&stored) else { continue };
-            if value.atime.is_some_and(|t| t >= atime) {
-                continue;
-            }
+        for (stripe, accessed) in by_stripe {
+            let _guard = self.stripes[stripe].lock().unwrap_or_else(|e| e.into_inner());
             let mut batch = WriteBatch::default();
-            // (Every result has a time since layout 3: opening upgrades.)
-            if let Some(old) = value.atime {
-                batch.delete_cf(self.cf(CF_LRU), lru_action_key(old, &key));
+            for (key, atime) in accessed {
+                let Some(stored) = self.db.get_pinned_cf(self.cf(CF_AC), &key)? else { continue };
+                let Some(value) = AcValue::decode(&stored) else { continue };
+                if value.atime.is_some_and(|t| t >= atime) {
+                    continue;
+                }
+                // (Every result has a time since layout 3: opening upgrades.)
+                if let Some(old) = value.atime {
+                    batch.delete_cf(self.cf(CF_LRU), lru_action_key(old, &key));
+                }
+                batch.put_cf(self.cf(CF_LRU), lru_action_key(atime, &key), []);
+                batch.put_cf(self.cf(CF_AC), &key, AcValue { atime: Some(atime), ..value }.encode());
+                updated += 1;
             }
-            batch.put_cf(self.cf(CF_LRU), lru_action_key(atime, &key), []);
-            batch.put_cf(self.cf(CF_AC), &key, AcValue { atime: Some(atime), ..value }.encode());
             self.write(batch)?;
-            updated += 1;
         }
         Ok(updated)
     }

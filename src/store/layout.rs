@@ -135,6 +135,10 @@ pub const LAYOUT_VERSION: &[u8] = b"3";
 /// in the eviction order, nor counted in the stored bytes; opening a
 /// version 2 directory times them all as used now.
 pub const LAYOUT_VERSION_2: &[u8] = b"2";
+/// Written before the upgrade from version 2 changes anything, and replaced
+/// by [`LAYOUT_VERSION`] once it is done: a larder that reads version 2 only
+/// refuses a directory half upgraded, and this one finishes the upgrade.
+pub const LAYOUT_UPGRADING_TO_3: &[u8] = b"3-upgrading";
 /// Version 1 differs only in the action cache key, which ended in the
 /// action's size; opening a version 1 directory re-keys it.
 pub const LAYOUT_VERSION_1: &[u8] = b"1";

@@ -281,7 +281,7 @@ impl Store {
                 upgrade_from_v1(&db)?;
                 upgrade_from_v2(&db)?;
             }
-            Some(v) if v == LAYOUT_VERSION_2 => upgrade_from_v2(&db)?,
+            Some(v) if v == LAYOUT_VERSION_2 || v == LAYOUT_UPGRADING_TO_3 => upgrade_from_v2(&db)?,
             Some(v) => {
                 return Err(Error::Open(format!(
                     "{} holds layout version {}, this larder reads version {}: use a new --dir",
@@ -1032,6 +1032,7 @@ fn upgrade_from_v1(db: &DB) -> Result<(), Error> {
 /// bytes, in batches; a crash midway is finished on the next open, since
 /// timed values are told apart from old ones.
 fn upgrade_from_v2(db: &DB) -> Result<(), Error> {
+    db.put(LAYOUT_KEY, LAYOUT_UPGRADING_TO_3)?;
     let (ac, lru, chunks) = (cf_handle(db, CF_AC), cf_handle(db, CF_LRU), cf_handle(db, CF_CHUNKS));
     let now = now_ms();
     let mut batch = WriteBatch::default();

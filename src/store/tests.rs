@@ -297,6 +297,22 @@ fn a_version_1_directory_keeps_its_action_results() {
 }
 
 #[test]
+fn an_upgrade_cut_short_is_finished_at_the_next_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let action = Digest::of(b"action");
+    {
+        let store = open(tmp.path());
+        let key = ac_key("inst", &action);
+        store.db.put_cf(store.cf(CF_AC), key, [&[AC_VALUE_VERSION][..], b"result"].concat()).unwrap();
+        store.db.put(LAYOUT_KEY, LAYOUT_UPGRADING_TO_3).unwrap();
+    }
+    let store = open(tmp.path());
+    assert_eq!(store.db.get(LAYOUT_KEY).unwrap().unwrap(), LAYOUT_VERSION);
+    assert_eq!(store.stored_bytes().unwrap(), 17 + 6, "timed and counted once");
+    assert_eq!(store.evict_lru(u64::MAX, u64::MAX).unwrap().action_results, 1);
+}
+
+#[test]
 fn action_results_live_inside_the_budget_and_are_evicted_with_blobs() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
