@@ -72,12 +72,67 @@ impl Budget {
 }
 
 /// What a request body holds: every frame until the call ends (a unary
-/// call's message is decoded whole), or only the frame the server is taking
-/// (a stream of upload messages, which the upload holds in its own budget).
+/// call's message is decoded whole), only the frame the server is taking (a
+/// stream of HTTP body frames, each an upload message), or the message being
+/// received (a gRPC stream of upload messages: tonic gathers each whole
+/// before the server takes it; the upload holds its own buffers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Keep {
     Everything,
     LastFrame,
+    Messages,
+}
+
+/// Where a gRPC stream is in its length-prefixed messages (a flag byte and
+/// a 4-byte length before each).
+#[derive(Debug, Default)]
+struct Framing {
+    header: [u8; 5],
+    filled: usize,
+    /// Bytes of the current message still to come.
+    remaining: u64,
+    /// Bytes received of the message not complete yet, header included.
+    partial: u64,
+}
+
+impl Framing {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = data.len().min(self.remaining as usize);
+                (self.remaining, self.partial, data) =
+                    (self.remaining - n as u64, self.partial + n as u64, &data[n..]);
+                if self.remaining == 0 {
+                    self.partial = 0;
+                }
+                continue;
+            }
+            let n = data.len().min(5 - self.filled);
+            self.header[self.filled..self.filled + n].copy_from_slice(&data[..n]);
+            (self.filled, self.partial, data) = (self.filled + n, self.partial + n as u64, &data[n..]);
+            if self.filled == 5 {
+                self.filled = 0;
+                self.remaining = u64::from(u32::from_be_bytes(self.header[1..].try_into().expect("4 bytes")));
+                if self.remaining == 0 {
+                    self.partial = 0;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps `units` of what `holding` holds, and gives back the rest.
+fn retain(holding: &mut Vec<Held>, units: usize) {
+    let mut all: Option<OwnedSemaphorePermit> = None;
+    for permit in holding.drain(..).filter_map(|h| h._permit) {
+        match &mut all {
+            Some(all) => all.merge(permit),
+            None => all = Some(permit),
+        }
+    }
+    let Some(mut all) = all else { return };
+    let kept = if all.num_permits() > units { all.split(units) } else { Some(all) };
+    holding.extend(kept.map(|permit| Held { _permit: Some(permit) }));
 }
 
 /// The bytes one call holds, shared by its request body (which adds to them)
@@ -98,11 +153,13 @@ pub struct Charged<B> {
     /// Bytes received and not held yet: holds are whole KiB, so that tiny
     /// frames cannot take a KiB each.
     owed: u64,
+    /// For [`Keep::Messages`].
+    framing: Framing,
 }
 
 impl<B> Charged<B> {
     pub fn new(body: B, budget: Arc<Budget>, keep: Keep, holding: Holding) -> Charged<B> {
-        Charged { body, budget, keep, holding, waiting: None, owed: 0 }
+        Charged { body, budget, keep, holding, waiting: None, owed: 0, framing: Framing::default() }
     }
 
     fn keep(&self, held: Held) {
@@ -137,14 +194,23 @@ where
                 frame
             })));
         }
-        if this.keep == Keep::LastFrame {
-            // The server asks for the next frame: it has taken the last.
-            this.holding.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // The server asks for the next frame: it has taken the last one, or
+        // every message complete so far.
+        match this.keep {
+            Keep::Everything => {}
+            Keep::LastFrame => this.holding.lock().unwrap_or_else(|e| e.into_inner()).clear(),
+            Keep::Messages => {
+                let units = this.framing.partial.div_ceil(UNIT) as usize;
+                retain(&mut this.holding.lock().unwrap_or_else(|e| e.into_inner()), units);
+            }
         }
         let frame = match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             other => return other,
         };
+        if let (Keep::Messages, Some(data)) = (this.keep, frame.data_ref()) {
+            this.framing.feed(data);
+        }
         this.owed += frame.data_ref().map_or(0, |d| d.len() as u64);
         let bytes = this.owed / UNIT * UNIT;
         if bytes == 0 {
@@ -219,6 +285,29 @@ mod tests {
         }
         body.collect().await.unwrap();
         assert_eq!(budget.permits.available_permits(), 64, "and nothing once it has ended");
+        // A gRPC stream holds the message it is receiving, whatever its
+        // frames: here 3 messages of 12 KiB, in 4 KiB frames that straddle
+        // their boundaries.
+        let mut wire = Vec::new();
+        for _ in 0..3 {
+            wire.extend_from_slice(&[0, 0, 0, 0x30, 0]);
+            wire.extend_from_slice(&[7u8; 12 << 10]);
+        }
+        let chunks: Vec<Result<http_body::Frame<Bytes>, Status>> =
+            wire.chunks(4 << 10).map(|c| Ok(http_body::Frame::data(Bytes::copy_from_slice(c)))).collect();
+        let messages = Holding::default();
+        let mut body = Charged::new(
+            http_body_util::StreamBody::new(futures::stream::iter(chunks)),
+            Arc::clone(&budget),
+            Keep::Messages,
+            Arc::clone(&messages),
+        );
+        let mut most = 0;
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+            most = most.max(64 - budget.permits.available_permits());
+        }
+        assert!((12..=17).contains(&most), "held at most a message and a frame: {most} KiB");
         // A unary body over the budget waits, then fails.
         let body = Charged::new(frames(32), Arc::clone(&budget), Keep::Everything, Holding::default());
         let error = body.collect().await.unwrap_err();

@@ -625,11 +625,11 @@ impl App {
         let mut request = request;
         request.extensions_mut().insert(access);
         // A unary call's message is decoded whole: its body is held until
-        // the call ends. An upload's stream is held a frame at a time (the
-        // upload holds its own buffers).
+        // the call ends. An upload's stream is held a message (gRPC) or a
+        // frame (HTTP) at a time: the upload holds its own buffers.
         let keep = match route_label(&method, &path).as_str() {
             "PUT /cas" => Keep::LastFrame,
-            _ if grpc && path == "/google.bytestream.ByteStream/Write" => Keep::LastFrame,
+            _ if grpc && path == "/google.bytestream.ByteStream/Write" => Keep::Messages,
             _ => Keep::Everything,
         };
         let (stall, budget) = (self.timeouts.between_calls, Arc::clone(&self.budget));

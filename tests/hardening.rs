@@ -432,7 +432,8 @@ async fn an_http_client_that_takes_nothing_is_closed() {
     tokio::time::sleep(std::time::Duration::from_secs(8)).await;
     // Whatever the socket buffers held, and then the end: not the blob.
     let mut received = Vec::new();
-    let read = tokio::time::timeout(std::time::Duration::from_secs(60), socket.read_to_end(&mut received)).await;
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(60), socket.read_to_end(&mut received)).await;
     assert!(read.is_ok(), "the connection was never closed");
     assert!(received.len() < blob.len(), "the whole blob was sent: the stalled reply was not ended");
 }
