@@ -15,9 +15,15 @@ fn basic(user: &str, password: &str) -> String {
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
 }
 
+/// A server with one user, whose password is hashed at bcrypt's lowest cost
+/// (fast tests).
 fn server(tmp: &std::path::Path, extra: &[&str]) -> TestServer {
+    server_with_cost(tmp, extra, 4)
+}
+
+fn server_with_cost(tmp: &std::path::Path, extra: &[&str], cost: u32) -> TestServer {
     let file = tmp.join("htpasswd");
-    std::fs::write(&file, format!("{USER}:{}\n", bcrypt::hash(PASSWORD, 4).unwrap())).unwrap();
+    std::fs::write(&file, format!("{USER}:{}\n", bcrypt::hash(PASSWORD, cost).unwrap())).unwrap();
     let mut args = vec!["--htpasswd", file.to_str().unwrap()];
     args.extend(extra);
     TestServer::start(&tmp.join("data"), &args)
@@ -127,12 +133,8 @@ fn htpasswd_files_without_bcrypt_are_refused_at_start() {
 
 /// A server whose one user's password is hashed at bcrypt's default cost
 /// (12: about a quarter of a second a check here), as an operator's would be.
-fn costly_server(tmp: &std::path::Path, extra: &[&str]) -> TestServer {
-    let file = tmp.join("htpasswd");
-    std::fs::write(&file, format!("{USER}:{}\n", bcrypt::hash(PASSWORD, 12).unwrap())).unwrap();
-    let mut args = vec!["--htpasswd", file.to_str().unwrap()];
-    args.extend(extra);
-    TestServer::start(&tmp.join("data"), &args)
+fn costly_server(tmp: &std::path::Path) -> TestServer {
+    server_with_cost(tmp, &[], 12)
 }
 
 /// Floods the server with wrong passwords (`password(i)` for the i-th
@@ -180,7 +182,7 @@ async fn first_login(addr: &str, local: std::net::IpAddr) -> std::time::Duration
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_wrong_passwords_does_not_lock_out_valid_users() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = costly_server(tmp.path(), &[]);
+    let server = costly_server(tmp.path());
     let localhost: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     // The same wrong password over and over, from the valid user's address.
     let (stop, tasks) = flood(&server.addr, |_| "guess".to_string());
@@ -197,7 +199,7 @@ async fn a_flood_of_wrong_passwords_does_not_lock_out_valid_users() {
     // Passwords that change every time, from another address: that address
     // is throttled (429, Retry-After), the valid user's is not.
     let tmp = tempfile::tempdir().unwrap();
-    let server = costly_server(tmp.path(), &[]);
+    let server = costly_server(tmp.path());
     let (stop, tasks) = flood(&server.addr, |i| format!("guess {i}"));
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let took = first_login(&server.addr, "127.0.0.2".parse().unwrap()).await;
