@@ -256,20 +256,49 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 }
 
-/// A request body that fails once its client has sent nothing for too long
-/// while the server waits for more: a stalled upload ends (and what it
-/// sent is kept, to be resumed or to expire) instead of holding its call
-/// forever.
+/// A request body that fails once its client sends less than
+/// [`MIN_BYTES_PER_WINDOW`] in `limit` of the server waiting for it: a
+/// stalled upload ends (and what it sent is kept, to be resumed or to
+/// expire) instead of holding its call forever, and so does one that sends a
+/// byte now and then to look alive. Only time spent waiting on the client
+/// counts, not time the server spends storing what arrived.
 pub struct Timed<B> {
     body: B,
     limit: Duration,
-    /// Running while the server waits for the next frame.
-    timer: Option<Pin<Box<Sleep>>>,
+    /// Time waited on the client in this window, besides the current wait.
+    waited: Duration,
+    /// Bytes received in this window.
+    received: u64,
+    /// The current wait: since when, and its timer (to the window's end).
+    waiting: Option<(Instant, Pin<Box<Sleep>>)>,
 }
+
+/// What a client must send in each window of `idle_timeout` the server
+/// waits on it: 64 KiB (about 1 KiB/s at the default 60s).
+pub const MIN_BYTES_PER_WINDOW: u64 = 64 << 10;
 
 impl<B> Timed<B> {
     pub fn new(body: B, limit: Duration) -> Timed<B> {
-        Timed { body, limit, timer: None }
+        Timed { body, limit, waited: Duration::ZERO, received: 0, waiting: None }
+    }
+
+    /// Ends the current wait; at the window's end, the client must have
+    /// sent enough, and a new window starts.
+    fn check_window(&mut self, now: Instant) -> Result<(), tonic::Status> {
+        if let Some((since, _)) = self.waiting.take() {
+            self.waited += now - since;
+        }
+        if self.waited < self.limit {
+            return Ok(());
+        }
+        if self.received < MIN_BYTES_PER_WINDOW {
+            let (limit, received) = (self.limit, self.received);
+            return Err(tonic::Status::deadline_exceeded(format!(
+                "the client sent {received} bytes in {limit:?} (idle_timeout) of the server waiting for it, under {MIN_BYTES_PER_WINDOW}: the call is ended; an upload keeps what arrived, to resume"
+            )));
+        }
+        (self.waited, self.received) = (Duration::ZERO, 0);
+        Ok(())
     }
 }
 
@@ -286,21 +315,33 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.body).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.timer = None;
-                let broke =
-                    |e: B::Error| tonic::Status::cancelled(format!("the request body broke off: {e}"));
-                Poll::Ready(frame.map(|f| f.map_err(broke)))
-            }
-            Poll::Pending => {
-                let limit = this.limit;
-                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
-                        "the client sent nothing for {limit:?} (idle_timeout): the call is ended; an upload keeps what arrived, to resume"
-                    ))))),
-                    Poll::Pending => Poll::Pending,
+        loop {
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
+                        this.received += data.map_or(0, |d| d.len() as u64);
+                    }
+                    if frame.is_some()
+                        && let Err(status) = this.check_window(Instant::now())
+                    {
+                        return Poll::Ready(Some(Err(status)));
+                    }
+                    let broke =
+                        |e: B::Error| tonic::Status::cancelled(format!("the request body broke off: {e}"));
+                    return Poll::Ready(frame.map(|f| f.map_err(broke)));
+                }
+                Poll::Pending => {
+                    let (waited, limit) = (this.waited, this.limit);
+                    let (_, timer) = this.waiting.get_or_insert_with(|| {
+                        (Instant::now(), Box::pin(tokio::time::sleep(limit.saturating_sub(waited))))
+                    });
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // The window is over while waiting: refused, or a new one.
+                    if let Err(status) = this.check_window(Instant::now()) {
+                        return Poll::Ready(Some(Err(status)));
+                    }
                 }
             }
         }
@@ -319,6 +360,35 @@ where
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_drips_is_ended_and_a_slow_one_is_not() {
+        use http_body_util::BodyExt;
+        let limit = Duration::from_secs(60);
+        // A frame every `every`, of `size` bytes, for `frames` frames.
+        let body = |every: u64, size: usize, frames: usize| {
+            let stream = futures::stream::unfold(0, move |n| async move {
+                if n == frames {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_secs(every)).await;
+                let frame = http_body::Frame::data(bytes::Bytes::from(vec![0u8; size]));
+                Some((Ok::<_, std::convert::Infallible>(frame), n + 1))
+            });
+            Timed::new(http_body_util::StreamBody::new(Box::pin(stream)), limit)
+        };
+        // A byte every 59 s: each wait is short, the rate is not enough.
+        let started = Instant::now();
+        let error = body(59, 1, 10).collect().await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::DeadlineExceeded);
+        assert!(started.elapsed() <= Duration::from_secs(120), "{:?}", started.elapsed());
+        // Silence ends a body at the limit.
+        let started = Instant::now();
+        assert!(body(3600, 1, 1).collect().await.is_err());
+        assert_eq!(started.elapsed(), limit);
+        // 16 KiB every 10 s (1.6 KB/s) goes on for as long as it takes.
+        assert!(body(10, 16 << 10, 30).collect().await.is_ok());
+    }
 
     const TIMEOUTS: Timeouts =
         Timeouts { first_call: Duration::from_millis(200), between_calls: Duration::from_millis(400) };
