@@ -627,9 +627,11 @@ impl App {
         // A unary call's message is decoded whole: its body is held until
         // the call ends. An upload's stream is held a message (gRPC) or a
         // frame (HTTP) at a time: the upload holds its own buffers.
-        let keep = match route_label(&method, &path).as_str() {
-            "PUT /cas" => Keep::LastFrame,
-            _ if grpc && path == "/google.bytestream.ByteStream/Write" => Keep::Messages,
+        let keep = match grpc {
+            true if path == "/google.bytestream.ByteStream/Write" => Keep::Messages,
+            false if method == http::Method::PUT && route_label(&method, &path) == "PUT /cas" => {
+                Keep::LastFrame
+            }
             _ => Keep::Everything,
         };
         let (stall, budget) = (self.timeouts.between_calls, Arc::clone(&self.budget));

@@ -211,13 +211,9 @@ impl CasService {
             0 => DEFAULT_TREE_PAGE,
             n => n as usize,
         };
+        // Before anything is read, or fetched from the object store.
         let limit = self.shared.directories;
-        if root.size > limit.max_size {
-            return Err(Status::failed_precondition(format!(
-                "root {root} is larger than max_directory_size ({} bytes): it is not read",
-                limit.max_size
-            )));
-        }
+        limit.check_size::<Directory>(&root)?;
         let store = Arc::clone(&self.shared.store);
         if let Err(status) = self.shared.fetch(&[root]).await {
             tracing::warn!("GetTree: {}", status.message());
@@ -303,14 +299,14 @@ fn incoming_blob(
 
 /// Which directories of a walk make one GetTree page.
 #[derive(Clone, Copy)]
-pub struct Page {
+struct Page {
     /// Directories listed on earlier pages.
-    pub skip: usize,
+    skip: usize,
     /// Most directories on this page.
-    pub size: usize,
+    size: usize,
     /// The page ends early once its directories take this many bytes (a
     /// REST reply is one body, not a stream of messages).
-    pub max_bytes: usize,
+    max_bytes: usize,
 }
 
 /// Sends one GetTree page: directories breadth-first from `root`, starting
@@ -319,7 +315,7 @@ pub struct Page {
 /// listed once. The page token is the count of directories listed before the
 /// next page: the order is a function of the tree alone. A root that is not
 /// a Directory, and any directory over `limit`, fail the call.
-pub fn walk_tree(
+fn walk_tree(
     store: &Store,
     root: Digest,
     function: FunctionHint,

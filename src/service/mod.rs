@@ -57,6 +57,18 @@ impl DirectoryLimit {
         DirectoryLimit { max_size, max_entries: max_call_entries.max((max_size / 32) as usize) }
     }
 
+    /// Refuses a Directory or Tree blob over `max_size`, from its digest.
+    pub fn check_size<M: prost::Name>(&self, digest: &digest::Digest) -> Result<(), Status> {
+        if digest.size > self.max_size {
+            let what = M::NAME;
+            return Err(Status::failed_precondition(format!(
+                "{what} {digest} is larger than max_directory_size ({} bytes): it is not read; raise the limit if such {what}s are real",
+                self.max_size
+            )));
+        }
+        Ok(())
+    }
+
     /// A Directory or Tree blob, decoded; `None` if the local tier lacks it.
     pub fn read<M: prost::Message + prost::Name + Default>(
         &self,
@@ -64,12 +76,7 @@ impl DirectoryLimit {
         digest: &digest::Digest,
     ) -> Result<Option<M>, Status> {
         let what = M::NAME;
-        if digest.size > self.max_size {
-            return Err(Status::failed_precondition(format!(
-                "{what} {digest} is larger than max_directory_size ({} bytes): it is not read; raise the limit if such {what}s are real",
-                self.max_size
-            )));
-        }
+        self.check_size::<M>(digest)?;
         let Some(data) = store.read_all(digest)? else {
             return Ok(None);
         };
