@@ -34,18 +34,29 @@ pub fn max_entries() -> usize {
     MAX_ENTRIES.load(Ordering::Relaxed)
 }
 
-/// Every message's fields that hold messages, by full name, from the protos
-/// larder was built from (build.rs writes them).
-struct Schema(HashMap<String, HashMap<u32, Field>>);
+/// Every message's fields, from the protos larder was built from (build.rs
+/// writes them): message types by full name, resolved once to indexes, so
+/// that counting hashes no names.
+struct Schema {
+    index: HashMap<String, usize>,
+    messages: Vec<Fields>,
+}
+
+struct Fields {
+    by_tag: HashMap<u32, Field>,
+    /// Whether any field can hold entries: a message with none (a Digest,
+    /// say) is one entry, and is not looked into.
+    has_entries: bool,
+}
 
 /// What decoding a field costs: a struct per message, a string per repeated
 /// string, a number per packed byte at most; a single string or number
 /// costs no more than its bytes on the wire, and is not an entry.
 #[derive(Clone, Debug)]
 enum Field {
-    /// A message of this type (full name, no leading dot): an entry, and so
+    /// A message of this type (its index in the schema): an entry, and so
     /// are the entries inside it.
-    Message(String),
+    Message(usize),
     /// Repeated strings or bytes: an entry each.
     Strings,
     /// Repeated numbers, which arrive packed: an entry per byte.
@@ -57,29 +68,45 @@ enum Field {
 static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
     let set = FileDescriptorSet::decode(&include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"))[..])
         .expect("build.rs wrote a valid descriptor set");
-    let mut messages = HashMap::new();
+    let mut named: Vec<(String, &DescriptorProto)> = Vec::new();
     for file in &set.file {
         let package = file.package();
         let mut queue: Vec<(String, &DescriptorProto)> =
             file.message_type.iter().map(|m| (format!("{package}.{}", m.name()), m)).collect();
         while let Some((name, message)) = queue.pop() {
             queue.extend(message.nested_type.iter().map(|n| (format!("{name}.{}", n.name()), n)));
-            let fields = message.field.iter().map(|f| {
-                let repeated = f.label() == field_descriptor_proto::Label::Repeated;
-                let kind = match f.r#type() {
-                    Type::Message | Type::Group => {
-                        Field::Message(f.type_name().trim_start_matches('.').to_string())
-                    }
-                    Type::String | Type::Bytes if repeated => Field::Strings,
-                    _ if repeated => Field::Packed,
-                    _ => Field::Plain,
-                };
-                (f.number() as u32, kind)
-            });
-            messages.insert(name, fields.collect());
+            named.push((name, message));
         }
     }
-    Schema(messages)
+    let index: HashMap<String, usize> =
+        named.iter().enumerate().map(|(i, (name, _))| (name.clone(), i)).collect();
+    let messages = named
+        .iter()
+        .map(|(_, message)| {
+            let by_tag: HashMap<u32, Field> = message
+                .field
+                .iter()
+                .map(|f| {
+                    let repeated = f.label() == field_descriptor_proto::Label::Repeated;
+                    let kind = match f.r#type() {
+                        // A type outside the set (none in REAPI's) is not looked into.
+                        Type::Message | Type::Group => match index.get(f.type_name().trim_start_matches('.'))
+                        {
+                            Some(&i) => Field::Message(i),
+                            None => Field::Strings,
+                        },
+                        Type::String | Type::Bytes if repeated => Field::Strings,
+                        _ if repeated => Field::Packed,
+                        _ => Field::Plain,
+                    };
+                    (f.number() as u32, kind)
+                })
+                .collect();
+            let has_entries = by_tag.values().any(|f| !matches!(f, Field::Plain));
+            Fields { by_tag, has_entries }
+        })
+        .collect();
+    Schema { index, messages }
 });
 
 /// The entries of a protobuf message of type `message` (a full name, such
@@ -89,7 +116,12 @@ static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
 /// is wrong with it), except groups, which prost would skip and decode past:
 /// a message with one is over any limit.
 pub fn count_entries(buf: &[u8], message: &str, limit: usize) -> usize {
-    let fields = SCHEMA.0.get(message);
+    count_in(buf, SCHEMA.index.get(message).map(|&i| &SCHEMA.messages[i]), limit)
+}
+
+/// [`count_entries`] of a message whose fields are `fields` (`None`: of a
+/// type outside the schema, whose fields are all skipped).
+fn count_in(buf: &[u8], fields: Option<&Fields>, limit: usize) -> usize {
     let mut count = 0;
     let mut at = 0;
     while at < buf.len() && count <= limit {
@@ -109,12 +141,13 @@ pub fn count_entries(buf: &[u8], message: &str, limit: usize) -> usize {
                 if end > buf.len() {
                     break;
                 }
-                let field = u32::try_from(key >> 3).ok().and_then(|tag| fields?.get(&tag));
+                let field = u32::try_from(key >> 3).ok().and_then(|tag| fields?.by_tag.get(&tag));
                 match field {
                     Some(Field::Message(inner)) => {
                         count += 1;
-                        if count <= limit {
-                            count += count_entries(&buf[start..end], inner, limit - count);
+                        let inner = &SCHEMA.messages[*inner];
+                        if count <= limit && inner.has_entries {
+                            count += count_in(&buf[start..end], Some(inner), limit - count);
                         }
                     }
                     Some(Field::Strings) => count += 1,
