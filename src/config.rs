@@ -36,7 +36,8 @@ pub struct Config {
     /// zstd level for stored chunks (1 is fast; higher trades ingest speed
     /// for disk; 0 stores them uncompressed).
     pub zstd_level: i32,
-    /// Large chunks go to RocksDB's blob files rather than into SST files.
+    /// Chunks of blobs under 256 KiB, from 4 KiB, go to RocksDB's blob files
+    /// rather than into SST files.
     pub blob_files: bool,
     /// RocksDB's block cache.
     pub cache_size: ByteSize,

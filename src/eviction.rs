@@ -26,6 +26,16 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// The budget a config sets.
+    pub fn of(config: &crate::config::Config) -> Budget {
+        Budget {
+            max_size: config.max_size.0,
+            high_watermark: config.eviction_high_watermark,
+            low_watermark: config.eviction_low_watermark,
+            min_age: config.eviction_min_age,
+        }
+    }
+
     /// The budget the disk can actually hold: `max_size`, or less when the
     /// filesystem would fill first (current use plus free space, less a
     /// reserve). A full disk is then handled like a full budget: writes are
@@ -43,8 +53,9 @@ impl Budget {
     }
 }
 
-/// How often disk use is measured.
-const MEASURE_EVERY: Duration = Duration::from_millis(250);
+/// How often disk use is measured: often enough that eviction keeps ahead
+/// of writers at full speed, whose reservations it sees between passes.
+const MEASURE_EVERY: Duration = Duration::from_millis(100);
 
 /// Runs for as long as the server does.
 pub async fn run(store: Arc<Store>, budget: Budget) {
@@ -61,45 +72,53 @@ pub async fn run(store: Arc<Store>, budget: Budget) {
     }
 }
 
-/// One measurement, and an eviction if it is over the high watermark: the
-/// least recently used blobs go until disk use (live data plus the WAL,
-/// memtables and garbage that compaction has yet to reclaim) would be at the
-/// low watermark. Their chunks are compacted away at once; when nothing was
-/// old enough to evict, all chunks are compacted to reclaim garbage.
+/// One measurement, and an eviction if what is on disk, what is being
+/// written and the largest write just refused would pass the high
+/// watermark: the least recently used blobs and action results go until
+/// that would be at the low watermark. Blobs with files of their own give
+/// their space back at once; the chunks of the others are compacted away.
 pub fn pass(store: &Store, budget: Budget) -> Result<(), crate::store::Error> {
     let disk = store.measure_disk()?;
     let budget = budget.within(disk, store.free_disk()?);
     store.set_hard_limit(budget.hard_limit());
     let high = (budget.max_size as f64 * budget.high_watermark) as u64;
     let low = (budget.max_size as f64 * budget.low_watermark) as u64;
-    if disk <= high {
+    let wanted = store.disk_wanted();
+    if wanted <= high {
+        if store.set_eviction_blocked(false) {
+            tracing::info!("eviction can make room again: {wanted} bytes on disk and being written");
+        }
         return Ok(());
     }
     let uploads = store.expire_uploads(budget.min_age)?;
     let used_before = now_ms().saturating_sub(budget.min_age.as_millis() as u64);
-    let evicted = store.evict_lru(disk - low, used_before)?;
-    match evicted.blob_ids {
-        Some(range) => store.compact_chunks(range),
-        None if evicted.action_results == 0 => store.compact_all_chunks()?,
-        None => {}
+    let evicted = store.evict_lru(wanted - low, used_before)?;
+    if let Some(range) = evicted.blob_ids {
+        store.compact_chunks(range);
     }
     if evicted.action_results > 0 {
         store.compact_action_results();
     }
     let after = store.measure_disk()?;
-    if evicted.blobs > 0 || evicted.action_results > 0 || uploads > 0 {
-        tracing::info!(
+    let blocked = evicted.blobs == 0 && evicted.action_results == 0 && uploads == 0;
+    if !blocked {
+        tracing::debug!(
             "evicted {} blobs and {} action results ({} stored bytes), and {uploads} idle partial uploads: {disk} -> {after} bytes on disk",
             evicted.blobs,
             evicted.action_results,
             evicted.bytes
         );
-    } else if after > budget.max_size {
-        tracing::warn!(
-            "{after} bytes on disk, over the {} byte budget, and nothing is old enough to evict (min age {:?})",
+    }
+    // Said once when it starts, and once when it ends: writes are refused
+    // meanwhile, never let past the budget.
+    match (store.set_eviction_blocked(blocked), blocked) {
+        (false, true) => tracing::warn!(
+            "{wanted} bytes on disk and being written, over the high watermark of the {} byte budget, and nothing is old enough to evict (used within eviction_min_age, {:?}, or waiting for the object store): writes are refused until blobs age",
             budget.max_size,
             budget.min_age
-        );
+        ),
+        (true, false) => tracing::info!("eviction can make room again: {after} bytes on disk"),
+        _ => {}
     }
     Ok(())
 }

@@ -47,6 +47,7 @@ struct StoreGauges {
     disk_bytes: Gauge,
     max_size: Gauge,
     partial_uploads: Gauge,
+    eviction_blocked: Gauge,
     rejected_writes: Counter,
     corrupt_blobs: Counter,
     evicted_blobs: Counter,
@@ -100,7 +101,7 @@ impl Default for Metrics {
             ac_misses.clone(),
         );
         let store = StoreGauges::default();
-        let gauges: [(&str, &str, &Gauge); 12] = [
+        let gauges: [(&str, &str, &Gauge); 13] = [
             ("blobs", "Blobs stored", &store.blobs),
             ("logical_bytes", "Uncompressed bytes of the blobs stored", &store.logical_bytes),
             (
@@ -111,6 +112,11 @@ impl Default for Metrics {
             ("disk_bytes", "Bytes of the data directory on disk", &store.disk_bytes),
             ("max_size_bytes", "The size budget of the data directory", &store.max_size),
             ("partial_uploads", "Partial uploads held for resuming", &store.partial_uploads),
+            (
+                "eviction_blocked",
+                "1 while the disk is over its watermark and nothing is old enough to evict: writes are refused",
+                &store.eviction_blocked,
+            ),
             (
                 "rocksdb_pending_compaction_bytes",
                 "RocksDB's estimate of bytes compaction must rewrite",
@@ -236,6 +242,7 @@ impl Metrics {
         g.disk_bytes.set(as_i64(stats.disk_bytes));
         g.max_size.set(as_i64(stats.max_size));
         g.partial_uploads.set(as_i64(stats.partial_uploads));
+        g.eviction_blocked.set(i64::from(stats.eviction_blocked));
         g.pending_compaction_bytes.set(as_i64(stats.pending_compaction_bytes));
         g.write_stopped.set(i64::from(stats.write_stopped));
         g.delayed_write_rate.set(as_i64(stats.delayed_write_rate));

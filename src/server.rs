@@ -352,13 +352,7 @@ impl Running {
             Arc::clone(metrics),
             Arc::clone(board),
         ));
-        let budget = eviction::Budget {
-            max_size: config.max_size.0,
-            high_watermark: config.eviction_high_watermark,
-            low_watermark: config.eviction_low_watermark,
-            min_age: config.eviction_min_age,
-        };
-        let eviction = tokio::spawn(eviction::run(Arc::clone(&store), budget));
+        let eviction = tokio::spawn(eviction::run(Arc::clone(&store), eviction::Budget::of(config)));
         let services = Services {
             store: Arc::clone(&store),
             grpc: grpc_routes(&shared),

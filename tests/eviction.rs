@@ -23,12 +23,13 @@ fn start_with(tmp: &Path, max_size: &str, min_age: &str) -> TestServer {
     TestServer::start(&tmp.join("data"), &["--config", config.to_str().unwrap()])
 }
 
+/// What the data directory takes on disk, as `du` counts it.
 fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir)
         .unwrap()
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
+        .filter_map(|e| Some((e.as_ref().ok()?.path(), e.ok()?.metadata().ok()?)))
+        .map(|(path, meta)| if meta.is_dir() { dir_bytes(&path) } else { meta.blocks() * 512 })
         .sum()
 }
 
@@ -159,34 +160,13 @@ async fn evicted_outputs_remove_their_action_results() {
     assert_code(c.ac.get_action_result(get).await, Code::NotFound);
 }
 
-/// Unmounts (lazily) when dropped.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// A filesystem that fills before the budget is reached: writes are refused
 /// and then accepted again as eviction makes room, never an error, never a crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_fills_before_the_budget_is_handled_like_the_budget() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let small = tmp.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount a 48 MiB tmpfs");
-    let _mount = Mount(small.clone());
+    let Some(disk) = Tmpfs::mount(tmp.path(), 48 << 20) else { return };
+    let small = disk.path.clone();
     // A 1 GiB budget on a 48 MiB disk.
     let mut server = start_with(&small, "1GiB", "0s");
     let mut c = server.clients().await;

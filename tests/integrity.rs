@@ -8,19 +8,29 @@ use common::*;
 use tonic::Code;
 
 /// Flips one byte inside `data`'s stored copy, in whichever file of the data
-/// directory holds it. Random data is stored raw, so its bytes are there.
+/// directory holds it (RocksDB's, or the blob's own). Random data is stored
+/// raw, so its bytes are there.
 fn flip_on_disk(dir: &Path, data: &[u8]) {
-    let needle = &data[50_000..50_064];
+    assert!(flip_in(dir, &data[50_000..50_064]), "the blob's bytes are in no file of {}", dir.display());
+}
+
+fn flip_in(dir: &Path, needle: &[u8]) -> bool {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.is_dir() {
+            if flip_in(&path, needle) {
+                return true;
+            }
+            continue;
+        }
         let mut bytes = std::fs::read(&path).unwrap();
         if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
             bytes[at + 32] ^= 0x01;
             std::fs::write(&path, bytes).unwrap();
-            return;
+            return true;
         }
     }
-    panic!("the blob's bytes are in no file of {}", dir.display());
+    false
 }
 
 #[tokio::test]

@@ -317,11 +317,11 @@ impl From<store::Error> for Status {
             UploadBusy(_) => Code::Aborted,
             Vanished(_) | Removed(_) => Code::NotFound,
             Corrupt(_) => Code::DataLoss,
-            Full { .. } | QueueFull { .. } => Code::ResourceExhausted,
+            Full { .. } | QueueFull { .. } | TooLarge { .. } => Code::ResourceExhausted,
             // Eviction keeps writes off a full disk; should one slip through, say so.
             Db(e) if e.to_string().contains("No space left") => Code::ResourceExhausted,
             Open(_) | Locked(_) => Code::Unavailable,
-            Batch(_) | Db(_) | Measure(_) => Code::Internal,
+            Batch(_) | Db(_) | Measure(_) | File(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }

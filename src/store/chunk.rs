@@ -10,6 +10,11 @@
 //!
 //! `RAW` and `ZSTD` are the same without the checksum, as larder wrote them
 //! before it had one: still read, never written.
+//!
+//! A chunk of a blob kept in a file of its own (see `files`) is stored there
+//! encoded as above; its value in RocksDB is then a reference, tagged
+//! `IN_FILE`: where the encoded chunk starts in the file (8 bytes, BE) and
+//! its length (8 bytes, BE), sealed with a checksum like any value.
 
 use std::cell::RefCell;
 
@@ -23,6 +28,7 @@ const ZSTD: u8 = 1;
 // bit turns a checked value into an unchecked one, or one kind into another.
 const RAW_SUMMED: u8 = 0xa5;
 const ZSTD_SUMMED: u8 = 0x5a;
+const IN_FILE: u8 = 0xc3;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -41,6 +47,38 @@ fn seal(mut out: Vec<u8>, kind: Kind) -> Vec<u8> {
     out.extend_from_slice(&crc.to_le_bytes());
     out.push(tag);
     out
+}
+
+/// The value that says a chunk is `len` encoded bytes at `pos` in its
+/// blob's file.
+pub fn file_ref(pos: u64, len: usize) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(21);
+    payload.extend_from_slice(&pos.to_be_bytes());
+    payload.extend_from_slice(&(len as u64).to_be_bytes());
+    let crc = checksum(&payload, IN_FILE);
+    payload.extend_from_slice(&crc.to_le_bytes());
+    payload.push(IN_FILE);
+    payload
+}
+
+/// Whether a stored value refers to a chunk in a file (checked or not: see
+/// [`file_ref_of`]).
+pub fn is_file_ref(value: &[u8]) -> bool {
+    value.last() == Some(&IN_FILE)
+}
+
+/// Where the chunk a reference names is in its file, and its length. `None`
+/// means the reference is corrupt (no encoded chunk is longer than the
+/// largest chunk and its seal).
+pub fn file_ref_of(value: &[u8]) -> Option<(u64, usize)> {
+    let (&IN_FILE, rest) = value.split_last()? else { return None };
+    let (payload, crc) = rest.split_last_chunk::<4>()?;
+    if payload.len() != 16 || checksum(payload, IN_FILE) != u32::from_le_bytes(*crc) {
+        return None;
+    }
+    let (pos, len) = payload.split_at(8);
+    let (pos, len) = (u64::from_be_bytes(pos.try_into().ok()?), u64::from_be_bytes(len.try_into().ok()?));
+    (len <= MAX_CHUNK_SIZE as u64 + SEAL_LEN).then_some((pos, len as usize))
 }
 
 /// Covers the tag too: a flipped tag must not pass a frame off as raw bytes.
@@ -82,6 +120,9 @@ fn payload_len(value: &[u8]) -> Option<(Kind, usize)> {
 /// declares more is corrupt or hostile (an object-store object is anyone's
 /// bytes): it is refused before anything is allocated for it.
 pub const MAX_CHUNK_SIZE: usize = 64 << 20;
+
+/// The bytes an encoded chunk may take beyond its data: a checksum and a tag.
+pub const SEAL_LEN: u64 = 5;
 
 /// Below this, compression rarely pays for its frame header.
 const MIN_COMPRESS: usize = 128;
@@ -246,6 +287,9 @@ mod tests {
                 let _ = to_frame(value.clone(), 0);
                 let _ = to_frame(value, 3);
             }
+            let mut reference = payload.clone();
+            reference.push(IN_FILE);
+            prop_assert!(file_ref_of(&reference).is_none_or(|(_, len)| len <= MAX_CHUNK_SIZE + 5));
         }
     }
 
@@ -367,5 +411,20 @@ mod tests {
         let checksum = stored.len() - 2;
         stored[checksum] ^= 0xff; // breaks the frame checksum
         assert!(decode(&stored).is_none());
+    }
+
+    #[test]
+    fn file_references_round_trip_and_are_checked() {
+        let reference = file_ref(7 << 30, 1 << 20);
+        assert!(is_file_ref(&reference));
+        assert_eq!(file_ref_of(&reference), Some((7 << 30, 1 << 20)));
+        assert!(decode(&reference).is_none(), "a reference is not a chunk");
+        for bit in 0..reference.len() * 8 - 8 {
+            let mut flipped = reference.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(file_ref_of(&flipped), None, "bit {bit}");
+        }
+        assert_eq!(file_ref_of(&file_ref(0, MAX_CHUNK_SIZE + 6)), None);
+        assert!(!is_file_ref(&encode(b"data", 0)));
     }
 }

@@ -82,6 +82,7 @@ impl Store {
         let _guards = self.lock_stripes(blobs.chain(&actions));
         let before = (evicted.blobs, evicted.bytes);
         let mut done = std::collections::HashSet::new();
+        let mut ids = Vec::new();
         for (atime, used) in candidates {
             let digest = match used {
                 Used::Blob(digest) => digest,
@@ -110,6 +111,7 @@ impl Store {
             }
             done.insert(*digest);
             self.delete_blob(&mut batch, digest, &entry);
+            ids.push(entry.blob_id);
             evicted.blobs += 1;
             evicted.bytes += entry.stored;
             evicted.blob_ids = Some(match evicted.blob_ids {
@@ -117,14 +119,15 @@ impl Store {
                 Some((lo, hi)) => (lo.min(entry.blob_id), hi.max(entry.blob_id)),
             });
         }
-        self.write(batch)?;
+        self.write_deleting(batch, &ids)?;
         self.evicted_blobs.fetch_add(evicted.blobs - before.0, Ordering::Relaxed);
         self.evicted_bytes.fetch_add(evicted.bytes - before.1, Ordering::Relaxed);
         Ok(())
     }
 
     /// Compacts the chunks of the given blob id range, so that deleted chunks
-    /// leave the SST files and blob files with no live chunk are deleted.
+    /// leave the SST files and RocksDB's blob files with no live chunk are
+    /// deleted. (Blobs with files of their own gave their space back already.)
     pub fn compact_chunks(&self, (lo, hi): (u64, u64)) {
         self.db.compact_range_cf(self.cf(CF_CHUNKS), Some(chunk_key(lo, 0)), Some(chunk_key(hi + 1, 0)));
     }
@@ -133,18 +136,5 @@ impl Store {
     /// (and the write-ahead log that held them is released).
     pub fn compact_action_results(&self) {
         self.db.compact_range_cf(self.cf(super::layout::CF_AC), None::<&[u8]>, None::<&[u8]>);
-    }
-
-    /// Compacts all chunks with garbage collection, which relocates the live
-    /// chunks of blob files that also hold evicted ones: reclaims garbage that
-    /// live chunks pin. Costs a rewrite of those live chunks, so eviction
-    /// calls it only when the disk is over its watermark with nothing left
-    /// to evict.
-    pub fn compact_all_chunks(&self) -> Result<(), Error> {
-        let cf = self.cf(CF_CHUNKS);
-        self.db.set_options_cf(cf, &[("enable_blob_garbage_collection", "true")])?;
-        self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
-        self.db.set_options_cf(cf, &[("enable_blob_garbage_collection", "false")])?;
-        Ok(())
     }
 }

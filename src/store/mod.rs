@@ -5,6 +5,7 @@
 mod actions;
 pub mod chunk;
 mod evict;
+mod files;
 mod layout;
 mod queue;
 mod upload;
@@ -12,7 +13,7 @@ mod upload;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -37,7 +38,8 @@ pub struct StoreOptions {
     pub zstd_level: i32,
     /// fsync the WAL on every commit.
     pub sync_writes: bool,
-    /// Chunks of 4 KiB or more go to RocksDB's blob files, not into SST files.
+    /// Chunks of 4 KiB or more of blobs under 256 KiB go to RocksDB's blob
+    /// files, not into SST files (larger blobs have files of their own).
     pub blob_files: bool,
     /// RocksDB's block cache (index, filters, and chunks kept in SST files).
     pub cache_size: usize,
@@ -78,14 +80,22 @@ pub struct Store {
     accessed: Mutex<HashMap<Digest, u64>>,
     /// The same for action results, by `ac` key.
     accessed_results: Mutex<HashMap<Vec<u8>, u64>>,
+    /// Blobs of at least [`files::MIN_SIZE`], in files of their own.
+    files: files::Files,
     /// Writes are refused while the disk use estimate is above this.
     hard_limit: AtomicU64,
-    /// Bytes of the data directory at the last measurement.
+    /// Bytes of RocksDB's files and memtables at the last measurement.
     measured_disk: AtomicU64,
-    /// Bytes written since that measurement began (some may be in it).
+    /// Bytes written to RocksDB since that measurement began (some may be in it).
     written_since: AtomicU64,
-    /// Bytes admitted for writing and not yet written (see [`Admitted`]).
-    writing: AtomicU64,
+    /// Bytes admitted for writing and not yet written (see [`Store::reserve`]).
+    reserved: AtomicU64,
+    /// The largest write refused since eviction last looked: room it should
+    /// make, although the write is not reserved.
+    demand: AtomicU64,
+    /// Whether the last eviction pass found the disk over its watermark and
+    /// nothing old enough to evict.
+    eviction_blocked: AtomicBool,
     /// Totals since the store opened, for metrics.
     rejected_writes: AtomicU64,
     corrupt_blobs: AtomicU64,
@@ -138,6 +148,8 @@ pub struct Stats {
     pub corrupt_blobs: u64,
     pub evicted_blobs: u64,
     pub evicted_bytes: u64,
+    /// Whether writes are refused because nothing is old enough to evict.
+    pub eviction_blocked: bool,
     /// Blobs and action results waiting to be copied to the object store,
     /// the bytes they count, and the most the queue may count.
     pub queued: u64,
@@ -173,18 +185,29 @@ pub enum Written {
     AlreadyPresent,
 }
 
-/// Bytes admitted for writing: counted as being written until dropped
-/// (written, or failed), then as written since the last measurement, which
-/// counts them for good only if it began after that.
+/// Bytes reserved for a write to RocksDB (see [`Store::reserve`]): counted
+/// as being written until dropped (written, or failed), then as written since
+/// the last measurement, which counts them for good only if it began after
+/// that. Bytes the write put in blob files are counted there instead.
 struct Admitted<'a> {
     store: &'a Store,
     bytes: u64,
 }
 
+impl Admitted<'_> {
+    /// Up to `bytes` of the reservation are not needed, or went to blob
+    /// files, which count them already.
+    fn release(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.bytes);
+        self.store.unreserve(bytes);
+        self.bytes -= bytes;
+    }
+}
+
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         self.store.written_since.fetch_add(self.bytes, Ordering::Relaxed);
-        self.store.writing.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.store.unreserve(self.bytes);
     }
 }
 
@@ -215,6 +238,8 @@ impl Store {
         db_opts.set_log_level(rocksdb::LogLevel::Warn);
         db_opts.set_keep_log_file_num(2);
         db_opts.set_max_log_file_size(1 << 20);
+        // A manifest takes its preallocation on disk at once (4 MiB by default).
+        db_opts.set_manifest_preallocation_size(64 << 10);
 
         let mut point = BlockBasedOptions::default();
         point.set_block_cache(&cache);
@@ -227,8 +252,9 @@ impl Store {
         index.set_write_buffer_size(buffer);
 
         // Chunks are compressed by larder itself, in parallel worker threads;
-        // RocksDB must not compress them again. Large values go to blob files,
-        // which compaction does not rewrite.
+        // RocksDB must not compress them again. Chunks of blobs under 256 KiB,
+        // from 4 KiB, go to RocksDB's blob files, which compaction does not
+        // rewrite; larger blobs have files of their own (`files`).
         let mut chunks = Options::default();
         chunks.set_compression_type(DBCompressionType::None);
         chunks.set_enable_blob_files(options.blob_files);
@@ -236,11 +262,14 @@ impl Store {
         // Small enough that garbage collection frees space in fine steps.
         chunks.set_blob_file_size((room / 64).clamp(1 << 20, 256 << 20));
         // Eviction deletes the oldest blobs first, so blob files mostly die
-        // whole and are deleted without garbage collection, which would
-        // rewrite live chunks (temporarily doubling them on disk). Eviction
-        // turns it on only when garbage dominates (see compact_all_chunks).
-        chunks.set_enable_blob_gc(false);
-        chunks.set_blob_gc_age_cutoff(1.0);
+        // whole. Those that live chunks (a hot set) keep alive are collected
+        // as compaction meets them: only the oldest quarter, and only the
+        // chunks still live in it are rewritten, so that the space this
+        // needs stays a small part of the budget. Files mostly garbage are
+        // compacted for it without waiting.
+        chunks.set_enable_blob_gc(true);
+        chunks.set_blob_gc_age_cutoff(0.25);
+        chunks.set_blob_gc_force_threshold(0.5);
         chunks.set_write_buffer_size(buffer);
         chunks.set_max_write_buffer_number(2);
         chunks.set_merge_operator_associative("larder-usage", merge_usage);
@@ -277,6 +306,8 @@ impl Store {
         match db.get(LAYOUT_KEY)? {
             None => db.put(LAYOUT_KEY, LAYOUT_VERSION)?,
             Some(v) if v == LAYOUT_VERSION => {}
+            // Version 4 only adds blob files: a version 3 directory has none.
+            Some(v) if v == LAYOUT_VERSION_3 => db.put(LAYOUT_KEY, LAYOUT_VERSION)?,
             Some(v) if v == LAYOUT_VERSION_1 => {
                 upgrade_from_v1(&db)?;
                 upgrade_from_v2(&db)?;
@@ -295,6 +326,8 @@ impl Store {
         // unflushed, it would hold on to every write-ahead log file from its
         // entry on, until the WAL limit forced a flush.
         db.flush()?;
+        let files = files::Files::open(path)
+            .map_err(|e| Error::Open(format!("cannot open the blob files in {}: {e}", path.display())))?;
         let store = Store {
             db,
             path: path.to_path_buf(),
@@ -304,10 +337,13 @@ impl Store {
             active_uploads: Mutex::new(HashSet::new()),
             accessed: Mutex::new(HashMap::new()),
             accessed_results: Mutex::new(HashMap::new()),
+            files,
             hard_limit: AtomicU64::new(u64::MAX),
             measured_disk: AtomicU64::new(0),
             written_since: AtomicU64::new(0),
-            writing: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            demand: AtomicU64::new(0),
+            eviction_blocked: AtomicBool::new(false),
             rejected_writes: AtomicU64::new(0),
             corrupt_blobs: AtomicU64::new(0),
             evicted_blobs: AtomicU64::new(0),
@@ -316,6 +352,7 @@ impl Store {
             queued_bytes: AtomicU64::new(0),
         };
         store.count_blobs_if_uncounted()?;
+        store.remove_orphan_files()?;
         store.count_queue()?;
         store.measure_disk()?;
         store.next_blob_id.store(store.highest_blob_id()? + 1, Ordering::Relaxed);
@@ -355,6 +392,42 @@ impl Store {
             }
         }
         Ok(highest)
+    }
+
+    /// Deletes blob files that no chunk refers to: a crash came between
+    /// writing one and its first reference, or between deleting a blob and
+    /// its file. (Ids are allocated above every referenced one, so a file
+    /// kept here is never written again by another blob.)
+    fn remove_orphan_files(&self) -> Result<(), Error> {
+        let mut removed = 0;
+        for id in self.files.ids().map_err(Error::File)? {
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_upper_bound(chunk_key(id + 1, 0));
+            let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_CHUNKS), opts);
+            it.seek(chunk_key(id, 0));
+            it.status()?;
+            if !it.valid() {
+                self.files.remove(id).map_err(Error::File)?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!("removed {removed} blob files that nothing refers to (left by a crash)");
+        }
+        Ok(())
+    }
+
+    /// Writes `batch`, then deletes the files of the blobs and uploads it
+    /// deletes (ids without one are skipped).
+    fn write_deleting(&self, batch: WriteBatch, ids: &[u64]) -> Result<(), Error> {
+        self.write(batch)?;
+        for &id in ids {
+            if let Err(e) = self.files.remove(id) {
+                // Left behind; the next open removes it.
+                tracing::warn!("cannot delete the file of blob id {id}: {e}");
+            }
+        }
+        Ok(())
     }
 
     fn allocate_blob_id(&self) -> u64 {
@@ -443,6 +516,7 @@ impl Store {
             corrupt_blobs: self.corrupt_blobs.load(Ordering::Relaxed),
             evicted_blobs: self.evicted_blobs.load(Ordering::Relaxed),
             evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
+            eviction_blocked: self.eviction_blocked.load(Ordering::Relaxed),
             queued,
             queued_bytes,
             queue_limit: self.options.queue_limit,
@@ -455,10 +529,12 @@ impl Store {
         })
     }
 
-    /// Measures the bytes the data directory takes on disk (every file
-    /// RocksDB keeps there: SST and blob files, WAL, manifest), plus what the
-    /// memtables hold, and restarts the estimate of writes since.
+    /// Measures the bytes the data directory takes on disk: the blocks
+    /// allocated to every file RocksDB keeps there (SST and blob files, WAL,
+    /// manifest, its log), plus what the memtables hold, plus the blob files
+    /// (counted as they change), and restarts the estimate of writes since.
     pub fn measure_disk(&self) -> Result<u64, Error> {
+        use std::os::unix::fs::MetadataExt;
         // Writes that end during the scan may be missing from it, and
         // writes in progress are: both stay in the estimate.
         let counted = self.written_since.load(Ordering::Relaxed);
@@ -468,7 +544,7 @@ impl Store {
             if let Ok(meta) = entry.and_then(|e| e.metadata())
                 && meta.is_file()
             {
-                total += meta.len();
+                total += meta.blocks() * 512;
             }
         }
         // Memtables will be files soon: count them now.
@@ -480,7 +556,7 @@ impl Store {
         let _ = self
             .written_since
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| Some(w.saturating_sub(counted)));
-        Ok(total)
+        Ok(total + self.files.bytes())
     }
 
     /// Bytes still free on the filesystem of the data directory (for an
@@ -490,11 +566,28 @@ impl Store {
     }
 
     /// The last disk measurement plus what was written since, or is being
-    /// written.
+    /// written (reserved).
     pub fn disk_estimate(&self) -> u64 {
+        self.written_estimate() + self.reserved.load(Ordering::Relaxed)
+    }
+
+    /// The disk estimate without the reserved bytes.
+    fn written_estimate(&self) -> u64 {
         self.measured_disk.load(Ordering::Relaxed)
             + self.written_since.load(Ordering::Relaxed)
-            + self.writing.load(Ordering::Relaxed)
+            + self.files.bytes()
+    }
+
+    /// The disk estimate plus the largest write refused since the last call:
+    /// what eviction must make room for.
+    pub fn disk_wanted(&self) -> u64 {
+        self.disk_estimate() + self.demand.swap(0, Ordering::Relaxed)
+    }
+
+    /// Records whether eviction found nothing old enough to evict while over
+    /// its watermark; returns what it was.
+    pub fn set_eviction_blocked(&self, blocked: bool) -> bool {
+        self.eviction_blocked.swap(blocked, Ordering::Relaxed)
     }
 
     /// Writes that would take the disk estimate above `limit` are refused
@@ -503,17 +596,42 @@ impl Store {
         self.hard_limit.store(limit, Ordering::Relaxed);
     }
 
-    /// Admits `bytes` of new data, or refuses them at the hard limit. The
-    /// caller holds the admission while it writes them.
+    /// Admits `bytes` of new data to RocksDB, or refuses them at the hard
+    /// limit. The caller holds the admission while it writes them.
     fn admit(&self, bytes: u64) -> Result<Admitted<'_>, Error> {
-        let limit = self.hard_limit.load(Ordering::Relaxed);
-        let estimate = self.disk_estimate();
-        if estimate.saturating_add(bytes) > limit {
-            self.rejected_writes.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::Full { estimate, limit });
-        }
-        self.writing.fetch_add(bytes, Ordering::Relaxed);
+        self.reserve(bytes)?;
         Ok(Admitted { store: self, bytes })
+    }
+
+    /// Reserves room for `bytes` about to be written, or refuses them if the
+    /// disk estimate with them (and every other reservation) would pass the
+    /// hard limit. A refusal asks eviction to make that much room, unless
+    /// the write could never fit.
+    fn reserve(&self, bytes: u64) -> Result<(), Error> {
+        let limit = self.hard_limit.load(Ordering::Relaxed);
+        let written = self.written_estimate();
+        let reserved = self.reserved.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+            (written.saturating_add(r).saturating_add(bytes) <= limit).then_some(r + bytes)
+        });
+        match reserved {
+            Ok(_) => Ok(()),
+            Err(r) => {
+                self.rejected_writes.fetch_add(1, Ordering::Relaxed);
+                if bytes > limit {
+                    return Err(Error::TooLarge { bytes, limit });
+                }
+                self.demand.fetch_max(bytes, Ordering::Relaxed);
+                Err(Error::Full { estimate: written + r, limit })
+            }
+        }
+    }
+
+    /// Gives back reserved bytes: written (and counted where they went) or
+    /// not needed.
+    fn unreserve(&self, bytes: u64) {
+        let _ = self
+            .reserved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| Some(r.saturating_sub(bytes)));
     }
 
     /// Which of `digests` are present (the empty blob always is). One batched
@@ -659,7 +777,7 @@ impl Store {
             self.delete_blob(&mut batch, digest, &entry);
             // Nothing left to copy to the object store.
             let queued = self.unqueue(&mut batch, &queue_blob_key(digest))?;
-            self.write(batch)?;
+            self.write_deleting(batch, &[entry.blob_id])?;
             self.count_queued(-i64::from(queued.is_some()), -(queued.map_or(0, |v| v.bytes) as i64));
             Ok(true)
         })();
@@ -681,7 +799,8 @@ impl Store {
     }
 
     /// Adds the deletion of a blob (index entry, eviction order, chunks,
-    /// counters) to `batch`.
+    /// counters) to `batch`; its file, if it has one, goes once the batch is
+    /// written (see [`Store::write_deleting`]).
     fn delete_blob(&self, batch: &mut WriteBatch, digest: &Digest, entry: &IndexEntry) {
         batch.delete_cf(self.cf(CF_INDEX), index_key(digest));
         batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
@@ -715,8 +834,30 @@ impl Store {
             Err(Error::Db(e)) if e.kind() == rocksdb::ErrorKind::Corruption => {
                 Err(self.remove_corrupt(blob, format!("RocksDB: {e}")))
             }
+            Err(Error::Corrupt(detail)) => Err(self.remove_corrupt(blob, detail)),
             other => other,
         }
+    }
+
+    /// A stored chunk value as the codec wrote it: the value itself, or, for
+    /// a reference, the chunk it names in the blob's file. A reference that
+    /// fails its check, or names bytes the file lacks, is [`Error::Corrupt`]
+    /// (or the blob was deleted meanwhile, which `remove_corrupt` tells apart).
+    fn resolve(&self, blob_id: u64, value: Vec<u8>) -> Result<Vec<u8>, Error> {
+        if !chunk::is_file_ref(&value) {
+            return Ok(value);
+        }
+        let Some((pos, len)) = chunk::file_ref_of(&value) else {
+            return Err(Error::Corrupt(format!(
+                "a reference to the file of blob id {blob_id} fails its check"
+            )));
+        };
+        self.files.read(blob_id, pos, len).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof => {
+                Error::Corrupt(format!("the file of blob id {blob_id} lacks {len} bytes at {pos}: {e}"))
+            }
+            _ => Error::File(e),
+        })
     }
 
     /// The stored chunk of `blob_id` that holds `offset`, with its start offset.
@@ -724,7 +865,7 @@ impl Store {
         let cf = self.cf(CF_CHUNKS);
         // Sequential reads ask for chunk starts: one point lookup.
         if let Some(v) = self.db.get_cf(cf, chunk_key(blob_id, offset))? {
-            return Ok(Some((offset, v)));
+            return Ok(Some((offset, self.resolve(blob_id, v)?)));
         }
         let mut opts = ReadOptions::default();
         opts.set_iterate_lower_bound(chunk_key(blob_id, 0));
@@ -732,8 +873,8 @@ impl Store {
         let mut it = self.db.raw_iterator_cf_opt(cf, opts);
         it.seek_for_prev(chunk_key(blob_id, offset));
         it.status()?;
-        match (it.key(), it.value()) {
-            (Some(k), Some(v)) => Ok(split_chunk_key(k).map(|(_, start)| (start, v.to_vec()))),
+        match (it.key().and_then(split_chunk_key), it.value()) {
+            (Some((_, start)), Some(v)) => Ok(Some((start, self.resolve(blob_id, v.to_vec())?))),
             _ => Ok(None),
         }
     }
@@ -806,7 +947,11 @@ impl Store {
             match item {
                 Ok((key, value)) => {
                     if let Some((_, start)) = split_chunk_key(&key) {
-                        chunks.push((start, value.into_vec()));
+                        match self.resolve(blob.blob_id, value.into_vec()) {
+                            Ok(value) => chunks.push((start, value)),
+                            Err(Error::Corrupt(detail)) => return Err(self.remove_corrupt(blob, detail)),
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
                 Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
@@ -837,6 +982,7 @@ impl Store {
             for r in results.iter_mut().filter(|r| r.is_ok()) {
                 *r = Err(match e {
                     Error::Full { estimate, limit } => Error::Full { estimate, limit },
+                    Error::TooLarge { bytes, limit } => Error::TooLarge { bytes, limit },
                     Error::QueueFull { queued, limit } => Error::QueueFull { queued, limit },
                     _ => Error::Batch(message.clone()),
                 });
@@ -874,15 +1020,47 @@ impl Store {
         if candidates.is_empty() {
             return Ok(());
         }
-        let bytes = candidates.iter().map(|&i| blobs[i].digest.size).sum();
-        self.admit_queued(bytes)?;
-        let _admitted = self.admit(bytes)?;
-        // Compress outside the locks.
+        let bytes = candidates.iter().map(|&i| self.room_for(blobs[i].digest.size)).sum();
+        self.admit_queued(candidates.iter().map(|&i| blobs[i].digest.size).sum())?;
+        let mut admitted = self.admit(bytes)?;
+        // Blob files written for this batch: deleted again unless the batch
+        // makes them a stored blob's.
+        let mut filed = Vec::new();
+        let stored = self.store_prepared(blobs, &candidates, results, &mut admitted, &mut filed);
+        let kept: HashSet<u64> =
+            stored.as_ref().map_or_else(|_| HashSet::new(), |ids| ids.iter().copied().collect());
+        for id in filed.iter().filter(|id| !kept.contains(id)) {
+            if let Err(e) = self.files.remove(*id) {
+                tracing::warn!("cannot delete the file of blob id {id}: {e}");
+            }
+        }
+        stored.map(|_| ())
+    }
+
+    /// Encodes the candidates (outside the locks), writes those of at least
+    /// one chunk to files of their own (listed in `filed`), and makes every
+    /// one that no other writer stored meanwhile visible in one batch.
+    /// Returns the blob ids it stored.
+    fn store_prepared(
+        &self,
+        blobs: &[NewBlob],
+        candidates: &[usize],
+        results: &mut [Result<Written, Error>],
+        admitted: &mut Admitted<'_>,
+        filed: &mut Vec<u64>,
+    ) -> Result<Vec<u64>, Error> {
         let now = now_ms();
         let mut prepared = Vec::with_capacity(candidates.len());
-        for &i in &candidates {
+        for &i in candidates {
             let NewBlob { digest, data, frames } = &blobs[i];
             let blob_id = self.allocate_blob_id();
+            let mut file = match self.has_file(digest.size) {
+                true => {
+                    filed.push(blob_id);
+                    Some(self.files.writer(blob_id, 0).map_err(|e| self.file_error(e))?)
+                }
+                false => None,
+            };
             let mut chunks = Vec::new();
             let mut stored = 0;
             for (n, part) in data.chunks(self.options.chunk_size).enumerate() {
@@ -891,12 +1069,24 @@ impl Store {
                 let range = offset..offset + part.len() as u64;
                 // Frames are in order: a binary search finds the one starting here.
                 let frame = frames.binary_search_by_key(&offset, |(r, _)| r.start).ok().map(|i| &frames[i]);
-                let value = match frame {
+                let mut value = match frame {
                     Some((r, frame)) if *r == range => chunk::encode_frame(frame, part, level),
                     _ => chunk::encode(part, level),
                 };
                 stored += value.len() as u64;
+                if let Some(file) = &mut file {
+                    let at = file.append(&self.files, &value).map_err(|e| self.file_error(e))?;
+                    value = chunk::file_ref(at, value.len());
+                }
                 chunks.push((chunk_key(blob_id, offset), value));
+            }
+            match file {
+                Some(file) => {
+                    // The index entry must never point at bytes a crash could lose.
+                    file.sync().map_err(|e| self.file_error(e))?;
+                    admitted.release(self.room_for(digest.size));
+                }
+                None => admitted.release(self.room_for(digest.size).saturating_sub(stored)),
             }
             let entry = IndexEntry { blob_id, stored, atime: now };
             prepared.push((i, *digest, entry, chunks));
@@ -904,6 +1094,7 @@ impl Store {
         let _guards = self.lock_stripes(prepared.iter().map(|(_, d, _, _)| d));
         let mut batch = WriteBatch::default();
         let (mut queued, mut queued_bytes) = (0, 0);
+        let mut ids = Vec::with_capacity(prepared.len());
         for (i, digest, entry, chunks) in prepared {
             // Another writer may have stored it since the check above.
             if self.get_entry(&digest)?.is_some() {
@@ -919,10 +1110,35 @@ impl Store {
                 self.queue_blob(&mut batch, &digest);
                 (queued, queued_bytes) = (queued + 1, queued_bytes + digest.size as i64);
             }
+            ids.push(entry.blob_id);
         }
         self.write(batch)?;
         self.count_queued(queued, queued_bytes);
-        Ok(())
+        Ok(ids)
+    }
+
+    /// Whether a blob of `size` bytes is kept in a file of its own.
+    fn has_file(&self, size: u64) -> bool {
+        size >= files::MIN_SIZE
+    }
+
+    /// The most bytes a blob of `size` takes on disk once stored: its bytes
+    /// (stored raw if they do not compress), each chunk's seal, and the last
+    /// block of its file.
+    fn room_for(&self, size: u64) -> u64 {
+        let chunks = size.div_ceil(self.options.chunk_size as u64).max(1);
+        size + chunks * chunk::SEAL_LEN + if self.has_file(size) { 4096 } else { 0 }
+    }
+
+    /// A blob file error: a full disk is a full cache, refused like one.
+    fn file_error(&self, e: std::io::Error) -> Error {
+        match e.kind() {
+            std::io::ErrorKind::StorageFull => {
+                self.rejected_writes.fetch_add(1, Ordering::Relaxed);
+                Error::Full { estimate: self.disk_estimate(), limit: self.hard_limit.load(Ordering::Relaxed) }
+            }
+            _ => Error::File(e),
+        }
     }
 
     /// Adds a new index entry to `batch`, with its place in the eviction
@@ -1114,8 +1330,14 @@ pub enum Error {
         "{queued} bytes of writes are waiting to be copied to the object store, against a limit of {limit}: it is slow or unreachable; retry later (or raise s3_queue_size)"
     )]
     QueueFull { queued: u64, limit: u64 },
+    #[error(
+        "a blob of {bytes} bytes cannot fit in this cache: writes stop at {limit} bytes on disk (raise max_size, or give the data directory a larger disk)"
+    )]
+    TooLarge { bytes: u64, limit: u64 },
     #[error("cannot measure the data directory: {0}")]
     Measure(std::io::Error),
+    #[error("cannot use a blob file: {0}")]
+    File(std::io::Error),
     #[error("{0}")]
     Vanished(String),
     #[error("stored data is corrupt: {0}")]

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use std::io::Write;
+
 use super::*;
 
 fn open(dir: &Path) -> Arc<Store> {
@@ -16,14 +18,23 @@ fn bytes(len: usize, seed: u8) -> Bytes {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect()
 }
 
-/// Sizes of the stored chunk values, without upload progress and counters.
+/// Sizes of the stored chunks (in RocksDB or in files), without upload
+/// progress and counters.
 fn chunk_values(store: &Store) -> Vec<u64> {
+    chunk_refs(store).into_iter().map(|(len, _)| len).collect()
+}
+
+/// Sizes of the stored chunks, and whether each is in a file.
+fn chunk_refs(store: &Store) -> Vec<(u64, bool)> {
     store
         .db
         .iterator_cf(store.cf(CF_CHUNKS), IteratorMode::Start)
         .map(Result::unwrap)
         .filter(|(k, _)| split_chunk_key(k).is_some_and(|(id, offset)| id != 0 && offset != PROGRESS_OFFSET))
-        .map(|(_, v)| v.len() as u64)
+        .map(|(_, v)| match chunk::file_ref_of(&v) {
+            Some((_, len)) => (len as u64, true),
+            None => (v.len() as u64, false),
+        })
         .collect()
 }
 
@@ -154,29 +165,119 @@ fn access_times_are_flushed_for_present_blobs() {
     assert!(store.get_entry(&d).unwrap().unwrap().atime > 1);
 }
 
+/// The allocated bytes of the blob files, as `du` counts them.
+fn file_blocks(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for shard in std::fs::read_dir(dir.join(files::DIR)).unwrap() {
+        for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            total += file.unwrap().metadata().unwrap().blocks() * 512;
+        }
+    }
+    total
+}
+
+fn file_of(dir: &Path, blob_id: u64) -> PathBuf {
+    dir.join(files::DIR).join(format!("{:02x}/{blob_id:016x}", blob_id % 256))
+}
+
 #[test]
-fn large_uploads_skip_the_wal_and_still_resume() {
+fn large_uploads_go_to_a_file_of_their_own_and_resume_past_a_torn_append() {
     let tmp = tempfile::tempdir().unwrap();
-    // Over 8 chunks of 64 KiB: chunks are written without the WAL.
     let data = bytes(1_000_000, 5);
     let digest = Digest::of(&data);
+    let blob_id;
     {
         let store = open(tmp.path());
         let mut upload = store.begin_upload("big", digest, 0).unwrap();
-        assert!(upload.skips_wal());
         for part in data[..600_000].chunks(64 << 10) {
             upload.append(part, None).unwrap();
         }
-    } // a clean close flushes what the WAL does not hold
+        blob_id = upload.record.blob_id;
+        assert_eq!(store.files.bytes(), file_blocks(tmp.path()), "the blob file is counted as it grows");
+    }
+    // A crash after an append reached the file but before its reference
+    // was written leaves bytes past the committed end.
+    let path = file_of(tmp.path(), blob_id);
+    let committed_len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&[7; 5000]).unwrap();
     let store = open(tmp.path());
+    assert_eq!(store.files.bytes(), file_blocks(tmp.path()), "counted at open");
     assert_eq!(store.upload_committed("big").unwrap(), Some(600_000));
     let mut upload = store.begin_upload("big", digest, 600_000).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), committed_len, "resuming cut the torn append");
     upload.append(&data[600_000..], None).unwrap();
     assert_eq!(upload.finish().unwrap(), Written::Stored);
     assert_eq!(read_whole(&store, &digest), data);
     assert_eq!(store.upload_committed("big").unwrap(), None);
-    // No progress key is left among the chunks.
-    assert_eq!(chunk_values(&store).len(), 600_000usize.div_ceil(64 << 10) + 1);
+    // RocksDB holds references only, and no progress.
+    let refs = chunk_refs(&store);
+    assert_eq!(refs.len(), 600_000usize.div_ceil(64 << 10) + 1);
+    assert!(refs.iter().all(|(_, in_file)| *in_file), "{refs:?}");
+    assert_eq!(store.files.bytes(), file_blocks(tmp.path()));
+    // Evicting the blob deletes its file, and its bytes are no longer counted.
+    store.evict_lru(u64::MAX, u64::MAX).unwrap();
+    assert!(!path.exists());
+    assert_eq!((store.files.bytes(), file_blocks(tmp.path())), (0, 0));
+}
+
+#[test]
+fn batches_write_large_blobs_to_files_and_a_lost_file_is_a_missing_blob() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let large = Bytes::from(crate::bench::data::random_bytes(300_000, 8));
+    let small = bytes(30_000, 9);
+    let (dl, ds) = (put(&store, &large), put(&store, &small));
+    assert_eq!(read_whole(&store, &dl), large);
+    assert_eq!(read_whole(&store, &ds), small);
+    assert!(store.files.bytes() >= 300_000, "the large blob has a file");
+    assert!(store.files.bytes() < 320_000, "the small one has none");
+    // Stored again: no second file.
+    assert!(matches!(store.put_blobs(&[NewBlob::new(dl, large.clone())])[0], Ok(Written::AlreadyPresent)));
+    assert_eq!(store.files.bytes(), file_blocks(tmp.path()));
+    // A file that went missing is a corrupt blob: removed, reported missing.
+    let blob = store.locate(&dl).unwrap().unwrap();
+    std::fs::remove_file(file_of(tmp.path(), blob.blob_id)).unwrap();
+    assert!(matches!(store.read_at(&blob, 0), Err(Error::Removed(_))));
+    assert_eq!(store.contains(&[dl, ds]).unwrap(), vec![false, true]);
+}
+
+#[test]
+fn files_nothing_refers_to_are_removed_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kept = {
+        let store = open(tmp.path());
+        put(&store, &bytes(300_000, 3));
+        store.locate(&Digest::of(&bytes(300_000, 3))).unwrap().unwrap().blob_id
+    };
+    // A crash between writing a file and its first reference.
+    let orphan = file_of(tmp.path(), kept + 10);
+    std::fs::write(&orphan, [1; 3000]).unwrap();
+    let store = open(tmp.path());
+    assert!(!orphan.exists());
+    assert!(file_of(tmp.path(), kept).exists());
+    assert_eq!(store.files.bytes(), file_blocks(tmp.path()));
+    assert_eq!(read_whole(&store, &Digest::of(&bytes(300_000, 3))), bytes(300_000, 3));
+}
+
+#[test]
+fn an_upload_reserves_its_size_at_the_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let data = bytes(500_000, 4);
+    store.set_hard_limit(store.disk_estimate() + 700_000);
+    let upload = store.begin_upload("first", Digest::of(&data), 0).unwrap();
+    assert!(store.disk_estimate() >= 500_000 + store.written_estimate(), "reserved at once");
+    // A second upload of the same size cannot reserve: refused before any
+    // byte of it is written, and eviction is asked to make room for it.
+    let other = bytes(500_000, 5);
+    assert!(matches!(store.begin_upload("second", Digest::of(&other), 0), Err(Error::Full { .. })));
+    assert!(store.disk_wanted() >= store.disk_estimate() + 500_000);
+    // One that can never fit says so.
+    let huge = Digest::new(Function::Sha256, &[1; 32], 1 << 40).unwrap();
+    assert!(matches!(store.begin_upload("huge", huge, 0), Err(Error::TooLarge { .. })));
+    drop(upload);
+    assert!(store.begin_upload("second", Digest::of(&other), 0).is_ok(), "released when the first ended");
 }
 
 fn put(store: &Store, data: &Bytes) -> Digest {
@@ -238,14 +339,17 @@ fn writes_are_refused_at_the_hard_limit_and_reads_go_on() {
     let store = open(tmp.path());
     let kept = put(&store, &bytes(1000, 1));
     store.set_hard_limit(store.disk_estimate() + 100_000);
-    put(&store, &bytes(60_000, 2));
-    let refused = store.put_blobs(&[NewBlob::new(Digest::of(&bytes(60_000, 3)), bytes(60_000, 3))]);
+    // Incompressible: stored at their size, and counted so.
+    let random = |seed| Bytes::from(crate::bench::data::random_bytes(60_000, seed));
+    put(&store, &random(2));
+    let refused = store.put_blobs(&[NewBlob::new(Digest::of(&random(3)), random(3))]);
     assert!(matches!(refused[0], Err(Error::Full { .. })), "{refused:?}");
-    let mut upload = store.begin_upload("u", Digest::of(&bytes(60_000, 3)), 0).unwrap();
-    assert!(matches!(upload.append(&bytes(60_000, 3), None), Err(Error::Full { .. })));
+    // An upload is refused at its start, before it sends a byte.
+    let upload = store.begin_upload("u", Digest::of(&random(3)), 0);
+    assert!(matches!(upload, Err(Error::Full { .. })));
     assert_eq!(read_whole(&store, &kept), bytes(1000, 1));
     store.set_hard_limit(u64::MAX);
-    put(&store, &bytes(60_000, 3));
+    put(&store, &random(3));
 }
 
 #[test]
@@ -425,9 +529,9 @@ fn wal_bytes(dir: &Path) -> u64 {
 fn a_flushed_store_keeps_no_write_ahead_log_it_no_longer_needs() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
-    // Uploads of a few chunks go through the WAL; so do batches.
+    // Uploads smaller than a chunk go through the WAL; so do batches.
     for seed in 0..4 {
-        let data = crate::bench::data::random_bytes(200_000, seed);
+        let data = crate::bench::data::random_bytes(60_000, seed);
         let digest = Digest::of(&data);
         let mut upload = store.begin_upload(&format!("uploads/{seed}"), digest, 0).unwrap();
         for part in data.chunks(64 << 10) {
@@ -437,7 +541,7 @@ fn a_flushed_store_keeps_no_write_ahead_log_it_no_longer_needs() {
     }
     let small = bytes(5_000, 9);
     store.put_blobs(&[NewBlob::new(Digest::of(&small), small)]);
-    assert!(wal_bytes(tmp.path()) > 800_000, "the writes went through the WAL: {}", wal_bytes(tmp.path()));
+    assert!(wal_bytes(tmp.path()) > 240_000, "the writes went through the WAL: {}", wal_bytes(tmp.path()));
     store.flush().unwrap();
     assert_eq!(wal_bytes(tmp.path()), 0, "no column family holds on to a WAL file");
 }

@@ -3,32 +3,35 @@
 //! the upload resumes at its committed size. The chunks are written once,
 //! under the blob id they keep; finishing writes only the index entry.
 //!
-//! Large uploads write their chunks without the WAL (writing every byte a
-//! second time costs more than half of ingest speed on this hardware). Their
-//! progress sits in the same batch, so a crash loses a consistent suffix of
-//! the upload, and finishing flushes the chunks before the index entry, which
-//! goes through the WAL, can point at them.
+//! An upload reserves room for all of its bytes when it starts (see
+//! [`Store::reserve`]): one the disk cannot take is refused before it sends
+//! anything, and concurrent uploads can never overshoot the budget together.
+//!
+//! A blob of at least 256 KiB is written to a file of its own (see
+//! `files`), and only references to its chunks go through RocksDB and its
+//! WAL, with the progress: the bytes are written once. A crash after a
+//! chunk reached the file but before its reference did leaves bytes past the
+//! committed end, which resuming cuts off. Finishing syncs the file before the
+//! index entry can point at it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
 
+use super::files::Writer;
 use super::layout::{
     CF_CHUNKS, CF_UPLOADS, IndexEntry, PROGRESS_OFFSET, UploadProgress, UploadRecord, chunk_key,
 };
 use super::{Error, Mismatch, Store, Written, chunk, now_ms, now_secs};
 use crate::digest::{Digest, Hasher};
 
-/// Uploads of blobs larger than this many chunks skip the WAL.
-const WAL_FREE_CHUNKS: u64 = 8;
-
 /// An upload being written by one stream.
 pub struct Upload {
     store: Arc<Store>,
     resource: String,
     digest: Digest,
-    record: UploadRecord,
+    pub(super) record: UploadRecord,
     /// Whether the record is on disk yet (it is written with the first chunk).
     recorded: bool,
     progress: UploadProgress,
@@ -36,6 +39,10 @@ pub struct Upload {
     /// Whether the finished blob is queued for the object store tier (a
     /// client's write is; a copy from the object store is not).
     queue: bool,
+    /// Where the chunks of a blob with a file of its own go.
+    file: Option<Writer>,
+    /// Bytes still reserved for the rest of the upload.
+    reserved: u64,
 }
 
 impl Store {
@@ -84,6 +91,8 @@ impl Store {
             progress: UploadProgress::default(),
             hasher: Hasher::new(digest.function),
             queue,
+            file: None,
+            reserved: 0,
         };
         match self.upload_state(resource)? {
             Some((record, progress)) if offset == progress.committed && offset > 0 => {
@@ -93,7 +102,7 @@ impl Store {
             Some((record, progress)) if offset == 0 => {
                 let mut batch = WriteBatch::default();
                 self.delete_upload(&mut batch, resource, record.blob_id, progress.stored);
-                self.write(batch)?;
+                self.write_deleting(batch, &[record.blob_id])?;
                 upload.record.blob_id = self.allocate_blob_id();
             }
             None if offset == 0 => upload.record.blob_id = self.allocate_blob_id(),
@@ -105,7 +114,34 @@ impl Store {
                 });
             }
         }
+        let room = self.room_for(digest.size - upload.progress.committed.min(digest.size));
+        self.reserve(room)?;
+        upload.reserved = room;
+        if self.has_file(digest.size) {
+            let end = self.file_end(upload.record.blob_id)?;
+            upload.file =
+                Some(self.files.writer(upload.record.blob_id, end).map_err(|e| self.file_error(e))?);
+        }
         Ok(upload)
+    }
+
+    /// The end of the last chunk an upload has in its file: where the next
+    /// one goes (0 for a new upload).
+    fn file_end(&self, blob_id: u64) -> Result<u64, Error> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(chunk_key(blob_id, PROGRESS_OFFSET));
+        let mut end = 0;
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_CHUNKS),
+            opts,
+            rocksdb::IteratorMode::From(&chunk_key(blob_id, 0), rocksdb::Direction::Forward),
+        ) {
+            let (_, value) = item?;
+            if let Some((pos, len)) = chunk::file_ref_of(&value) {
+                end = end.max(pos + len as u64);
+            }
+        }
+        Ok(end)
     }
 
     /// Whether a stream is writing the upload under `resource` right now.
@@ -158,15 +194,18 @@ impl Store {
         }
         let active = self.active_uploads.lock().unwrap_or_else(|e| e.into_inner());
         let mut batch = WriteBatch::default();
-        let mut deleted = 0;
+        let mut ids = Vec::new();
         for (resource, blob_id) in stale.iter().filter(|(r, _)| !active.contains(r)) {
             match blob_id {
-                Some((id, stored)) => self.delete_upload(&mut batch, resource, *id, *stored),
+                Some((id, stored)) => {
+                    self.delete_upload(&mut batch, resource, *id, *stored);
+                    ids.push(*id);
+                }
                 None => batch.delete_cf(self.cf(CF_UPLOADS), resource.as_bytes()),
             }
-            deleted += 1;
         }
-        self.write(batch)?;
+        let deleted = stale.len() - stale.iter().filter(|(r, _)| active.contains(r)).count();
+        self.write_deleting(batch, &ids)?;
         Ok(deleted)
     }
 }
@@ -179,10 +218,6 @@ impl Upload {
     /// Uncompressed bytes persisted so far.
     pub fn committed(&self) -> u64 {
         self.progress.committed
-    }
-
-    pub(super) fn skips_wal(&self) -> bool {
-        self.digest.size > WAL_FREE_CHUNKS * self.store.options.chunk_size as u64
     }
 
     /// Hashes what earlier streams committed, so that a resumed upload is
@@ -210,8 +245,6 @@ impl Upload {
         if data.is_empty() {
             return Ok(());
         }
-        let store = Arc::clone(&self.store);
-        let _admitted = store.admit(data.len() as u64)?;
         let level = self.store.options.zstd_level;
         let value = match frame {
             Some(frame) => chunk::encode_frame(frame, data, level),
@@ -226,44 +259,51 @@ impl Upload {
         if data.is_empty() {
             return Ok(());
         }
-        let store = Arc::clone(&self.store);
-        let _admitted = store.admit(data.len() as u64)?;
         self.persist(data, value)
     }
 
     fn persist(&mut self, data: &[u8], value: Vec<u8>) -> Result<(), Error> {
+        let store = Arc::clone(&self.store);
+        let stored = value.len() as u64;
+        // The reservation covers every byte the declared size allows; a
+        // chunk past it (a client sending more than it declared, which
+        // finishing refuses) must be admitted on its own.
+        if stored > self.reserved {
+            store.reserve(stored - self.reserved)?;
+            self.reserved = stored;
+        }
+        let value = match &mut self.file {
+            Some(file) => {
+                let at = file.append(&store.files, &value).map_err(|e| store.file_error(e))?;
+                if store.options.sync_writes {
+                    file.sync().map_err(|e| store.file_error(e))?;
+                }
+                chunk::file_ref(at, value.len())
+            }
+            None => value,
+        };
         self.hasher.update(data);
         let progress = UploadProgress {
             committed: self.progress.committed + data.len() as u64,
-            stored: self.progress.stored + value.len() as u64,
+            stored: self.progress.stored + stored,
             updated: now_secs(),
         };
-        let store = &self.store;
         let blob_id = self.record.blob_id;
         let mut batch = WriteBatch::default();
+        let written = value.len() as u64;
         batch.put_cf(store.cf(CF_CHUNKS), chunk_key(blob_id, self.progress.committed), value);
         batch.put_cf(store.cf(CF_CHUNKS), chunk_key(blob_id, PROGRESS_OFFSET), progress.encode());
-        store.count_stored(&mut batch, (progress.stored - self.progress.stored) as i64);
-        if self.skips_wal() {
-            if !self.recorded {
-                // The record goes through the WAL: after a crash it still
-                // finds (and expiry can still delete) whatever chunks survived.
-                store.db.put_cf_opt(
-                    store.cf(CF_UPLOADS),
-                    self.resource.as_bytes(),
-                    self.record.encode(),
-                    &store.write_options(),
-                )?;
-            }
-            let mut options = WriteOptions::default();
-            options.disable_wal(true);
-            store.db.write_opt(batch, &options)?;
-        } else {
-            if !self.recorded {
-                batch.put_cf(store.cf(CF_UPLOADS), self.resource.as_bytes(), self.record.encode());
-            }
-            store.write(batch)?;
+        store.count_stored(&mut batch, stored as i64);
+        if !self.recorded {
+            batch.put_cf(store.cf(CF_UPLOADS), self.resource.as_bytes(), self.record.encode());
         }
+        let result = store.write(batch);
+        // What reached RocksDB is counted as written; what reached the file
+        // is counted by the files already.
+        store.written_since.fetch_add(written, std::sync::atomic::Ordering::Relaxed);
+        store.unreserve(stored);
+        self.reserved -= stored;
+        result?;
         self.recorded = true;
         self.progress = progress;
         Ok(())
@@ -280,9 +320,9 @@ impl Upload {
             self.discard()?;
             return Err(Error::DigestMismatch(Box::new(Mismatch { expected: self.digest, actual })));
         }
-        if self.skips_wal() {
-            // The index entry must never point at chunks a crash could lose.
-            store.db.flush_cf(store.cf(CF_CHUNKS))?;
+        if let Some(file) = &self.file {
+            // The index entry must never point at bytes a crash could lose.
+            file.sync().map_err(|e| store.file_error(e))?;
         }
         let _guard = store.stripe(&self.digest);
         if store.get_entry(&self.digest)?.is_some() {
@@ -311,12 +351,13 @@ impl Upload {
     pub fn discard(&self) -> Result<(), Error> {
         let mut batch = WriteBatch::default();
         self.store.delete_upload(&mut batch, &self.resource, self.record.blob_id, self.progress.stored);
-        self.store.write(batch)
+        self.store.write_deleting(batch, &[self.record.blob_id])
     }
 }
 
 impl Drop for Upload {
     fn drop(&mut self) {
+        self.store.unreserve(self.reserved);
         let mut active = self.store.active_uploads.lock().unwrap_or_else(|e| e.into_inner());
         active.remove(&self.resource);
     }

@@ -368,6 +368,39 @@ pub fn write_messages(
     messages
 }
 
+/// A tmpfs of `bytes`, mounted under `parent` for as long as it lives
+/// (unmounted lazily when dropped): a small disk for a test to fill.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// `None` (and a line saying the test is skipped) unless running as
+    /// root, which mounting needs (CI runs as root).
+    pub fn mount(parent: &Path, bytes: u64) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+            return None;
+        }
+        let path = parent.join("small");
+        std::fs::create_dir(&path).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount a tmpfs of {bytes} bytes on {}", path.display());
+        Some(Tmpfs { path })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
 pub fn digest(data: &[u8]) -> reapi::Digest {
     Digest::of(data).to_proto()
 }
