@@ -63,6 +63,7 @@ async fn every_workload_runs_against_an_embedded_store() {
         blob_files: vec![],
         sync_writes: vec![],
         cache_size: vec![],
+        max_size: vec![],
         dir: Some(tmp.path().to_path_buf()),
         only: None,
         common: common(&ALL, 1),
@@ -95,6 +96,40 @@ async fn every_workload_runs_against_an_embedded_store() {
     }
     // The temporary stores are gone.
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
+/// Held to a budget smaller than what it writes, the store evicts as the
+/// server would, and the report gives the peak disk against the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_held_to_a_budget_reports_its_peak_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("larder.toml");
+    std::fs::write(&config, "eviction_min_age = \"1s\"\n").unwrap();
+    let mut common = common(&[Workload::Large], 3);
+    common.bytes = ByteSize(64 << 20);
+    let args = StoreArgs {
+        config: Some(config),
+        zstd_level: vec![],
+        chunk_size: vec![],
+        blob_files: vec![],
+        sync_writes: vec![],
+        cache_size: vec![],
+        max_size: vec![ByteSize(24 << 20)],
+        dir: Some(tmp.path().join("stores")),
+        only: None,
+        common,
+    };
+    let reports = bench_store(&args).await.unwrap();
+    let r = &reports[0];
+    assert_eq!(r.max_size, Some(24 << 20));
+    let peak = r.peak_disk_bytes.unwrap();
+    eprintln!(
+        "64 MiB written under a 24 MiB budget: peak disk {:.2}x the budget",
+        peak as f64 / (24 << 20) as f64
+    );
+    assert!(peak > 12 << 20 && peak <= (24 << 20) * 11 / 10, "peak disk {peak}");
+    assert!(r.ingest_mbps.unwrap() > 0.0);
+    assert_eq!(r.read.ops, 0, "reads would find evicted blobs missing: skipped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

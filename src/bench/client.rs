@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
@@ -113,6 +114,22 @@ fn store_failed(call: &str, e: crate::store::Error) -> Error {
     Error::Call(format!("{call} failed: {e}"))
 }
 
+/// How long a write refused at the size budget waits before it is sent
+/// again, and how long it may go on being refused.
+const REFUSED_PAUSE: Duration = Duration::from_millis(20);
+const REFUSED_AT_MOST: Duration = Duration::from_secs(120);
+
+/// Fails a write refused at the size budget for too long: eviction cannot
+/// make room (everything is younger than eviction_min_age, say).
+fn full_for_too_long(since: Instant, e: &crate::store::Error) -> Result<(), Error> {
+    match since.elapsed() > REFUSED_AT_MOST {
+        true => Err(Error::Call(format!(
+            "writes refused for {REFUSED_AT_MOST:?}: {e} (is --max-size smaller than what eviction_min_age keeps?)"
+        ))),
+        false => Ok(()),
+    }
+}
+
 /// Runs blocking store work off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
@@ -177,10 +194,28 @@ impl Client {
             Client::Store(store) => {
                 let store = Arc::clone(store);
                 blocking(move || {
-                    let new: Vec<NewBlob> =
+                    let mut new: Vec<NewBlob> =
                         blobs.iter().zip(data).map(|(b, d)| NewBlob::new(b.digest, d)).collect();
-                    for r in store.put_blobs(&new) {
-                        r.map_err(|e| store_failed("put_blobs", e))?;
+                    let refused_since = Instant::now();
+                    // Blobs refused at the size budget are sent again, as a
+                    // client would, once eviction has made room.
+                    while !new.is_empty() {
+                        let results = store.put_blobs(&new);
+                        let mut again = Vec::new();
+                        for (blob, r) in new.into_iter().zip(results) {
+                            match r {
+                                Ok(_) => {}
+                                Err(e @ crate::store::Error::Full { .. }) => {
+                                    full_for_too_long(refused_since, &e)?;
+                                    again.push(blob);
+                                }
+                                Err(e) => return Err(store_failed("put_blobs", e)),
+                            }
+                        }
+                        if !again.is_empty() {
+                            std::thread::sleep(REFUSED_PAUSE);
+                        }
+                        new = again;
                     }
                     Ok(())
                 })
@@ -306,9 +341,17 @@ impl Client {
                     let n = UPLOADS.fetch_add(1, Ordering::Relaxed);
                     let resource =
                         format!("uploads/bench-{n}/blobs/{}/{}", blob.digest.hex(), blob.digest.size);
-                    let mut upload = store
-                        .begin_upload(&resource, blob.digest, 0)
-                        .map_err(|e| store_failed("begin_upload", e))?;
+                    let refused_since = Instant::now();
+                    let mut upload = loop {
+                        match store.begin_upload(&resource, blob.digest, 0) {
+                            Ok(upload) => break upload,
+                            Err(e @ crate::store::Error::Full { .. }) => {
+                                full_for_too_long(refused_since, &e)?;
+                                std::thread::sleep(REFUSED_PAUSE);
+                            }
+                            Err(e) => return Err(store_failed("begin_upload", e)),
+                        }
+                    };
                     let chunk = store.options().chunk_size;
                     let mut piece = Vec::with_capacity(chunk);
                     let mut offset = 0;

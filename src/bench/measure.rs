@@ -183,6 +183,49 @@ pub fn listener_pid(port: u16) -> Option<u32> {
     None
 }
 
+/// Bytes the files under `dir` take on disk: their allocated blocks, as
+/// `du` counts them. Files that vanish meanwhile are skipped.
+fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?)))
+        .map(|(path, meta)| if meta.is_dir() { allocated_bytes(&path) } else { meta.blocks() * 512 })
+        .sum()
+}
+
+/// The most a directory takes on disk while it is written, sampled ten
+/// times a second on a thread of its own.
+pub struct PeakDisk {
+    peak: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl PeakDisk {
+    pub fn start(dir: std::path::PathBuf) -> PeakDisk {
+        let (peak, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let thread = {
+            let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(allocated_bytes(&dir), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        PeakDisk { peak, stop, thread }
+    }
+
+    /// Stops sampling; the peak in bytes.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
 /// Bytes the files under `dir` take (apparent sizes, as the store counts them).
 pub fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
     let mut total = 0;

@@ -16,6 +16,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use crate::config::{ByteSize, Config, Overrides};
 use crate::digest::Digest;
+use crate::eviction::Budget;
 use crate::server::store_options;
 use crate::store::{Store, StoreOptions};
 use client::{Client, Grpc};
@@ -73,6 +74,12 @@ pub struct StoreArgs {
     /// RocksDB block cache sizes.
     #[arg(long, value_name = "SIZES", value_delimiter = ',')]
     pub cache_size: Vec<ByteSize>,
+    /// Size budgets to hold each store to, e.g. 256MiB,1GiB: eviction runs
+    /// as in the server (with the config's watermarks and eviction_min_age),
+    /// writes it refuses are sent again, and the report gives the peak disk
+    /// of the write phase against the budget [default: no budget].
+    #[arg(long, value_name = "SIZES", value_delimiter = ',')]
+    pub max_size: Vec<ByteSize>,
     /// Where the temporary stores are made [default: the system's temporary
     /// directory]. Use a directory on the disk a real cache would use.
     #[arg(long, value_name = "PATH")]
@@ -208,8 +215,12 @@ pub fn finish(mut run: Run) -> Run {
     run
 }
 
-/// The store settings of each combination, with a label naming what varies.
-fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<(String, BTreeMap<String, String>, StoreOptions)> {
+/// One combination of store settings: a label naming what varies, the
+/// settings, the store options, and the size budget to hold it to, if any.
+type Combination = (String, BTreeMap<String, String>, StoreOptions, Option<u64>);
+
+/// The store settings of each combination.
+fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<Combination> {
     fn or<T: Clone>(v: &[T], d: T) -> Vec<T> {
         if v.is_empty() { vec![d] } else { v.to_vec() }
     }
@@ -219,12 +230,16 @@ fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<(String, BTreeMap<String,
     let blob_files = or(&args.blob_files, if base.blob_files { Switch::On } else { Switch::Off });
     let syncs = or(&args.sync_writes, if base.sync_writes { Switch::On } else { Switch::Off });
     let caches = or(&args.cache_size, ByteSize(base.cache_size as u64));
+    let budgets: Vec<Option<ByteSize>> = match args.max_size.is_empty() {
+        true => vec![None],
+        false => args.max_size.iter().copied().map(Some).collect(),
+    };
     let mut out = Vec::new();
     for &level in &levels {
         for &chunk in &chunks {
             for &files in &blob_files {
                 for &sync in &syncs {
-                    for &cache in &caches {
+                    for (&cache, &budget) in caches.iter().flat_map(|c| budgets.iter().map(move |b| (c, b))) {
                         let options = StoreOptions {
                             zstd_level: level,
                             chunk_size: chunk.0 as usize,
@@ -233,9 +248,9 @@ fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<(String, BTreeMap<String,
                             cache_size: cache.0 as usize,
                             // No object store tier here: nothing to queue for.
                             queue_limit: 0,
-                            ..base.clone()
+                            max_size: budget.map_or(base.max_size, |b| b.0),
                         };
-                        let settings: BTreeMap<String, String> = [
+                        let mut settings: BTreeMap<String, String> = [
                             ("zstd_level", level.to_string()),
                             ("chunk_size", chunk.to_string()),
                             ("blob_files", on(files).to_string()),
@@ -245,6 +260,9 @@ fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<(String, BTreeMap<String,
                         .into_iter()
                         .map(|(k, v)| (k.to_string(), v))
                         .collect();
+                        if let Some(budget) = budget {
+                            settings.insert("max_size".into(), budget.to_string());
+                        }
                         let mut label = Vec::new();
                         if levels.len() > 1 {
                             label.push(format!("zstd {level}"));
@@ -261,7 +279,10 @@ fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<(String, BTreeMap<String,
                         if caches.len() > 1 {
                             label.push(format!("cache {cache}"));
                         }
-                        out.push((label.join(", "), settings, options));
+                        if budgets.len() > 1 {
+                            label.extend(budget.map(|b| format!("budget {b}")));
+                        }
+                        out.push((label.join(", "), settings, options, budget.map(|b| b.0)));
                     }
                 }
             }
@@ -308,7 +329,8 @@ pub async fn bench_store(args: &StoreArgs) -> Result<Vec<Report>, Error> {
     }
     let mut reports = Vec::new();
     let mut index = 0;
-    for (label, settings, options) in sweep(args, &store_options(&config)) {
+    for (label, settings, options, max_size) in sweep(args, &store_options(&config)) {
+        let budget = max_size.map(|max_size| Budget { max_size, ..Budget::of(&config) });
         for &workload in &args.common.workload {
             for &data in &args.common.data {
                 index += 1;
@@ -317,7 +339,8 @@ pub async fn bench_store(args: &StoreArgs) -> Result<Vec<Report>, Error> {
                 }
                 let shape = shape(&args.common, workload, data, config.max_batch_size.0);
                 let report =
-                    store_run(&parent, &label, &settings, options.clone(), &shape, &args.common).await?;
+                    store_run(&parent, &label, &settings, (options.clone(), budget), &shape, &args.common)
+                        .await?;
                 reports.push(report);
             }
         }
@@ -356,7 +379,7 @@ async fn store_run(
     parent: &Path,
     label: &str,
     settings: &BTreeMap<String, String>,
-    options: StoreOptions,
+    (options, budget): (StoreOptions, Option<Budget>),
     shape: &Shape,
     common: &Common,
 ) -> Result<Report, Error> {
@@ -375,10 +398,30 @@ async fn store_run(
     let cpu = ClientCpu::default();
     let what = format!("{} {} {}", label, shape.workload.name(), shape.data.name());
     let bar = progress((plan.write.len() + plan.read.len()) as u64, what.trim());
+    // Held to a budget, eviction runs as in the server, and the disk is
+    // sampled like `du` through the write phase.
+    let eviction = budget.map(|b| tokio::spawn(crate::eviction::run(Arc::clone(&store), b)));
+    let sampler = budget.map(|_| measure::PeakDisk::start(dir.clone()));
     Process::Own.reset_peak_rss();
     let before = Process::Own.sample();
-    let write = workload::run(&client, &plan, true, common.concurrency, &cpu, &bar).await?;
-    let read = workload::run(&client, &plan, false, common.concurrency, &cpu, &bar).await?;
+    let write = workload::run(&client, &plan, true, common.concurrency, &cpu, &bar).await;
+    let peak_disk = sampler.map(measure::PeakDisk::finish);
+    // Blobs evicted to keep the budget would be missing to the reads.
+    let evicted = store.stats().map_or(0, |s| s.evicted_blobs);
+    if evicted > 0 {
+        tracing::warn!(
+            "{what}: {evicted} blobs were evicted to keep to the budget; the read phase is skipped (it would find them missing)"
+        );
+    }
+    let read = match write {
+        Ok(_) if evicted == 0 => workload::run(&client, &plan, false, common.concurrency, &cpu, &bar).await,
+        _ => Ok(Outcome::default()),
+    };
+    if let Some(eviction) = eviction {
+        eviction.abort();
+        let _ = eviction.await;
+    }
+    let (write, read) = (write?, read?);
     // Closed, the store is what it would be at rest: memtables flushed, the
     // write-ahead log they made obsolete deleted.
     drop(client);
@@ -392,6 +435,8 @@ async fn store_run(
     let mut report =
         report_of(String::from("store"), label, settings, shape, common, &plan, Some(write), Some(read));
     report.disk_bytes = Some(disk);
+    report.max_size = budget.map(|b| b.max_size);
+    report.peak_disk_bytes = peak_disk;
     report.space_amplification = Some(disk as f64 / report.logical_bytes.max(1) as f64);
     if let (Some(b), Some(a)) = (before, after) {
         let moved = (report.write.bytes_sent + report.read.bytes_received).max(1) as f64;
@@ -458,6 +503,8 @@ fn report_of(
         read: r,
         disk_bytes: None,
         space_amplification: None,
+        max_size: None,
+        peak_disk_bytes: None,
         write_amplification: None,
         cpu_seconds_per_gib: None,
         peak_rss_bytes: None,

@@ -38,6 +38,11 @@ pub struct Report {
     pub disk_bytes: Option<u64>,
     /// Disk bytes per logical byte.
     pub space_amplification: Option<f64>,
+    /// The size budget the store was held to, and the most its directory
+    /// took on disk (allocated blocks, sampled 10 times a second) while
+    /// it was written.
+    pub max_size: Option<u64>,
+    pub peak_disk_bytes: Option<u64>,
     /// Bytes written to storage per logical byte stored.
     pub write_amplification: Option<f64>,
     /// The store's (or server's) CPU seconds per GiB moved (in plus out).
@@ -82,7 +87,7 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.0}MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-const COLUMNS: [&str; 16] = [
+const COLUMNS: [&str; 17] = [
     "config",
     "workload",
     "data",
@@ -96,12 +101,13 @@ const COLUMNS: [&str; 16] = [
     "p99",
     "p99.9",
     "space amp",
+    "peak disk/budget",
     "write amp",
     "CPU s/GiB",
     "peak RSS",
 ];
 
-fn cells(r: &Report) -> [String; 16] {
+fn cells(r: &Report) -> [String; 17] {
     [
         if r.config.is_empty() { r.target.clone() } else { r.config.clone() },
         r.workload.name().into(),
@@ -116,6 +122,12 @@ fn cells(r: &Report) -> [String; 16] {
         micros(r.latency.p99_us),
         micros(r.latency.p999_us),
         opt(r.space_amplification, 2),
+        match (r.peak_disk_bytes, r.max_size) {
+            (Some(peak), Some(max)) => {
+                format!("{}/{} = {:.2}", mib(peak), mib(max), peak as f64 / max as f64)
+            }
+            _ => "-".into(),
+        },
         opt(r.write_amplification, 2),
         opt(r.cpu_seconds_per_gib, 2),
         r.peak_rss_bytes.map_or_else(|| "-".into(), mib),
@@ -124,7 +136,7 @@ fn cells(r: &Report) -> [String; 16] {
 
 /// The terminal table, with the ceilings it is measured against.
 pub fn table(run: &Run) -> String {
-    let rows: Vec<[String; 16]> = run.runs.iter().map(cells).collect();
+    let rows: Vec<[String; 17]> = run.runs.iter().map(cells).collect();
     let widths: Vec<usize> = (0..COLUMNS.len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).chain([COLUMNS[c].len()]).max().unwrap_or(0))
         .collect();
@@ -158,7 +170,7 @@ pub fn table(run: &Run) -> String {
 }
 
 pub fn csv(run: &Run) -> String {
-    const HEADER: &str = "target,config,workload,data,seed,concurrency,logical_bytes,ingest_mbps,read_mbps,write_ops_per_sec,read_ops_per_sec,p50_us,p99_us,p999_us,disk_bytes,space_amplification,write_amplification,cpu_seconds_per_gib,peak_rss_bytes,ingest_vs_sha256,ingest_vs_zstd1,read_vs_sha256,sha256_mbps,zstd1_mbps";
+    const HEADER: &str = "target,config,workload,data,seed,concurrency,logical_bytes,ingest_mbps,read_mbps,write_ops_per_sec,read_ops_per_sec,p50_us,p99_us,p999_us,disk_bytes,space_amplification,write_amplification,cpu_seconds_per_gib,peak_rss_bytes,ingest_vs_sha256,ingest_vs_zstd1,read_vs_sha256,sha256_mbps,zstd1_mbps,max_size,peak_disk_bytes";
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
     let num = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.4}"));
     let int = |v: Option<u64>| v.map_or_else(String::new, |v| v.to_string());
@@ -190,6 +202,8 @@ pub fn csv(run: &Run) -> String {
             num(r.read_vs_sha256),
             format!("{:.1}", run.ceilings.sha256_mbps),
             num(zstd),
+            int(r.max_size),
+            int(r.peak_disk_bytes),
         ];
         out.push_str(&fields.join(","));
         out.push('\n');
