@@ -57,17 +57,54 @@ impl Budget {
 /// of writers at full speed, whose reservations it sees between passes.
 const MEASURE_EVERY: Duration = Duration::from_millis(100);
 
-/// Runs for as long as the server does.
+/// What eviction leaves for compaction to clean up.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Compaction {
+    /// The blob ids whose chunks were deleted.
+    blob_ids: Option<(u64, u64)>,
+    action_results: bool,
+}
+
+impl Compaction {
+    fn add(&mut self, other: Compaction) {
+        self.blob_ids = match (self.blob_ids, other.blob_ids) {
+            (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+            (x, y) => x.or(y),
+        };
+        self.action_results |= other.action_results;
+    }
+
+    fn run(self, store: &Store) {
+        if let Some(range) = self.blob_ids {
+            store.compact_chunks(range);
+        }
+        if self.action_results {
+            store.compact_action_results();
+        }
+    }
+}
+
+/// Runs for as long as the server does. The compactions that follow
+/// eviction run beside the measurements, one at a time: one that takes
+/// seconds must not leave admission with a stale measure of the disk while
+/// its own output grows it.
 pub async fn run(store: Arc<Store>, budget: Budget) {
     let mut tick = tokio::time::interval(MEASURE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut compacting: Option<tokio::task::JoinHandle<()>> = None;
+    let mut pending = Compaction::default();
     loop {
         tick.tick().await;
-        let store = Arc::clone(&store);
-        match tokio::task::spawn_blocking(move || pass(&store, budget)).await {
-            Ok(Ok(())) => {}
+        let measured = Arc::clone(&store);
+        match tokio::task::spawn_blocking(move || pass(&measured, budget)).await {
+            Ok(Ok(more)) => pending.add(more),
             Ok(Err(e)) => tracing::warn!("eviction failed: {e}"),
             Err(e) => tracing::warn!("eviction task failed: {e}"),
+        }
+        let idle = compacting.as_ref().is_none_or(|c| c.is_finished());
+        if idle && (pending.blob_ids.is_some() || pending.action_results) {
+            let (store, todo) = (Arc::clone(&store), std::mem::take(&mut pending));
+            compacting = Some(tokio::task::spawn_blocking(move || todo.run(&store)));
         }
     }
 }
@@ -76,8 +113,9 @@ pub async fn run(store: Arc<Store>, budget: Budget) {
 /// written and the largest write just refused would pass the high
 /// watermark: the least recently used blobs and action results go until
 /// that would be at the low watermark. Blobs with files of their own give
-/// their space back at once; the chunks of the others are compacted away.
-pub fn pass(store: &Store, budget: Budget) -> Result<(), crate::store::Error> {
+/// their space back at once; the chunks of the others are to be compacted
+/// away (what it returns).
+pub fn pass(store: &Store, budget: Budget) -> Result<Compaction, crate::store::Error> {
     let disk = store.measure_disk()?;
     let budget = budget.within(disk, store.free_disk()?);
     store.set_hard_limit(budget.hard_limit());
@@ -88,17 +126,11 @@ pub fn pass(store: &Store, budget: Budget) -> Result<(), crate::store::Error> {
         if store.set_eviction_blocked(false) {
             tracing::info!("eviction can make room again: {wanted} bytes on disk and being written");
         }
-        return Ok(());
+        return Ok(Compaction::default());
     }
     let uploads = store.expire_uploads(budget.min_age)?;
     let used_before = now_ms().saturating_sub(budget.min_age.as_millis() as u64);
     let evicted = store.evict_lru(wanted - low, used_before)?;
-    if let Some(range) = evicted.blob_ids {
-        store.compact_chunks(range);
-    }
-    if evicted.action_results > 0 {
-        store.compact_action_results();
-    }
     let after = store.measure_disk()?;
     let blocked = evicted.blobs == 0 && evicted.action_results == 0 && uploads == 0;
     if !blocked {
@@ -120,5 +152,5 @@ pub fn pass(store: &Store, budget: Budget) -> Result<(), crate::store::Error> {
         (true, false) => tracing::info!("eviction can make room again: {after} bytes on disk"),
         _ => {}
     }
-    Ok(())
+    Ok(Compaction { blob_ids: evicted.blob_ids, action_results: evicted.action_results > 0 })
 }

@@ -263,15 +263,24 @@ impl Store {
         chunks.set_blob_file_size((room / 64).clamp(1 << 20, 256 << 20));
         // Eviction deletes the oldest blobs first, so blob files mostly die
         // whole. Those that live chunks (a hot set) keep alive are collected
-        // as compaction meets them: only the oldest quarter, and only the
-        // chunks still live in it are rewritten, so that the space this
-        // needs stays a small part of the budget. Files mostly garbage are
-        // compacted for it without waiting.
+        // as compaction meets them, and compacted for it once they are half
+        // garbage: only the oldest 2 % of files, because the others hold
+        // chunks next in line for eviction, which collecting would rewrite
+        // for nothing. (Collecting the oldest quarter took the peak disk of
+        // a small-blob load from 1.01x to 1.15x the budget, and cut ingest
+        // by a tenth.)
         chunks.set_enable_blob_gc(true);
-        chunks.set_blob_gc_age_cutoff(0.25);
+        chunks.set_blob_gc_age_cutoff(0.02);
         chunks.set_blob_gc_force_threshold(0.5);
         chunks.set_write_buffer_size(buffer);
         chunks.set_max_write_buffer_number(2);
+        // Compaction writes its output before it deletes its input: small
+        // files and small compactions keep that transient a small part of
+        // the budget (RocksDB's defaults, 64 MiB files and 1.6 GiB
+        // compactions, are sized for databases, not for a budget).
+        chunks.set_target_file_size_base((room / 64).clamp(1 << 20, 64 << 20));
+        chunks.set_max_compaction_bytes((room / 16).clamp(4 << 20, 1 << 30));
+        chunks.set_max_bytes_for_level_base((room / 8).clamp(8 << 20, 256 << 20));
         chunks.set_merge_operator_associative("larder-usage", merge_usage);
         let mut chunk_table = BlockBasedOptions::default();
         chunk_table.set_block_cache(&cache);
