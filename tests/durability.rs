@@ -76,12 +76,13 @@ async fn kill_9_during_uploads_loses_nothing_committed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let server = TestServer::start(&dir, &[]);
-    // Small blobs go through RocksDB's WAL, large ones (over 8 chunks) skip
-    // it: both paths must survive the kill.
+    // Blobs under 256 KiB live in RocksDB, larger ones in files of their
+    // own: both must survive the kill.
     let blobs: Vec<Vec<u8>> = (0..48)
         .map(|i| match i % 4 {
             0 => random_bytes(10_000_000 + i * 7_919, i as u64),
-            1 | 2 => random_bytes(1_500_000 + i * 7_919, i as u64),
+            1 => random_bytes(1_500_000 + i * 7_919, i as u64),
+            2 => random_bytes(200_000 + i * 1_000, i as u64),
             _ => text_bytes(900_000 + i * 31, i as u64),
         })
         .collect();
@@ -97,7 +98,7 @@ async fn kill_9_during_uploads_loses_nothing_committed() {
             }
         }));
     }
-    // Uploads the test holds open midway: two on the WAL path, two off it.
+    // Uploads the test holds open midway, of a few sizes.
     let held: Vec<Vec<u8>> = [5_000_000, 6_000_000, 12_000_000, 13_000_000]
         .iter()
         .enumerate()
@@ -150,11 +151,9 @@ async fn kill_9_during_uploads_loses_nothing_committed() {
     for (i, data) in held.iter().enumerate() {
         let (after, complete) = c.query(&upload_name("", &format!("held-{i}"), data)).await;
         assert!(!complete);
-        if data.len() <= 8 << 20 {
-            assert_eq!(after, before[i], "WAL-path upload {i} keeps all it committed");
-        } else {
-            assert!(after <= before[i], "WAL-free upload {i} may lose a suffix, nothing more");
-        }
+        // Chunks (or, in a blob's file, their references) and progress go
+        // through the WAL together.
+        assert_eq!(after, before[i], "upload {i} keeps all it committed");
     }
     let all: Vec<(String, &Vec<u8>)> = blobs
         .iter()

@@ -37,9 +37,10 @@
 //! upload record are garbage.
 //!
 //! An upload's progress lives beside its chunks, in the same column family,
-//! and is written in the same batch as each chunk: one memtable holds both,
-//! so a flush persists both or neither. That lets large uploads skip the WAL
-//! (see `upload`) without a crash ever leaving progress that claims lost chunks.
+//! and is written in the same batch as each chunk (or its reference, once the
+//! chunk is in the blob's file): a crash never leaves progress that claims
+//! chunks the store lacks. Bytes a crash left in a file past the committed
+//! end are cut off when the upload resumes (see `upload`).
 //!
 //! The `queue` column family is used only with an object store tier: a blob's
 //! queue entry is written in the same batch as its index entry, so no crash

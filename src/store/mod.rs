@@ -137,7 +137,8 @@ pub struct Stats {
     pub logical_bytes: u64,
     /// Bytes their chunks take, and partial uploads'.
     pub stored_bytes: u64,
-    /// Bytes of the data directory (last measurement plus writes since).
+    /// Bytes of the data directory: the last measurement, writes since, and
+    /// what writes in progress have reserved.
     pub disk_bytes: u64,
     pub max_size: u64,
     pub partial_uploads: u64,
