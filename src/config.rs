@@ -206,6 +206,19 @@ impl Config {
         })
     }
 
+    /// The store settings this configuration asks for.
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            chunk_size: self.chunk_size.0 as usize,
+            zstd_level: self.zstd_level,
+            sync_writes: self.sync_writes,
+            blob_files: self.blob_files,
+            cache_size: self.cache_size.0 as usize,
+            max_size: self.max_size.0,
+            queue_limit: self.queue_limit(),
+        }
+    }
+
     /// Bytes of writes that may wait in the queue for the object store: 0
     /// without one (nothing is queued).
     pub fn queue_limit(&self) -> u64 {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use larder::config::{Config, LogFormat, Overrides};
-use larder::server::{Server, store_options};
+use larder::server::Server;
 use larder::store::Store;
 
 #[derive(Parser)]
@@ -192,7 +192,7 @@ fn scrub(args: ScrubArgs) -> Result<(), String> {
     let overrides = Overrides { dir: args.dir, ..Overrides::default() };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     init_logs(config.log_format);
-    let store = Store::open(&config.dir, store_options(&config)).map_err(|e| match e {
+    let store = Store::open(&config.dir, config.store_options()).map_err(|e| match e {
         larder::store::Error::Locked(dir) => {
             format!("the data directory {dir} is in use (a running larder?): stop it, then scrub")
         }

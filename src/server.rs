@@ -40,7 +40,7 @@ use crate::service::{
     Shared, action_cache::ActionCacheService, bytestream::ByteStreamService,
     capabilities::CapabilitiesService, cas::CasService,
 };
-use crate::store::{self, Store, StoreOptions};
+use crate::store::{self, Store};
 
 /// How often access times recorded in memory are written to the index.
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -241,23 +241,10 @@ const SERVICES: [&str; 4] = [
     "google.bytestream.ByteStream",
 ];
 
-/// The store settings a configuration asks for.
-pub fn store_options(config: &Config) -> StoreOptions {
-    StoreOptions {
-        chunk_size: config.chunk_size.0 as usize,
-        zstd_level: config.zstd_level,
-        sync_writes: config.sync_writes,
-        blob_files: config.blob_files,
-        cache_size: config.cache_size.0 as usize,
-        max_size: config.max_size.0,
-        queue_limit: config.queue_limit(),
-    }
-}
-
 /// Opens the store, waiting while another process holds the data directory
 /// (a larder still draining, say).
 async fn open_store(config: Config) -> Result<Arc<Store>, Error> {
-    let options = store_options(&config);
+    let options = config.store_options();
     let mut noticed: Option<std::time::Instant> = None;
     loop {
         let (dir, options) = (config.dir.clone(), options.clone());

@@ -17,7 +17,6 @@ use clap::{Args, Subcommand, ValueEnum};
 use crate::config::{ByteSize, Config, Overrides};
 use crate::digest::Digest;
 use crate::eviction::Budget;
-use crate::server::store_options;
 use crate::store::{Store, StoreOptions};
 use client::{Client, Grpc};
 use data::Data;
@@ -329,7 +328,7 @@ pub async fn bench_store(args: &StoreArgs) -> Result<Vec<Report>, Error> {
     }
     let mut reports = Vec::new();
     let mut index = 0;
-    for (label, settings, options, max_size) in sweep(args, &store_options(&config)) {
+    for (label, settings, options, max_size) in sweep(args, &config.store_options()) {
         let budget = max_size.map(|max_size| Budget { max_size, ..Budget::of(&config) });
         for &workload in &args.common.workload {
             for &data in &args.common.data {
@@ -353,7 +352,7 @@ pub async fn bench_store(args: &StoreArgs) -> Result<Vec<Report>, Error> {
 async fn isolated(args: &StoreArgs) -> Result<Vec<Report>, Error> {
     let config = Config::load(args.config.as_deref(), Overrides::default())?;
     let runs =
-        sweep(args, &store_options(&config)).len() * args.common.workload.len() * args.common.data.len();
+        sweep(args, &config.store_options()).len() * args.common.workload.len() * args.common.data.len();
     let program = std::env::current_exe()
         .map_err(|source| Error::Io { context: "cannot find this program to run it again".into(), source })?;
     let mut reports = Vec::new();
