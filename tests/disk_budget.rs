@@ -13,23 +13,6 @@ use common::*;
 use larder::proto::reapi;
 use tonic::Code;
 
-/// Allocated bytes of every file under `dir` (what `du` counts).
-fn allocated(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    for entry in entries.flatten() {
-        // Files come and go as RocksDB compacts and eviction deletes.
-        let Ok(meta) = entry.metadata() else { continue };
-        if meta.is_dir() {
-            total += allocated(&entry.path());
-        } else {
-            total += meta.blocks() * 512;
-        }
-    }
-    total
-}
-
 /// Samples the allocated bytes of a directory every 50 ms, keeping the peak.
 struct Sampler {
     peak: Arc<AtomicU64>,

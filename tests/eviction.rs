@@ -23,16 +23,6 @@ fn start_with(tmp: &Path, max_size: &str, min_age: &str) -> TestServer {
     TestServer::start(&tmp.join("data"), &["--config", config.to_str().unwrap()])
 }
 
-/// What the data directory takes on disk, as `du` counts it.
-fn dir_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| Some((e.as_ref().ok()?.path(), e.ok()?.metadata().ok()?)))
-        .map(|(path, meta)| if meta.is_dir() { dir_bytes(&path) } else { meta.blocks() * 512 })
-        .sum()
-}
-
 /// Writes `data` through ByteStream, retrying while the cache is full (for
 /// at most two minutes: eviction that never catches up fails the test).
 async fn write_retrying(c: &mut Clients, name: &str, data: &[u8]) -> u32 {
@@ -77,7 +67,7 @@ async fn three_budgets_of_writes_stay_within_it_and_keep_the_hot_set() {
                 assert!(failed.is_empty(), "hot blob lost: {:?}", failed[0].status);
             }
         }
-        peak = peak.max(dir_bytes(&server.dir));
+        peak = peak.max(allocated(&server.dir));
     }
     eprintln!(
         "wrote {} MiB through a 64 MiB budget: peak {:.1} MiB on disk, {refusals} refusals",
@@ -126,7 +116,7 @@ async fn writes_past_the_hard_limit_fail_until_eviction_catches_up() {
     eprintln!("16 MiB accepted after {:?} and {refusals} refusals", start.elapsed());
     assert!(refusals > 0, "16 MiB past the hard limit were never refused");
     assert!(c.find_missing(&fill[..1]).await.len() == 1, "the least recently used blob was evicted");
-    assert!(dir_bytes(&server.dir) <= BUDGET + BUDGET / 10);
+    assert!(allocated(&server.dir) <= BUDGET + BUDGET / 10);
 }
 
 #[tokio::test]

@@ -110,8 +110,7 @@ impl Store {
                 continue;
             }
             done.insert(*digest);
-            self.delete_blob(&mut batch, digest, &entry);
-            ids.push(entry.blob_id);
+            ids.extend(self.delete_blob(&mut batch, digest, &entry));
             evicted.blobs += 1;
             evicted.bytes += entry.stored;
             evicted.blob_ids = Some(match evicted.blob_ids {

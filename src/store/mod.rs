@@ -784,10 +784,10 @@ impl Store {
                 return Ok(false);
             };
             let mut batch = WriteBatch::default();
-            self.delete_blob(&mut batch, digest, &entry);
+            let file = self.delete_blob(&mut batch, digest, &entry);
             // Nothing left to copy to the object store.
             let queued = self.unqueue(&mut batch, &queue_blob_key(digest))?;
-            self.write_deleting(batch, &[entry.blob_id])?;
+            self.write_deleting(batch, file.as_slice())?;
             self.count_queued(-i64::from(queued.is_some()), -(queued.map_or(0, |v| v.bytes) as i64));
             Ok(true)
         })();
@@ -809,9 +809,9 @@ impl Store {
     }
 
     /// Adds the deletion of a blob (index entry, eviction order, chunks,
-    /// counters) to `batch`; its file, if it has one, goes once the batch is
-    /// written (see [`Store::write_deleting`]).
-    fn delete_blob(&self, batch: &mut WriteBatch, digest: &Digest, entry: &IndexEntry) {
+    /// counters) to `batch`. Returns the blob id of its file, if it has one,
+    /// to delete once the batch is written (see [`Store::write_deleting`]).
+    fn delete_blob(&self, batch: &mut WriteBatch, digest: &Digest, entry: &IndexEntry) -> Option<u64> {
         batch.delete_cf(self.cf(CF_INDEX), index_key(digest));
         batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
         batch.delete_range_cf(
@@ -821,6 +821,7 @@ impl Store {
         );
         self.count_stored(batch, -(entry.stored as i64));
         self.count_blobs(batch, -1, -(digest.size as i64));
+        self.has_file(digest.size).then_some(entry.blob_id)
     }
 
     /// The stored chunk that holds `offset`, encoded as the chunk codec wrote

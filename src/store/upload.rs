@@ -195,6 +195,7 @@ impl Store {
         let active = self.active_uploads.lock().unwrap_or_else(|e| e.into_inner());
         let mut batch = WriteBatch::default();
         let mut ids = Vec::new();
+        let mut deleted = 0;
         for (resource, blob_id) in stale.iter().filter(|(r, _)| !active.contains(r)) {
             match blob_id {
                 Some((id, stored)) => {
@@ -203,8 +204,8 @@ impl Store {
                 }
                 None => batch.delete_cf(self.cf(CF_UPLOADS), resource.as_bytes()),
             }
+            deleted += 1;
         }
-        let deleted = stale.len() - stale.iter().filter(|(r, _)| active.contains(r)).count();
         self.write_deleting(batch, &ids)?;
         Ok(deleted)
     }

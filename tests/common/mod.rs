@@ -368,6 +368,18 @@ pub fn write_messages(
     messages
 }
 
+/// What the files under `dir` take on disk, as `du` counts them (allocated
+/// blocks). Files that vanish meanwhile (compaction, eviction) are skipped.
+pub fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?)))
+        .map(|(path, meta)| if meta.is_dir() { allocated(&path) } else { meta.blocks() * 512 })
+        .sum()
+}
+
 /// A tmpfs of `bytes`, mounted under `parent` for as long as it lives
 /// (unmounted lazily when dropped): a small disk for a test to fill.
 pub struct Tmpfs {
