@@ -43,24 +43,28 @@ impl Budget {
     }
 
     /// Holds `bytes` for a call, waiting for room at most the budget's wait.
-    pub async fn hold(self: &Arc<Self>, bytes: u64) -> Result<Held, Status> {
+    pub async fn hold(self: &Arc<Self>, bytes: u64) -> Result<Held, Refused> {
         if bytes == 0 {
             return Ok(Held::default());
         }
         let units = self.units(bytes);
         match tokio::time::timeout(self.wait, Arc::clone(&self.permits).acquire_many_owned(units)).await {
             Ok(Ok(permit)) => Ok(Held { _permit: Some(permit) }),
-            Ok(Err(_)) => Err(Status::unavailable("shutting down")),
-            Err(_) => Err(self.exhausted()),
+            Ok(Err(_)) => Err(Refused::ShuttingDown),
+            Err(_) => Err(Refused::Exhausted { limit: self.limit, wait: self.wait }),
         }
     }
+}
 
-    fn exhausted(&self) -> Status {
-        Status::resource_exhausted(format!(
-            "the server holds its whole budget of {} bytes for calls in flight (max_inflight_bytes), and none was freed for {:?}: retry",
-            self.limit, self.wait
-        ))
-    }
+/// Why a hold was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error(
+        "the server holds its whole budget of {limit} bytes for calls in flight (max_inflight_bytes), and none was freed for {wait:?}: retry"
+    )]
+    Exhausted { limit: u64, wait: Duration },
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
 impl Budget {
@@ -222,7 +226,9 @@ where
             return Poll::Ready(Some(Ok(frame)));
         }
         let budget = Arc::clone(&this.budget);
-        this.waiting = Some((frame, Box::pin(async move { budget.hold(bytes).await })));
+        let held =
+            async move { budget.hold(bytes).await.map_err(|e| Status::from(crate::cache::Error::from(e))) };
+        this.waiting = Some((frame, Box::pin(held)));
         // Polled at once, so that it registers for a wake-up.
         self.poll_frame(cx)
     }
@@ -254,7 +260,7 @@ mod tests {
         waiting.await.unwrap().unwrap();
         // Still no room after the wait: RESOURCE_EXHAUSTED, naming the limit.
         let _all = budget.hold(10 << 10).await.unwrap();
-        let refused = budget.hold(1).await.unwrap_err();
+        let refused = Status::from(crate::cache::Error::from(budget.hold(1).await.unwrap_err()));
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(refused.message().contains("max_inflight_bytes"), "{}", refused.message());
         // A call larger than the whole budget runs alone.

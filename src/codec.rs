@@ -176,14 +176,19 @@ fn varint(buf: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
+/// A message with more entries than `max_call_entries`, found before decoding.
+#[derive(Debug, thiserror::Error)]
+#[error("the {what} carries more than {limit} entries (max_call_entries): split it into smaller calls")]
+pub struct TooManyEntries {
+    what: &'static str,
+    limit: usize,
+}
+
 /// Checks a message's entries against the limit before it is decoded.
-pub fn check_entries<M: Name>(wire: &[u8]) -> Result<(), Status> {
+pub fn check_entries<M: Name>(wire: &[u8]) -> Result<(), TooManyEntries> {
     let limit = max_entries();
     if count_entries(wire, &M::full_name(), limit) > limit {
-        return Err(Status::invalid_argument(format!(
-            "the {} carries more than {limit} entries (max_call_entries): split it into smaller calls",
-            M::NAME
-        )));
+        return Err(TooManyEntries { what: M::NAME, limit });
     }
     Ok(())
 }
@@ -225,7 +230,7 @@ impl<U: Message + Name + Default> Decoder for CountingDecoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         // A message arrives whole in one buffer; should it ever not, the
         // count covers what is contiguous, and decoding is bounded anyway.
-        check_entries::<U>(buf.chunk())?;
+        check_entries::<U>(buf.chunk()).map_err(|e| Status::from(crate::cache::Error::from(e)))?;
         let message =
             U::decode(buf).map_err(|e| Status::internal(format!("the message does not decode: {e}")))?;
         Ok(Some(message))
@@ -326,7 +331,8 @@ mod tests {
             digests: vec![reapi::Digest::default(); 200_001],
             ..Default::default()
         };
-        let status = check_entries::<reapi::BatchReadBlobsRequest>(&request.encode_to_vec()).unwrap_err();
+        let refused = check_entries::<reapi::BatchReadBlobsRequest>(&request.encode_to_vec()).unwrap_err();
+        let status = Status::from(crate::cache::Error::from(refused));
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("BatchReadBlobsRequest carries more than"), "{}", status.message());
     }

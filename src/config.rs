@@ -195,8 +195,8 @@ impl Config {
     }
 
     /// The object store tier, if one is configured.
-    pub fn s3(&self) -> Option<crate::remote::Settings> {
-        (!self.s3_endpoint.is_empty()).then(|| crate::remote::Settings {
+    pub fn s3(&self) -> Option<crate::objstore::Settings> {
+        (!self.s3_endpoint.is_empty()).then(|| crate::objstore::Settings {
             endpoint: self.s3_endpoint.clone(),
             bucket: self.s3_bucket.clone(),
             prefix: self.s3_prefix.clone(),

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod bench;
 pub mod budget;
+pub mod cache;
 pub mod codec;
 pub mod compression;
 pub mod config;
@@ -15,11 +16,11 @@ pub mod digest;
 pub mod eviction;
 #[cfg(test)]
 mod hostile;
+pub mod http;
 pub mod idle;
 pub mod metrics;
+pub mod objstore;
 pub mod proto;
-pub mod remote;
-pub mod replicate;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -1,7 +1,6 @@
 //! Wires the store and the services to a listener, and runs the background
 //! maintenance tasks for as long as the server runs.
 
-use crate::remote::Remote;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,13 +28,14 @@ use tower::ServiceExt;
 
 use crate::auth::{Access, Auth, Caller, Htpasswd};
 use crate::budget::{Budget, Charged, Holding, Keep};
+use crate::cache::{self, Cache, Tier};
 use crate::config::Config;
 use crate::eviction;
+use crate::http::{HttpApi, HttpError, bytes_response, code_name, route_label};
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
 use crate::proto::reapi::action_cache_server::ActionCacheServer;
 use crate::proto::reapi::capabilities_server::CapabilitiesServer;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
-use crate::service::http::{HttpApi, HttpError, bytes_response, code_name, route_label};
 use crate::service::{
     Shared, action_cache::ActionCacheService, bytestream::ByteStreamService,
     capabilities::CapabilitiesService, cas::CasService,
@@ -52,7 +52,8 @@ pub struct Server {
     metrics_listener: Option<TcpListener>,
     tls: Option<TlsAcceptor>,
     auth: Option<Arc<Auth>>,
-    remote: Option<Arc<Remote>>,
+    /// The object store tier, if one is configured.
+    tier: Option<Arc<Tier>>,
     config: Config,
 }
 
@@ -76,11 +77,12 @@ impl Server {
                 config.allow_unauthenticated_reads,
             ))),
         };
-        let remote = config.s3().map(|s| Remote::connect(&s).map(Arc::new)).transpose()?;
+        let writes = if config.s3_write_back { cache::Writes::Back } else { cache::Writes::Through };
+        let tier = config.s3().map(|s| Tier::connect(&s, writes).map(Arc::new)).transpose()?;
         let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Bind(config.listen, e))?;
         let http_listener = bind_optional(config.http_listen).await?;
         let metrics_listener = bind_optional(config.metrics_listen).await?;
-        Ok(Server { listener, http_listener, metrics_listener, tls, auth, remote, config })
+        Ok(Server { listener, http_listener, metrics_listener, tls, auth, tier, config })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -102,7 +104,7 @@ impl Server {
     /// is open, health checks answer NOT_SERVING and every other call
     /// UNAVAILABLE; `ready` runs once it is.
     pub async fn run(self, shutdown: impl Future<Output = ()>, ready: impl FnOnce()) -> Result<(), Error> {
-        let Server { listener, http_listener, metrics_listener, tls, auth, remote, config } = self;
+        let Server { listener, http_listener, metrics_listener, tls, auth, tier, config } = self;
         let (mut health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::NotServing).await;
         let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -111,7 +113,7 @@ impl Server {
             http_listener.as_ref().map(addr),
             metrics_listener.as_ref().map(addr),
             config.dir.clone(),
-            remote.as_ref().map(|r| r.name.clone()),
+            tier.as_ref().map(|t| t.name().to_string()),
         );
         let app = App {
             port: Port::Main,
@@ -158,7 +160,7 @@ impl Server {
                     match opened.map_err(|e| Error::Store(store::Error::Open(e.to_string()))).and_then(|r| r) {
                         Ok(store) => {
                             let running =
-                                Running::start(store, remote.clone(), &config, &app.metrics, &app.board, &app.budget);
+                                Running::start(store, tier.clone(), &config, &app.metrics, &app.board, &app.budget);
                             let _ = app.ready.set(running.services.clone());
                             for service in SERVICES.iter().chain([&""]) {
                                 health.set_service_status(*service, ServingStatus::Serving).await;
@@ -288,51 +290,25 @@ struct Running {
 impl Running {
     fn start(
         store: Arc<Store>,
-        remote: Option<Arc<Remote>>,
+        tier: Option<Arc<Tier>>,
         config: &Config,
         metrics: &Arc<Metrics>,
         board: &Arc<Board>,
         budget: &Arc<Budget>,
     ) -> Running {
+        let limits = cache::Limits {
+            directories: cache::DirectoryLimit::new(config.max_directory_size.0, config.max_call_entries),
+            max_message_size: config.max_message_size.0 as usize,
+        };
+        let cache = Cache::new(Arc::clone(&store), tier, Arc::clone(metrics), Arc::clone(budget), limits);
         let shared = Arc::new(Shared {
-            store: Arc::clone(&store),
-            remote,
-            write_back: config.s3_write_back,
-            wake_replicator: Arc::new(tokio::sync::Notify::new()),
-            metrics: Arc::clone(metrics),
+            cache: Arc::clone(&cache),
             max_batch_size: config.max_batch_size.0,
             max_message_size: config.max_message_size.0 as usize,
             max_entries: config.max_call_entries,
-            budget: Arc::clone(budget),
-            directories: crate::service::DirectoryLimit::new(
-                config.max_directory_size.0,
-                config.max_call_entries,
-            ),
         });
         crate::codec::set_max_entries(config.max_call_entries);
-        let replicator = shared.remote.clone().map(|remote| {
-            // Say at once whether the object store answers; serving goes on either way.
-            let checked = Arc::clone(&remote);
-            let write_back = config.s3_write_back;
-            tokio::spawn(async move {
-                let waits = if write_back { "writes queue" } else { "writes fail" };
-                match checked.check().await {
-                    Ok(()) => tracing::info!("object store tier: {} answers", checked.name),
-                    Err(e @ crate::remote::Error::Config(_)) => {
-                        tracing::error!(
-                            "object store tier {}: {e}; writes fail until that is fixed",
-                            checked.name
-                        )
-                    }
-                    Err(e) => {
-                        tracing::warn!("object store tier {}: {e}; {waits} until it answers", checked.name)
-                    }
-                }
-            });
-            let (store, metrics, wake) =
-                (Arc::clone(&store), Arc::clone(metrics), Arc::clone(&shared.wake_replicator));
-            tokio::spawn(crate::replicate::run(store, remote, metrics, wake, write_back))
-        });
+        let replicator = cache.replicator().map(tokio::spawn);
         let maintenance = tokio::spawn(maintain(
             Arc::clone(&store),
             config.partial_upload_max_age,
@@ -340,11 +316,7 @@ impl Running {
             Arc::clone(board),
         ));
         let eviction = tokio::spawn(eviction::run(Arc::clone(&store), eviction::Budget::of(config)));
-        let services = Services {
-            store: Arc::clone(&store),
-            grpc: grpc_routes(&shared),
-            http: Arc::new(HttpApi::new(shared)),
-        };
+        let services = Services { cache, grpc: grpc_routes(&shared), http: Arc::new(HttpApi::new(shared)) };
         let stopping = Arc::new(AtomicBool::new(false));
         if config.scrub_rate.0 > 0 {
             tokio::spawn(scrub_online(Arc::clone(&store), config.scrub_rate.0, Arc::clone(&stopping)));
@@ -494,7 +466,7 @@ fn grpc_routes(shared: &Arc<Shared>) -> Routes {
 /// What serves requests once the store is open.
 #[derive(Clone)]
 struct Services {
-    store: Arc<Store>,
+    cache: Arc<Cache>,
     grpc: Routes,
     http: Arc<HttpApi>,
 }
@@ -592,14 +564,14 @@ impl App {
                 let code = match (grpc, &refusal) {
                     (true, _) => code_name(refusal.code()).to_string(),
                     (false, Refusal::Throttled(_)) => StatusCode::TOO_MANY_REQUESTS.as_str().to_string(),
-                    (false, _) => crate::service::http::http_code(refusal.code()).as_u16().to_string(),
+                    (false, _) => crate::http::http_code(refusal.code()).as_u16().to_string(),
                 };
                 self.metrics.record_call(&label(), &code, Instant::now());
                 return refuse(grpc, refusal);
             }
         };
         if !grpc && matches!(path.as_str(), "/" | "/status.json") {
-            return self.status_page(&services.store, path == "/", access).await;
+            return self.status_page(&services.cache, path == "/", access).await;
         }
         let started = Instant::now();
         // The services ask what the caller may do (Capabilities says it).
@@ -698,11 +670,10 @@ impl App {
 
     /// The status page, as HTML or JSON. Anonymous callers are not shown
     /// the data directory or the object store's endpoint.
-    async fn status_page(&self, store: &Arc<Store>, html: bool, access: Access) -> Response<Body> {
-        let store = Arc::clone(store);
-        let stats = match crate::service::blocking(move || store.stats()).await {
+    async fn status_page(&self, cache: &Cache, html: bool, access: Access) -> Response<Body> {
+        let stats = match cache.stats().await {
             Ok(stats) => stats,
-            Err(status) => return HttpError::Status(status).into_response(),
+            Err(e) => return HttpError::from(e).into_response(),
         };
         match html {
             true => bytes_response(
@@ -710,7 +681,7 @@ impl App {
                 "text/html; charset=utf-8",
                 Bytes::from(self.board.html(&stats, &self.metrics, access.anonymous)),
             ),
-            false => crate::service::http::json_response(
+            false => crate::http::json_response(
                 StatusCode::OK,
                 self.board.json(&stats, &self.metrics, access.anonymous).to_string().into_bytes(),
             ),
@@ -723,14 +694,13 @@ impl App {
             let status = Status::unavailable("larder is still opening its store: retry shortly");
             return HttpError::Status(status).into_response();
         };
-        let store = Arc::clone(&services.store);
-        match crate::service::blocking(move || store.stats()).await {
+        match services.cache.stats().await {
             Ok(stats) => bytes_response(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 Bytes::from(self.metrics.render(&stats)),
             ),
-            Err(status) => HttpError::Status(status).into_response(),
+            Err(e) => HttpError::from(e).into_response(),
         }
     }
 }
@@ -813,8 +783,8 @@ mod calls {
     use tonic::body::Body;
     use tonic::{Code, Status};
 
+    use crate::http::{code_name, route_label};
     use crate::metrics::Metrics;
-    use crate::service::http::{code_name, route_label};
 
     /// The methods served, for metric labels: anything else is "other", so
     /// that clients cannot grow the label set.
@@ -1023,7 +993,7 @@ pub enum Error {
     #[error("{0}")]
     Auth(String),
     #[error(transparent)]
-    Remote(#[from] crate::remote::Error),
+    Cache(#[from] cache::Error),
     #[error("cannot listen on {0}: {1} (is another server using the port? choose one with --listen)")]
     Bind(SocketAddr, std::io::Error),
 }

@@ -11,19 +11,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{
-    DirectoryLimit, READ_MESSAGE_SIZE, Shared, blocking, ok_status, request_function, required_digest,
-    rpc_status,
-};
-use crate::compression::{self, Decoder};
+use super::{READ_MESSAGE_SIZE, Shared, invalid, ok_status, request_function, required_digest, rpc_status};
+use crate::cache::{Cache, Incoming};
 use crate::digest::{Digest, Encoding, FunctionHint};
 use crate::proto::reapi::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse,
-    Directory, FindMissingBlobsRequest, FindMissingBlobsResponse, GetTreeRequest, GetTreeResponse,
+    FindMissingBlobsRequest, FindMissingBlobsResponse, GetTreeRequest, GetTreeResponse,
     batch_read_blobs_response, batch_update_blobs_request, batch_update_blobs_response, compressor,
     content_addressable_storage_server::ContentAddressableStorage,
 };
-use crate::store::{NewBlob, Store};
 
 pub struct CasService {
     shared: Arc<Shared>,
@@ -66,9 +62,10 @@ impl ContentAddressableStorage for CasService {
             .blob_digests
             .iter()
             .map(|d| Digest::from_proto(d, function))
-            .collect::<Result<Vec<_>, _>>()?;
-        let (digests, present) = self.shared.present(digests).await?;
-        let missing = digests.iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| d.to_proto()).collect();
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        let missing = self.shared.cache.find_missing(digests).await?;
+        let missing = missing.iter().map(Digest::to_proto).collect();
         Ok(Response::new(FindMissingBlobsResponse { missing_blob_digests: missing }))
     }
 
@@ -88,45 +85,26 @@ impl ContentAddressableStorage for CasService {
             _ => r.data.len() as u64,
         };
         self.check_batch_size(request.requests.iter().map(logical), "the batch")?;
-        let store = Arc::clone(&self.shared.store);
-        let results = blocking(move || {
-            // Validate (and decompress) each blob; the valid ones go to the store together.
-            let mut decoder = None;
-            let mut outcomes = Vec::with_capacity(request.requests.len());
-            let mut valid = Vec::new();
-            for r in request.requests {
-                let checked = required_digest(r.digest.as_ref(), "digest", function)
-                    .and_then(|d| incoming_blob(d, r.compressor, r.data, &mut decoder));
-                let outcome = match checked {
-                    Ok(blob) => {
-                        valid.push(blob);
-                        Ok(())
-                    }
-                    Err(status) => Err(status),
-                };
-                outcomes.push((r.digest, outcome));
-            }
-            let mut stored = valid.iter().map(|b| b.digest).zip(store.put_blobs(&valid));
-            let results: Vec<_> = outcomes
-                .into_iter()
-                .map(|(digest, checked)| {
-                    let result = checked.and_then(|()| {
-                        let (d, written) = stored.next().expect("one result per valid blob");
-                        written.map(|w| (d, w)).map_err(Status::from)
-                    });
-                    (digest, result)
-                })
-                .collect();
-            Ok(results)
-        })
-        .await?;
-        // Acknowledged once both tiers hold each blob (with write-through).
-        let stored: Vec<_> = results.iter().filter_map(|(_, r)| r.as_ref().ok().copied()).collect();
-        let mut replicated = self.shared.replicate(stored).await.into_iter();
-        let responses = results
+        // Each blob is checked as far as its encoding here; the cache
+        // checks its bytes.
+        let mut incoming = Vec::new();
+        let checked: Vec<_> = request
+            .requests
             .into_iter()
-            .map(|(digest, result)| {
-                let result = result.and_then(|_| replicated.next().expect("one result per stored blob"));
+            .map(|r| {
+                let blob = required_digest(r.digest.as_ref(), "digest", function).and_then(|digest| {
+                    Ok(Incoming { digest, encoding: encoding(r.compressor)?, data: r.data })
+                });
+                (r.digest, blob.map(|blob| incoming.push(blob)))
+            })
+            .collect();
+        let mut stored = self.shared.cache.write_blobs(incoming).await?.into_iter();
+        let responses = checked
+            .into_iter()
+            .map(|(digest, checked)| {
+                let result = checked.and_then(|()| {
+                    stored.next().expect("one result per blob passed on").map_err(Status::from)
+                });
                 let status = match result {
                     Ok(()) => ok_status(),
                     Err(status) => rpc_status(&status),
@@ -145,28 +123,19 @@ impl ContentAddressableStorage for CasService {
         self.shared.check_entries(request.digests.len(), "BatchReadBlobs")?;
         let function = request_function(&request.instance_name, request.digest_function)?;
         let digests: Vec<Result<Digest, Status>> =
-            request.digests.iter().map(|d| Digest::from_proto(d, function).map_err(Status::from)).collect();
+            request.digests.iter().map(|d| Digest::from_proto(d, function).map_err(invalid)).collect();
         self.check_batch_size(digests.iter().flatten().map(|d| d.size), "the requested blobs")?;
-        // The reply holds every blob read.
-        let _held = self.shared.budget.hold(digests.iter().flatten().map(|d| d.size).sum()).await?;
         // IDENTITY is always acceptable; zstd when the client lists it.
         let zstd = request.acceptable_compressors.contains(&(compressor::Value::Zstd as i32));
         let wanted: Vec<Digest> = digests.iter().flatten().copied().collect();
-        if let Err(status) = self.shared.fetch(&wanted).await {
-            // The local tier still answers for what it holds.
-            tracing::warn!("BatchReadBlobs: {}", status.message());
-        }
-        let store = Arc::clone(&self.shared.store);
-        let responses = blocking(move || {
-            let mut responses = Vec::with_capacity(digests.len());
-            for (wire, digest) in request.digests.into_iter().zip(digests) {
-                let read = digest.and_then(|d| {
-                    let found = match zstd {
-                        true => store.read_all_encoded(&d),
-                        false => store.read_all(&d).map(|data| data.map(|data| (data, Encoding::Identity))),
-                    };
-                    found?.ok_or_else(|| Status::not_found(format!("blob {d} is not in the CAS")))
-                });
+        let mut read = self.shared.cache.read_blobs(wanted, zstd).await?.into_iter();
+        let responses = request
+            .digests
+            .into_iter()
+            .zip(digests)
+            .map(|(wire, digest)| {
+                let read = digest
+                    .and_then(|_| read.next().expect("one result per valid digest").map_err(Status::from));
                 let (data, encoding, status) = match read {
                     Ok((data, encoding)) => (data, encoding, ok_status()),
                     Err(status) => (Bytes::new(), Encoding::Identity, rpc_status(&status)),
@@ -175,16 +144,14 @@ impl ContentAddressableStorage for CasService {
                     Encoding::Identity => compressor::Value::Identity,
                     Encoding::Zstd => compressor::Value::Zstd,
                 };
-                responses.push(batch_read_blobs_response::Response {
+                batch_read_blobs_response::Response {
                     digest: Some(wire),
                     data,
                     compressor: compressor as i32,
                     status: Some(status),
-                });
-            }
-            Ok(responses)
-        })
-        .await?;
+                }
+            })
+            .collect();
         Ok(Response::new(BatchReadBlobsResponse { responses }))
     }
 
@@ -212,36 +179,20 @@ impl CasService {
             n => n as usize,
         };
         // Before anything is read, or fetched from the object store.
-        let limit = self.shared.directories;
-        limit.check_size::<Directory>(&root)?;
-        let store = Arc::clone(&self.shared.store);
-        if let Err(status) = self.shared.fetch(&[root]).await {
-            tracing::warn!("GetTree: {}", status.message());
-        }
-        let root_present = {
-            let store = Arc::clone(&store);
-            blocking(move || store.contains(&[root])).await?[0]
-        };
-        if !root_present {
+        let cache = Arc::clone(&self.shared.cache);
+        cache.check_directory(&root)?;
+        if !cache.present(root).await? {
             return Err(Status::not_found(format!("root directory {root} is not in the CAS")));
         }
         let (tx, rx) = mpsc::channel(2);
         // Two messages queued and one being built (or a REST page).
-        let held = self.shared.budget.hold(max_bytes.min(4 * READ_MESSAGE_SIZE) as u64).await?;
-        // Directories the local tier lacks are read through from the object
-        // store, a level at a time (the walk runs on a blocking thread).
-        let (shared, runtime) = (Arc::clone(&self.shared), tokio::runtime::Handle::current());
-        let fetch = move |missing: &[Digest]| {
-            if let Err(status) = runtime.block_on(shared.fetch(missing)) {
-                tracing::warn!("GetTree: {}", status.message());
-            }
-        };
-        tokio::task::spawn_blocking(move || {
+        let held = cache.hold(max_bytes.min(4 * READ_MESSAGE_SIZE) as u64).await?;
+        tokio::spawn(async move {
             let _held = held;
             let page = Page { skip, size: page_size, max_bytes };
-            if let Err(status) = walk_tree(&store, root, function, page, limit, &tx, fetch) {
+            if let Err(status) = walk_tree(&cache, root, function, page, &tx).await {
                 // If the client is gone, nobody is waiting for the error either.
-                let _ = tx.blocking_send(Err(status));
+                let _ = tx.send(Err(status)).await;
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)) as TreeStream)
@@ -258,43 +209,17 @@ fn page_token(token: &str) -> Result<usize, Status> {
     }
 }
 
-/// Checks one blob of a batch update, decompressing a zstd one (with the
-/// batch's `decoder`, made on first use) and noting its frames.
-fn incoming_blob(
-    digest: Digest,
-    encoding: i32,
-    data: Bytes,
-    decoder: &mut Option<Decoder>,
-) -> Result<NewBlob, Status> {
-    let (blob, arrived) = match compressor::Value::try_from(encoding) {
-        Ok(compressor::Value::Identity) => (NewBlob::new(digest, data), "were sent"),
-        Ok(compressor::Value::Zstd) => {
-            let decoder = match decoder {
-                Some(decoder) => decoder,
-                None => decoder.insert(Decoder::new(0)?),
-            };
-            let out = compression::decompress(decoder, &data, digest.size)
-                .map_err(|e| Status::invalid_argument(format!("blob {digest}: {e}")))?;
-            (NewBlob { digest, data: out.data, frames: out.frames }, "is what the zstd data decompresses to")
-        }
-        Ok(other) => {
-            return Err(Status::invalid_argument(format!(
-                "compressor {} is not supported for batch updates (zstd is)",
-                other.as_str_name()
-            )));
-        }
-        Err(_) => {
-            return Err(Status::invalid_argument(format!("compressor {encoding} is not a known value")));
-        }
-    };
-    if blob.data.len() as u64 != digest.size {
-        return Err(Status::invalid_argument(format!(
-            "digest {digest} declares {} bytes but {} {arrived}",
-            digest.size,
-            blob.data.len()
-        )));
+/// The encoding of one blob of a batch update.
+fn encoding(compressor: i32) -> Result<Encoding, Status> {
+    match compressor::Value::try_from(compressor) {
+        Ok(compressor::Value::Identity) => Ok(Encoding::Identity),
+        Ok(compressor::Value::Zstd) => Ok(Encoding::Zstd),
+        Ok(other) => Err(Status::invalid_argument(format!(
+            "compressor {} is not supported for batch updates (zstd is)",
+            other.as_str_name()
+        ))),
+        Err(_) => Err(Status::invalid_argument(format!("compressor {compressor} is not a known value"))),
     }
-    Ok(blob)
 }
 
 /// Which directories of a walk make one GetTree page.
@@ -309,75 +234,85 @@ struct Page {
     max_bytes: usize,
 }
 
+/// Directories read from the cache at once: up to this many, or this many
+/// declared bytes (each is read whole).
+const WALK_BATCH: usize = 1024;
+const WALK_BATCH_BYTES: u64 = 4 << 20;
+
 /// Sends one GetTree page: directories breadth-first from `root`, starting
 /// after the first `page.skip`, split into messages of about
 /// [`READ_MESSAGE_SIZE`]. Missing subtrees are left out; each directory is
 /// listed once. The page token is the count of directories listed before the
 /// next page: the order is a function of the tree alone. A root that is not
-/// a Directory, and any directory over `limit`, fail the call.
-fn walk_tree(
-    store: &Store,
+/// a Directory, and any directory over the limits, fail the call.
+///
+/// The directories waiting at the front of the queue are read together (and
+/// read through from the object store together): the order is the same as
+/// one at a time, since children join the queue behind them.
+async fn walk_tree(
+    cache: &Cache,
     root: Digest,
     function: FunctionHint,
     page: Page,
-    limit: DirectoryLimit,
     tx: &mpsc::Sender<Result<GetTreeResponse, Status>>,
-    fetch: impl Fn(&[Digest]),
 ) -> Result<(), Status> {
     let mut queue = VecDeque::from([root]);
     let mut seen = HashSet::from([root]);
-    // Asked of the object store already: each directory once.
-    let mut fetched = HashSet::from([root]);
     let mut position = 0;
     let mut listed = 0;
     let mut message = Vec::new();
     let mut message_bytes = 0;
     let mut page_bytes = 0;
-    let send = |directories, next_page_token| {
-        // An error means the client went away: stop walking.
-        tx.blocking_send(Ok(GetTreeResponse { directories, next_page_token })).is_ok()
-    };
-    while let Some(digest) = queue.pop_front() {
-        let mut directory = limit.read::<Directory>(store, &digest)?;
-        if directory.is_none() && fetched.insert(digest) {
-            // It and every directory waiting after it, in one parallel fetch.
-            let missing: Vec<Digest> =
-                std::iter::once(digest).chain(queue.iter().copied().filter(|d| fetched.insert(*d))).collect();
-            fetch(&missing);
-            directory = limit.read::<Directory>(store, &digest)?;
+    while !queue.is_empty() {
+        let (mut batch, mut bytes) = (Vec::new(), 0);
+        while let Some(&next) = queue.front()
+            && (batch.is_empty() || (batch.len() < WALK_BATCH && bytes + next.size <= WALK_BATCH_BYTES))
+        {
+            batch.push(next);
+            bytes += next.size;
+            queue.pop_front();
         }
-        let Some(directory) = directory else {
-            continue;
-        };
-        for child in &directory.directories {
-            if let Some(Ok(d)) = child.digest.as_ref().map(|d| Digest::from_proto(d, function))
-                && seen.insert(d)
-            {
-                queue.push_back(d);
+        let directories = cache.directories(batch).await?;
+        let count = directories.len();
+        for (i, directory) in directories.into_iter().enumerate() {
+            let Some(directory) = directory? else {
+                continue;
+            };
+            for child in &directory.directories {
+                if let Some(Ok(d)) = child.digest.as_ref().map(|d| Digest::from_proto(d, function))
+                    && seen.insert(d)
+                {
+                    queue.push_back(d);
+                }
             }
-        }
-        position += 1;
-        if position <= page.skip {
-            continue;
-        }
-        let bytes = directory.encoded_len();
-        message_bytes += bytes;
-        page_bytes += bytes;
-        message.push(directory);
-        listed += 1;
-        if listed == page.size || (page_bytes >= page.max_bytes && !queue.is_empty()) {
-            let token = if queue.is_empty() { String::new() } else { position.to_string() };
-            send(std::mem::take(&mut message), token);
-            return Ok(());
-        }
-        if message_bytes >= READ_MESSAGE_SIZE {
-            if !send(std::mem::take(&mut message), String::new()) {
+            position += 1;
+            if position <= page.skip {
+                continue;
+            }
+            let bytes = directory.encoded_len();
+            message_bytes += bytes;
+            page_bytes += bytes;
+            message.push(directory);
+            listed += 1;
+            // Whether any directory is left to walk: in this batch, or queued.
+            let more = i + 1 < count || !queue.is_empty();
+            if listed == page.size || (page_bytes >= page.max_bytes && more) {
+                let token = if more { position.to_string() } else { String::new() };
+                let _ = tx.send(Ok(GetTreeResponse { directories: message, next_page_token: token })).await;
                 return Ok(());
             }
-            message_bytes = 0;
+            if message_bytes >= READ_MESSAGE_SIZE {
+                let directories = std::mem::take(&mut message);
+                let sent = tx.send(Ok(GetTreeResponse { directories, next_page_token: String::new() })).await;
+                // An error means the client went away: stop walking.
+                if sent.is_err() {
+                    return Ok(());
+                }
+                message_bytes = 0;
+            }
         }
     }
-    send(message, String::new());
+    let _ = tx.send(Ok(GetTreeResponse { directories: message, next_page_token: String::new() })).await;
     Ok(())
 }
 

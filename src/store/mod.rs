@@ -1361,8 +1361,24 @@ pub enum Error {
     Locked(String),
     #[error("the batch could not be stored: {0}")]
     Batch(String),
+    /// RocksDB found the disk full (eviction keeps writes off a full disk;
+    /// should one slip through, it says so).
     #[error("RocksDB: {0}")]
-    Db(#[from] rocksdb::Error),
+    DiskFull(rocksdb::Error),
+    #[error("RocksDB: {0}")]
+    Db(rocksdb::Error),
+}
+
+impl From<rocksdb::Error> for Error {
+    /// RocksDB tells a full disk only in its message (its status has a
+    /// subcode for it, which the Rust binding does not expose): this is the
+    /// one place that reads it.
+    fn from(e: rocksdb::Error) -> Error {
+        match e.kind() {
+            rocksdb::ErrorKind::IOError if e.to_string().contains("No space left") => Error::DiskFull(e),
+            _ => Error::Db(e),
+        }
+    }
 }
 
 #[cfg(test)]

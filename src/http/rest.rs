@@ -9,14 +9,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::body::Body;
 
-use super::http::{HttpApi, HttpError, RequestBody, json_response, percent_decode, read_body};
-use super::{READ_MESSAGE_SIZE, Shared};
+use super::{HttpApi, HttpError, RequestBody, json_response, percent_decode, read_body};
 use crate::proto::reapi::{
     self, ActionResult, FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
     GetTreeRequest, GetTreeResponse, UpdateActionResultRequest, action_cache_server::ActionCache,
     capabilities_server::Capabilities, content_addressable_storage_server::ContentAddressableStorage,
     digest_function,
 };
+use crate::service::{READ_MESSAGE_SIZE, Shared};
 
 /// The routes, parsed from the tail of the path: the instance name before
 /// them may be empty or span several segments.

@@ -8,12 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::Notify;
 
+use super::{Cache, Error, Tier, Writes, blocking, tier};
 use crate::digest::Digest;
-use crate::metrics::Metrics;
-use crate::remote::{self, Remote, blocking};
-use crate::store::{self, BACKFILLED, QueueEntry, Queued, Store, now_ms};
+use crate::objstore;
+use crate::store::{self, BACKFILLED, QueueEntry, Queued, now_ms};
 
 /// Queue entries read per pass.
 const PASS: usize = 256;
@@ -27,21 +26,19 @@ const IDLE: Duration = Duration::from_secs(1);
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Runs until aborted. `wake` is notified after each write-back.
-pub async fn run(
-    store: Arc<Store>,
-    remote: Arc<Remote>,
-    metrics: Arc<Metrics>,
-    wake: Arc<Notify>,
-    write_back: bool,
-) {
-    let settle = if write_back { 0 } else { SETTLE.as_millis() as u64 };
+/// Runs until aborted. The tier's `wake` is notified after each write-back.
+pub(super) async fn run(cache: Arc<Cache>, tier: Arc<Tier>) {
+    let (store, metrics) = (&cache.store, &cache.metrics);
+    let settle = match tier.writes {
+        Writes::Back => 0,
+        Writes::Through => SETTLE.as_millis() as u64,
+    };
     let mut after = Vec::new();
     let mut backoff = MIN_BACKOFF;
     loop {
         // An empty queue is not scanned: every entry copied leaves a delete
         // tombstone behind, which a scan from the start must step over.
-        let (listing, from, empty) = (Arc::clone(&store), after.clone(), store.queue_len().0 == 0);
+        let (listing, from, empty) = (Arc::clone(store), after.clone(), store.queue_len().0 == 0);
         let listed = if empty { Ok(Vec::new()) } else { blocking(move || listing.queued(&from, PASS)).await };
         let entries = match listed {
             Ok(entries) => entries,
@@ -63,7 +60,7 @@ pub async fn run(
             if after.is_empty() {
                 // Idle: queue the next blobs from before the tier, if any,
                 // into at most half of the queue (the rest is for writes).
-                let (filler, room) = (Arc::clone(&store), store.room_for_checks());
+                let (filler, room) = (Arc::clone(store), store.room_for_checks());
                 if room > 0 {
                     match blocking(move || filler.backfill(room)).await {
                         Ok(Some(n)) if n > 0 => continue,
@@ -72,14 +69,14 @@ pub async fn run(
                     }
                 }
                 tokio::select! {
-                    () = wake.notified() => {}
+                    () = tier.wake.notified() => {}
                     () = tokio::time::sleep(IDLE) => {}
                 }
             }
             continue;
         }
-        let copies = due.into_iter().map(|entry| copy(&store, &remote, &metrics, entry));
-        let outcomes: Vec<Result<Outcome, remote::Error>> =
+        let copies = due.into_iter().map(|entry| copy(&cache, &tier.bucket, entry));
+        let outcomes: Vec<Result<Outcome, Error>> =
             futures::stream::iter(copies).buffer_unordered(IN_FLIGHT).collect().await;
         // Blobs leave the queue in one write each way.
         let (mut copied, mut vanished) = (Vec::new(), Vec::new());
@@ -90,7 +87,7 @@ pub async fn run(
                 _ => {}
             }
         }
-        let dequeue = Arc::clone(&store);
+        let dequeue = Arc::clone(store);
         let dequeued = blocking(move || {
             dequeue.dequeue_blobs(&copied)?;
             dequeue.dequeue_vanished(&vanished)
@@ -101,7 +98,7 @@ pub async fn run(
             None => backoff = MIN_BACKOFF,
             // The local tier failed: the object store is fine, no backoff
             // (the entry is tried again next pass).
-            Some(e @ remote::Error::Local(_)) => {
+            Some(e @ (Error::Store(_) | Error::Worker(_))) => {
                 tracing::warn!("copying queued writes to the object store: {e}");
                 tokio::time::sleep(MIN_BACKOFF).await;
             }
@@ -129,25 +126,21 @@ enum Outcome {
 }
 
 /// Copies one queued blob or action result.
-async fn copy(
-    store: &Arc<Store>,
-    remote: &Remote,
-    metrics: &Metrics,
-    entry: QueueEntry,
-) -> Result<Outcome, remote::Error> {
+async fn copy(cache: &Cache, bucket: &objstore::Bucket, entry: QueueEntry) -> Result<Outcome, Error> {
+    let store = &cache.store;
     match entry.item {
         Queued::Blob(digest) => {
             // From before the tier: maybe there already (another node's).
-            if entry.since_ms == BACKFILLED && remote.contains(&[digest]).await?[0] {
+            if entry.since_ms == BACKFILLED && bucket.contains(&[digest]).await?[0] {
                 return Ok(Outcome::Copied(digest));
             }
-            match remote.upload_from(store, digest).await {
+            match tier::upload_from(bucket, store, digest).await {
                 Ok(()) => {
-                    metrics.tier_written(digest.size);
+                    cache.metrics.tier_written(digest.size);
                     Ok(Outcome::Copied(digest))
                 }
                 // Found corrupt and removed, say.
-                Err(remote::Error::Local(store::Error::Vanished(_) | store::Error::Removed(_))) => {
+                Err(Error::Store(store::Error::Vanished(_) | store::Error::Removed(_))) => {
                     Ok(Outcome::Vanished(digest))
                 }
                 Err(e) => Err(e),
@@ -164,14 +157,14 @@ async fn copy(
             // there already, and stays.
             let there = backfilled
                 && result.is_some()
-                && match remote.get_action_result(&instance, &action).await {
+                && match bucket.get_action_result(&instance, &action).await {
                     Ok(found) => found.is_some(),
                     // A damaged one is replaced.
-                    Err(remote::Error::Damaged(_)) => false,
-                    Err(e) => return Err(e),
+                    Err(objstore::Error::Damaged(_)) => false,
+                    Err(e) => return Err(e.into()),
                 };
             if let Some(result) = result.as_ref().filter(|_| !there) {
-                remote.put_action_result(&instance, &action, result).await?;
+                bucket.put_action_result(&instance, &action, result).await?;
             }
             let store = Arc::clone(store);
             blocking(move || store.dequeue_action_result(&instance, &action, result.as_deref())).await?;

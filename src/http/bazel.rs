@@ -1,30 +1,25 @@
 //! Bazel's HTTP cache protocol (`--remote_cache=http://…`), as bazel-remote
 //! serves it: GET, HEAD and PUT of `/cas/{hash}` and `/ac/{hash}`, optionally
-//! under an instance prefix. Blobs stream both ways through the ByteStream
-//! code; action results go through the action cache code, completeness
-//! check included.
+//! under an instance prefix. Blobs stream both ways through the cache; action
+//! results are served only when complete, as over gRPC. The hash alone names
+//! a blob or an action: its size is the stored one.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt, stream};
+use futures::StreamExt;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyStream, StreamBody};
 use hyper::body::Frame;
 use prost::Message;
-use tonic::Status;
 use tonic::body::Body;
+use tonic::{Code, Status};
 
-use super::action_cache::AnySize;
-use super::blocking;
-use super::http::{HttpApi, HttpError, RequestBody, bytes_response, percent_decode, read_body};
-use crate::digest::{Digest, FunctionHint};
-use crate::proto::bytestream::{ReadRequest, WriteRequest};
-use crate::proto::reapi::{
-    ActionResult, GetActionResultRequest, UpdateActionResultRequest, action_cache_server::ActionCache,
-};
+use super::{HttpApi, HttpError, RequestBody, bytes_response, percent_decode, read_body};
+use crate::cache::{self, Inline, Lookup, Progress};
+use crate::digest::{Digest, Encoding, FunctionHint};
+use crate::proto::reapi::ActionResult;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -70,31 +65,21 @@ pub async fn handle(
 ) -> Result<Response<Body>, HttpError> {
     let path = request.uri().path().to_string();
     let instance = percent_decode(&target.instance, false)?;
-    crate::digest::check_instance(&instance).map_err(Status::from)?;
+    crate::digest::check_instance(&instance).map_err(cache::Error::from)?;
     // The hash alone names the blob; its length tells the function.
-    let named = Digest::parse(&target.hash, 0, FunctionHint::ByLength).map_err(Status::from)?;
-    let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
+    let named = Digest::parse(&target.hash, 0, FunctionHint::ByLength).map_err(cache::Error::from)?;
+    let cache = &api.shared.cache;
     match (target.kind, request.method().clone()) {
         (Kind::Cas, method @ (Method::GET | Method::HEAD)) => {
-            let store = Arc::clone(&api.shared.store);
-            let mut found = blocking(move || store.find_by_hash(named.function, named.hash())).await?;
-            if let (None, Some(remote)) = (found, &api.shared.remote) {
-                // The size is in the object's header; a GET then reads it through.
-                found = remote.find_by_hash(named.function, named.hash()).await.unwrap_or_else(|e| {
-                    tracing::warn!("HTTP cache lookup answered from the local tier alone: {e}");
-                    None
-                });
-            }
+            let found = cache.find_by_hash(named.function, named.hash().to_vec()).await?;
             let digest =
                 found.ok_or_else(|| Status::not_found(format!("blob {} is not in the CAS", target.hash)))?;
             let mut response = if method == Method::HEAD {
                 Response::new(Body::empty())
             } else {
-                let resource =
-                    format!("{prefix}blobs/{}/{}/{}", digest.function.name(), digest.hex(), digest.size);
-                let read = ReadRequest { resource_name: resource, read_offset: 0, read_limit: 0 };
-                let data = api.bytestream.read_stream(read).await?;
-                Response::new(Body::new(StreamBody::new(data.map(|m| m.map(|m| Frame::data(m.data))))))
+                let data = cache.read(digest, 0, digest.size, false).await?;
+                let frames = data.map(|piece| piece.map(Frame::data).map_err(Status::from));
+                Response::new(Body::new(StreamBody::new(frames)))
             };
             let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, http::HeaderValue::from_static(OCTETS));
@@ -104,28 +89,16 @@ pub async fn handle(
         (Kind::Cas, Method::PUT) => {
             let size = content_length(request.headers())?;
             let digest = Digest::new(named.function, named.hash(), size).expect("the same function and hash");
-            let resource = format!(
-                "{prefix}uploads/http-{}/blobs/{}/{}/{size}",
-                upload_id(),
-                digest.function.name(),
-                digest.hex()
-            );
-            let first = WriteRequest { resource_name: resource, ..Default::default() };
-            api.bytestream.write_stream(first, write_requests(request.into_body())).await?;
+            put_blob(api, digest, request.into_body()).await?;
             Ok(bytes_response(StatusCode::OK, OCTETS, Bytes::new()))
         }
         (Kind::Ac, Method::GET | Method::HEAD) => {
             let head = request.method() == Method::HEAD;
-            let message = GetActionResultRequest {
-                instance_name: instance,
-                action_digest: Some(named.to_proto()),
-                digest_function: named.function.to_wire() as i32,
-                ..Default::default()
+            let result = match cache.get_action_result(instance, named, None, Inline::default()).await? {
+                Lookup::Hit(result) => result,
+                Lookup::Miss(why) => return Err(Status::not_found(why).into()),
             };
-            let mut request = tonic::Request::new(message);
-            request.extensions_mut().insert(AnySize);
-            let result = api.action_cache.get_action_result(request).await?;
-            let body = Bytes::from(result.into_inner().encode_to_vec());
+            let body = Bytes::from(result.encode_to_vec());
             let mut response = bytes_response(StatusCode::OK, OCTETS, body);
             if head {
                 *response.body_mut() = Body::empty();
@@ -134,24 +107,50 @@ pub async fn handle(
         }
         (Kind::Ac, Method::PUT) => {
             let body = read_body(request.into_body(), api.shared.max_message_size).await?;
-            crate::codec::check_entries::<ActionResult>(&body)?;
+            crate::codec::check_entries::<ActionResult>(&body).map_err(cache::Error::from)?;
             let result = ActionResult::decode(body).map_err(|e| {
                 HttpError::bad_request(format!("the body is not a serialized ActionResult protobuf: {e}"))
             })?;
-            let message = UpdateActionResultRequest {
-                instance_name: instance,
-                action_digest: Some(named.to_proto()),
-                action_result: Some(result),
-                digest_function: named.function.to_wire() as i32,
-                ..Default::default()
-            };
-            let mut request = tonic::Request::new(message);
-            request.extensions_mut().insert(AnySize);
-            api.action_cache.update_action_result(request).await?;
+            cache.put_action_result(instance, named, None, &result).await?;
             Ok(bytes_response(StatusCode::OK, OCTETS, Bytes::new()))
         }
         (_, method) => Err(HttpError::method(&method, &path, "GET, HEAD, PUT")),
     }
+}
+
+/// Streams a PUT's body into the cache as an upload of its own. A body that
+/// breaks off keeps what arrived (like a broken ByteStream write, though no
+/// HTTP client resumes it); one that stalls is told so.
+async fn put_blob(api: &HttpApi, digest: Digest, body: RequestBody) -> Result<(), HttpError> {
+    let key = format!("http-put/{}", upload_id());
+    let Some(mut upload) = api.shared.cache.begin_upload(key, digest, Encoding::Identity, 0).await? else {
+        return Ok(());
+    };
+    let mut frames = BodyStream::new(body);
+    loop {
+        match frames.next().await {
+            // Trailers carry no data.
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data()
+                    && upload.push(data).await? == Progress::AlreadyPresent
+                {
+                    return Ok(());
+                }
+            }
+            // It broke off, or stalled (see `crate::idle::Timed`).
+            Some(Err(status)) => {
+                return match (upload.persist().await?, status.code()) {
+                    (Progress::Continue, Code::DeadlineExceeded) => Err(status.into()),
+                    _ => Ok(()),
+                };
+            }
+            None => break,
+        }
+    }
+    if upload.complete().await? == Progress::Continue {
+        upload.commit().await?;
+    }
+    Ok(())
 }
 
 /// A CAS PUT must say how large it is: the size is part of the digest.
@@ -172,34 +171,6 @@ fn content_length(headers: &http::HeaderMap) -> Result<u64, HttpError> {
 fn upload_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!("{}-{}", crate::store::now_ms(), NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-/// The body as ByteStream write messages, the last one finishing the write.
-/// A body that breaks off ends the stream with an error: a disconnect.
-fn write_requests(body: RequestBody) -> impl Stream<Item = Result<WriteRequest, Status>> + Unpin + Send {
-    let start = (BodyStream::new(body), 0i64, false);
-    Box::pin(stream::unfold(start, |(mut frames, offset, ended)| async move {
-        if ended {
-            return None;
-        }
-        loop {
-            let message = match frames.next().await {
-                // Trailers carry no data.
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => Ok(WriteRequest { write_offset: offset, data, ..Default::default() }),
-                    Err(_) => continue,
-                },
-                // It broke off, or stalled (see `crate::idle::Timed`).
-                Some(Err(status)) => Err(status),
-                None => Ok(WriteRequest { write_offset: offset, finish_write: true, ..Default::default() }),
-            };
-            let (next, ended) = match &message {
-                Ok(m) => (offset + m.data.len() as i64, m.finish_write),
-                Err(_) => (offset, true),
-            };
-            return Some((message, (frames, next, ended)));
-        }
-    }))
 }
 
 #[cfg(test)]

@@ -1,4 +1,6 @@
-//! The second tier: an S3-compatible object store that larder nodes share.
+//! The object-store client: an S3-compatible bucket that larder nodes
+//! share, and the format of larder's objects in it. It knows nothing of the
+//! local tier: the cache layer moves chunks between the two.
 //!
 //! Layout (version 1), under the configured prefix:
 //!
@@ -24,10 +26,8 @@ use object_store::path::Path;
 use object_store::{
     GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
 };
-use tokio::sync::mpsc;
 
 use crate::digest::Digest;
-use crate::store::{self, Store, chunk};
 
 const BLOB_MAGIC: &[u8; 8] = b"LARDER1\n";
 const AC_MAGIC: &[u8; 8] = b"LARDERA\n";
@@ -35,8 +35,6 @@ const AC_MAGIC: &[u8; 8] = b"LARDERA\n";
 const MULTIPART_FROM: usize = 8 << 20;
 /// Part size of multipart uploads (S3's minimum is 5 MiB).
 const PART: usize = 8 << 20;
-/// How long a copy waits for a reader streaming it to take a chunk.
-const TEE_WAIT: Duration = Duration::from_secs(5);
 /// Bytes of an object read per GET request.
 const RANGE: u64 = 16 << 20;
 /// Object-store calls in flight for one FindMissingBlobs.
@@ -48,8 +46,6 @@ pub enum Error {
     Unavailable(String),
     #[error("the object store holds a damaged {0}")]
     Damaged(String),
-    #[error("{0}")]
-    Local(#[from] store::Error),
     #[error("the object store is misconfigured: {0}")]
     Config(String),
 }
@@ -87,7 +83,7 @@ pub struct Settings {
     pub max_action_result: usize,
 }
 
-pub struct Remote {
+pub struct Bucket {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     max_action_result: usize,
@@ -126,8 +122,8 @@ fn credentials() -> Option<(String, String, Option<String>)> {
     Some((id?, secret?, token))
 }
 
-impl Remote {
-    pub fn connect(settings: &Settings) -> Result<Remote, Error> {
+impl Bucket {
+    pub fn connect(settings: &Settings) -> Result<Bucket, Error> {
         use object_store::aws::AmazonS3Builder;
         let (id, secret, token) = credentials().ok_or_else(|| {
             Error::Config(
@@ -166,7 +162,7 @@ impl Remote {
         }
         let store = builder.build().map_err(|e| Error::Config(e.to_string()))?;
         let prefix = settings.prefix.trim_matches('/').to_string();
-        Ok(Remote {
+        Ok(Bucket {
             store: Arc::new(store),
             prefix,
             max_action_result: settings.max_action_result,
@@ -214,143 +210,26 @@ impl Remote {
         futures::stream::iter(lookups).buffered(LOOKUPS_IN_FLIGHT).try_collect().await
     }
 
-    /// Copies a blob from the local tier, chunk by chunk as it is stored.
-    pub async fn upload_from(&self, local: &Arc<Store>, digest: Digest) -> Result<(), Error> {
-        let blob = {
-            let local = Arc::clone(local);
-            blocking(move || local.locate(&digest)).await?
-        };
-        let Some(blob) = blob else {
-            return Err(Error::Local(store::Error::Vanished(format!(
-                "blob {digest} is not in the local tier"
-            ))));
-        };
-        let path = self.blob_path(&digest);
+    /// Starts writing a blob's object: its chunks, as the local tier
+    /// stores them, follow through [`BlobWriter::push`].
+    pub fn blob_writer(&self, digest: &Digest) -> BlobWriter {
         let mut header = BytesMut::with_capacity(16);
         header.extend_from_slice(BLOB_MAGIC);
         header.extend_from_slice(&digest.size.to_le_bytes());
-        let pending = vec![header.freeze()];
-        let mut multipart: Option<WriteMultipart> = None;
-        let copied = self.copy_out(local, blob, &path, pending, &mut multipart).await;
-        if copied.is_err()
-            && let Some(writer) = multipart
-        {
-            // Incomplete multipart uploads would otherwise stay in the bucket.
-            let _ = writer.abort().await;
+        BlobWriter {
+            bucket: Arc::clone(&self.store),
+            path: self.blob_path(digest),
+            pending_len: header.len(),
+            pending: vec![header.freeze()],
+            multipart: None,
         }
-        copied
     }
 
-    async fn copy_out(
-        &self,
-        local: &Arc<Store>,
-        blob: store::Blob,
-        path: &Path,
-        mut pending: Vec<Bytes>,
-        multipart: &mut Option<WriteMultipart>,
-    ) -> Result<(), Error> {
-        let digest = blob.digest;
-        let mut pending_len: usize = pending.iter().map(Bytes::len).sum();
-        let mut offset = 0;
-        while offset < digest.size {
-            let (local, b) = (Arc::clone(local), blob);
-            let (start, value, held) = blocking(move || local.encoded_chunk_at(&b, offset)).await?;
-            if start != offset {
-                return Err(Error::Local(store::Error::Corrupt(format!(
-                    "blob {digest} has no chunk starting at {offset}"
-                ))));
-            }
-            offset += held;
-            pending_len += 4 + value.len();
-            pending.push(Bytes::copy_from_slice(&(value.len() as u32).to_le_bytes()));
-            pending.push(Bytes::from(value));
-            if pending_len >= MULTIPART_FROM {
-                let writer = match multipart {
-                    Some(w) => w,
-                    None => multipart.insert(WriteMultipart::new_with_chunk_size(
-                        self.store.put_multipart(path).await?,
-                        PART,
-                    )),
-                };
-                // Few parts in flight: memory stays bounded (about a chunk).
-                writer.wait_for_capacity(2).await?;
-                for part in pending.drain(..) {
-                    writer.put(part);
-                }
-                pending_len = 0;
-            }
-        }
-        match multipart.take() {
-            Some(mut writer) => {
-                for part in pending {
-                    writer.put(part);
-                }
-                if let Err(e) = writer.finish().await {
-                    return Err(e.into());
-                }
-            }
-            None => {
-                self.store.put(path, PutPayload::from_iter(pending)).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Copies a blob into the local tier, checking every chunk and the
-    /// digest; `false` if the object store lacks it (or holds it damaged).
-    /// Each chunk is also sent to `tee`, if given, once it is stored: a
-    /// reader can stream the blob while it arrives. (A blob another call is
-    /// fetching already is waited for, and sends nothing.)
-    pub async fn fetch_into(
-        &self,
-        local: &Arc<Store>,
-        digest: Digest,
-        tee: Option<mpsc::Sender<Piece>>,
-    ) -> Result<bool, Error> {
-        let resource = format!("remote-fetch/{}/{}", digest.function.name(), digest.hex());
-        // Another call may be fetching it right now: wait for that one, and
-        // if it failed, fetch again, so that this call gets its own answer
-        // (UNAVAILABLE, say) rather than a missing blob.
-        let (stream, upload) = loop {
-            let Some(stream) = self.get_ranged(&self.blob_path(&digest)).await? else {
-                return Ok(false);
-            };
-            let upload = {
-                let local = Arc::clone(local);
-                let resource = resource.clone();
-                blocking(move || local.begin_copy(&resource, digest)).await
-            };
-            match upload {
-                Ok(upload) => break (stream, upload),
-                Err(Error::Local(store::Error::UploadBusy(_))) => {
-                    drop(stream);
-                    while local.upload_active(&resource) {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    let (local, d) = (Arc::clone(local), digest);
-                    if blocking(move || local.contains(&[d])).await?[0] {
-                        return Ok(true);
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        let mut reader = Reader { buffer: BytesMut::new(), stream };
-        let finished = match copy(&mut reader, upload, digest, tee).await {
-            (Some(upload), Ok(())) => blocking(move || upload.finish()).await,
-            (Some(upload), Err(e)) => {
-                let _ = blocking(move || upload.discard()).await;
-                return Err(e);
-            }
-            (None, result) => return result.map(|()| false),
-        };
-        match finished {
-            Ok(_) => Ok(true),
-            Err(Error::Local(store::Error::DigestMismatch(m))) => {
-                Err(Error::Damaged(format!("object for {}: its bytes hash to {}", m.expected, m.actual)))
-            }
-            Err(e) => Err(e),
-        }
+    /// A blob's object, for reading its chunks; `None` if there is none.
+    /// A chunk over `max_chunk` bytes makes the object damaged.
+    pub async fn blob_reader(&self, digest: &Digest, max_chunk: usize) -> Result<Option<BlobReader>, Error> {
+        let stream = self.get_ranged(&self.blob_path(digest)).await?;
+        Ok(stream.map(|stream| BlobReader { buffer: BytesMut::new(), stream, max_chunk }))
     }
 
     /// An object's bytes, `RANGE` of them per request: the client's
@@ -461,102 +340,73 @@ impl Remote {
     }
 }
 
-/// Runs store work on the blocking pool.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, store::Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Local(store::Error::Batch(format!("a storage worker failed: {e}"))))?
-        .map_err(Error::Local)
+/// Writes one blob object: the header, then each chunk as the local tier
+/// stored it. Small objects go up in one PUT when finished; larger ones as a
+/// multipart upload with few parts in flight, so memory stays about a part.
+pub struct BlobWriter {
+    bucket: Arc<dyn ObjectStore>,
+    path: Path,
+    pending: Vec<Bytes>,
+    pending_len: usize,
+    multipart: Option<WriteMultipart>,
 }
 
-/// One chunk of a blob being fetched, as stored (`value`) and decoded.
-pub struct Piece {
-    /// Its offset in the blob.
-    pub start: u64,
-    pub data: Bytes,
-    pub value: Bytes,
-}
-
-/// Copies a blob object's chunks into a local upload, checking each (on
-/// the blocking pool: decompression and disk), and sends each to `tee`.
-/// Gives the upload back.
-async fn copy(
-    reader: &mut Reader,
-    mut upload: store::Upload,
-    digest: Digest,
-    mut tee: Option<mpsc::Sender<Piece>>,
-) -> (Option<store::Upload>, Result<(), Error>) {
-    let size = match reader.header().await {
-        Ok(size) if size == digest.size => size,
-        Ok(size) => {
-            return (
-                Some(upload),
-                Err(Error::Damaged(format!("object for {digest}: it declares {size} bytes"))),
-            );
-        }
-        Err(e) => return (Some(upload), Err(e)),
-    };
-    let mut held = 0;
-    while held < size {
-        let value = match reader.chunk().await {
-            Ok(v) => v,
-            Err(e) => return (Some(upload), Err(e)),
-        };
-        let stored = value.clone();
-        let remaining = size - held;
-        let worked = tokio::task::spawn_blocking(move || {
-            let appended = match chunk::decode(&stored) {
-                Some(data) if data.len() as u64 <= remaining => {
-                    upload.append_encoded(&data, stored.to_vec()).map(|()| data).map_err(Error::Local)
-                }
-                Some(_) => Err(Error::Damaged(format!(
-                    "object for {digest}: its chunks hold more than {size} bytes"
-                ))),
-                None => Err(Error::Damaged(format!("object for {digest}: a chunk fails its check"))),
+impl BlobWriter {
+    /// Adds the next chunk, as the chunk codec wrote it.
+    pub async fn push(&mut self, value: Vec<u8>) -> Result<(), Error> {
+        self.pending_len += 4 + value.len();
+        self.pending.push(Bytes::copy_from_slice(&(value.len() as u32).to_le_bytes()));
+        self.pending.push(Bytes::from(value));
+        if self.pending_len >= MULTIPART_FROM {
+            let writer = match &mut self.multipart {
+                Some(w) => w,
+                None => self.multipart.insert(WriteMultipart::new_with_chunk_size(
+                    self.bucket.put_multipart(&self.path).await?,
+                    PART,
+                )),
             };
-            (upload, appended)
-        })
-        .await;
-        let appended;
-        (upload, appended) = match worked {
-            Ok(pair) => pair,
-            // The upload went with the failed task; its record expires.
-            Err(e) => {
-                return (
-                    None,
-                    Err(Error::Local(store::Error::Batch(format!("a storage worker failed: {e}")))),
-                );
+            writer.wait_for_capacity(2).await?;
+            for part in self.pending.drain(..) {
+                writer.put(part);
             }
-        };
-        match appended {
-            Ok(data) => {
-                let start = held;
-                held += data.len() as u64;
-                // A reader that went away, or that is slower than the object
-                // store, does not hold up the copy: it is sent no more.
-                if let Some(sender) = &tee {
-                    let sent =
-                        tokio::time::timeout(TEE_WAIT, sender.send(Piece { start, data, value })).await;
-                    if !matches!(sent, Ok(Ok(()))) {
-                        tee = None;
-                    }
+            self.pending_len = 0;
+        }
+        Ok(())
+    }
+
+    /// Makes the object visible, whole.
+    pub async fn finish(mut self) -> Result<(), Error> {
+        match self.multipart.take() {
+            Some(mut writer) => {
+                for part in self.pending.drain(..) {
+                    writer.put(part);
                 }
+                writer.finish().await?;
             }
-            Err(e) => return (Some(upload), Err(e)),
+            None => {
+                let payload = PutPayload::from_iter(std::mem::take(&mut self.pending));
+                self.bucket.put(&self.path, payload).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives up: an incomplete multipart upload would otherwise stay in the bucket.
+    pub async fn abort(mut self) {
+        if let Some(writer) = self.multipart.take() {
+            let _ = writer.abort().await;
         }
     }
-    (Some(upload), Ok(()))
 }
 
 /// Reads a blob object's records from its byte stream.
-struct Reader {
+pub struct BlobReader {
     buffer: BytesMut,
-    stream: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    stream: BoxStream<'static, object_store::Result<Bytes>>,
+    max_chunk: usize,
 }
 
-impl Reader {
+impl BlobReader {
     /// At least `n` bytes buffered, or the object is truncated.
     async fn fill(&mut self, n: usize) -> Result<(), Error> {
         while self.buffer.len() < n {
@@ -568,7 +418,8 @@ impl Reader {
         Ok(())
     }
 
-    async fn header(&mut self) -> Result<u64, Error> {
+    /// The size of the blob, from the object's header.
+    pub async fn header(&mut self) -> Result<u64, Error> {
         self.fill(16).await?;
         let head = self.buffer.split_to(16);
         if &head[..8] != BLOB_MAGIC {
@@ -577,12 +428,12 @@ impl Reader {
         Ok(u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")))
     }
 
-    async fn chunk(&mut self) -> Result<Bytes, Error> {
+    /// The next chunk, as the chunk codec wrote it (not checked here).
+    pub async fn chunk(&mut self) -> Result<Bytes, Error> {
         self.fill(4).await?;
         let len = u32::from_le_bytes(self.buffer[..4].try_into().expect("4 bytes")) as usize;
-        // A chunk holds at most MAX_CHUNK_SIZE bytes, compressed or not (a
-        // frame that cannot shrink them is stored raw).
-        if len > chunk::MAX_CHUNK_SIZE + 1024 {
+        // The length comes from the bucket: bounded before it is buffered.
+        if len > self.max_chunk {
             return Err(Error::Damaged(format!("object: a chunk of {len} bytes")));
         }
         self.fill(4 + len).await?;

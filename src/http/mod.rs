@@ -1,6 +1,10 @@
-//! The HTTP face: routes requests to REAPI's REST/JSON mapping (under `/v2/`)
-//! or Bazel's HTTP cache protocol (`/ac/`, `/cas/`), both thin adapters over
-//! the gRPC service code, and writes every error in Google's JSON error form.
+//! The HTTP face: routes requests to REAPI's REST/JSON mapping (under `/v2/`,
+//! over the gRPC services' code) or Bazel's HTTP cache protocol (`/ac/`,
+//! `/cas/`, over the cache), and writes every error in Google's JSON error
+//! form.
+
+mod bazel;
+mod rest;
 
 use std::sync::Arc;
 
@@ -14,30 +18,27 @@ use crate::metrics::Counted;
 use tonic::body::Body;
 use tonic::{Code, Status};
 
-use super::action_cache::ActionCacheService;
-use super::bytestream::ByteStreamService;
-use super::capabilities::CapabilitiesService;
-use super::cas::CasService;
-use super::{Shared, http_cache, rest};
+use crate::service::Shared;
+use crate::service::action_cache::ActionCacheService;
+use crate::service::capabilities::CapabilitiesService;
+use crate::service::cas::CasService;
 
 /// Request bodies, counted as they are read (for metrics), held in the
 /// budget, and ended if the client stalls.
 pub type RequestBody = Counted<crate::budget::Charged<crate::idle::Timed<Incoming>>>;
 
-/// The gRPC services, called in-process by the HTTP adapters.
+/// The cache, and the gRPC services the REST mapping calls in-process.
 pub struct HttpApi {
-    pub shared: Arc<Shared>,
-    pub cas: CasService,
-    pub bytestream: ByteStreamService,
-    pub action_cache: ActionCacheService,
-    pub capabilities: CapabilitiesService,
+    shared: Arc<Shared>,
+    cas: CasService,
+    action_cache: ActionCacheService,
+    capabilities: CapabilitiesService,
 }
 
 impl HttpApi {
     pub fn new(shared: Arc<Shared>) -> HttpApi {
         HttpApi {
             cas: CasService::new(Arc::clone(&shared)),
-            bytestream: ByteStreamService::new(Arc::clone(&shared)),
             action_cache: ActionCacheService::new(Arc::clone(&shared)),
             capabilities: CapabilitiesService::new(Arc::clone(&shared)),
             shared,
@@ -48,8 +49,8 @@ impl HttpApi {
         let path = request.uri().path().to_string();
         let result = if let Some(rest) = path.strip_prefix("/v2/") {
             rest::handle(self, request, rest).await
-        } else if let Some(target) = http_cache::Target::parse(&path) {
-            http_cache::handle(self, request, target).await
+        } else if let Some(target) = bazel::Target::parse(&path) {
+            bazel::handle(self, request, target).await
         } else {
             Err(HttpError::route(&path))
         };
@@ -70,7 +71,7 @@ pub fn route_label(method: &Method, path: &str) -> String {
             _ if rest.contains("actionResults/") => "/v2/actionResults".to_string(),
             _ => "/v2/other".to_string(),
         }
-    } else if let Some(target) = http_cache::Target::parse(path) {
+    } else if let Some(target) = bazel::Target::parse(path) {
         target.route().to_string()
     } else if matches!(path, "/healthz" | "/metrics") {
         path.to_string()
@@ -95,6 +96,12 @@ pub enum HttpError {
 impl From<Status> for HttpError {
     fn from(status: Status) -> HttpError {
         HttpError::Status(status)
+    }
+}
+
+impl From<crate::cache::Error> for HttpError {
+    fn from(e: crate::cache::Error) -> HttpError {
+        HttpError::Status(e.into())
     }
 }
 

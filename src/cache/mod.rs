@@ -1,0 +1,191 @@
+//! The cache: the one async API the faces call (gRPC services and HTTP
+//! routes). It owns the policy of the two tiers, so that "what happens on a
+//! miss?" has one answer, here: the local store always; behind it, when one
+//! is configured, the object store, read through on a local miss and written
+//! through (or back, by the replicator) on every write.
+//!
+//! - [`read`]: streams and batches of blobs, read through on a local miss.
+//! - [`write`]: uploads and batches, each copied to the object store.
+//! - [`actions`]: action results, complete or a miss.
+//! - [`directories`]: Directory blobs for GetTree, a level at a time.
+//! - [`tier`]: copies between the tiers, one blob at a time.
+//! - [`replicator`]: copies what the local tier queued, in the background.
+//!
+//! Store work runs on the blocking pool through [`blocking`], and every
+//! error is a [`Error`], which knows its gRPC code.
+
+mod actions;
+mod directories;
+mod error;
+mod read;
+mod replicator;
+mod tier;
+mod write;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use actions::{Inline, Lookup};
+pub use directories::DirectoryLimit;
+pub use error::Error;
+pub use read::{MAX_PIECE, Pieces};
+pub use write::{Incoming, Progress, Upload, UploadState};
+
+use crate::budget::Budget;
+use crate::digest::{Digest, Function};
+use crate::metrics::Metrics;
+use crate::objstore::{self, Bucket};
+use crate::store::{self, Store};
+
+/// How writes reach the object store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writes {
+    /// A write is acknowledged once both tiers hold it.
+    Through,
+    /// A write is acknowledged once the local tier holds it; the replicator
+    /// copies it.
+    Back,
+}
+
+/// The object store tier: the bucket, and how writes reach it.
+pub struct Tier {
+    bucket: Arc<Bucket>,
+    writes: Writes,
+    /// Wakes the replicator after a write-back.
+    wake: tokio::sync::Notify,
+}
+
+impl Tier {
+    pub fn connect(settings: &objstore::Settings, writes: Writes) -> Result<Tier, Error> {
+        let bucket = Arc::new(Bucket::connect(settings)?);
+        Ok(Tier { bucket, writes, wake: tokio::sync::Notify::new() })
+    }
+
+    /// What it is, for messages and the status page: endpoint and bucket.
+    pub fn name(&self) -> &str {
+        &self.bucket.name
+    }
+}
+
+/// The limits the cache applies to what it reads for a call.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// What Directory and Tree blobs a call may read.
+    pub directories: DirectoryLimit,
+    /// Largest gRPC message sent: what an action result may inline.
+    pub max_message_size: usize,
+}
+
+pub struct Cache {
+    store: Arc<Store>,
+    tier: Option<Arc<Tier>>,
+    metrics: Arc<Metrics>,
+    /// The bytes calls in flight may hold, all together.
+    budget: Arc<Budget>,
+    limits: Limits,
+}
+
+impl Cache {
+    pub fn new(
+        store: Arc<Store>,
+        tier: Option<Arc<Tier>>,
+        metrics: Arc<Metrics>,
+        budget: Arc<Budget>,
+        limits: Limits,
+    ) -> Arc<Cache> {
+        Arc::new(Cache { store, tier, metrics, budget, limits })
+    }
+
+    /// Uncompressed bytes per stored chunk: what a read or an upload holds
+    /// at a time.
+    pub fn chunk_size(&self) -> usize {
+        self.store.options().chunk_size
+    }
+
+    /// Holds `bytes` in the budget of calls in flight for a reply being
+    /// built (a GetTree page, say), waiting a little for room.
+    pub async fn hold(&self, bytes: u64) -> Result<crate::budget::Held, Error> {
+        Ok(self.budget.hold(bytes).await?)
+    }
+
+    /// The store in figures, for the status page and metrics.
+    pub async fn stats(&self) -> Result<store::Stats, Error> {
+        let store = Arc::clone(&self.store);
+        blocking(move || store.stats()).await
+    }
+
+    /// Which of `digests` the local tier holds; held ones count as used.
+    async fn local(&self, digests: Vec<Digest>) -> Result<(Vec<Digest>, Vec<bool>), Error> {
+        let store = Arc::clone(&self.store);
+        blocking(move || {
+            let present = store.contains(&digests)?;
+            Ok::<_, store::Error>((digests, present))
+        })
+        .await
+    }
+
+    /// Which of `digests` neither tier holds: the local index first, then
+    /// the object store for the local misses only. With the object store
+    /// down, its blobs count as missing (clients upload them again).
+    pub async fn find_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, Error> {
+        let (digests, mut present) = self.local(digests).await?;
+        if let Some(tier) = &self.tier {
+            let misses: Vec<usize> = (0..digests.len()).filter(|&i| !present[i]).collect();
+            let asked: Vec<Digest> = misses.iter().map(|&i| digests[i]).collect();
+            match tier.bucket.contains(&asked).await {
+                Ok(found) => misses.iter().zip(found).for_each(|(&i, f)| present[i] = f),
+                Err(e) => tracing::warn!("FindMissingBlobs answered from the local tier alone: {e}"),
+            }
+        }
+        Ok(digests.into_iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| d).collect())
+    }
+
+    /// The stored blob of `function` whose hash is `hash`, whatever its size
+    /// (Bazel's HTTP cache names blobs by hash alone): the local tier's, else
+    /// the object store's (found by its object's header).
+    pub async fn find_by_hash(&self, function: Function, hash: Vec<u8>) -> Result<Option<Digest>, Error> {
+        let store = Arc::clone(&self.store);
+        let looked_up = hash.clone();
+        let found = blocking(move || store.find_by_hash(function, &looked_up)).await?;
+        match (found, &self.tier) {
+            (None, Some(tier)) => Ok(tier.bucket.find_by_hash(function, &hash).await.unwrap_or_else(|e| {
+                tracing::warn!("HTTP cache lookup answered from the local tier alone: {e}");
+                None
+            })),
+            (found, _) => Ok(found),
+        }
+    }
+
+    /// The replicator, with a first check that the object store answers,
+    /// for the server's supervisor to run; `None` without an object store.
+    pub fn replicator(self: &Arc<Self>) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let tier = Arc::clone(self.tier.as_ref()?);
+        let cache = Arc::clone(self);
+        Some(async move {
+            // Say at once whether the object store answers; serving goes on either way.
+            let waits = match tier.writes {
+                Writes::Back => "writes queue",
+                Writes::Through => "writes fail",
+            };
+            match tier.bucket.check().await {
+                Ok(()) => tracing::info!("object store tier: {} answers", tier.name()),
+                Err(e @ objstore::Error::Config(_)) => {
+                    tracing::error!("object store tier {}: {e}; writes fail until that is fixed", tier.name())
+                }
+                Err(e) => tracing::warn!("object store tier {}: {e}; {waits} until it answers", tier.name()),
+            }
+            replicator::run(cache, tier).await
+        })
+    }
+}
+
+/// Runs store work on the blocking pool, keeping the async runtime free:
+/// the one place where the sync store meets async callers.
+pub async fn blocking<T, E, F>(f: F) -> Result<T, Error>
+where
+    T: Send + 'static,
+    E: Into<Error> + Send + 'static,
+    F: FnOnce() -> Result<T, E> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Worker(e.to_string()))?.map_err(Into::into)
+}

@@ -1,0 +1,333 @@
+//! Copies between the tiers: a blob the local tier lacks comes in from the
+//! object store (a read-through), checked chunk by chunk and against its
+//! digest; a blob written locally goes out to it (write-through now, or
+//! write-back by the replicator), chunk by chunk as it is stored, without
+//! being compressed again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::mpsc;
+
+use super::{Cache, Error, Tier, Writes, blocking};
+use crate::digest::Digest;
+use crate::objstore::{self, BlobReader, Bucket};
+use crate::store::{self, Store, Written, chunk};
+
+/// Blobs copied between the tiers at once for one call.
+const FETCHES_IN_FLIGHT: usize = 32;
+/// How long a copy waits for a reader streaming it to take a chunk.
+const TEE_WAIT: Duration = Duration::from_secs(5);
+/// A stored chunk holds at most MAX_CHUNK_SIZE bytes, compressed or not (a
+/// frame that cannot shrink them is stored raw): a larger one in an object
+/// is damage, refused before it is buffered.
+const MAX_STORED_CHUNK: usize = chunk::MAX_CHUNK_SIZE + 1024;
+
+/// One chunk of a blob being fetched, as stored (`value`) and decoded.
+pub struct Piece {
+    /// Its offset in the blob.
+    pub start: u64,
+    pub data: Bytes,
+    pub value: Bytes,
+}
+
+impl Cache {
+    /// Brings the blobs the local tier lacks in from the object store (a
+    /// read-through). Blobs neither tier holds stay missing; an object store
+    /// that is down makes this UNAVAILABLE.
+    pub(super) async fn fetch(&self, digests: &[Digest]) -> Result<(), Error> {
+        let Some(tier) = &self.tier else { return Ok(()) };
+        let (wanted, present) = self.local(digests.to_vec()).await?;
+        let local = present.iter().filter(|&&p| p).count() as u64;
+        let fetches: Vec<_> = wanted
+            .into_iter()
+            .zip(present)
+            .filter(|(_, p)| !p)
+            .map(|(d, _)| self.fetch_one(tier, d, None))
+            .collect();
+        // In parallel: small blobs cost the object store's latency each.
+        let found: Vec<bool> =
+            futures::stream::iter(fetches).buffer_unordered(FETCHES_IN_FLIGHT).try_collect().await?;
+        let remote_hits = found.iter().filter(|&&f| f).count() as u64;
+        self.metrics.tier_reads(local, remote_hits, found.len() as u64 - remote_hits);
+        Ok(())
+    }
+
+    /// Brings one blob the local tier lacks in from the object store,
+    /// sending its chunks to `tee` as they are stored (see [`fetch_into`]);
+    /// `false` if the object store lacks it. A damaged object is deleted, so
+    /// that clients write it again.
+    pub(super) fn fetch_one(
+        &self,
+        tier: &Arc<Tier>,
+        digest: Digest,
+        tee: Option<mpsc::Sender<Piece>>,
+    ) -> impl Future<Output = Result<bool, Error>> + Send + 'static {
+        let (tier, store, metrics) = (Arc::clone(tier), Arc::clone(&self.store), Arc::clone(&self.metrics));
+        async move {
+            match fetch_into(&tier.bucket, &store, digest, tee).await {
+                Ok(found) => Ok(found),
+                Err(Error::ObjStore(objstore::Error::Damaged(what))) => {
+                    metrics.tier_error(true);
+                    tracing::warn!("deleted, to be written again: the object store held a damaged {what}");
+                    let _ = tier.bucket.forget(&digest).await;
+                    Ok(false)
+                }
+                Err(e) => {
+                    metrics.tier_error(false);
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Copies blobs just written to the local tier to the object store,
+    /// [`FETCHES_IN_FLIGHT`] at a time; a result per blob. Write-through: a
+    /// write is acknowledged only once both tiers hold it, and a failed copy
+    /// stays queued for the replicator. Write-back: the queue holds them
+    /// (blobs the local tier held already are queued to be checked), and
+    /// the replicator is woken.
+    pub(super) async fn replicate(&self, written: Vec<(Digest, Written)>) -> Vec<Result<(), Error>> {
+        let all_done = |written: &[(Digest, Written)]| written.iter().map(|_| Ok(())).collect();
+        let Some(tier) = &self.tier else { return all_done(&written) };
+        if tier.writes == Writes::Back {
+            let rewritten: Vec<Digest> =
+                written.iter().filter(|(_, w)| *w == Written::AlreadyPresent).map(|(d, _)| *d).collect();
+            if !rewritten.is_empty() {
+                let store = Arc::clone(&self.store);
+                if let Err(e) = blocking(move || store.recheck_blobs(&rewritten)).await {
+                    tracing::warn!("could not queue blobs written again for a check: {e}");
+                }
+            }
+            tier.wake.notify_one();
+            return all_done(&written);
+        }
+        let copies =
+            written.into_iter().map(|(digest, written)| self.copy_out(&tier.bucket, digest, written));
+        let results: Vec<Result<Option<Digest>, Error>> =
+            futures::stream::iter(copies).buffered(FETCHES_IN_FLIGHT).collect().await;
+        // Off the queue in one write.
+        let copied: Vec<Digest> = results.iter().filter_map(|r| r.as_ref().ok().copied().flatten()).collect();
+        if !copied.is_empty() {
+            let store = Arc::clone(&self.store);
+            if let Err(e) = blocking(move || store.dequeue_blobs(&copied)).await {
+                // Still queued: the replicator copies them again, harmlessly.
+                tracing::warn!("could not take copied blobs off the queue: {e}");
+            }
+        }
+        results.into_iter().map(|r| r.map(|_| ())).collect()
+    }
+
+    /// [`Cache::replicate`] of one blob.
+    pub(super) async fn replicate_one(&self, digest: Digest, written: Written) -> Result<(), Error> {
+        self.replicate(vec![(digest, written)]).await.pop().unwrap_or(Ok(()))
+    }
+
+    /// Copies one blob to the object store: `Some` if it was copied. A blob
+    /// the local tier held already is copied if it is queued, or if the
+    /// object store lacks it (it may predate the tier).
+    async fn copy_out(
+        &self,
+        bucket: &Bucket,
+        digest: Digest,
+        written: Written,
+    ) -> Result<Option<Digest>, Error> {
+        if digest.is_empty_blob() {
+            return Ok(None);
+        }
+        if written == Written::AlreadyPresent {
+            let store = Arc::clone(&self.store);
+            let queued = blocking(move || store.is_queued(&digest)).await?;
+            if !queued && bucket.contains(&[digest]).await?[0] {
+                return Ok(None);
+            }
+        }
+        if let Err(e) = upload_from(bucket, &self.store, digest).await {
+            self.metrics.tier_error(false);
+            return Err(e);
+        }
+        self.metrics.tier_written(digest.size);
+        Ok(Some(digest))
+    }
+
+    /// Copies an action result just stored locally to the object store, as
+    /// [`Cache::replicate`] does a blob.
+    pub(super) async fn replicate_action_result(
+        &self,
+        instance: String,
+        action: Digest,
+        result: Vec<u8>,
+    ) -> Result<(), Error> {
+        let Some(tier) = &self.tier else { return Ok(()) };
+        if tier.writes == Writes::Back {
+            tier.wake.notify_one();
+            return Ok(());
+        }
+        if let Err(e) = tier.bucket.put_action_result(&instance, &action, &result).await {
+            self.metrics.tier_error(false);
+            return Err(e.into());
+        }
+        let store = Arc::clone(&self.store);
+        blocking(move || store.dequeue_action_result(&instance, &action, Some(&result))).await
+    }
+}
+
+/// Copies a blob from the local tier to the object store, chunk by chunk as
+/// it is stored. A blob the local tier no longer holds is
+/// [`store::Error::Vanished`].
+pub(super) async fn upload_from(bucket: &Bucket, local: &Arc<Store>, digest: Digest) -> Result<(), Error> {
+    let blob = {
+        let local = Arc::clone(local);
+        blocking(move || local.locate(&digest)).await?
+    };
+    let Some(blob) = blob else {
+        return Err(store::Error::Vanished(format!("blob {digest} is not in the local tier")).into());
+    };
+    let mut writer = bucket.blob_writer(&digest);
+    let mut offset = 0;
+    let copied: Result<(), Error> = async {
+        while offset < digest.size {
+            let (local, b) = (Arc::clone(local), blob);
+            let (start, value, held) = blocking(move || local.encoded_chunk_at(&b, offset)).await?;
+            if start != offset {
+                return Err(store::Error::Corrupt(format!(
+                    "blob {digest} has no chunk starting at {offset}"
+                ))
+                .into());
+            }
+            offset += held;
+            writer.push(value).await?;
+        }
+        Ok(())
+    }
+    .await;
+    match copied {
+        Ok(()) => Ok(writer.finish().await?),
+        Err(e) => {
+            writer.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// Copies a blob into the local tier, checking every chunk and the digest;
+/// `false` if the object store lacks it (or holds it damaged). Each chunk is
+/// also sent to `tee`, if given, once it is stored: a reader can stream the
+/// blob while it arrives. (A blob another call is fetching already is waited
+/// for, and sends nothing.)
+async fn fetch_into(
+    bucket: &Bucket,
+    local: &Arc<Store>,
+    digest: Digest,
+    tee: Option<mpsc::Sender<Piece>>,
+) -> Result<bool, Error> {
+    let resource = format!("remote-fetch/{}/{}", digest.function.name(), digest.hex());
+    // Another call may be fetching it right now: wait for that one, and if
+    // it failed, fetch again, so that this call gets its own answer
+    // (UNAVAILABLE, say) rather than a missing blob.
+    let (reader, upload) = loop {
+        let Some(reader) = bucket.blob_reader(&digest, MAX_STORED_CHUNK).await? else {
+            return Ok(false);
+        };
+        let upload = {
+            let (local, resource) = (Arc::clone(local), resource.clone());
+            blocking(move || local.begin_copy(&resource, digest)).await
+        };
+        match upload {
+            Ok(upload) => break (reader, upload),
+            Err(Error::Store(store::Error::UploadBusy(_))) => {
+                drop(reader);
+                while local.upload_active(&resource) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let (local, d) = (Arc::clone(local), digest);
+                if blocking(move || local.contains(&[d])).await?[0] {
+                    return Ok(true);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let finished = match copy(reader, upload, digest, tee).await {
+        (Some(upload), Ok(())) => blocking(move || upload.finish()).await,
+        (Some(upload), Err(e)) => {
+            let _ = blocking(move || upload.discard()).await;
+            return Err(e);
+        }
+        (None, result) => return result.map(|()| false),
+    };
+    match finished {
+        Ok(_) => Ok(true),
+        Err(Error::Store(store::Error::DigestMismatch(m))) => Err(objstore::Error::Damaged(format!(
+            "object for {}: its bytes hash to {}",
+            m.expected, m.actual
+        ))
+        .into()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Copies a blob object's chunks into a local upload, checking each (on the
+/// blocking pool: decompression and disk), and sends each to `tee`. Gives
+/// the upload back.
+async fn copy(
+    mut reader: BlobReader,
+    mut upload: store::Upload,
+    digest: Digest,
+    mut tee: Option<mpsc::Sender<Piece>>,
+) -> (Option<store::Upload>, Result<(), Error>) {
+    let size = match reader.header().await {
+        Ok(size) if size == digest.size => size,
+        Ok(size) => return (Some(upload), Err(damaged(digest, format!("it declares {size} bytes")))),
+        Err(e) => return (Some(upload), Err(e.into())),
+    };
+    let mut held = 0;
+    while held < size {
+        let value = match reader.chunk().await {
+            Ok(v) => v,
+            Err(e) => return (Some(upload), Err(e.into())),
+        };
+        let stored = value.clone();
+        let remaining = size - held;
+        let worked = tokio::task::spawn_blocking(move || {
+            let appended = match chunk::decode(&stored) {
+                Some(data) if data.len() as u64 <= remaining => {
+                    upload.append_encoded(&data, stored.to_vec()).map(|()| data).map_err(Error::from)
+                }
+                Some(_) => Err(damaged(digest, format!("its chunks hold more than {size} bytes"))),
+                None => Err(damaged(digest, "a chunk fails its check".into())),
+            };
+            (upload, appended)
+        })
+        .await;
+        let appended;
+        (upload, appended) = match worked {
+            Ok(pair) => pair,
+            // The upload went with the failed task; its record expires.
+            Err(e) => return (None, Err(Error::Worker(e.to_string()))),
+        };
+        match appended {
+            Ok(data) => {
+                let start = held;
+                held += data.len() as u64;
+                // A reader that went away, or that is slower than the object
+                // store, does not hold up the copy: it is sent no more.
+                if let Some(sender) = &tee {
+                    let sent =
+                        tokio::time::timeout(TEE_WAIT, sender.send(Piece { start, data, value })).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        tee = None;
+                    }
+                }
+            }
+            Err(e) => return (Some(upload), Err(e)),
+        }
+    }
+    (Some(upload), Ok(()))
+}
+
+fn damaged(digest: Digest, what: String) -> Error {
+    objstore::Error::Damaged(format!("object for {digest}: {what}")).into()
+}
