@@ -8,7 +8,7 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use larder::bench::data::{random_bytes, text_bytes};
+use common::data::{random_bytes, text_bytes};
 use larder::digest::Digest;
 use larder::proto::bytestream::ReadRequest;
 use larder::proto::bytestream::byte_stream_client::ByteStreamClient;

@@ -12,10 +12,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use larder::bench::data::random_bytes;
+use data::random_bytes;
 use larder::digest::Digest;
 use larder::eviction::{Budget, pass};
 use larder::store::{Error, NewBlob, Store, StoreOptions};
+
+/// The bench tool's data generator, shared as source (it is not library API).
+#[path = "../src/bench/data.rs"]
+#[allow(dead_code)] // a part of it is used here
+mod data;
 
 fn blob(n: u64, len: usize) -> Bytes {
     random_bytes(len, n).into()

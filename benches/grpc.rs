@@ -1,15 +1,14 @@
 //! End-to-end gRPC figures of larder on this machine: `larder bench grpc`'s
-//! workloads against an in-process server, next to the machine's own
-//! ceilings measured in the same run.
+//! workloads against a server in this process, next to the machine's own
+//! ceilings measured in the same run. The bench client is the real
+//! `larder bench` binary, in a process of its own, so that the server's CPU
+//! and memory are measured apart from the client's.
 //!
 //!     cargo bench --bench grpc            (LARDER_BENCH_SCALE=4 for longer runs)
 
-use larder::bench::data::Data;
-use larder::bench::measure::Ceilings;
-use larder::bench::report::{Run, table};
-use larder::bench::workload::Workload;
-use larder::bench::{Common, GrpcArgs, Phases, bench_grpc};
-use larder::config::{ByteSize, Config, Overrides};
+use std::process::Command;
+
+use larder::config::{Config, Overrides};
 use larder::server::Server;
 
 #[tokio::main]
@@ -31,29 +30,20 @@ async fn main() {
     }));
     ready.await.unwrap();
 
-    let data = vec![Data::Mixed, Data::Random];
-    let args = GrpcArgs {
-        endpoint: vec![format!("grpc://{addr}")],
-        instance: String::new(),
-        server_pid: None,
-        server_dir: Some(tmp.path().join("data")),
-        phase: Phases::All,
-        common: Common {
-            workload: vec![Workload::Build, Workload::Large, Workload::Small, Workload::FindMissing],
-            data: data.clone(),
-            seed: 1,
-            bytes: ByteSize(scale * (256 << 20)),
-            concurrency: 4,
-            miss_rate: 0.1,
-            large_size: ByteSize(32 << 20),
-            json: false,
-            csv: false,
-            plot: None,
-        },
-    };
-    let ceilings = tokio::task::spawn_blocking(move || Ceilings::measure(&data)).await.unwrap();
-    let runs = bench_grpc(&args).await.unwrap();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // The server runs in this process: its CPU and memory include the client's.
-    print!("{}", table(&larder::bench::finish(Run { ceilings, cores, runs })));
+    let data_dir = tmp.path().join("data");
+    let bytes = format!("{}MiB", scale * 256);
+    let status = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_larder"))
+            .args(["bench", "grpc", "--endpoint", &format!("grpc://{addr}")])
+            .args(["--server-pid", &std::process::id().to_string(), "--server-dir"])
+            .arg(&data_dir)
+            .args(["--workload", "build,large,small,find-missing", "--data", "mixed,random"])
+            .args(["--seed", "1", "--bytes", &bytes, "--concurrency", "4", "--miss-rate", "0.1"])
+            .args(["--large-size", "32MiB"])
+            .status()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "larder bench failed: {status}");
 }

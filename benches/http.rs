@@ -9,8 +9,8 @@ mod common;
 use std::time::Instant;
 
 use bytes::Bytes;
+use common::data::random_bytes;
 use common::{Server, settle_disk};
-use larder::bench::data::random_bytes;
 use larder::digest::Digest;
 use larder::proto::reapi::{
     self, BatchReadBlobsRequest, BatchUpdateBlobsRequest, batch_update_blobs_request,

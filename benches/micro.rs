@@ -7,9 +7,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use larder::bench::data::{Content, Kind};
+use data::{Content, Kind};
 use larder::digest::{Digest, Function};
 use larder::store::{NewBlob, Store, StoreOptions, chunk};
+
+/// The bench tool's data generator, shared as source (it is not library API).
+#[path = "../src/bench/data.rs"]
+#[allow(dead_code)] // a part of it is used here
+mod data;
 
 const MIB: usize = 1 << 20;
 

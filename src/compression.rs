@@ -223,7 +223,7 @@ pub fn with_content_size(frame: &[u8], size: u64) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::data::{random_bytes, text_bytes};
+    use crate::testdata::{random_bytes, text_bytes};
 
     fn unzstd(stream: &[u8]) -> Vec<u8> {
         zstd::stream::decode_all(stream).unwrap()

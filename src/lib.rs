@@ -6,7 +6,6 @@
 //! keeps the data directory under its size budget.
 
 pub mod auth;
-pub mod bench;
 pub mod budget;
 pub mod cache;
 pub mod codec;
@@ -25,4 +24,10 @@ pub mod server;
 pub mod service;
 pub mod status;
 pub mod store;
+/// The bench tool's data generator, for the unit tests (shared as source,
+/// not library API).
+#[cfg(test)]
+#[path = "bench/data.rs"]
+#[allow(dead_code)]
+mod testdata;
 pub mod tls;

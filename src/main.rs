@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
+
 use larder::config::{Config, LogFormat, Overrides};
 use larder::server::Server;
 use larder::store::Store;
@@ -32,7 +34,7 @@ enum Command {
     /// machine's SHA-256 and zstd speeds, measured in the same run.
     Bench {
         #[command(subcommand)]
-        target: Box<larder::bench::Target>,
+        target: Box<bench::Target>,
     },
 }
 
@@ -126,7 +128,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Scrub(args) => scrub(args),
-        Command::Bench { target } => bench(*target),
+        Command::Bench { target } => run_bench(*target),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -225,10 +227,10 @@ fn scrub(args: ScrubArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn bench(target: larder::bench::Target) -> Result<(), String> {
+fn run_bench(target: bench::Target) -> Result<(), String> {
     init_logs(LogFormat::Compact);
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
-    runtime.block_on(larder::bench::main(target)).map_err(|e| e.to_string())
+    runtime.block_on(bench::main(target)).map_err(|e| e.to_string())
 }
 
 /// Logs go to stderr, at the level RUST_LOG sets (info by default): a compact

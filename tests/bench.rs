@@ -5,16 +5,13 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::pin::Pin;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use common::TestServer;
-use larder::bench::data::Data;
-use larder::bench::workload::Workload;
-use larder::bench::{Common, Error, GrpcArgs, Phases, StoreArgs, bench_grpc, bench_store};
-use larder::config::ByteSize;
 use larder::proto::bytestream::byte_stream_server::{ByteStream, ByteStreamServer};
 use larder::proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse,
@@ -23,76 +20,106 @@ use larder::proto::reapi;
 use larder::proto::reapi::content_addressable_storage_server::{
     ContentAddressableStorage, ContentAddressableStorageServer,
 };
+use serde_json::Value;
 use tonic::{Request, Response, Status, Streaming};
 
-const ALL: [Workload; 4] = [Workload::Build, Workload::Large, Workload::Small, Workload::FindMissing];
+const ALL: &str = "build,large,small,find-missing";
 
-fn common(workloads: &[Workload], seed: u64) -> Common {
-    Common {
-        workload: workloads.to_vec(),
-        data: vec![Data::Mixed],
-        seed,
-        bytes: ByteSize(6 << 20),
-        concurrency: 3,
-        miss_rate: 0.2,
-        large_size: ByteSize(2 << 20),
-        json: false,
-        csv: false,
-        plot: None,
+/// Runs `larder bench` with the small settings these tests use (and 6 MiB
+/// per workload unless `args` say otherwise); its JSON report's runs, or
+/// what it printed on stderr when it failed.
+async fn bench(args: Vec<String>) -> Result<Vec<Value>, String> {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_larder"))
+            .arg("bench")
+            .args(&args)
+            .args(["--concurrency", "3", "--miss-rate", "0.2", "--large-size", "2MiB"])
+            .args(["--data", "mixed", "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    Ok(run["runs"].as_array().unwrap().clone())
 }
 
-fn grpc_args(endpoint: &str, workloads: &[Workload], seed: u64, phase: Phases) -> GrpcArgs {
-    GrpcArgs {
-        endpoint: vec![endpoint.to_string()],
-        instance: String::new(),
-        server_pid: None,
-        server_dir: None,
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+fn grpc(endpoint: &str, workloads: &str, seed: u64, phase: &str) -> Vec<String> {
+    let seed = seed.to_string();
+    strings(&[
+        "grpc",
+        "--endpoint",
+        endpoint,
+        "--workload",
+        workloads,
+        "--seed",
+        &seed,
+        "--phase",
         phase,
-        common: common(workloads, seed),
-    }
+        "--bytes",
+        "6MiB",
+    ])
+}
+
+fn store(dir: &Path, workloads: &str, seed: u64, bytes: &str) -> Vec<String> {
+    let seed = seed.to_string();
+    let mut args = strings(&["store", "--workload", workloads, "--seed", &seed, "--bytes", bytes, "--dir"]);
+    args.push(dir.display().to_string());
+    args
+}
+
+fn number(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_workload_runs_against_an_embedded_store() {
     let tmp = tempfile::tempdir().unwrap();
-    let args = StoreArgs {
-        config: None,
-        zstd_level: vec![],
-        chunk_size: vec![],
-        blob_files: vec![],
-        sync_writes: vec![],
-        cache_size: vec![],
-        max_size: vec![],
-        dir: Some(tmp.path().to_path_buf()),
-        only: None,
-        common: common(&ALL, 1),
-    };
-    let reports = bench_store(&args).await.unwrap();
+    let reports = bench(store(tmp.path(), ALL, 1, "6MiB")).await.unwrap();
     assert_eq!(reports.len(), 4);
     for r in &reports {
-        let what = r.workload.name();
-        assert!(r.logical_bytes >= 6 << 20, "{what}: {} logical bytes", r.logical_bytes);
-        assert!(r.write.bytes_sent >= 6 << 20, "{what} wrote {}", r.write.bytes_sent);
-        assert!(r.ingest_mbps.unwrap() > 0.0 && r.write_ops_per_sec.unwrap() > 0.0, "{what}");
-        assert!(r.disk_bytes.unwrap() > 0 && r.space_amplification.unwrap() > 0.1, "{what}");
-        assert!(r.write_amplification.is_some() && r.cpu_seconds_per_gib.is_some(), "{what}");
-        assert!(r.peak_rss_bytes.unwrap() > 1 << 20, "{what}");
-        assert!(r.latency.calls > 0 && r.latency.p50_us <= r.latency.p999_us, "{what}");
-        if r.workload == Workload::FindMissing {
-            assert_eq!(r.read.bytes_received, 0);
-            assert!(r.read.ops >= 4 * 1000, "{} digests looked up", r.read.ops);
-            assert!(r.latency_by_call.contains_key("FindMissingBlobs"));
+        let what = r["workload"].to_string();
+        assert!(
+            number(&r["logical_bytes"]) >= (6 << 20) as f64,
+            "{what}: {} logical bytes",
+            r["logical_bytes"]
+        );
+        assert!(
+            number(&r["write"]["bytes_sent"]) >= (6 << 20) as f64,
+            "{what} wrote {}",
+            r["write"]["bytes_sent"]
+        );
+        assert!(number(&r["ingest_mbps"]) > 0.0 && number(&r["write_ops_per_sec"]) > 0.0, "{what}");
+        assert!(number(&r["disk_bytes"]) > 0.0 && number(&r["space_amplification"]) > 0.1, "{what}");
+        assert!(r["write_amplification"].is_number() && r["cpu_seconds_per_gib"].is_number(), "{what}");
+        assert!(number(&r["peak_rss_bytes"]) > (1 << 20) as f64, "{what}");
+        let latency = &r["latency"];
+        assert!(
+            number(&latency["calls"]) > 0.0 && number(&latency["p50_us"]) <= number(&latency["p999_us"]),
+            "{what}"
+        );
+        if r["workload"] == "find-missing" {
+            assert_eq!(number(&r["read"]["bytes_received"]), 0.0);
+            assert!(number(&r["read"]["ops"]) >= 4000.0, "{} digests looked up", r["read"]["ops"]);
+            assert!(r["latency_by_call"].get("FindMissingBlobs").is_some());
         } else {
             // Everything written is read back (a warm build reads the hits).
-            assert!(r.read.bytes_received > 0 && r.read_mbps.is_some(), "{what}");
+            assert!(number(&r["read"]["bytes_received"]) > 0.0 && r["read_mbps"].is_number(), "{what}");
         }
     }
     let build = &reports[0];
+    assert_eq!(build["workload"], "build");
     for call in
         ["FindMissingBlobs", "GetActionResult", "UpdateActionResult", "BatchUpdateBlobs", "BatchReadBlobs"]
     {
-        assert!(build.latency_by_call.contains_key(call), "the build made no {call} call");
+        assert!(build["latency_by_call"].get(call).is_some(), "the build made no {call} call");
     }
     // The temporary stores are gone.
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
@@ -105,31 +132,16 @@ async fn a_store_held_to_a_budget_reports_its_peak_disk() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("larder.toml");
     std::fs::write(&config, "eviction_min_age = \"1s\"\n").unwrap();
-    let mut common = common(&[Workload::Large], 3);
-    common.bytes = ByteSize(64 << 20);
-    let args = StoreArgs {
-        config: Some(config),
-        zstd_level: vec![],
-        chunk_size: vec![],
-        blob_files: vec![],
-        sync_writes: vec![],
-        cache_size: vec![],
-        max_size: vec![ByteSize(24 << 20)],
-        dir: Some(tmp.path().join("stores")),
-        only: None,
-        common,
-    };
-    let reports = bench_store(&args).await.unwrap();
+    let mut args = store(&tmp.path().join("stores"), "large", 3, "64MiB");
+    args.extend(strings(&["--config", config.to_str().unwrap(), "--max-size", "24MiB"]));
+    let reports = bench(args).await.unwrap();
     let r = &reports[0];
-    assert_eq!(r.max_size, Some(24 << 20));
-    let peak = r.peak_disk_bytes.unwrap();
-    eprintln!(
-        "64 MiB written under a 24 MiB budget: peak disk {:.2}x the budget",
-        peak as f64 / (24 << 20) as f64
-    );
-    assert!(peak > 12 << 20 && peak <= (24 << 20) * 11 / 10, "peak disk {peak}");
-    assert!(r.ingest_mbps.unwrap() > 0.0);
-    assert_eq!(r.read.ops, 0, "reads would find evicted blobs missing: skipped");
+    assert_eq!(number(&r["max_size"]), (24 << 20) as f64);
+    let peak = number(&r["peak_disk_bytes"]);
+    eprintln!("64 MiB written under a 24 MiB budget: peak disk {:.2}x the budget", peak / (24 << 20) as f64);
+    assert!(peak > (12 << 20) as f64 && peak <= ((24 << 20) * 11 / 10) as f64, "peak disk {peak}");
+    assert!(number(&r["ingest_mbps"]) > 0.0);
+    assert_eq!(number(&r["read"]["ops"]), 0.0, "reads would find evicted blobs missing: skipped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,31 +149,35 @@ async fn every_workload_runs_against_a_server_and_a_rerun_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let server = TestServer::start(&tmp.path().join("data"), &[]);
     let endpoint = format!("grpc://{}", server.addr);
-    let mut args = grpc_args(&endpoint, &ALL, 7, Phases::All);
-    args.server_dir = Some(tmp.path().join("data"));
-    let reports = bench_grpc(&args).await.unwrap();
+    let mut args = grpc(&endpoint, ALL, 7, "all");
+    args.extend(strings(&["--server-dir", tmp.path().join("data").to_str().unwrap()]));
+    let reports = bench(args).await.unwrap();
     assert_eq!(reports.len(), 4);
     for r in &reports {
-        assert!(r.ingest_mbps.is_some() && r.write.bytes_sent >= 6 << 20, "{:?}", r.workload);
+        let what = r["workload"].to_string();
+        assert!(
+            r["ingest_mbps"].is_number() && number(&r["write"]["bytes_sent"]) >= (6 << 20) as f64,
+            "{what}"
+        );
         // The server is found by its port and measured.
-        assert!(r.cpu_seconds_per_gib.unwrap() > 0.0, "{:?}", r.workload);
-        assert!(r.peak_rss_bytes.unwrap() > 1 << 20);
-        assert!(r.disk_bytes.is_some());
+        assert!(number(&r["cpu_seconds_per_gib"]) > 0.0, "{what}");
+        assert!(number(&r["peak_rss_bytes"]) > (1 << 20) as f64);
+        assert!(r["disk_bytes"].is_number());
     }
 
     // The same seed again would measure nothing: refused, with what to do.
-    let again = bench_grpc(&grpc_args(&endpoint, &[Workload::Small], 7, Phases::All)).await;
-    match again {
-        Err(Error::Setup(message)) => assert!(message.contains("another --seed"), "{message}"),
-        other => panic!("a rerun was not refused: {:?}", other.map(|r| r.len())),
-    }
+    let again = bench(grpc(&endpoint, "small", 7, "all")).await;
+    assert!(again.as_ref().is_err_and(|message| message.contains("another --seed")), "{again:?}");
     // Reading what an earlier run wrote is fine, and checks every byte.
-    let read = bench_grpc(&grpc_args(&endpoint, &[Workload::Large], 7, Phases::Read)).await.unwrap();
-    assert_eq!(read[0].read.bytes_received, 6 << 20);
-    assert!(read[0].ingest_mbps.is_none());
+    let read = bench(grpc(&endpoint, "large", 7, "read")).await.unwrap();
+    assert_eq!(number(&read[0]["read"]["bytes_received"]), (6 << 20) as f64);
+    assert!(read[0]["ingest_mbps"].is_null());
     // A seed nothing was written with: the reads find their blobs missing.
-    let missing = bench_grpc(&grpc_args(&endpoint, &[Workload::Large], 8, Phases::Read)).await;
-    assert!(matches!(missing, Err(Error::Missing(_))), "{:?}", missing.map(|r| r.len()));
+    let missing = bench(grpc(&endpoint, "large", 8, "read")).await;
+    assert!(
+        missing.as_ref().is_err_and(|message| message.contains("is missing from the target")),
+        "{missing:?}"
+    );
 }
 
 /// A CAS that keeps blobs in memory and flips one bit of every blob it
@@ -285,13 +301,12 @@ async fn a_server_that_returns_a_wrong_byte_fails_the_bench() {
             .add_service(ByteStreamServer::new(liar))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    for workload in [Workload::Small, Workload::Large] {
-        let args = grpc_args(&format!("grpc://{addr}"), &[workload], 3, Phases::All);
-        match bench_grpc(&args).await {
-            Err(Error::Verify(message)) => {
-                assert!(message.contains("the server returned wrong bytes"), "{workload:?}: {message}");
+    for workload in ["small", "large"] {
+        match bench(grpc(&format!("grpc://{addr}"), workload, 3, "all")).await {
+            Err(message) => {
+                assert!(message.contains("the server returned wrong bytes"), "{workload}: {message}");
             }
-            other => panic!("{workload:?}: wrong bytes were not caught: {:?}", other.map(|r| r.len())),
+            Ok(runs) => panic!("{workload}: wrong bytes were not caught: {runs:?}"),
         }
     }
 }

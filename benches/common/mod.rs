@@ -3,6 +3,10 @@
 
 #![allow(dead_code)] // each benchmark uses its own subset
 
+/// The bench tool's data generator, shared as source (it is not library API).
+#[path = "../../src/bench/data.rs"]
+pub mod data;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 

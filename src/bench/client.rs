@@ -13,14 +13,14 @@ use tonic::transport::Channel;
 use super::Error;
 use super::data::Content;
 use super::measure::ClientCpu;
-use crate::digest::{Digest, Function, FunctionHint, Hasher};
-use crate::proto::bytestream::byte_stream_client::ByteStreamClient;
-use crate::proto::bytestream::{ReadRequest, WriteRequest};
-use crate::proto::reapi;
-use crate::proto::reapi::action_cache_client::ActionCacheClient;
-use crate::proto::reapi::capabilities_client::CapabilitiesClient;
-use crate::proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use crate::store::{NewBlob, Store};
+use larder::digest::{Digest, Function, FunctionHint, Hasher};
+use larder::proto::bytestream::byte_stream_client::ByteStreamClient;
+use larder::proto::bytestream::{ReadRequest, WriteRequest};
+use larder::proto::reapi;
+use larder::proto::reapi::action_cache_client::ActionCacheClient;
+use larder::proto::reapi::capabilities_client::CapabilitiesClient;
+use larder::proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use larder::store::{NewBlob, Store};
 
 /// Bytes per ByteStream write message.
 const WRITE_MESSAGE: usize = 1 << 20;
@@ -110,7 +110,7 @@ fn call_failed(call: &str, status: tonic::Status) -> Error {
     Error::Call(format!("{call} failed: {:?}: {}", status.code(), status.message()))
 }
 
-fn store_failed(call: &str, e: crate::store::Error) -> Error {
+fn store_failed(call: &str, e: larder::store::Error) -> Error {
     Error::Call(format!("{call} failed: {e}"))
 }
 
@@ -121,7 +121,7 @@ const REFUSED_AT_MOST: Duration = Duration::from_secs(120);
 
 /// Fails a write refused at the size budget for too long: eviction cannot
 /// make room (everything is younger than eviction_min_age, say).
-fn full_for_too_long(since: Instant, e: &crate::store::Error) -> Result<(), Error> {
+fn full_for_too_long(since: Instant, e: &larder::store::Error) -> Result<(), Error> {
     match since.elapsed() > REFUSED_AT_MOST {
         true => Err(Error::Call(format!(
             "writes refused for {REFUSED_AT_MOST:?}: {e} (is --max-size smaller than what eviction_min_age keeps?)"
@@ -205,7 +205,7 @@ impl Client {
                         for (blob, r) in new.into_iter().zip(results) {
                             match r {
                                 Ok(_) => {}
-                                Err(e @ crate::store::Error::Full { .. }) => {
+                                Err(e @ larder::store::Error::Full { .. }) => {
                                     full_for_too_long(refused_since, &e)?;
                                     again.push(blob);
                                 }
@@ -345,7 +345,7 @@ impl Client {
                     let mut upload = loop {
                         match store.begin_upload(&resource, blob.digest, 0) {
                             Ok(upload) => break upload,
-                            Err(e @ crate::store::Error::Full { .. }) => {
+                            Err(e @ larder::store::Error::Full { .. }) => {
                                 full_for_too_long(refused_since, &e)?;
                                 std::thread::sleep(REFUSED_PAUSE);
                             }

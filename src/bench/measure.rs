@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::data::{Content, Data, Rng};
-use crate::digest::Digest;
+use larder::digest::Digest;
 
 /// Single-core speeds measured on this machine, in this run: every
 /// throughput is also given as a fraction of these.

@@ -3,6 +3,8 @@
 //! ratios to the machine's own ceilings measured in the same run.
 
 pub mod client;
+// Shared as source with the tests and benches, which use parts the tool does not.
+#[allow(dead_code)]
 pub mod data;
 pub mod measure;
 pub mod report;
@@ -14,12 +16,12 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::config::{ByteSize, Config, Overrides};
-use crate::digest::Digest;
-use crate::eviction::Budget;
-use crate::store::{Store, StoreOptions};
 use client::{Client, Grpc};
 use data::Data;
+use larder::config::{ByteSize, Config, Overrides};
+use larder::digest::Digest;
+use larder::eviction::Budget;
+use larder::store::{Store, StoreOptions};
 use measure::{Ceilings, ClientCpu, Latency, Process};
 use report::{Phase, Report, Run};
 use workload::{Outcome, Plan, Shape, Workload};
@@ -35,9 +37,9 @@ pub enum Error {
     #[error("{0}")]
     Setup(String),
     #[error("the store: {0}")]
-    Store(#[from] crate::store::Error),
+    Store(#[from] larder::store::Error),
     #[error("{0}")]
-    Config(#[from] crate::config::Error),
+    Config(#[from] larder::config::Error),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
 }
@@ -399,7 +401,7 @@ async fn store_run(
     let bar = progress((plan.write.len() + plan.read.len()) as u64, what.trim());
     // Held to a budget, eviction runs as in the server, and the disk is
     // sampled like `du` through the write phase.
-    let eviction = budget.map(|b| tokio::spawn(crate::eviction::run(Arc::clone(&store), b)));
+    let eviction = budget.map(|b| tokio::spawn(larder::eviction::run(Arc::clone(&store), b)));
     let sampler = budget.map(|_| measure::PeakDisk::start(dir.clone()));
     Process::Own.reset_peak_rss();
     let before = Process::Own.sample();
@@ -608,4 +610,73 @@ fn local_port(endpoint: &str) -> Option<u16> {
     let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
     let (host, port) = rest.trim_end_matches('/').rsplit_once(':')?;
     matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "0.0.0.0").then(|| port.parse().ok())?
+}
+
+/// The data generator's own tests: here, not in data.rs, which the tests
+/// and benches include as source (and would run them again).
+#[cfg(test)]
+mod data_tests {
+    use super::data::*;
+
+    #[test]
+    fn deterministic_per_seed() {
+        assert_eq!(random_bytes(1000, 7), random_bytes(1000, 7));
+        assert_ne!(random_bytes(1000, 7), random_bytes(1000, 8));
+        assert_eq!(text_bytes(999, 3).len(), 999);
+        assert_eq!(text_bytes(500, 3), text_bytes(500, 3));
+    }
+
+    #[test]
+    fn content_is_the_same_whole_or_in_pieces() {
+        for kind in [Kind::Random, Kind::Text, Kind::Binary] {
+            let content = Content { kind, seed: 5, size: 3 * BLOCK as u64 + 1234 };
+            let whole = content.bytes();
+            assert_eq!(whole.len() as u64, content.size);
+            assert_eq!(whole, content.bytes(), "{kind:?} is deterministic");
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for len in [1, 70_000, 5, BLOCK, 200_000] {
+                content.push(at, len, &mut pieces);
+                at = (at + len as u64).min(content.size);
+            }
+            assert_eq!(pieces, whole, "{kind:?} pieces");
+            assert_ne!(whole, Content { seed: 6, ..content }.bytes(), "{kind:?} differs by seed");
+        }
+    }
+
+    /// The kinds compress as their names promise, at zstd level 1.
+    #[test]
+    fn kinds_compress_like_their_models() {
+        let ratio = |kind| {
+            let data = Content { kind, seed: 1, size: 4 << 20 }.bytes();
+            data.len() as f64 / zstd::bulk::compress(&data, 1).unwrap().len() as f64
+        };
+        let (random, text, binary) = (ratio(Kind::Random), ratio(Kind::Text), ratio(Kind::Binary));
+        assert!(random < 1.01, "random compresses {random:.2}x");
+        assert!((2.5..6.0).contains(&text), "text compresses {text:.2}x");
+        assert!((1.5..3.0).contains(&binary), "binary compresses {binary:.2}x");
+    }
+
+    #[test]
+    fn mixed_data_mixes_kinds_in_proportion() {
+        let mut rng = Rng::new(3);
+        let mut counts = [0; 3];
+        for _ in 0..10_000 {
+            counts[Data::Mixed.pick(&mut rng) as usize] += 1;
+        }
+        // Random, text, binary: 20 %, 35 %, 45 %.
+        assert!((1_800..2_200).contains(&counts[0]), "{counts:?}");
+        assert!((3_200..3_800).contains(&counts[1]), "{counts:?}");
+        assert!((4_200..4_800).contains(&counts[2]), "{counts:?}");
+    }
+
+    #[test]
+    fn log_uniform_stays_in_range_and_spreads_by_magnitude() {
+        let mut rng = Rng::new(9);
+        let sizes: Vec<u64> = (0..20_000).map(|_| rng.log_uniform(100, 64 << 10)).collect();
+        assert!(sizes.iter().all(|s| (100..=64 << 10).contains(s)));
+        // 100 B to 64 KiB spans ~6.5 e-foldings; below 2.56 KiB is half of them.
+        let below = sizes.iter().filter(|&&s| s < 2560).count();
+        assert!((9_400..10_600).contains(&below), "{below} of 20000 below 2.5 KiB");
+    }
 }

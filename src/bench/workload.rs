@@ -12,8 +12,8 @@ use super::Error;
 use super::client::{Blob, Client};
 use super::data::{Content, Data, Rng};
 use super::measure::ClientCpu;
-use crate::digest::{Digest, Function};
-use crate::proto::reapi;
+use larder::digest::{Digest, Function};
+use larder::proto::reapi;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]

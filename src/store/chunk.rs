@@ -313,7 +313,7 @@ mod tests {
     #[test]
     fn chunks_become_frames_from_any_offset() {
         let text: Vec<u8> = b"fn main() { println!(\"hello\"); }\n".repeat(4096);
-        let random = crate::bench::data::random_bytes(100_000, 1);
+        let random = crate::testdata::random_bytes(100_000, 1);
         for data in [&text[..], &random[..]] {
             let stored = encode(data, 1);
             assert_eq!(content_len(&stored), Some(data.len() as u64));
@@ -343,7 +343,7 @@ mod tests {
         assert_eq!(decode(&stored).unwrap(), text);
         assert_eq!(content_len(&stored), Some(text.len() as u64));
 
-        let random = crate::bench::data::random_bytes(50_000, 2);
+        let random = crate::testdata::random_bytes(50_000, 2);
         let frame = zstd::bulk::compress(&random, 3).unwrap();
         assert_eq!(encode_frame(&frame, &random, 1).last(), Some(&RAW_SUMMED), "incompressible: raw");
         // Two frames are not one chunk frame: compressed afresh instead.
@@ -356,7 +356,7 @@ mod tests {
     #[test]
     fn any_flipped_byte_is_caught_by_the_checksum() {
         let text: Vec<u8> = b"fn main() { println!(\"hello\"); }\n".repeat(4096);
-        let random = crate::bench::data::random_bytes(100_000, 2);
+        let random = crate::testdata::random_bytes(100_000, 2);
         for data in [&text[..], &random[..]] {
             let stored = encode(data, 1);
             let tag = stored.len() - 1;

@@ -225,7 +225,7 @@ fn large_uploads_go_to_a_file_of_their_own_and_resume_past_a_torn_append() {
 fn batches_write_large_blobs_to_files_and_a_lost_file_is_a_missing_blob() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
-    let large = Bytes::from(crate::bench::data::random_bytes(300_000, 8));
+    let large = Bytes::from(crate::testdata::random_bytes(300_000, 8));
     let small = bytes(30_000, 9);
     let (dl, ds) = (put(&store, &large), put(&store, &small));
     assert_eq!(read_whole(&store, &dl), large);
@@ -340,7 +340,7 @@ fn writes_are_refused_at_the_hard_limit_and_reads_go_on() {
     let kept = put(&store, &bytes(1000, 1));
     store.set_hard_limit(store.disk_estimate() + 100_000);
     // Incompressible: stored at their size, and counted so.
-    let random = |seed| Bytes::from(crate::bench::data::random_bytes(60_000, seed));
+    let random = |seed| Bytes::from(crate::testdata::random_bytes(60_000, seed));
     put(&store, &random(2));
     let refused = store.put_blobs(&[NewBlob::new(Digest::of(&random(3)), random(3))]);
     assert!(matches!(refused[0], Err(Error::Full { .. })), "{refused:?}");
@@ -356,7 +356,7 @@ fn writes_are_refused_at_the_hard_limit_and_reads_go_on() {
 fn client_frames_are_kept_only_where_they_hold_exactly_one_chunk() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path()); // 64 KiB chunks
-    let text: Bytes = crate::bench::data::text_bytes(100_000, 1).into();
+    let text: Bytes = crate::testdata::text_bytes(100_000, 1).into();
     let frame = |r: Range<usize>| Bytes::from(zstd::bulk::compress(&text[r], 19).unwrap());
     let first = frame(0..65_536);
     // Frames for the first chunk (kept), and one misaligned with the second.
@@ -422,7 +422,7 @@ fn action_results_live_inside_the_budget_and_are_evicted_with_blobs() {
     let store = open(tmp.path());
     let result = bytes(100_000, 9);
     let actions: Vec<Digest> = (0..4u8).map(|i| Digest::of(&[i])).collect();
-    let incompressible = |seed| Bytes::from(crate::bench::data::random_bytes(50_000, seed));
+    let incompressible = |seed| Bytes::from(crate::testdata::random_bytes(50_000, seed));
     let old_blob = put(&store, &incompressible(1));
     for action in &actions {
         store.put_action_result("ci", action, Some(action.size), &result).unwrap();
@@ -531,7 +531,7 @@ fn a_flushed_store_keeps_no_write_ahead_log_it_no_longer_needs() {
     let store = open(tmp.path());
     // Uploads smaller than a chunk go through the WAL; so do batches.
     for seed in 0..4 {
-        let data = crate::bench::data::random_bytes(60_000, seed);
+        let data = crate::testdata::random_bytes(60_000, seed);
         let digest = Digest::of(&data);
         let mut upload = store.begin_upload(&format!("uploads/{seed}"), digest, 0).unwrap();
         for part in data.chunks(64 << 10) {

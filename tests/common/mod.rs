@@ -9,7 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-pub use larder::bench::data::{random_bytes, text_bytes};
+/// The bench tool's data generator, shared as source (it is not library
+/// API): the same seeds give the tests and `larder bench` the same bytes.
+#[path = "../../src/bench/data.rs"]
+pub mod data;
+pub use data::{random_bytes, text_bytes};
 use larder::digest::Digest;
 use larder::proto::bytestream::byte_stream_client::ByteStreamClient;
 use larder::proto::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
