@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use data::random_bytes;
 use larder::digest::Digest;
-use larder::eviction::{Budget, pass};
+use larder::store::eviction::{Budget, pass};
 use larder::store::{Error, NewBlob, Store, StoreOptions};
 
 /// The bench tool's data generator, shared as source (it is not library API).

@@ -1,9 +1,13 @@
 //! larder: a single-binary REAPI v2 remote build cache on RocksDB.
 //!
-//! Data flows one way: [`service`] (thin gRPC adapters) → [`store`] (the
-//! RocksDB layout) → RocksDB. [`server`] wires the services to a listener;
-//! [`config`] layers defaults, file, environment and flags; [`eviction`]
-//! keeps the data directory under its size budget.
+//! Data flows one way: the faces, [`service`] (gRPC) and [`http`] (REST and
+//! Bazel's HTTP cache), validate what clients send and call the [`cache`],
+//! which owns the two tiers' policy (read-through, write-through or
+//! write-back, the replicator) and calls the [`store`] (the local tier: the
+//! only code that knows RocksDB) and the [`objstore`] client (the shared
+//! S3 tier). [`server`] wires the faces to listeners and owns the
+//! background tasks; [`config`] layers defaults, file, environment and
+//! flags. docs/architecture.md has the module map and the path of a call.
 
 pub mod auth;
 pub mod budget;
@@ -12,7 +16,6 @@ pub mod codec;
 pub mod compression;
 pub mod config;
 pub mod digest;
-pub mod eviction;
 #[cfg(test)]
 mod hostile;
 pub mod http;

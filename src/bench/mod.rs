@@ -20,7 +20,7 @@ use client::{Client, Grpc};
 use data::Data;
 use larder::config::{ByteSize, Config, Overrides};
 use larder::digest::Digest;
-use larder::eviction::Budget;
+use larder::store::eviction::Budget;
 use larder::store::{Store, StoreOptions};
 use measure::{Ceilings, ClientCpu, Latency, Process};
 use report::{Phase, Report, Run};
@@ -401,7 +401,7 @@ async fn store_run(
     let bar = progress((plan.write.len() + plan.read.len()) as u64, what.trim());
     // Held to a budget, eviction runs as in the server, and the disk is
     // sampled like `du` through the write phase.
-    let eviction = budget.map(|b| tokio::spawn(larder::eviction::run(Arc::clone(&store), b)));
+    let eviction = budget.map(|b| tokio::spawn(larder::store::eviction::run(Arc::clone(&store), b)));
     let sampler = budget.map(|_| measure::PeakDisk::start(dir.clone()));
     Process::Own.reset_peak_rss();
     let before = Process::Own.sample();

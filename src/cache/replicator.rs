@@ -12,7 +12,7 @@ use futures::StreamExt;
 use super::{Cache, Error, Tier, Writes, blocking, tier};
 use crate::digest::Digest;
 use crate::objstore;
-use crate::store::{self, BACKFILLED, QueueEntry, Queued, now_ms};
+use crate::store::{self, QueueEntry, Queued, now_ms};
 
 /// Queue entries read per pass.
 const PASS: usize = 256;
@@ -131,7 +131,7 @@ async fn copy(cache: &Cache, bucket: &objstore::Bucket, entry: QueueEntry) -> Re
     match entry.item {
         Queued::Blob(digest) => {
             // From before the tier: maybe there already (another node's).
-            if entry.since_ms == BACKFILLED && bucket.contains(&[digest]).await?[0] {
+            if entry.check && bucket.contains(&[digest]).await?[0] {
                 return Ok(Outcome::Copied(digest));
             }
             match tier::upload_from(bucket, store, digest).await {
@@ -149,13 +149,13 @@ async fn copy(cache: &Cache, bucket: &objstore::Bucket, entry: QueueEntry) -> Re
         Queued::ActionResult { instance, action } => {
             // Whether it is from before the tier is read with the result: a
             // client's newer one may have replaced both since the listing.
-            let (result, backfilled) = {
+            let (result, check) = {
                 let (store, instance) = (Arc::clone(store), instance.clone());
                 blocking(move || store.action_result_to_copy(&instance, &action)).await?
             };
             // From before the tier: another node's newer result may be
             // there already, and stays.
-            let there = backfilled
+            let there = check
                 && result.is_some()
                 && match bucket.get_action_result(&instance, &action).await {
                     Ok(found) => found.is_some(),

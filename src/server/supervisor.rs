@@ -11,10 +11,10 @@ use tokio::task::JoinSet;
 
 use crate::cache::{Cache, blocking};
 use crate::config::Config;
-use crate::eviction;
 use crate::metrics::Metrics;
 use crate::status::Board;
 use crate::store::Store;
+use crate::store::eviction;
 
 /// How often access times recorded in memory are written to the index.
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);

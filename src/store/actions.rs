@@ -3,14 +3,23 @@
 //! stored bytes; each result has a place in the one eviction order (by last
 //! use), so that eviction takes old results and old blobs alike.
 
+use bytes::Bytes;
 use rocksdb::WriteBatch;
 
 use super::layout::{
     AcValue, CF_AC, CF_LRU, CF_QUEUE, QueueValue, ac_key, lru_action_key, queue_ac_key, queue_key_of_ac_key,
     split_ac_key,
 };
-use super::{Error, Store, StoredResult, now_ms, stripe_of};
+use super::{Error, Store, now_ms, stripe_of};
 use crate::digest::Digest;
+
+/// An action result as stored: the action's size, if the client gave one,
+/// and the ActionResult protobuf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResult {
+    pub size: Option<u64>,
+    pub result: Bytes,
+}
 
 impl Store {
     /// Stores an action result, queued when there is an object store tier.
@@ -110,7 +119,7 @@ impl Store {
     /// Counts a served hit as a use of the result (written with the next
     /// flush of access times).
     pub fn touch_action_result(&self, instance: &str, action: &Digest) {
-        let mut accessed = self.accessed_results.lock().unwrap_or_else(|e| e.into_inner());
+        let mut accessed = self.accessed.results.lock().unwrap_or_else(|e| e.into_inner());
         accessed.insert(ac_key(instance, action), now_ms());
     }
 
@@ -127,7 +136,7 @@ impl Store {
     pub(super) fn flush_result_access_times(&self) -> Result<usize, Error> {
         // One batch per lock stripe, as for blobs.
         let mut by_stripe: std::collections::BTreeMap<usize, Vec<(Vec<u8>, u64)>> = Default::default();
-        for (key, atime) in self.accessed_results.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        for (key, atime) in self.accessed.results.lock().unwrap_or_else(|e| e.into_inner()).drain() {
             if let Some((_, action)) = split_ac_key(&key) {
                 by_stripe.entry(stripe_of(&action)).or_default().push((key, atime));
             }

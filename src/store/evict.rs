@@ -1,6 +1,6 @@
 //! Eviction primitives: delete the least recently used blobs and action
 //! results, and make RocksDB give their space back. The policy (when, how
-//! much) lives in `crate::eviction`.
+//! much) lives in `eviction`.
 
 use std::sync::atomic::Ordering;
 
@@ -119,8 +119,8 @@ impl Store {
             });
         }
         self.write_deleting(batch, &ids)?;
-        self.evicted_blobs.fetch_add(evicted.blobs - before.0, Ordering::Relaxed);
-        self.evicted_bytes.fetch_add(evicted.bytes - before.1, Ordering::Relaxed);
+        self.totals.evicted_blobs.fetch_add(evicted.blobs - before.0, Ordering::Relaxed);
+        self.totals.evicted_bytes.fetch_add(evicted.bytes - before.1, Ordering::Relaxed);
         Ok(())
     }
 

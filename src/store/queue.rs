@@ -7,7 +7,7 @@
 //!
 //! A store opened without a queue limit (no object store) queues nothing.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use rocksdb::{Direction, IteratorMode, WriteBatch};
@@ -20,10 +20,9 @@ use super::layout::{
 use super::{Error, Store, now_ms};
 use crate::digest::Digest;
 
-/// The queue time of a blob or action result queued by the backfill (or
-/// to be checked again): it is looked up in the object store before it is
-/// copied.
-pub const BACKFILLED: u64 = 0;
+/// The queue time stored for an entry to be checked before it is copied
+/// (see [`QueueEntry::check`]): no write happens at the epoch.
+const TO_CHECK: u64 = 0;
 
 /// One queue entry, as [`Store::queued`] lists it.
 #[derive(Clone, Debug)]
@@ -31,7 +30,18 @@ pub struct QueueEntry {
     /// Where it sits in the queue: a listing resumes after it.
     pub key: Vec<u8>,
     pub item: Queued,
+    /// When it was queued (0 for one to check).
     pub since_ms: u64,
+    /// Queued by the backfill, or written again while stored already: the
+    /// object store may hold it already, and is asked before it is copied.
+    pub check: bool,
+}
+
+/// Entries in the queue, and the bytes they count.
+#[derive(Default)]
+pub(super) struct Count {
+    pub(super) entries: AtomicU64,
+    pub(super) bytes: AtomicU64,
 }
 
 impl Store {
@@ -42,7 +52,7 @@ impl Store {
 
     /// Entries in the queue, and the bytes they count.
     pub fn queue_len(&self) -> (u64, u64) {
-        (self.queued.load(Ordering::Relaxed), self.queued_bytes.load(Ordering::Relaxed))
+        (self.queued.entries.load(Ordering::Relaxed), self.queued.bytes.load(Ordering::Relaxed))
     }
 
     /// Bytes the queue has left for entries to be checked before copying
@@ -56,9 +66,9 @@ impl Store {
     /// empty queue takes anything: a blob larger than the whole queue.
     pub(super) fn admit_queued(&self, bytes: u64) -> Result<(), Error> {
         let limit = self.options.queue_limit;
-        let queued = self.queued_bytes.load(Ordering::Relaxed);
+        let queued = self.queued.bytes.load(Ordering::Relaxed);
         if self.queues() && queued > 0 && queued.saturating_add(bytes) > limit {
-            self.rejected_writes.fetch_add(1, Ordering::Relaxed);
+            self.totals.rejected_writes.fetch_add(1, Ordering::Relaxed);
             return Err(Error::QueueFull { queued, limit });
         }
         Ok(())
@@ -73,8 +83,8 @@ impl Store {
 
     pub(super) fn count_queued(&self, entries: i64, bytes: i64) {
         // Adding a negative delta as its two's complement wraps to a subtraction.
-        self.queued.fetch_add(entries as u64, Ordering::Relaxed);
-        self.queued_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.queued.entries.fetch_add(entries as u64, Ordering::Relaxed);
+        self.queued.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     pub(super) fn queue_entry(&self, key: &[u8]) -> Result<Option<QueueValue>, Error> {
@@ -163,8 +173,8 @@ impl Store {
         Ok(())
     }
 
-    /// An action result to copy to the object store, and whether the
-    /// backfill queued it (then it is looked up there first). Read together
+    /// An action result to copy to the object store, and whether it is
+    /// queued to be checked (then it is looked up there first). Read together
     /// under the action's stripe: a client storing a newer result replaces
     /// both at once.
     pub fn action_result_to_copy(
@@ -175,7 +185,7 @@ impl Store {
         let _guard = self.stripe(action);
         let entry = self.queue_entry(&queue_ac_key(instance, action))?;
         let result = self.get_action_result(instance, action)?.map(|r| r.result);
-        Ok((result, entry.is_some_and(|v| v.since_ms == BACKFILLED)))
+        Ok((result, entry.is_some_and(|v| v.since_ms == TO_CHECK)))
     }
 
     /// Up to `max` queue entries after the key `after` (from the start for
@@ -191,7 +201,8 @@ impl Store {
             let (Some(item), Some(value)) = (queued_of_key(&key), QueueValue::decode(&value)) else {
                 return Err(Error::Corrupt(format!("queue entry {} is malformed", hex::encode(&key))));
             };
-            entries.push(QueueEntry { key: key.into_vec(), item, since_ms: value.since_ms });
+            let check = value.since_ms == TO_CHECK;
+            entries.push(QueueEntry { key: key.into_vec(), item, since_ms: value.since_ms, check });
             if entries.len() == max {
                 break;
             }
@@ -315,7 +326,7 @@ impl Store {
             if !stored || self.queue_entry(&queue_key)?.is_some() {
                 continue;
             }
-            let value = QueueValue { since_ms: BACKFILLED, bytes: size };
+            let value = QueueValue { since_ms: TO_CHECK, bytes: size };
             batch.put_cf(self.cf(CF_QUEUE), queue_key, value.encode());
             (queued, bytes) = (queued + 1, bytes + size);
         }
@@ -332,8 +343,8 @@ impl Store {
             entries += 1;
             bytes += QueueValue::decode(&value).map_or(0, |v| v.bytes);
         }
-        self.queued.store(entries, Ordering::Relaxed);
-        self.queued_bytes.store(bytes, Ordering::Relaxed);
+        self.queued.entries.store(entries, Ordering::Relaxed);
+        self.queued.bytes.store(bytes, Ordering::Relaxed);
         Ok(())
     }
 }

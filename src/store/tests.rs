@@ -1,13 +1,14 @@
 //! Store-layer behaviour: visibility, chunking, uploads, expiry.
 
+use std::io::Write;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use std::io::Write;
-
 use super::*;
+use crate::digest::{Encoding, Function};
 
 fn open(dir: &Path) -> Arc<Store> {
     let options = StoreOptions { chunk_size: 64 << 10, ..StoreOptions::default() };
@@ -614,7 +615,7 @@ fn blobs_written_again_are_queued_for_a_check_unless_queued_or_gone() {
     assert_eq!(store.recheck_blobs(&digests).unwrap(), 1, "only the unqueued copy");
     let entry =
         store.queued(&[], 10).unwrap().into_iter().find(|e| e.item == Queued::Blob(Digest::of(&copied)));
-    assert_eq!(entry.unwrap().since_ms, BACKFILLED, "looked up before it is copied");
+    assert!(entry.unwrap().check, "looked up before it is copied");
     assert_eq!(store.queue_len(), (2, 4000));
     // Best effort: a queue more than half full leaves them out (and counts
     // no refused write).
@@ -711,7 +712,7 @@ fn blobs_from_before_the_queue_are_backfilled_and_a_store_without_a_tier_keeps_n
         assert_eq!(store.backfill(1 << 20).unwrap(), None, "done");
         let entries = store.queued(&[], 10).unwrap();
         assert_eq!(entries.len(), 7);
-        assert!(entries.iter().all(|e| e.since_ms == BACKFILLED));
+        assert!(entries.iter().all(|e| e.check));
         let results: Vec<_> =
             entries.iter().filter(|e| matches!(e.item, Queued::ActionResult { .. })).collect();
         assert_eq!(results.len(), 2);
@@ -723,7 +724,7 @@ fn blobs_from_before_the_queue_are_backfilled_and_a_store_without_a_tier_keeps_n
         // A new write is queued as such, not as backfilled.
         let new = put(&store, &bytes(1000, 9));
         let new = store.queued(&[], 10).unwrap().into_iter().find(|e| e.item == Queued::Blob(new)).unwrap();
-        assert_ne!(new.since_ms, BACKFILLED);
+        assert!(!new.check);
     }
     // Reopened with the tier: no second backfill.
     let store = open_queueing(tmp.path(), 1 << 20);

@@ -301,7 +301,7 @@ impl Upload {
         let result = store.write(batch);
         // What reached RocksDB is counted as written; what reached the file
         // is counted by the files already.
-        store.written_since.fetch_add(written, std::sync::atomic::Ordering::Relaxed);
+        store.disk.written_since.fetch_add(written, std::sync::atomic::Ordering::Relaxed);
         store.unreserve(stored);
         self.reserved -= stored;
         result?;

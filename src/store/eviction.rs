@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::{Store, now_ms};
+use super::{Error, Store, now_ms};
 
 /// The size budget and how eviction keeps to it.
 #[derive(Clone, Copy, Debug)]
@@ -115,7 +115,7 @@ pub async fn run(store: Arc<Store>, budget: Budget) {
 /// that would be at the low watermark. Blobs with files of their own give
 /// their space back at once; the chunks of the others are to be compacted
 /// away (what it returns).
-pub fn pass(store: &Store, budget: Budget) -> Result<Compaction, crate::store::Error> {
+pub fn pass(store: &Store, budget: Budget) -> Result<Compaction, Error> {
     let disk = store.measure_disk()?;
     let budget = budget.within(disk, store.free_disk()?);
     store.set_hard_limit(budget.hard_limit());

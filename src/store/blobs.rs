@@ -1,0 +1,438 @@
+//! The blob index: which blobs are present, storing whole blobs (batch
+//! writes) with their chunks, access times for eviction's order, and the
+//! removal of blobs found corrupt.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
+
+use super::layout::*;
+use super::{Admitted, Error, Mismatch, STRIPES, Store, chunk, files, now_ms, stripe_of};
+use crate::digest::{Digest, Function};
+
+/// Blobs and action results used since the last access-time flush, with
+/// the time of their last use (see [`Store::flush_access_times`]): written
+/// to the index in batches, not on every read.
+#[derive(Default)]
+pub(super) struct Accessed {
+    pub(super) blobs: Mutex<HashMap<Digest, u64>>,
+    /// By `ac` key.
+    pub(super) results: Mutex<HashMap<Vec<u8>, u64>>,
+}
+
+/// A present blob, located for reading.
+#[derive(Clone, Copy, Debug)]
+pub struct Blob {
+    pub digest: Digest,
+    pub(super) blob_id: u64,
+}
+
+/// A whole blob to store (see [`Store::put_blobs`]).
+pub struct NewBlob {
+    pub digest: Digest,
+    pub data: Bytes,
+    /// The zstd frames the client sent, in order, each with the range of
+    /// `data` it decodes to (see [`crate::compression::decompress`]): a frame
+    /// that holds exactly one chunk is stored as it is, not compressed again.
+    pub frames: Vec<(Range<u64>, Bytes)>,
+}
+
+impl NewBlob {
+    pub fn new(digest: Digest, data: Bytes) -> NewBlob {
+        NewBlob { digest, data, frames: Vec::new() }
+    }
+}
+
+/// Whether a write stored new bytes or found the blob already there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    Stored,
+    AlreadyPresent,
+}
+
+impl Store {
+    /// The highest blob id referenced by a chunk or an upload record: ids above
+    /// it are free. (A prefix of deleted ids may be reused; nothing refers to them.)
+    pub(super) fn highest_blob_id(&self) -> Result<u64, Error> {
+        let mut highest = 0;
+        if let Some(item) = self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::End).next() {
+            let (key, _) = item?;
+            highest = split_chunk_key(&key).map_or(0, |(id, _)| id);
+        }
+        for item in self.db.iterator_cf(self.cf(CF_UPLOADS), IteratorMode::Start) {
+            let (_, value) = item?;
+            if let Some(record) = UploadRecord::decode(&value) {
+                highest = highest.max(record.blob_id);
+            }
+        }
+        Ok(highest)
+    }
+
+    /// Deletes blob files that no chunk refers to: a crash came between
+    /// writing one and its first reference, or between deleting a blob and
+    /// its file. (Ids are allocated above every referenced one, so a file
+    /// kept here is never written again by another blob.)
+    pub(super) fn remove_orphan_files(&self) -> Result<(), Error> {
+        let mut removed = 0;
+        for id in self.files.ids().map_err(Error::File)? {
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_upper_bound(chunk_key(id + 1, 0));
+            let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_CHUNKS), opts);
+            it.seek(chunk_key(id, 0));
+            it.status()?;
+            if !it.valid() {
+                self.files.remove(id).map_err(Error::File)?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!("removed {removed} blob files that nothing refers to (left by a crash)");
+        }
+        Ok(())
+    }
+
+    pub(super) fn allocate_blob_id(&self) -> u64 {
+        self.next_blob_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(super) fn get_entry(&self, d: &Digest) -> Result<Option<IndexEntry>, Error> {
+        match self.db.get_pinned_cf(self.cf(CF_INDEX), index_key(d))? {
+            None => Ok(None),
+            Some(v) => IndexEntry::decode(&v)
+                .map(Some)
+                .ok_or_else(|| Error::Corrupt(format!("index entry of {d} is malformed"))),
+        }
+    }
+
+    pub(super) fn touch(&self, digests: impl IntoIterator<Item = Digest>) {
+        let now = now_ms();
+        let mut accessed = self.accessed.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        accessed.extend(digests.into_iter().map(|d| (d, now)));
+    }
+
+    /// Gives a directory from before the blob counters its counts, from one
+    /// scan of the index (a new directory starts them at zero).
+    pub(super) fn count_blobs_if_uncounted(&self) -> Result<(), Error> {
+        if self.counter(BLOBS_KEY)?.is_some() {
+            return Ok(());
+        }
+        let (mut blobs, mut bytes) = (0i64, 0i64);
+        for item in self.db.iterator_cf(self.cf(CF_INDEX), IteratorMode::Start) {
+            let (key, _) = item?;
+            if let Some(d) = digest_of_index_key(&key) {
+                (blobs, bytes) = (blobs + 1, bytes + d.size as i64);
+            }
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_CHUNKS), BLOBS_KEY, blobs.to_le_bytes());
+        batch.put_cf(self.cf(CF_CHUNKS), LOGICAL_KEY, bytes.to_le_bytes());
+        self.write(batch)
+    }
+
+    /// Which of `digests` are present (the empty blob always is). One batched
+    /// RocksDB lookup; present blobs count as used.
+    pub fn contains(&self, digests: &[Digest]) -> Result<Vec<bool>, Error> {
+        let keys: Vec<Key> = digests.iter().map(index_key).collect();
+        let cf = self.cf(CF_INDEX);
+        let found = self.db.batched_multi_get_cf(cf, &keys, false);
+        let mut present = Vec::with_capacity(digests.len());
+        for (d, result) in digests.iter().zip(found) {
+            present.push(d.is_empty_blob() || result?.is_some());
+        }
+        self.touch(digests.iter().zip(&present).filter(|(_, p)| **p).map(|(d, _)| *d));
+        Ok(present)
+    }
+
+    /// The stored blob of `function` whose hash is `hash`, whatever its size
+    /// (Bazel's HTTP cache names blobs by hash alone). The empty blob is
+    /// always found. Does not count as a use: reading it does.
+    pub fn find_by_hash(&self, function: Function, hash: &[u8]) -> Result<Option<Digest>, Error> {
+        if let Some(empty) = Digest::new(function, hash, 0).filter(Digest::is_empty_blob) {
+            return Ok(Some(empty));
+        }
+        let mut prefix = vec![function as u8];
+        prefix.extend_from_slice(hash);
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_INDEX));
+        it.seek(&prefix);
+        it.status()?;
+        Ok(it.key().filter(|k| k.starts_with(&prefix)).and_then(digest_of_index_key))
+    }
+
+    /// Finds a blob for reading; `None` if absent. Counts as a use.
+    pub fn locate(&self, digest: &Digest) -> Result<Option<Blob>, Error> {
+        if digest.is_empty_blob() {
+            return Ok(Some(Blob { digest: *digest, blob_id: 0 }));
+        }
+        let entry = self.get_entry(digest)?;
+        if entry.is_some() {
+            self.touch([*digest]);
+        }
+        Ok(entry.map(|e| Blob { digest: *digest, blob_id: e.blob_id }))
+    }
+
+    /// Removes a blob found corrupt on disk, so that it is never served and
+    /// clients upload it again: the error says NOT_FOUND either way. Only
+    /// the copy found corrupt goes: a blob stored again since is kept.
+    pub fn remove_corrupt(&self, blob: &Blob, detail: String) -> Error {
+        let digest = &blob.digest;
+        tracing::warn!(digest = %digest, "removing a corrupt blob: {detail}");
+        let removed = (|| -> Result<bool, Error> {
+            let _guard = self.stripe(digest);
+            let Some(entry) = self.get_entry(digest)?.filter(|e| e.blob_id == blob.blob_id) else {
+                return Ok(false);
+            };
+            let mut batch = WriteBatch::default();
+            let file = self.delete_blob(&mut batch, digest, &entry);
+            // Nothing left to copy to the object store.
+            let queued = self.unqueue(&mut batch, &queue_blob_key(digest))?;
+            self.write_deleting(batch, file.as_slice())?;
+            self.count_queued(-i64::from(queued.is_some()), -(queued.map_or(0, |v| v.bytes) as i64));
+            Ok(true)
+        })();
+        match removed {
+            Ok(true) => {
+                self.totals.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
+                Error::Removed(format!(
+                    "blob {digest} was corrupt on disk ({detail}) and has been removed: upload it again"
+                ))
+            }
+            Ok(false) => Error::Vanished(format!("blob {digest} was corrupt on disk ({detail}) and is gone")),
+            Err(e) => {
+                tracing::warn!(digest = %digest, "could not remove the corrupt blob: {e}");
+                Error::Vanished(format!(
+                    "blob {digest} is corrupt on disk ({detail}); removing it failed: {e}"
+                ))
+            }
+        }
+    }
+
+    /// Adds the deletion of a blob (index entry, eviction order, chunks,
+    /// counters) to `batch`. Returns the blob id of its file, if it has one,
+    /// to delete once the batch is written (see [`Store::write_deleting`]).
+    pub(super) fn delete_blob(
+        &self,
+        batch: &mut WriteBatch,
+        digest: &Digest,
+        entry: &IndexEntry,
+    ) -> Option<u64> {
+        batch.delete_cf(self.cf(CF_INDEX), index_key(digest));
+        batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
+        batch.delete_range_cf(
+            self.cf(CF_CHUNKS),
+            chunk_key(entry.blob_id, 0),
+            chunk_key(entry.blob_id + 1, 0),
+        );
+        self.count_stored(batch, -(entry.stored as i64));
+        self.count_blobs(batch, -1, -(digest.size as i64));
+        self.has_file(digest.size).then_some(entry.blob_id)
+    }
+
+    /// Stores whole blobs (a BatchUpdateBlobs): verifies each against its
+    /// digest, then makes all new ones visible in one atomic write.
+    pub fn put_blobs(&self, blobs: &[NewBlob]) -> Vec<Result<Written, Error>> {
+        let mut results: Vec<Result<Written, Error>> = blobs
+            .iter()
+            .map(|NewBlob { digest, data, .. }| {
+                let actual = digest.function.digest(data);
+                if actual == *digest {
+                    Ok(Written::Stored)
+                } else {
+                    Err(Error::DigestMismatch(Box::new(Mismatch { expected: *digest, actual })))
+                }
+            })
+            .collect();
+        if let Err(e) = self.store_verified(blobs, &mut results) {
+            let message = e.to_string();
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(match e {
+                    Error::Full { estimate, limit } => Error::Full { estimate, limit },
+                    Error::TooLarge { bytes, limit } => Error::TooLarge { bytes, limit },
+                    Error::QueueFull { queued, limit } => Error::QueueFull { queued, limit },
+                    _ => Error::Batch(message.clone()),
+                });
+            }
+        }
+        results
+    }
+
+    fn store_verified(&self, blobs: &[NewBlob], results: &mut [Result<Written, Error>]) -> Result<(), Error> {
+        // Candidates: verified, not the empty blob, first occurrence of their digest.
+        let mut seen = HashSet::new();
+        let mut candidates = Vec::new();
+        for (i, NewBlob { digest, .. }) in blobs.iter().enumerate() {
+            if results[i].is_err() {
+                continue;
+            }
+            if digest.is_empty_blob() || !seen.insert(*digest) {
+                results[i] = Ok(Written::AlreadyPresent);
+            } else {
+                candidates.push(i);
+            }
+        }
+        let digests: Vec<Digest> = candidates.iter().map(|&i| blobs[i].digest).collect();
+        let present = self.contains(&digests)?;
+        let candidates: Vec<usize> = candidates
+            .into_iter()
+            .zip(present)
+            .filter_map(|(i, there)| {
+                if there {
+                    results[i] = Ok(Written::AlreadyPresent);
+                }
+                (!there).then_some(i)
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let bytes = candidates.iter().map(|&i| self.room_for(blobs[i].digest.size)).sum();
+        self.admit_queued(candidates.iter().map(|&i| blobs[i].digest.size).sum())?;
+        let mut admitted = self.admit(bytes)?;
+        // Blob files written for this batch: deleted again unless the batch
+        // makes them a stored blob's.
+        let mut filed = Vec::new();
+        let stored = self.store_prepared(blobs, &candidates, results, &mut admitted, &mut filed);
+        let kept: HashSet<u64> =
+            stored.as_ref().map_or_else(|_| HashSet::new(), |ids| ids.iter().copied().collect());
+        for id in filed.iter().filter(|id| !kept.contains(id)) {
+            if let Err(e) = self.files.remove(*id) {
+                tracing::warn!("cannot delete the file of blob id {id}: {e}");
+            }
+        }
+        stored.map(|_| ())
+    }
+
+    /// Encodes the candidates (outside the locks), writes those of at least
+    /// one chunk to files of their own (listed in `filed`), and makes every
+    /// one that no other writer stored meanwhile visible in one batch.
+    /// Returns the blob ids it stored.
+    fn store_prepared(
+        &self,
+        blobs: &[NewBlob],
+        candidates: &[usize],
+        results: &mut [Result<Written, Error>],
+        admitted: &mut Admitted<'_>,
+        filed: &mut Vec<u64>,
+    ) -> Result<Vec<u64>, Error> {
+        let now = now_ms();
+        let mut prepared = Vec::with_capacity(candidates.len());
+        for &i in candidates {
+            let NewBlob { digest, data, frames } = &blobs[i];
+            let blob_id = self.allocate_blob_id();
+            let mut file = match self.has_file(digest.size) {
+                true => {
+                    filed.push(blob_id);
+                    Some(self.files.writer(blob_id, 0).map_err(|e| self.file_error(e))?)
+                }
+                false => None,
+            };
+            let mut chunks = Vec::new();
+            let mut stored = 0;
+            for (n, part) in data.chunks(self.options.chunk_size).enumerate() {
+                let offset = (n * self.options.chunk_size) as u64;
+                let level = self.options.zstd_level;
+                let range = offset..offset + part.len() as u64;
+                // Frames are in order: a binary search finds the one starting here.
+                let frame = frames.binary_search_by_key(&offset, |(r, _)| r.start).ok().map(|i| &frames[i]);
+                let mut value = match frame {
+                    Some((r, frame)) if *r == range => chunk::encode_frame(frame, part, level),
+                    _ => chunk::encode(part, level),
+                };
+                stored += value.len() as u64;
+                if let Some(file) = &mut file {
+                    let at = file.append(&self.files, &value).map_err(|e| self.file_error(e))?;
+                    value = chunk::file_ref(at, value.len());
+                }
+                chunks.push((chunk_key(blob_id, offset), value));
+            }
+            match file {
+                Some(file) => {
+                    // The index entry must never point at bytes a crash could lose.
+                    file.sync().map_err(|e| self.file_error(e))?;
+                    admitted.release(self.room_for(digest.size));
+                }
+                None => admitted.release(self.room_for(digest.size).saturating_sub(stored)),
+            }
+            let entry = IndexEntry { blob_id, stored, atime: now };
+            prepared.push((i, *digest, entry, chunks));
+        }
+        let _guards = self.lock_stripes(prepared.iter().map(|(_, d, _, _)| d));
+        let mut batch = WriteBatch::default();
+        let (mut queued, mut queued_bytes) = (0, 0);
+        let mut ids = Vec::with_capacity(prepared.len());
+        for (i, digest, entry, chunks) in prepared {
+            // Another writer may have stored it since the check above.
+            if self.get_entry(&digest)?.is_some() {
+                results[i] = Ok(Written::AlreadyPresent);
+                continue;
+            }
+            for (key, value) in chunks {
+                batch.put_cf(self.cf(CF_CHUNKS), key, value);
+            }
+            self.add_entry(&mut batch, &digest, &entry);
+            self.count_stored(&mut batch, entry.stored as i64);
+            if self.queues() {
+                self.queue_blob(&mut batch, &digest);
+                (queued, queued_bytes) = (queued + 1, queued_bytes + digest.size as i64);
+            }
+            ids.push(entry.blob_id);
+        }
+        self.write(batch)?;
+        self.count_queued(queued, queued_bytes);
+        Ok(ids)
+    }
+
+    /// Whether a blob of `size` bytes is kept in a file of its own.
+    pub(super) fn has_file(&self, size: u64) -> bool {
+        size >= files::MIN_SIZE
+    }
+
+    /// Adds a new index entry to `batch`, with its place in the eviction
+    /// order, and counts the blob.
+    pub(super) fn add_entry(&self, batch: &mut WriteBatch, digest: &Digest, entry: &IndexEntry) {
+        batch.put_cf(self.cf(CF_INDEX), index_key(digest), entry.encode());
+        batch.put_cf(self.cf(CF_LRU), lru_key(entry.atime, digest), []);
+        self.count_blobs(batch, 1, digest.size as i64);
+    }
+
+    /// Adds a change of the blob counters to `batch`.
+    pub(super) fn count_blobs(&self, batch: &mut WriteBatch, blobs: i64, bytes: i64) {
+        batch.merge_cf(self.cf(CF_CHUNKS), BLOBS_KEY, usage_delta(blobs));
+        batch.merge_cf(self.cf(CF_CHUNKS), LOGICAL_KEY, usage_delta(bytes));
+    }
+
+    /// Writes access times recorded since the last call into the index and
+    /// the eviction order, one batch per lock stripe. A crash may lose the
+    /// last interval's refreshes, nothing else.
+    pub fn flush_access_times(&self) -> Result<usize, Error> {
+        let mut by_stripe: Vec<Vec<(Digest, u64)>> = vec![Vec::new(); STRIPES];
+        {
+            let mut accessed = self.accessed.blobs.lock().unwrap_or_else(|e| e.into_inner());
+            for (digest, atime) in accessed.drain() {
+                by_stripe[stripe_of(&digest)].push((digest, atime));
+            }
+        }
+        let mut updated = 0;
+        for (stripe, accessed) in by_stripe.iter().enumerate().filter(|(_, a)| !a.is_empty()) {
+            // Under the lock, so an eviction cannot slip between read and write.
+            let _guard = self.stripes[stripe].lock().unwrap_or_else(|e| e.into_inner());
+            let mut batch = WriteBatch::default();
+            for (digest, atime) in accessed {
+                if let Some(mut entry) = self.get_entry(digest)?
+                    && entry.atime < *atime
+                {
+                    batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
+                    entry.atime = *atime;
+                    batch.put_cf(self.cf(CF_INDEX), index_key(digest), entry.encode());
+                    batch.put_cf(self.cf(CF_LRU), lru_key(*atime, digest), []);
+                    updated += 1;
+                }
+            }
+            self.write(batch)?;
+        }
+        Ok(updated + self.flush_result_access_times()?)
+    }
+}

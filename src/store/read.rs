@@ -1,0 +1,199 @@
+//! Reading stored blobs: a chunk at a time (plain, or as the zstd frame
+//! stored), whole small blobs, and chunks as stored for copying to another
+//! tier. A chunk that fails its check gets its blob removed as corrupt.
+
+use bytes::Bytes;
+use rocksdb::{IteratorMode, ReadOptions};
+
+use super::layout::*;
+use super::{Blob, Error, Store, chunk};
+use crate::digest::{Digest, Encoding};
+
+impl Store {
+    /// The blob's bytes from `offset` to the end of the chunk holding it:
+    /// decompresses exactly one chunk. Empty at or past the end of the blob.
+    pub fn read_at(&self, blob: &Blob, offset: u64) -> Result<Bytes, Error> {
+        if offset >= blob.digest.size {
+            return Ok(Bytes::new());
+        }
+        let (start, value) = self.chunk_of(blob, offset)?.ok_or_else(|| {
+            Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
+        })?;
+        let Some(data) = chunk::decode(&value) else {
+            return Err(self.remove_corrupt(blob, format!("the chunk at offset {start} fails its check")));
+        };
+        let skip = (offset - start) as usize;
+        if skip >= data.len() {
+            return Err(self.remove_corrupt(blob, format!("a gap at offset {offset}")));
+        }
+        Ok(data.slice(skip..))
+    }
+
+    /// The blob's bytes from `offset` to the end of the chunk holding it, as
+    /// one zstd frame (see [`chunk::to_frame`]), and how many bytes of the
+    /// blob it holds. At or past the end of the blob: an empty frame.
+    pub fn read_frame_at(&self, blob: &Blob, offset: u64) -> Result<(Bytes, u64), Error> {
+        if offset >= blob.digest.size {
+            return Ok((Bytes::from(crate::compression::raw_frame(&[])), 0));
+        }
+        let (start, value) = self.chunk_of(blob, offset)?.ok_or_else(|| {
+            Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
+        })?;
+        let skip = usize::try_from(offset - start).unwrap_or(usize::MAX);
+        match chunk::to_frame(value, skip) {
+            Some((frame, held)) if held > 0 => Ok((frame, held)),
+            Some(_) => Err(self.remove_corrupt(blob, format!("a gap at offset {offset}"))),
+            None => Err(self.remove_corrupt(blob, format!("the chunk at offset {start} fails its check"))),
+        }
+    }
+
+    /// The stored chunk that holds `offset`, encoded as the chunk codec wrote
+    /// it, with its start and how many bytes of the blob it holds: for copying
+    /// a blob to another tier without compressing it again. Checked first.
+    pub fn encoded_chunk_at(&self, blob: &Blob, offset: u64) -> Result<(u64, Vec<u8>, u64), Error> {
+        let (start, value) = self.chunk_of(blob, offset)?.ok_or_else(|| {
+            Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
+        })?;
+        match chunk::content_len(&value) {
+            Some(held) if start + held > offset => Ok((start, value, held)),
+            Some(_) => Err(self.remove_corrupt(blob, format!("a gap at offset {offset}"))),
+            None => Err(self.remove_corrupt(blob, format!("the chunk at offset {start} fails its check"))),
+        }
+    }
+
+    /// The chunk of a present blob that holds `offset`: a chunk RocksDB finds
+    /// corrupt (its own checksums) gets the blob removed, like one failing ours.
+    pub(super) fn chunk_of(&self, blob: &Blob, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
+        match self.chunk_at(blob.blob_id, offset) {
+            Err(Error::Db(e)) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                Err(self.remove_corrupt(blob, format!("RocksDB: {e}")))
+            }
+            Err(Error::Corrupt(detail)) => Err(self.remove_corrupt(blob, detail)),
+            other => other,
+        }
+    }
+
+    /// A stored chunk value as the codec wrote it: the value itself, or, for
+    /// a reference, the chunk it names in the blob's file. A reference that
+    /// fails its check, or names bytes the file lacks, is [`Error::Corrupt`]
+    /// (or the blob was deleted meanwhile, which `remove_corrupt` tells apart).
+    pub(super) fn resolve(&self, blob_id: u64, value: Vec<u8>) -> Result<Vec<u8>, Error> {
+        if !chunk::is_file_ref(&value) {
+            return Ok(value);
+        }
+        let Some((pos, len)) = chunk::file_ref_of(&value) else {
+            return Err(Error::Corrupt(format!(
+                "a reference to the file of blob id {blob_id} fails its check"
+            )));
+        };
+        self.files.read(blob_id, pos, len).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof => {
+                Error::Corrupt(format!("the file of blob id {blob_id} lacks {len} bytes at {pos}: {e}"))
+            }
+            _ => Error::File(e),
+        })
+    }
+
+    /// The stored chunk of `blob_id` that holds `offset`, with its start offset.
+    pub(super) fn chunk_at(&self, blob_id: u64, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
+        let cf = self.cf(CF_CHUNKS);
+        // Sequential reads ask for chunk starts: one point lookup.
+        if let Some(v) = self.db.get_cf(cf, chunk_key(blob_id, offset))? {
+            return Ok(Some((offset, self.resolve(blob_id, v)?)));
+        }
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(chunk_key(blob_id, 0));
+        opts.set_iterate_upper_bound(chunk_key(blob_id + 1, 0));
+        let mut it = self.db.raw_iterator_cf_opt(cf, opts);
+        it.seek_for_prev(chunk_key(blob_id, offset));
+        it.status()?;
+        match (it.key().and_then(split_chunk_key), it.value()) {
+            (Some((_, start)), Some(v)) => Ok(Some((start, self.resolve(blob_id, v.to_vec())?))),
+            _ => Ok(None),
+        }
+    }
+
+    /// A whole blob in memory, for small blobs (batch reads, directories,
+    /// trees). `None` if absent.
+    pub fn read_all(&self, digest: &Digest) -> Result<Option<Bytes>, Error> {
+        let Some(blob) = self.locate(digest)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(digest.size as usize);
+        while (out.len() as u64) < digest.size {
+            let part = self.read_at(&blob, out.len() as u64)?;
+            out.extend_from_slice(&part);
+        }
+        Ok(Some(Bytes::from(out)))
+    }
+
+    /// A whole small blob for a client that accepts zstd: the stored frames
+    /// as they are when any chunk is compressed (raw chunks wrapped), else
+    /// the plain bytes. `None` if absent.
+    pub fn read_all_encoded(&self, digest: &Digest) -> Result<Option<(Bytes, Encoding)>, Error> {
+        let Some(blob) = self.locate(digest)? else {
+            return Ok(None);
+        };
+        if digest.size == 0 {
+            return Ok(Some((Bytes::new(), Encoding::Identity)));
+        }
+        // One scan of the blob's chunks; each checksum is checked once, as
+        // its chunk is converted.
+        let values = self.chunks_of(&blob)?;
+        let encoding = match values.iter().any(|(_, v)| chunk::is_compressed(v)) {
+            true => Encoding::Zstd,
+            false => Encoding::Identity,
+        };
+        let mut out = Vec::with_capacity(values.iter().map(|(_, v)| v.len()).sum());
+        let mut offset = 0;
+        for (start, value) in values {
+            let part = match encoding {
+                Encoding::Zstd => chunk::to_frame(value, 0),
+                Encoding::Identity => chunk::decode(&value).map(|data| {
+                    let held = data.len() as u64;
+                    (data, held)
+                }),
+            };
+            let Some((part, held)) = part.filter(|(_, held)| *held > 0 && start == offset) else {
+                return Err(
+                    self.remove_corrupt(&blob, format!("the chunk at offset {start} fails its check"))
+                );
+            };
+            out.extend_from_slice(&part);
+            offset += held;
+        }
+        match offset {
+            // Evicted since it was located: absent, like any missing blob.
+            0 => Err(Error::Vanished(format!("blob {digest} has no chunks"))),
+            n if n != digest.size => Err(self.remove_corrupt(&blob, format!("its chunks hold {n} bytes"))),
+            _ => Ok(Some((Bytes::from(out), encoding))),
+        }
+    }
+
+    /// All chunks of a present blob, in order, with their offsets. RocksDB
+    /// finding one corrupt gets the blob removed, as in `chunk_of`.
+    pub(super) fn chunks_of(&self, blob: &Blob) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(chunk_key(blob.blob_id, 0));
+        opts.set_iterate_upper_bound(chunk_key(blob.blob_id, PROGRESS_OFFSET));
+        let mut chunks = Vec::new();
+        for item in self.db.iterator_cf_opt(self.cf(CF_CHUNKS), opts, IteratorMode::Start) {
+            match item {
+                Ok((key, value)) => {
+                    if let Some((_, start)) = split_chunk_key(&key) {
+                        match self.resolve(blob.blob_id, value.into_vec()) {
+                            Ok(value) => chunks.push((start, value)),
+                            Err(Error::Corrupt(detail)) => return Err(self.remove_corrupt(blob, detail)),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                    return Err(self.remove_corrupt(blob, format!("RocksDB: {e}")));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(chunks)
+    }
+}
