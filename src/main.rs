@@ -123,6 +123,32 @@ struct ServeArgs {
     log_format: Option<String>,
 }
 
+/// Why a command failed: each says what went wrong and what to do next.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Config(#[from] larder::config::Error),
+    #[error(transparent)]
+    Server(#[from] larder::server::Error),
+    #[error("the data directory {0} is in use (a running larder?): stop it, then scrub")]
+    Busy(String),
+    #[error(transparent)]
+    Store(larder::store::Error),
+    #[error(transparent)]
+    Bench(#[from] bench::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl From<larder::store::Error> for Failure {
+    fn from(e: larder::store::Error) -> Failure {
+        match e {
+            larder::store::Error::Locked(dir) => Failure::Busy(dir),
+            e => Failure::Store(e),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -132,14 +158,14 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("larder: {message}");
+        Err(failure) => {
+            eprintln!("larder: {failure}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn serve(args: ServeArgs) -> Result<(), String> {
+fn serve(args: ServeArgs) -> Result<(), Failure> {
     let overrides = Overrides {
         listen: args.listen,
         http_listen: args.http_listen,
@@ -162,12 +188,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         s3_write_back: args.s3_write_back.then_some(true),
         s3_queue_size: args.s3_queue_size,
     };
-    let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
+    let config = Config::load(args.config.as_deref(), overrides)?;
     init_logs(config.log_format);
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let runtime = tokio::runtime::Runtime::new().map_err(Failure::Runtime)?;
     let served = runtime.block_on(async {
         let (dir, max_size, drain) = (config.dir.clone(), config.max_size, config.drain_timeout);
-        let server = Server::bind(config).await.map_err(|e| e.to_string())?;
+        let server = Server::bind(config).await?;
         let (addr, http, metrics) = (server.local_addr(), server.http_addr(), server.metrics_addr());
         let version = env!("CARGO_PKG_VERSION");
         // Scripts and tests read these lines for the address (useful with
@@ -181,7 +207,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 dir.display()
             );
         };
-        server.run(shutdown_signal(drain), ready).await.map_err(|e| e.to_string())
+        server.run(shutdown_signal(drain), ready).await.map_err(Failure::from)
     });
     // The store is closed (its memtables flushed) as the last tasks holding
     // it end; anything stuck past this, such as an open abandoned while a
@@ -190,17 +216,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     served
 }
 
-fn scrub(args: ScrubArgs) -> Result<(), String> {
+fn scrub(args: ScrubArgs) -> Result<(), Failure> {
     let overrides = Overrides { dir: args.dir, ..Overrides::default() };
-    let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
+    let config = Config::load(args.config.as_deref(), overrides)?;
     init_logs(config.log_format);
-    let store = Store::open(&config.dir, config.store_options()).map_err(|e| match e {
-        larder::store::Error::Locked(dir) => {
-            format!("the data directory {dir} is in use (a running larder?): stop it, then scrub")
-        }
-        e => e.to_string(),
-    })?;
-    let stats = store.stats().map_err(|e| e.to_string())?;
+    let store = Store::open(&config.dir, config.store_options())?;
+    let stats = store.stats()?;
     // Drawn on stderr, and only when it is a terminal.
     let bar = indicatif::ProgressBar::new(stats.logical_bytes).with_style(
         indicatif::ProgressStyle::with_template(
@@ -209,12 +230,10 @@ fn scrub(args: ScrubArgs) -> Result<(), String> {
         .expect("a valid template"),
     );
     let started = std::time::Instant::now();
-    let report = store
-        .scrub(|size| {
-            bar.inc(size);
-            true
-        })
-        .map_err(|e| e.to_string())?;
+    let report = store.scrub(|size| {
+        bar.inc(size);
+        true
+    })?;
     bar.finish_and_clear();
     println!(
         "scrub: checked {} blobs ({} bytes) in {:.1}s in {}: {} corrupt, removed",
@@ -227,10 +246,10 @@ fn scrub(args: ScrubArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn run_bench(target: bench::Target) -> Result<(), String> {
+fn run_bench(target: bench::Target) -> Result<(), Failure> {
     init_logs(LogFormat::Compact);
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
-    runtime.block_on(bench::main(target)).map_err(|e| e.to_string())
+    let runtime = tokio::runtime::Runtime::new().map_err(Failure::Runtime)?;
+    Ok(runtime.block_on(bench::main(target))?)
 }
 
 /// Logs go to stderr, at the level RUST_LOG sets (info by default): a compact

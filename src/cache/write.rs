@@ -353,7 +353,7 @@ impl Upload {
                 State::Ended => None,
             };
             if let Some(writer) = writer {
-                let _ = tokio::task::spawn_blocking(move || writer.upload.discard()).await;
+                let _ = blocking(move || writer.upload.discard()).await;
             }
         });
         e

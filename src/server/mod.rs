@@ -236,16 +236,15 @@ async fn open_store(config: Config) -> Result<Arc<Store>, Error> {
         let (dir, options) = (config.dir.clone(), options.clone());
         // The server alone starts or stops the queue for the object store:
         // other openers (`larder scrub`) leave it as it is.
-        let opened = tokio::task::spawn_blocking(move || {
+        let opened = cache::blocking(move || {
             let store = Store::open(&dir, options)?;
             store.start_or_stop_queueing()?;
-            Ok(store)
+            Ok::<_, store::Error>(store)
         })
-        .await
-        .map_err(|e| Error::Store(store::Error::Open(e.to_string())))?;
+        .await;
         match opened {
             Ok(store) => return Ok(Arc::new(store)),
-            Err(store::Error::Locked(dir)) => {
+            Err(cache::Error::Store(store::Error::Locked(dir))) => {
                 if noticed.is_none_or(|t| t.elapsed() >= LOCKED_NOTICE_EVERY) {
                     tracing::warn!(
                         "the data directory {dir} is in use by another process (another larder?): waiting for it; health checks answer NOT_SERVING meanwhile"
@@ -254,7 +253,7 @@ async fn open_store(config: Config) -> Result<Arc<Store>, Error> {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(Error::Store(e)),
+            Err(e) => return Err(Error::Cache(e)),
         }
     }
 }
