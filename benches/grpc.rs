@@ -8,20 +8,18 @@
 
 use std::process::Command;
 
-use larder::config::{Config, Overrides};
+use larder::config::{Config, Flags};
 use larder::server::Server;
 
 #[tokio::main]
 async fn main() {
     let scale: u64 = std::env::var("LARDER_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let tmp = tempfile::tempdir().unwrap();
-    let overrides = Overrides {
-        listen: Some("127.0.0.1:0".into()),
-        dir: Some(tmp.path().join("data")),
-        max_size: Some("20GiB".into()),
-        ..Overrides::default()
-    };
-    let config = Config::load(None, overrides).unwrap();
+    let flags = Flags::default()
+        .with("listen", "127.0.0.1:0")
+        .with("dir", tmp.path().join("data").display().to_string())
+        .with("max_size", "20GiB");
+    let config = Config::load(None, flags).unwrap();
     let server = Server::bind(config).await.unwrap();
     let addr = server.local_addr();
     let (opened, ready) = tokio::sync::oneshot::channel();

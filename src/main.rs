@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 
-use larder::config::{Config, LogFormat, Overrides};
+use larder::config::{Config, Flags, LogFormat};
 use larder::server::Server;
 use larder::store::Store;
 
@@ -53,74 +53,9 @@ struct ServeArgs {
     /// Config file (TOML); see config/larder.toml for every key.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:9092]. Port 0 picks a free port.
-    #[arg(long, value_name = "ADDR:PORT")]
-    listen: Option<String>,
-    /// A second address for HTTP clients (the main one serves them too).
-    #[arg(long, value_name = "ADDR:PORT")]
-    http_listen: Option<String>,
-    /// An address serving only /metrics and /healthz (the main one serves them too).
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics_listen: Option<String>,
-    /// Data directory [default: $XDG_CACHE_HOME/larder, else ~/.cache/larder].
-    #[arg(long, value_name = "PATH")]
-    dir: Option<PathBuf>,
-    /// Size budget of the data directory, e.g. 10GiB [default: 10GiB].
-    #[arg(long, value_name = "SIZE")]
-    max_size: Option<String>,
-    /// At shutdown, how long in-flight calls may run on, e.g. 30s [default: 30s].
-    #[arg(long, value_name = "DURATION")]
-    drain_timeout: Option<String>,
-    /// TLS certificate chain (PEM) for every port; needs --tls-key.
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM).
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<PathBuf>,
-    /// Require client certificates signed by this CA (PEM): mutual TLS.
-    #[arg(long, value_name = "FILE")]
-    tls_client_ca: Option<PathBuf>,
-    /// htpasswd file of bcrypt entries (htpasswd -B): clients must authenticate.
-    #[arg(long, value_name = "FILE")]
-    htpasswd: Option<PathBuf>,
-    /// With --htpasswd: anonymous clients may read; writes need credentials.
-    #[arg(long)]
-    allow_unauthenticated_reads: bool,
-    /// With --htpasswd: the metrics port (--metrics-listen) serves /metrics
-    /// without credentials, for Prometheus.
-    #[arg(long)]
-    public_metrics_port: bool,
-    /// Re-hash stored blobs in the background at this many bytes per second,
-    /// e.g. 20MiB [default: 0, off].
-    #[arg(long, value_name = "SIZE")]
-    scrub_rate: Option<String>,
-    /// S3-compatible object store shared by larder nodes as a second tier,
-    /// e.g. http://127.0.0.1:7480 (credentials: AWS_ACCESS_KEY_ID and
-    /// AWS_SECRET_ACCESS_KEY, or AWS_PROFILE).
-    #[arg(long, value_name = "URL")]
-    s3_endpoint: Option<String>,
-    /// Bucket of the object store tier.
-    #[arg(long, value_name = "NAME")]
-    s3_bucket: Option<String>,
-    /// Key prefix in the bucket, for sharing it with other data.
-    #[arg(long, value_name = "PREFIX")]
-    s3_prefix: Option<String>,
-    /// Region of the object store [default: us-east-1].
-    #[arg(long, value_name = "REGION")]
-    s3_region: Option<String>,
-    /// Acknowledge writes once the local tier holds them, and copy them to
-    /// the object store from a persistent queue in the background (default:
-    /// write-through, acknowledged once both tiers hold them).
-    #[arg(long)]
-    s3_write_back: bool,
-    /// Most bytes of writes that may wait for the object store; beyond it,
-    /// writes are refused with RESOURCE_EXHAUSTED [default: 2GiB, at most
-    /// half of --max-size].
-    #[arg(long, value_name = "SIZE")]
-    s3_queue_size: Option<String>,
-    /// Log format on stderr: compact (for people) or json (for collectors) [default: compact].
-    #[arg(long, value_name = "FORMAT")]
-    log_format: Option<String>,
+    /// Every option of config/larder.toml, as a flag.
+    #[command(flatten)]
+    flags: Flags,
 }
 
 /// Why a command failed: each says what went wrong and what to do next.
@@ -166,33 +101,12 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let overrides = Overrides {
-        listen: args.listen,
-        http_listen: args.http_listen,
-        metrics_listen: args.metrics_listen,
-        dir: args.dir,
-        max_size: args.max_size,
-        drain_timeout: args.drain_timeout,
-        log_format: args.log_format,
-        tls_cert: args.tls_cert,
-        tls_key: args.tls_key,
-        tls_client_ca: args.tls_client_ca,
-        htpasswd_file: args.htpasswd,
-        allow_unauthenticated_reads: args.allow_unauthenticated_reads.then_some(true),
-        public_metrics_port: args.public_metrics_port.then_some(true),
-        scrub_rate: args.scrub_rate,
-        s3_endpoint: args.s3_endpoint,
-        s3_bucket: args.s3_bucket,
-        s3_prefix: args.s3_prefix,
-        s3_region: args.s3_region,
-        s3_write_back: args.s3_write_back.then_some(true),
-        s3_queue_size: args.s3_queue_size,
-    };
-    let config = Config::load(args.config.as_deref(), overrides)?;
-    init_logs(config.log_format);
+    let config = Config::load(args.config.as_deref(), args.flags)?;
+    init_logs(config.server.log_format, &config.warnings);
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::Runtime)?;
     let served = runtime.block_on(async {
-        let (dir, max_size, drain) = (config.dir.clone(), config.max_size, config.drain_timeout);
+        let (dir, max_size, drain) =
+            (config.store.dir.clone(), config.store.max_size, config.server.drain_timeout);
         let server = Server::bind(config).await?;
         let (addr, http, metrics) = (server.local_addr(), server.http_addr(), server.metrics_addr());
         let version = env!("CARGO_PKG_VERSION");
@@ -217,10 +131,13 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
 }
 
 fn scrub(args: ScrubArgs) -> Result<(), Failure> {
-    let overrides = Overrides { dir: args.dir, ..Overrides::default() };
-    let config = Config::load(args.config.as_deref(), overrides)?;
-    init_logs(config.log_format);
-    let store = Store::open(&config.dir, config.store_options())?;
+    let flags = match args.dir {
+        Some(dir) => Flags::default().with("dir", dir.display().to_string()),
+        None => Flags::default(),
+    };
+    let config = Config::load(args.config.as_deref(), flags)?;
+    init_logs(config.server.log_format, &config.warnings);
+    let store = Store::open(&config.store.dir, config.store_options())?;
     let stats = store.stats()?;
     // Drawn on stderr, and only when it is a terminal.
     let bar = indicatif::ProgressBar::new(stats.logical_bytes).with_style(
@@ -240,26 +157,30 @@ fn scrub(args: ScrubArgs) -> Result<(), Failure> {
         report.blobs,
         report.bytes,
         started.elapsed().as_secs_f64(),
-        config.dir.display(),
+        config.store.dir.display(),
         report.removed
     );
     Ok(())
 }
 
 fn run_bench(target: bench::Target) -> Result<(), Failure> {
-    init_logs(LogFormat::Compact);
+    init_logs(LogFormat::Compact, &[]);
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::Runtime)?;
     Ok(runtime.block_on(bench::main(target))?)
 }
 
 /// Logs go to stderr, at the level RUST_LOG sets (info by default): a compact
-/// line each for people, or a JSON object each for collectors.
-fn init_logs(format: LogFormat) {
+/// line each for people, or a JSON object each for collectors. What loading
+/// the config warned about is logged first.
+fn init_logs(format: LogFormat, warnings: &[String]) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Compact => logs.compact().init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    for warning in warnings {
+        tracing::warn!("{warning}");
     }
 }
 

@@ -1,4 +1,5 @@
-//! Running larder for a team: graceful drain and signals.
+//! Running larder for a team: graceful drain and signals, configuration
+//! from the environment.
 
 mod common;
 
@@ -296,4 +297,28 @@ async fn the_status_page_and_its_json() {
     for expected in ["<svg", "Data directory", &dir.display().to_string(), "1 misses", "of the 1GiB budget"] {
         assert!(page.contains(expected), "{expected:?} in the page");
     }
+}
+
+/// Container platforms inject variables such as LARDER_PORT and
+/// LARDER_SERVICE_HOST for a service named larder: larder still starts, says
+/// it ignores them, and reads its own variables as ever.
+#[tokio::test]
+async fn unknown_larder_variables_are_warned_about_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [
+        ("LARDER_PORT".to_string(), "tcp://10.0.0.7:9092".to_string()),
+        ("LARDER_SERVICE_HOST".to_string(), "10.0.0.7".to_string()),
+        ("LARDER_MAX_BATCH_SIZE".to_string(), "2MiB".to_string()),
+    ];
+    let server = TestServer::start_with_env(&tmp.path().join("data"), &[], &env);
+    let mut c = server.clients().await;
+    let caps =
+        c.caps.get_capabilities(larder::proto::reapi::GetCapabilitiesRequest::default()).await.unwrap();
+    let advertised = caps.into_inner().cache_capabilities.unwrap().max_batch_total_size_bytes;
+    assert_eq!(advertised, 2 << 20, "LARDER_MAX_BATCH_SIZE took effect");
+    let log = server.log();
+    for variable in ["LARDER_PORT", "LARDER_SERVICE_HOST"] {
+        assert!(log.contains(&format!("ignoring the environment variable {variable}")), "{log}");
+    }
+    assert!(!log.contains("LARDER_MAX_BATCH_SIZE"), "{log}");
 }

@@ -18,7 +18,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use client::{Client, Grpc};
 use data::Data;
-use larder::config::{ByteSize, Config, Overrides};
+use larder::config::{ByteSize, Config, Flags};
 use larder::digest::Digest;
 use larder::store::eviction::Budget;
 use larder::store::{Store, StoreOptions};
@@ -318,7 +318,7 @@ fn shape(common: &Common, workload: Workload, data: Data, max_batch: u64) -> Sha
 }
 
 pub async fn bench_store(args: &StoreArgs) -> Result<Vec<Report>, Error> {
-    let config = Config::load(args.config.as_deref(), Overrides::default())?;
+    let config = Config::load(args.config.as_deref(), Flags::default())?;
     let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&parent)
         .map_err(|source| Error::Io { context: format!("cannot create {}", parent.display()), source })?;
@@ -338,7 +338,7 @@ pub async fn bench_store(args: &StoreArgs) -> Result<Vec<Report>, Error> {
                 if args.only.is_some_and(|only| only != index - 1) {
                     continue;
                 }
-                let shape = shape(&args.common, workload, data, config.max_batch_size.0);
+                let shape = shape(&args.common, workload, data, config.limits.max_batch_size.0);
                 let report =
                     store_run(&parent, &label, &settings, (options.clone(), budget), &shape, &args.common)
                         .await?;
@@ -352,7 +352,7 @@ pub async fn bench_store(args: &StoreArgs) -> Result<Vec<Report>, Error> {
 /// Runs each combination in a process of its own (this program again, with
 /// --only), so that each is measured from a fresh start.
 async fn isolated(args: &StoreArgs) -> Result<Vec<Report>, Error> {
-    let config = Config::load(args.config.as_deref(), Overrides::default())?;
+    let config = Config::load(args.config.as_deref(), Flags::default())?;
     let runs =
         sweep(args, &config.store_options()).len() * args.common.workload.len() * args.common.data.len();
     let program = std::env::current_exe()

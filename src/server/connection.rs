@@ -59,7 +59,7 @@ const MAX_STREAMS: u32 = 200;
 /// streams; every wait on the client has a timeout.
 pub fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(config.header_timeout);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(config.server.header_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -61,18 +61,20 @@ impl Server {
     /// Binds the listen addresses.
     pub async fn bind(config: Config) -> Result<Server, Error> {
         let tls = config.tls().map(|(cert, key, ca)| crate::tls::acceptor(cert, key, ca)).transpose()?;
-        let auth = match config.htpasswd_file.as_os_str().is_empty() {
-            true => None,
-            false => Some(Arc::new(Auth::new(
-                Htpasswd::load(&config.htpasswd_file).map_err(Error::Auth)?,
-                config.allow_unauthenticated_reads,
+        let auth = match &config.auth.htpasswd_file {
+            None => None,
+            Some(file) => Some(Arc::new(Auth::new(
+                Htpasswd::load(file).map_err(Error::Auth)?,
+                config.auth.allow_unauthenticated_reads,
             ))),
         };
-        let writes = if config.s3_write_back { cache::Writes::Back } else { cache::Writes::Through };
+        let writes = if config.s3.write_back { cache::Writes::Back } else { cache::Writes::Through };
         let tier = config.s3().map(|s| Tier::connect(&s, writes).map(Arc::new)).transpose()?;
-        let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Bind(config.listen, e))?;
-        let http_listener = bind_optional(config.http_listen).await?;
-        let metrics_listener = bind_optional(config.metrics_listen).await?;
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|e| Error::Bind(config.server.listen, e))?;
+        let http_listener = bind_optional(config.server.http_listen).await?;
+        let metrics_listener = bind_optional(config.server.metrics_listen).await?;
         Ok(Server { listener, http_listener, metrics_listener, tls, auth, tier, config })
     }
 
@@ -103,19 +105,19 @@ impl Server {
             addr(&listener),
             http_listener.as_ref().map(addr),
             metrics_listener.as_ref().map(addr),
-            config.dir.clone(),
+            config.store.dir.clone(),
             tier.as_ref().map(|t| t.name().to_string()),
         );
         let app = App {
             port: Port::Main,
             peer: None,
             calls: None,
-            budget: Budget::new(config.max_inflight_bytes.0, config.idle_timeout),
+            budget: Budget::new(config.server.max_inflight_bytes.0, config.server.idle_timeout),
             timeouts: crate::idle::Timeouts {
-                first_call: config.header_timeout,
-                between_calls: config.idle_timeout,
+                first_call: config.server.header_timeout,
+                between_calls: config.server.idle_timeout,
             },
-            public_metrics: config.public_metrics_port,
+            public_metrics: config.auth.public_metrics_port,
             auth,
             board: Arc::new(board),
             health: Routes::new(health_service).prepare(),
@@ -129,6 +131,7 @@ impl Server {
         let builder = connection::builder(&config);
         let open_files = connection::raise_open_file_limit();
         let max_connections = config
+            .server
             .max_connections
             .min(open_files.saturating_sub(connection::RESERVED_FILES) as usize)
             .max(16);
@@ -216,7 +219,7 @@ impl Server {
         // Stop accepting, then give in-flight calls the drain timeout to
         // finish; idle connections are closed at once.
         drop((listener, http_listener, metrics_listener));
-        let drain = config.drain_timeout;
+        let drain = config.server.drain_timeout;
         if tokio::time::timeout(drain, connections.shutdown()).await.is_err() {
             tracing::warn!("calls still running after {drain:?}: stopping anyway");
         }
@@ -233,7 +236,7 @@ async fn open_store(config: Config) -> Result<Arc<Store>, Error> {
     let options = config.store_options();
     let mut noticed: Option<std::time::Instant> = None;
     loop {
-        let (dir, options) = (config.dir.clone(), options.clone());
+        let (dir, options) = (config.store.dir.clone(), options.clone());
         // The server alone starts or stops the queue for the object store:
         // other openers (`larder scrub`) leave it as it is.
         let opened = cache::blocking(move || {
@@ -262,18 +265,21 @@ async fn open_store(config: Config) -> Result<Arc<Store>, Error> {
 /// cache, and the background tasks under their supervisor.
 fn start(store: &Arc<Store>, tier: Option<Arc<Tier>>, config: &Config, app: &App) -> (Services, Supervisor) {
     let limits = cache::Limits {
-        directories: cache::DirectoryLimit::new(config.max_directory_size.0, config.max_call_entries),
-        max_message_size: config.max_message_size.0 as usize,
+        directories: cache::DirectoryLimit::new(
+            config.limits.max_directory_size.0,
+            config.limits.max_call_entries,
+        ),
+        max_message_size: config.limits.max_message_size.0 as usize,
     };
     let cache =
         Cache::new(Arc::clone(store), tier, Arc::clone(&app.metrics), Arc::clone(&app.budget), limits);
     let shared = Arc::new(Shared {
         cache: Arc::clone(&cache),
-        max_batch_size: config.max_batch_size.0,
-        max_message_size: config.max_message_size.0 as usize,
-        max_entries: config.max_call_entries,
+        max_batch_size: config.limits.max_batch_size.0,
+        max_message_size: config.limits.max_message_size.0 as usize,
+        max_entries: config.limits.max_call_entries,
     });
-    crate::codec::set_max_entries(config.max_call_entries);
+    crate::codec::set_max_entries(config.limits.max_call_entries);
     let supervisor = Supervisor::start(store, &cache, config, &app.metrics, &app.board);
     let services =
         Services { cache, grpc: router::grpc_routes(&shared), http: Arc::new(HttpApi::new(shared)) };

@@ -44,13 +44,13 @@ impl Supervisor {
         }
         tasks.spawn(maintain(
             Arc::clone(store),
-            config.partial_upload_max_age,
+            config.store.partial_upload_max_age,
             Arc::clone(metrics),
             Arc::clone(board),
         ));
         tasks.spawn(eviction::run(Arc::clone(store), eviction::Budget::of(config)));
-        if config.scrub_rate.0 > 0 {
-            tasks.spawn(scrub_online(Arc::clone(store), config.scrub_rate.0, Arc::clone(&stopping)));
+        if config.store.scrub_rate.0 > 0 {
+            tasks.spawn(scrub_online(Arc::clone(store), config.store.scrub_rate.0, Arc::clone(&stopping)));
         }
         Supervisor { store: Arc::clone(store), tasks, stopping }
     }

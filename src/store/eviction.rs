@@ -29,10 +29,10 @@ impl Budget {
     /// The budget a config sets.
     pub fn of(config: &crate::config::Config) -> Budget {
         Budget {
-            max_size: config.max_size.0,
-            high_watermark: config.eviction_high_watermark,
-            low_watermark: config.eviction_low_watermark,
-            min_age: config.eviction_min_age,
+            max_size: config.store.max_size.0,
+            high_watermark: config.eviction.high_watermark,
+            low_watermark: config.eviction.low_watermark,
+            min_age: config.eviction.min_age,
         }
     }
 

@@ -171,6 +171,11 @@ impl TestServer {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// What larder has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
