@@ -14,6 +14,7 @@ use super::{Cache, Error, blocking};
 use crate::budget::Held;
 use crate::compression::{self, Decoder};
 use crate::digest::{Digest, Encoding};
+use crate::store::chunk::Chunker;
 use crate::store::{NewBlob, Written};
 
 /// A whole blob of a batch update, as the client sent it.
@@ -378,9 +379,7 @@ impl Writer {
     /// Stores the partial chunk a zstd upload holds.
     fn flush(&mut self) -> Result<(), Error> {
         if let Some(inflater) = &mut self.inflater {
-            inflater.capturing = false;
-            self.upload.append(&inflater.out, None)?;
-            inflater.out.clear();
+            inflater.chunker.flush(&mut |data, frame| self.upload.append(data, frame))?;
         }
         Ok(())
     }
@@ -402,68 +401,30 @@ impl Writer {
     }
 }
 
-/// Decompresses a zstd upload as it streams, into chunks. A client frame
-/// that holds a whole chunk's bytes is kept and stored as it is.
+/// Decompresses a zstd upload as it streams, into chunks: the store's
+/// chunker keeps a client frame that holds a quarter chunk or more (or ends
+/// the blob) as it is, and cuts the rest at the chunk size.
 struct Inflater {
     decoder: Decoder,
-    chunk_size: usize,
-    /// Decompressed bytes not stored yet: less than a chunk.
-    out: Vec<u8>,
-    /// The compressed bytes of the current frame, while `capturing`: while
-    /// it may still become a chunk of its own (it began a chunk, and is no
-    /// larger than one). Reused from frame to frame.
-    frame: Vec<u8>,
-    capturing: bool,
+    chunker: Chunker,
 }
 
 impl Inflater {
     /// `remaining`: the uncompressed bytes the stream may produce; any more
     /// and it is cut off.
     fn new(remaining: u64, chunk_size: usize) -> Result<Inflater, Error> {
-        Ok(Inflater {
-            decoder: Decoder::new(remaining)?,
-            chunk_size,
-            out: Vec::with_capacity(chunk_size),
-            frame: Vec::new(),
-            capturing: true,
-        })
+        Ok(Inflater { decoder: Decoder::new(remaining)?, chunker: Chunker::new(chunk_size, chunk_size / 4) })
     }
 
     fn write(&mut self, upload: &mut crate::store::Upload, mut input: &[u8]) -> Result<(), Error> {
-        let chunk_size = self.chunk_size;
         loop {
             let step = self.decoder.step(input)?;
-            if self.capturing {
-                self.frame.extend_from_slice(&input[..step.consumed]);
-                // Larger than the bytes it could hold raw: never kept.
-                self.capturing = self.frame.len() <= chunk_size;
-            }
+            self.chunker.frame_bytes(&input[..step.consumed]);
             input = &input[step.consumed..];
-            let mut data = step.data;
-            while !data.is_empty() {
-                let n = data.len().min(chunk_size - self.out.len());
-                self.out.extend_from_slice(&data[..n]);
-                data = &data[n..];
-                // A full chunk inside a frame: that frame spans chunks.
-                if self.out.len() == chunk_size && !(step.frame_end && data.is_empty()) {
-                    self.capturing = false;
-                    upload.append(&self.out, None)?;
-                    self.out.clear();
-                }
-            }
+            self.chunker.data(step.data, step.frame_end, &mut |data, frame| upload.append(data, frame))?;
             if step.frame_end {
-                let ends_blob = upload.committed() + self.out.len() as u64 == upload.digest().size;
-                let whole = self.out.len() >= chunk_size / 4 || ends_blob;
-                if self.capturing && !self.out.is_empty() && whole {
-                    // The frame holds exactly these bytes: keep it.
-                    upload.append(&self.out, Some(&self.frame))?;
-                    self.out.clear();
-                } else if self.out.len() == chunk_size {
-                    upload.append(&self.out, None)?;
-                    self.out.clear();
-                }
-                self.frame.clear();
-                self.capturing = self.out.is_empty();
+                let ends_blob = upload.committed() + self.chunker.pending() as u64 == upload.digest().size;
+                self.chunker.frame_end(ends_blob, &mut |data, frame| upload.append(data, frame))?;
             }
             if input.is_empty() && !step.more {
                 return Ok(());

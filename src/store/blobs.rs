@@ -329,17 +329,12 @@ impl Store {
                 }
                 false => None,
             };
-            let mut chunks = Vec::new();
-            let mut stored = 0;
-            for (n, part) in data.chunks(self.options.chunk_size).enumerate() {
-                let offset = (n * self.options.chunk_size) as u64;
-                let level = self.options.zstd_level;
-                let range = offset..offset + part.len() as u64;
-                // Frames are in order: a binary search finds the one starting here.
-                let frame = frames.binary_search_by_key(&offset, |(r, _)| r.start).ok().map(|i| &frames[i]);
+            let (chunk_size, level) = (self.options.chunk_size, self.options.zstd_level);
+            let (mut chunks, mut stored, mut offset) = (Vec::new(), 0, 0);
+            let mut emit = |part: &[u8], frame: Option<&[u8]>| -> Result<(), Error> {
                 let mut value = match frame {
-                    Some((r, frame)) if *r == range => chunk::encode_frame(frame, part, level),
-                    _ => chunk::encode(part, level),
+                    Some(frame) => chunk::encode_frame(frame, part, level),
+                    None => chunk::encode(part, level),
                 };
                 stored += value.len() as u64;
                 if let Some(file) = &mut file {
@@ -347,7 +342,26 @@ impl Store {
                     value = chunk::file_ref(at, value.len());
                 }
                 chunks.push((chunk_key(blob_id, offset), value));
+                offset += part.len() as u64;
+                Ok(())
+            };
+            // A batch keeps only frames that hold a whole chunk: its chunks
+            // stay `chunk_size` apart, as they always have.
+            let mut chunker = chunk::Chunker::new(chunk_size, chunk_size);
+            let mut at = 0;
+            for (range, frame) in frames {
+                let (start, end) = (range.start as usize, range.end as usize);
+                if start < at || start > end || end > data.len() {
+                    continue; // not in order: its bytes go unframed
+                }
+                chunker.unframed(&data[at..start], &mut emit)?;
+                chunker.frame_bytes(frame);
+                chunker.data(&data[start..end], true, &mut emit)?;
+                chunker.frame_end(end == data.len(), &mut emit)?;
+                at = end;
             }
+            chunker.unframed(&data[at..], &mut emit)?;
+            chunker.flush(&mut emit)?;
             match file {
                 Some(file) => {
                     // The index entry must never point at bytes a crash could lose.

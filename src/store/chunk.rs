@@ -173,6 +173,119 @@ pub fn encode_frame(frame: &[u8], data: &[u8], level: i32) -> Vec<u8> {
     }
 }
 
+/// Cuts a blob's bytes into stored chunks as they arrive, and keeps a
+/// client's zstd frame as the stored form of a chunk where the frame holds
+/// the whole chunk: it began where a chunk begins, its compressed bytes and
+/// the bytes it decodes to each fit in `chunk_size`, and it decodes to at
+/// least `min_kept` bytes or ends the blob. Other bytes are cut at
+/// `chunk_size`. The one home of that rule, for uploads (which feed it as
+/// they decompress) and batches (which feed it each frame whole).
+pub struct Chunker {
+    chunk_size: usize,
+    min_kept: usize,
+    /// Bytes not stored yet: less than a chunk.
+    out: Vec<u8>,
+    /// The compressed bytes of the current frame, while `capturing`: while
+    /// it may still become a chunk of its own. Reused from frame to frame.
+    frame: Vec<u8>,
+    capturing: bool,
+}
+
+impl Chunker {
+    pub fn new(chunk_size: usize, min_kept: usize) -> Chunker {
+        Chunker {
+            chunk_size,
+            min_kept,
+            out: Vec::with_capacity(chunk_size),
+            frame: Vec::new(),
+            capturing: true,
+        }
+    }
+
+    /// Bytes taken and not stored yet.
+    pub fn pending(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Compressed bytes of the current frame, as they are consumed.
+    pub fn frame_bytes(&mut self, compressed: &[u8]) {
+        if self.capturing {
+            self.frame.extend_from_slice(compressed);
+            // Larger than the bytes it could hold raw: never kept.
+            self.capturing = self.frame.len() <= self.chunk_size;
+        }
+    }
+
+    /// Bytes the current frame decoded to; `frame_ends` if they are its
+    /// last. Full chunks go to `emit` (bytes, and the frame to keep).
+    pub fn data<E>(
+        &mut self,
+        mut data: &[u8],
+        frame_ends: bool,
+        emit: &mut impl FnMut(&[u8], Option<&[u8]>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        while !data.is_empty() {
+            let n = data.len().min(self.chunk_size - self.out.len());
+            self.out.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            // A full chunk inside a frame: that frame spans chunks.
+            if self.out.len() == self.chunk_size && !(frame_ends && data.is_empty()) {
+                self.capturing = false;
+                emit(&self.out, None)?;
+                self.out.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// The current frame ended; `ends_blob` if the bytes taken so far
+    /// complete the blob.
+    pub fn frame_end<E>(
+        &mut self,
+        ends_blob: bool,
+        emit: &mut impl FnMut(&[u8], Option<&[u8]>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let whole = self.out.len() >= self.min_kept || ends_blob;
+        if self.capturing && !self.out.is_empty() && whole {
+            // The frame holds exactly these bytes: keep it.
+            emit(&self.out, Some(&self.frame))?;
+            self.out.clear();
+        } else if self.out.len() == self.chunk_size {
+            emit(&self.out, None)?;
+            self.out.clear();
+        }
+        self.frame.clear();
+        self.capturing = self.out.is_empty();
+        Ok(())
+    }
+
+    /// Bytes that arrived in no frame of the client's.
+    pub fn unframed<E>(
+        &mut self,
+        data: &[u8],
+        emit: &mut impl FnMut(&[u8], Option<&[u8]>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.capturing = false;
+        self.frame.clear();
+        self.data(data, false, emit)?;
+        self.capturing = self.out.is_empty();
+        Ok(())
+    }
+
+    /// Stores what is left: the end of the blob, or of what arrived.
+    pub fn flush<E>(
+        &mut self,
+        emit: &mut impl FnMut(&[u8], Option<&[u8]>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.capturing = false;
+        if !self.out.is_empty() {
+            emit(&self.out, None)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+}
+
 fn raw(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + 5);
     out.extend_from_slice(data);
@@ -426,5 +539,40 @@ mod tests {
         }
         assert_eq!(file_ref_of(&file_ref(0, MAX_CHUNK_SIZE + 6)), None);
         assert!(!is_file_ref(&encode(b"data", 0)));
+    }
+
+    /// The one rule for keeping a client's frame, as uploads (a quarter
+    /// chunk or more) and batches (whole chunks only) use it.
+    #[test]
+    fn the_chunker_keeps_whole_frames_and_cuts_the_rest() {
+        let run = |min_kept, frames: &[(usize, bool)]| {
+            let mut chunks = Vec::new();
+            let mut emit = |data: &[u8], frame: Option<&[u8]>| -> Result<(), ()> {
+                chunks.push((data.len(), frame.is_some()));
+                Ok(())
+            };
+            let mut chunker = Chunker::new(100, min_kept);
+            let total: usize = frames.iter().map(|(len, _)| len).sum();
+            let mut taken = 0;
+            for &(len, framed) in frames {
+                taken += len;
+                if framed {
+                    chunker.frame_bytes(&[0; 10]);
+                    chunker.data(&vec![1; len], true, &mut emit).unwrap();
+                    chunker.frame_end(taken == total, &mut emit).unwrap();
+                } else {
+                    chunker.unframed(&vec![1; len], &mut emit).unwrap();
+                }
+            }
+            chunker.flush(&mut emit).unwrap();
+            chunks
+        };
+        // A frame of 30 is kept; one of 10 is not, nor is the one that
+        // then spans a chunk boundary, nor what follows it.
+        let upload = run(25, &[(30, true), (10, true), (100, true), (5, true)]);
+        assert_eq!(upload, [(30, true), (100, false), (15, false)]);
+        // Whole chunks only: a frame of a chunk, and the blob's last one.
+        let batch = run(100, &[(100, true), (30, true), (70, false), (20, true)]);
+        assert_eq!(batch, [(100, true), (100, false), (20, true)]);
     }
 }
