@@ -225,6 +225,14 @@ impl Chunker {
         emit: &mut impl FnMut(&[u8], Option<&[u8]>) -> Result<(), E>,
     ) -> Result<(), E> {
         while !data.is_empty() {
+            // A whole chunk that no frame can claim goes out uncopied.
+            let whole_chunk = self.out.is_empty() && data.len() >= self.chunk_size;
+            if whole_chunk && !(frame_ends && data.len() == self.chunk_size) {
+                self.capturing = false;
+                emit(&data[..self.chunk_size], None)?;
+                data = &data[self.chunk_size..];
+                continue;
+            }
             let n = data.len().min(self.chunk_size - self.out.len());
             self.out.extend_from_slice(&data[..n]);
             data = &data[n..];
