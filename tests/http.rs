@@ -361,3 +361,79 @@ async fn a_2_gib_http_put_and_get_stream_in_bounded_memory() {
     let rss = server.peak_rss_bytes();
     assert!(rss < 200 << 20, "peak RSS {} MiB", rss >> 20);
 }
+
+/// ByteStream downloads over HTTP (`GET /v1/media/{name}?alt=media`):
+/// whole and in byte ranges, in every instance form, of a blob uploaded
+/// over gRPC; and every refusal in Google's error form.
+#[tokio::test]
+async fn media_downloads_whole_and_in_ranges() {
+    let (_tmp, server) = server();
+    let (c, base) = (http(), format!("http://{}", server.addr));
+    let mut g = server.clients().await;
+    // Spans several stored chunks, and ends inside one.
+    let data = random_bytes((3 << 20) + 12_345, 21);
+    g.write(&upload_name("", "media", &data), &data, 1 << 20).await.unwrap();
+    let media =
+        |instance: &str, data: &[u8]| format!("{base}/v1/media/{}?alt=media", read_name(instance, data));
+    let download = |url: String, range: Option<&str>| {
+        let mut request = c.get(url);
+        if let Some(range) = range {
+            request = request.header("range", range);
+        }
+        async move {
+            let r = request.send().await.unwrap();
+            let (status, headers) = (r.status(), r.headers().clone());
+            (status, headers, r.bytes().await.unwrap())
+        }
+    };
+
+    let (status, headers, body) = download(media("", &data), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-length"], data.len().to_string().as_str());
+    assert_eq!(headers["accept-ranges"], "bytes");
+    assert!(body == data, "the whole blob, byte for byte");
+
+    let size = data.len() as u64;
+    let cases = [
+        ("bytes=0-0", 0, 1),
+        ("bytes=1048570-2097160", 1_048_570, 2_097_161),
+        ("bytes=3000000-", 3_000_000, size),
+        ("bytes=-100", size - 100, size),
+        // The client's last chunk asks past the end: clipped.
+        ("bytes=3145000-9999999", 3_145_000, size),
+    ];
+    for (range, start, end) in cases {
+        let (status, headers, body) = download(media("", &data), Some(range)).await;
+        assert_eq!(status, StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(headers["content-range"], format!("bytes {start}-{}/{size}", end - 1).as_str(), "{range}");
+        assert!(body == data[start as usize..end as usize], "{range}");
+    }
+    // A range at or past the end: 416, with the size.
+    let (status, headers, _) = download(media("", &data), Some(&format!("bytes={size}-"))).await;
+    assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(headers["content-range"], format!("bytes */{size}").as_str());
+
+    // The empty blob, in every instance form: whole, and 416 for any range.
+    for instance in ["", "team", "team/a"] {
+        let (status, _, body) = download(media(instance, b""), None).await;
+        assert_eq!((status, body.len()), (StatusCode::OK, 0), "{instance:?}");
+        let (status, headers, _) = download(media(instance, b""), Some("bytes=0-")).await;
+        assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE, "{instance:?}");
+        assert_eq!(headers["content-range"], "bytes */0");
+    }
+    // A blob uploaded under an instance is read there (the CAS is shared).
+    let (status, _, body) = download(media("team/a", &data), Some("bytes=-5")).await;
+    assert_eq!((status, &body[..]), (StatusCode::PARTIAL_CONTENT, &data[data.len() - 5..]));
+
+    // Refusals.
+    let (status, body) = get(&c, media("", b"never stored")).await;
+    error(status, &body, 404, "NOT_FOUND");
+    let (status, body) = get(&c, format!("{base}/v1/media/{}", read_name("", &data))).await;
+    assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("alt=media"));
+    let (status, body) = get(&c, format!("{base}/v1/media/blobs/nothex/3?alt=media")).await;
+    error(status, &body, 400, "INVALID_ARGUMENT");
+    let (status, body) = get(&c, format!("{base}/v1/media/{}?alt=media", upload_name("", "u", &data))).await;
+    error(status, &body, 400, "INVALID_ARGUMENT");
+    let r = c.delete(media("", &data)).send().await.unwrap();
+    assert_eq!((r.status(), r.headers()["allow"].to_str().unwrap()), (StatusCode::METHOD_NOT_ALLOWED, "GET"));
+}

@@ -4,6 +4,7 @@
 //! form.
 
 mod bazel;
+mod media;
 mod rest;
 
 use std::sync::Arc;
@@ -49,6 +50,8 @@ impl HttpApi {
         let path = request.uri().path().to_string();
         let result = if let Some(rest) = path.strip_prefix("/v2/") {
             rest::handle(self, request, rest).await
+        } else if let Some(name) = path.strip_prefix("/v1/media/") {
+            media::download(self, request, name).await
         } else if let Some(target) = bazel::Target::parse(&path) {
             bazel::handle(self, request, target).await
         } else {
@@ -71,6 +74,8 @@ pub fn route_label(method: &Method, path: &str) -> String {
             _ if rest.contains("actionResults/") => "/v2/actionResults".to_string(),
             _ => "/v2/other".to_string(),
         }
+    } else if path.starts_with("/v1/media/") {
+        "/v1/media".to_string()
     } else if let Some(target) = bazel::Target::parse(path) {
         target.route().to_string()
     } else if matches!(path, "/healthz" | "/metrics") {
@@ -90,7 +95,15 @@ pub fn route_label(method: &Method, path: &str) -> String {
 #[derive(Debug)]
 pub enum HttpError {
     Status(Status),
-    Http { code: StatusCode, message: String, allow: Option<&'static str> },
+    Http {
+        code: StatusCode,
+        message: String,
+        allow: Option<&'static str>,
+    },
+    /// A byte range that starts at or past the end of a blob of `size` bytes.
+    RangeNotSatisfiable {
+        size: u64,
+    },
 }
 
 impl From<Status> for HttpError {
@@ -114,7 +127,7 @@ impl HttpError {
         HttpError::Http {
             code: StatusCode::NOT_FOUND,
             message: format!(
-                "no route for {path:?}: larder serves REAPI's REST mapping under /v2/ and Bazel's HTTP cache under /ac/ and /cas/"
+                "no route for {path:?}: larder serves REAPI's REST mapping under /v2/, ByteStream downloads under /v1/media/, and Bazel's HTTP cache under /ac/ and /cas/"
             ),
             allow: None,
         }
@@ -129,6 +142,10 @@ impl HttpError {
     }
 
     pub fn into_response(self) -> Response<Body> {
+        let range_of = match &self {
+            HttpError::RangeNotSatisfiable { size } => Some(*size),
+            _ => None,
+        };
         let (code, status, message, allow) = match self {
             HttpError::Status(s) => {
                 (http_code(s.code()), code_name(s.code()).to_string(), s.message().to_string(), None)
@@ -136,6 +153,10 @@ impl HttpError {
             HttpError::Http { code, message, allow } => {
                 let name = code.canonical_reason().unwrap_or("ERROR").to_uppercase().replace(' ', "_");
                 (code, name, message, allow)
+            }
+            HttpError::RangeNotSatisfiable { size } => {
+                let message = format!("the range starts at or past the end of the blob ({size} bytes)");
+                (StatusCode::RANGE_NOT_SATISFIABLE, "OUT_OF_RANGE".to_string(), message, None)
             }
         };
         let body = serde_json::json!({
@@ -148,6 +169,10 @@ impl HttpError {
         }
         if let Some(allow) = allow {
             response.headers_mut().insert(ALLOW, http::HeaderValue::from_static(allow));
+        }
+        if let Some(size) = range_of {
+            let range = format!("bytes */{size}").parse().expect("digits");
+            response.headers_mut().insert(http::header::CONTENT_RANGE, range);
         }
         response
     }
@@ -271,7 +296,7 @@ mod tests {
             let route = label.split_once(' ').map(|(_, r)| r).unwrap_or("");
             let known = [
                 "/v2/blobs:findMissing", "/v2/blobs:batchUpdate", "/v2/blobs:batchRead", "/v2/blobs:getTree",
-                "/v2/capabilities", "/v2/actionResults", "/v2/other", "/cas", "/ac", "/healthz", "/metrics", "other",
+                "/v2/capabilities", "/v2/actionResults", "/v2/other", "/v1/media", "/cas", "/ac", "/healthz", "/metrics", "other",
             ];
             prop_assert!(known.contains(&route), "{}", label);
         }
