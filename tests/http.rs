@@ -437,3 +437,65 @@ async fn media_downloads_whole_and_in_ranges() {
     let r = c.delete(media("", &data)).send().await.unwrap();
     assert_eq!((r.status(), r.headers()["allow"].to_str().unwrap()), (StatusCode::METHOD_NOT_ALLOWED, "GET"));
 }
+
+/// ByteStream uploads over HTTP (`POST /upload/v1/media/{name}?uploadType=media`):
+/// verified before they become visible, under any instance, in either
+/// encoding, and read back over gRPC.
+#[tokio::test]
+async fn media_uploads_are_verified_then_visible_over_grpc() {
+    let (_tmp, server) = server();
+    let (c, base) = (http(), format!("http://{}", server.addr));
+    let mut g = server.clients().await;
+    let post = |name: &str, query: &str, body: Vec<u8>| {
+        let request = c.post(format!("{base}/upload/v1/media/{name}{query}")).body(body);
+        async move {
+            let r = request.send().await.unwrap();
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let data = random_bytes((2 << 20) + 777, 31);
+    for instance in ["", "team/a"] {
+        let name = upload_name(instance, "simple", &data);
+        let (status, body) = post(&name, "?alt=json&uploadType=media", data.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["resourceName"], name.as_str());
+        assert!(g.read(&read_name(instance, &data), 0, 0).await.unwrap() == data, "{instance:?}");
+    }
+    // Compressed: the body is a zstd stream of the blob.
+    let text = text_bytes(300_000, 4);
+    let d = digest(&text);
+    let name = format!("uploads/z/compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes);
+    let (status, body) = post(&name, "?uploadType=media", zstd::bulk::compress(&text, 3).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(g.read(&read_name("", &text), 0, 0).await.unwrap() == text);
+
+    // Bytes that do not hash to the name, too few, too many: 400, and
+    // nothing becomes visible.
+    let named = random_bytes(5000, 7);
+    let name = upload_name("", "bad", &named);
+    let cases = [
+        ("other bytes", random_bytes(5000, 8)),
+        ("too few", named[..4000].to_vec()),
+        ("too many", [&named[..], b"x"].concat()),
+    ];
+    for (i, (what, body)) in cases.into_iter().enumerate() {
+        // Each under a name of its own: a refused upload is deleted in the background.
+        let (status, body) =
+            post(&upload_name("", &format!("bad{i}"), &named), "?uploadType=media", body).await;
+        error(status, &body, 400, "INVALID_ARGUMENT");
+        assert_eq!(g.find_missing(&[digest(&named)]).await.len(), 1, "{what}: invisible");
+    }
+    // Refusals.
+    let (status, body) = post(&name, "", named.clone()).await;
+    assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("uploadType"));
+    let (status, body) = post(&name, "?uploadType=multipart", named.clone()).await;
+    assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("not served yet"));
+    let (status, body) = post(&read_name("", &named), "?uploadType=media", named.clone()).await;
+    error(status, &body, 400, "INVALID_ARGUMENT");
+    let r = c.get(format!("{base}/upload/v1/media/{name}?uploadType=media")).send().await.unwrap();
+    assert_eq!(
+        (r.status(), r.headers()["allow"].to_str().unwrap()),
+        (StatusCode::METHOD_NOT_ALLOWED, "POST")
+    );
+}

@@ -1,19 +1,20 @@
 //! ByteStream over HTTP, as Google's REST form of it has it
 //! (`RestByteStream`): `GET /v1/media/{name}?alt=media` downloads a blob,
-//! whole or a byte range (`Range: bytes=a-b`, `bytes=a-`, `bytes=-n`). The
-//! name is a ByteStream read resource name, its slashes kept:
-//! `{instance}/blobs/{hash}/{size}`.
+//! whole or a byte range (`Range: bytes=a-b`, `bytes=a-`, `bytes=-n`), and
+//! `POST /upload/v1/media/{name}?uploadType=media` uploads one. Names are
+//! ByteStream resource names, their slashes kept: `{instance}/blobs/{hash}/{size}`
+//! to read, `{instance}/uploads/{uuid}/blobs/{hash}/{size}` to write.
 
 use futures::StreamExt;
-use http::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use http::header::{ACCEPT_RANGES, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::StreamBody;
+use http_body_util::{BodyStream, StreamBody};
 use hyper::body::Frame;
-use tonic::Status;
 use tonic::body::Body;
+use tonic::{Code, Status};
 
-use super::{HttpApi, HttpError, RequestBody, percent_decode};
-use crate::cache;
+use super::{HttpApi, HttpError, RequestBody, json_response, percent_decode};
+use crate::cache::{self, Progress};
 use crate::digest::{self, Encoding};
 
 const OCTETS: &str = "application/octet-stream";
@@ -28,8 +29,7 @@ pub async fn download(
     if request.method() != Method::GET {
         return Err(HttpError::method(request.method(), &path, "GET"));
     }
-    let alt = request.uri().query().unwrap_or("").split('&').find_map(|p| p.strip_prefix("alt="));
-    if alt != Some("media") {
+    if query(&request, "alt") != Some("media") {
         return Err(HttpError::bad_request(
             "a media download needs ?alt=media: this route serves a blob's bytes, not its metadata",
         ));
@@ -61,6 +61,104 @@ pub async fn download(
         response.headers_mut().insert(CONTENT_RANGE, range.parse().expect("digits and a dash"));
     }
     Ok(response)
+}
+
+/// The value of query parameter `key`, if given.
+fn query<'a>(request: &'a Request<RequestBody>, key: &str) -> Option<&'a str> {
+    request.uri().query()?.split('&').find_map(|p| p.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// `POST /upload/v1/media/{name}?uploadType=media`: the body is the blob
+/// (zstd-compressed for a `compressed-blobs/zstd/` name). It streams into the
+/// upload under that name, and is verified before it becomes visible; the
+/// reply is a `Media` message naming it.
+pub async fn upload(
+    api: &HttpApi,
+    request: Request<RequestBody>,
+    name: &str,
+) -> Result<Response<Body>, HttpError> {
+    let path = request.uri().path().to_string();
+    if request.method() != Method::POST {
+        return Err(HttpError::method(request.method(), &path, "POST"));
+    }
+    match query(&request, "uploadType") {
+        Some("media") => {}
+        // TODO(issue 18): multipart and resumable uploads.
+        Some(other) => {
+            return Err(HttpError::bad_request(format!(
+                "uploadType={other} is not served yet: send the blob as the body with uploadType=media"
+            )));
+        }
+        None => return Err(HttpError::bad_request("an upload needs uploadType=media")),
+    }
+    let name = percent_decode(name, false)?;
+    let resource = digest::parse_write_resource(&name).map_err(cache::Error::from)?;
+    let cache = &api.shared.cache;
+    let reply = |whole_body: bool| {
+        let body = serde_json::json!({ "resourceName": name }).to_string().into_bytes();
+        let mut response = json_response(StatusCode::OK, body);
+        if !whole_body {
+            // What is left of the body would come first on this connection.
+            response.headers_mut().insert(CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        Ok(response)
+    };
+    // A blob found stored answers before its body is read: the body is
+    // read to its end (no more than the blob can take), or the connection
+    // closes after the answer (an HTTP/1.1 client writes its whole body
+    // before it reads the answer).
+    let digest = resource.digest;
+    let most = match resource.encoding {
+        Encoding::Identity => digest.size,
+        Encoding::Zstd => digest.size + digest.size / 8 + (1 << 20),
+    };
+    let mut frames = BodyStream::new(request.into_body());
+    let Some(mut upload) = cache.begin_upload(name.clone(), digest, resource.encoding, 0).await? else {
+        return reply(drain(&mut frames, most).await);
+    };
+    while let Some(frame) = frames.next().await {
+        match frame {
+            // Trailers carry no data.
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data()
+                    && upload.push(data).await? == Progress::AlreadyPresent
+                {
+                    let left = most.saturating_sub(upload.wire());
+                    return reply(drain(&mut frames, left).await);
+                }
+            }
+            // It broke off, or stalled (see `crate::idle::Timed`): what
+            // arrived is kept under the name, as a ByteStream write's is.
+            Err(status) => {
+                return match (upload.persist().await?, status.code()) {
+                    (Progress::Continue, Code::DeadlineExceeded) => Err(status.into()),
+                    (Progress::Continue, _) => Err(Status::cancelled("the request body broke off").into()),
+                    (Progress::AlreadyPresent, _) => reply(false),
+                };
+            }
+        }
+    }
+    if upload.complete().await? == Progress::Continue {
+        upload.commit().await?;
+    }
+    reply(true)
+}
+
+/// Reads what is left of a request body, up to `most` bytes; whether it
+/// ended (a body that breaks off, or runs on past `most`, did not).
+async fn drain(frames: &mut BodyStream<RequestBody>, most: u64) -> bool {
+    let mut read = 0u64;
+    while let Some(frame) = frames.next().await {
+        match frame.map(|f| f.into_data()) {
+            Ok(Ok(data)) => read += data.len() as u64,
+            Ok(Err(_)) => {}
+            Err(_) => return false,
+        }
+        if read > most {
+            return false;
+        }
+    }
+    true
 }
 
 /// The byte range a `Range` header asks of a blob of `size` bytes, as

@@ -52,6 +52,8 @@ impl HttpApi {
             rest::handle(self, request, rest).await
         } else if let Some(name) = path.strip_prefix("/v1/media/") {
             media::download(self, request, name).await
+        } else if let Some(name) = path.strip_prefix("/upload/v1/media/") {
+            media::upload(self, request, name).await
         } else if let Some(target) = bazel::Target::parse(&path) {
             bazel::handle(self, request, target).await
         } else {
@@ -76,6 +78,8 @@ pub fn route_label(method: &Method, path: &str) -> String {
         }
     } else if path.starts_with("/v1/media/") {
         "/v1/media".to_string()
+    } else if path.starts_with("/upload/v1/media/") {
+        "/upload/v1/media".to_string()
     } else if let Some(target) = bazel::Target::parse(path) {
         target.route().to_string()
     } else if matches!(path, "/healthz" | "/metrics") {
@@ -127,7 +131,7 @@ impl HttpError {
         HttpError::Http {
             code: StatusCode::NOT_FOUND,
             message: format!(
-                "no route for {path:?}: larder serves REAPI's REST mapping under /v2/, ByteStream downloads under /v1/media/, and Bazel's HTTP cache under /ac/ and /cas/"
+                "no route for {path:?}: larder serves REAPI's REST mapping under /v2/, ByteStream under /v1/media/ and /upload/v1/media/, and Bazel's HTTP cache under /ac/ and /cas/"
             ),
             allow: None,
         }
@@ -296,7 +300,7 @@ mod tests {
             let route = label.split_once(' ').map(|(_, r)| r).unwrap_or("");
             let known = [
                 "/v2/blobs:findMissing", "/v2/blobs:batchUpdate", "/v2/blobs:batchRead", "/v2/blobs:getTree",
-                "/v2/capabilities", "/v2/actionResults", "/v2/other", "/v1/media", "/cas", "/ac", "/healthz", "/metrics", "other",
+                "/v2/capabilities", "/v2/actionResults", "/v2/other", "/v1/media", "/upload/v1/media", "/cas", "/ac", "/healthz", "/metrics", "other",
             ];
             prop_assert!(known.contains(&route), "{}", label);
         }

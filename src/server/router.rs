@@ -178,7 +178,7 @@ impl App {
         // buffers.
         let keep = match grpc {
             true => methods::find(&path).map_or(Keep::Everything, |m| m.body),
-            false if method == http::Method::PUT && route_label(&method, &path) == "PUT /cas" => {
+            false if matches!(route_label(&method, &path).as_str(), "PUT /cas" | "POST /upload/v1/media") => {
                 Keep::LastFrame
             }
             false => Keep::Everything,
