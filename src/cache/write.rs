@@ -242,7 +242,7 @@ impl Upload {
                     total - self.first_offset
                 ),
             };
-            return Err(self.fail(Error::Invalid(message)));
+            return Err(self.fail(Error::Invalid(message)).await);
         }
         self.wire = total;
         self.buffer.extend_from_slice(&data);
@@ -327,7 +327,7 @@ impl Upload {
         };
         match checked {
             Ok(()) => Ok(Progress::Continue),
-            Err(e) => Err(self.fail(e)),
+            Err(e) => Err(self.fail(e).await),
         }
     }
 
@@ -344,19 +344,18 @@ impl Upload {
         Ok(written)
     }
 
-    /// Ends an upload that broke a rule: it is deleted. Gives `e` back.
-    pub fn fail(&mut self, e: Error) -> Error {
-        let state = std::mem::replace(&mut self.state, State::Ended);
-        tokio::spawn(async move {
-            let writer = match state {
-                State::Idle(w) => Some(w),
-                State::Writing(p) => p.await.ok().and_then(Result::ok).map(|(w, _)| w),
-                State::Ended => None,
-            };
-            if let Some(writer) = writer {
-                let _ = blocking(move || writer.upload.discard()).await;
-            }
-        });
+    /// Ends an upload that broke a rule: it is deleted before the call
+    /// answers, so that a client that retries at once finds its name free.
+    /// Gives `e` back.
+    pub async fn fail(&mut self, e: Error) -> Error {
+        let writer = match std::mem::replace(&mut self.state, State::Ended) {
+            State::Idle(writer) => Some(writer),
+            State::Writing(pending) => pending.await.ok().and_then(Result::ok).map(|(writer, _)| writer),
+            State::Ended => None,
+        };
+        if let Some(writer) = writer {
+            let _ = blocking(move || writer.upload.discard()).await;
+        }
         e
     }
 }

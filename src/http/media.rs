@@ -110,7 +110,7 @@ pub async fn upload(
     let digest = resource.digest;
     let most = match resource.encoding {
         Encoding::Identity => digest.size,
-        Encoding::Zstd => digest.size + digest.size / 8 + (1 << 20),
+        Encoding::Zstd => digest.size.saturating_add(digest.size / 8).saturating_add(1 << 20),
     };
     let mut frames = BodyStream::new(request.into_body());
     let Some(mut upload) = cache.begin_upload(name.clone(), digest, resource.encoding, 0).await? else {

@@ -87,12 +87,11 @@ impl ByteStreamService {
         let mut message = first;
         loop {
             if !message.resource_name.is_empty() && message.resource_name != name {
-                return Err(upload
-                    .fail(cache::Error::Invalid(format!(
-                        "resource_name changed within the stream from {name:?} to {:?}",
-                        message.resource_name
-                    )))
-                    .into());
+                let changed = format!(
+                    "resource_name changed within the stream from {name:?} to {:?}",
+                    message.resource_name
+                );
+                return Err(upload.fail(cache::Error::Invalid(changed)).await.into());
             }
             if message.write_offset != upload.wire() as i64 {
                 let message = format!(
@@ -100,7 +99,7 @@ impl ByteStreamService {
                     message.write_offset,
                     upload.wire()
                 );
-                return Err(upload.fail(cache::Error::Invalid(message)).into());
+                return Err(upload.fail(cache::Error::Invalid(message)).await.into());
             }
             if upload.push(message.data).await? == Progress::AlreadyPresent {
                 return Ok(done);
@@ -130,7 +129,7 @@ impl ByteStreamService {
         // Messages after finish_write break the protocol: store nothing then.
         if let Some(Some(Ok(_))) = stream.next().now_or_never() {
             let broken = cache::Error::Invalid("the stream went on after finish_write".into());
-            return Err(upload.fail(broken).into());
+            return Err(upload.fail(broken).await.into());
         }
         let committed = upload.wire() as i64;
         match upload.commit().await? {

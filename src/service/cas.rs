@@ -264,12 +264,13 @@ async fn walk_tree(
     let mut message_bytes = 0;
     let mut page_bytes = 0;
     while !queue.is_empty() {
-        let (mut batch, mut bytes) = (Vec::new(), 0);
+        let (mut batch, mut bytes) = (Vec::new(), 0u64);
         while let Some(&next) = queue.front()
-            && (batch.is_empty() || (batch.len() < WALK_BATCH && bytes + next.size <= WALK_BATCH_BYTES))
+            && (batch.is_empty()
+                || (batch.len() < WALK_BATCH && bytes.saturating_add(next.size) <= WALK_BATCH_BYTES))
         {
             batch.push(next);
-            bytes += next.size;
+            bytes = bytes.saturating_add(next.size);
             queue.pop_front();
         }
         let directories = cache.directories(batch).await?;
