@@ -111,6 +111,54 @@ async fn anonymous_clients_may_read_but_not_write() {
     let r = http.put(&url).basic_auth(USER, Some(PASSWORD)).body("other").send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+
+    // Every HTTP route that stores is a write, whatever its method.
+    let base = format!("http://{}", server.addr);
+    let media = format!("{base}/v1/media/{}?alt=media", read_name("", b"other"));
+    assert_eq!(http.get(&media).send().await.unwrap().status(), 200, "an anonymous media download");
+    for (what, request) in [
+        (
+            "media",
+            http.post(format!("{base}/upload/v1/media/{}?uploadType=media", upload_name("", "m", b"mine"))),
+        ),
+        (
+            "multipart",
+            http.post(format!(
+                "{base}/upload/v1/media/{}?uploadType=multipart",
+                upload_name("", "p", b"mine")
+            )),
+        ),
+        (
+            "resumable",
+            http.post(format!(
+                "{base}/upload/v1/media/{}?uploadType=resumable",
+                upload_name("", "r", b"mine")
+            )),
+        ),
+        (
+            "resumable path",
+            http.post(format!("{base}/resumable/upload/v1/media/{}", upload_name("", "s", b"mine"))),
+        ),
+        (
+            "session",
+            http.put(format!("{base}/upload/v1/media/{}", upload_name("", "t", b"mine")))
+                .header("content-range", "bytes 0-3/4"),
+        ),
+        ("batchUpdate", http.post(format!("{base}/v2//blobs:batchUpdate"))),
+        ("an unknown verb", http.post(format!("{base}/v2//blobs:spliceBlob"))),
+    ] {
+        let r = request.body("mine").send().await.unwrap();
+        assert_eq!(r.status(), 403, "{what}: anonymous callers may not write");
+    }
+    let r = http
+        .post(format!("{base}/v2//blobs:findMissing"))
+        .body(r#"{"blobDigests": []}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "findMissing is a read");
+    let mut c = server.clients().await;
+    assert_eq!(c.find_missing(&[digest(b"mine")]).await.len(), 1, "nothing was stored");
 }
 
 #[test]

@@ -69,7 +69,15 @@ pub fn services() -> Vec<&'static str> {
 pub fn is_write(grpc: bool, method: &http::Method, path: &str) -> bool {
     match grpc {
         true => find(path).is_some_and(|m| m.write),
-        false => *method == http::Method::PUT || path.ends_with(":batchUpdate"),
+        // Over HTTP, anything but a GET, a HEAD or a POST of a query is a
+        // write: a route added later is closed to anonymous callers until
+        // it is listed here as a read.
+        false => {
+            let read = matches!(*method, http::Method::GET | http::Method::HEAD)
+                || (*method == http::Method::POST
+                    && (path.ends_with(":findMissing") || path.ends_with(":batchRead")));
+            !read
+        }
     }
 }
 
