@@ -106,6 +106,10 @@ options! {
         /// How logs are written to stderr: compact (for people) or json
         /// (for log collectors).
         log_format: LogFormat, "FORMAT";
+        /// Store and serve Bazel's HTTP cache's /ac/ bodies as they come,
+        /// unchecked (ccache's entries are not ActionResults), apart from
+        /// the action cache gRPC and REST serve.
+        disable_http_ac_validation: bool, "BOOL";
     }
 
     /// The data directory and how blobs are stored in it.

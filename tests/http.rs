@@ -297,6 +297,74 @@ async fn bazel_http_cache_cas_and_ac() {
     assert_eq!(c.get(&ac2).send().await.unwrap().status(), StatusCode::NOT_FOUND);
 }
 
+/// zstd on Bazel's HTTP cache, as bazel-remote serves it: a PUT with
+/// `Content-Encoding: zstd` names its size in `X-Digest-SizeBytes`; a GET
+/// with `Accept-Encoding: zstd` gets a zstd body.
+#[tokio::test]
+async fn bazel_http_cache_speaks_zstd() {
+    let (_tmp, server) = server();
+    let (c, base) = (http(), format!("http://{}", server.addr));
+    let blob = text_bytes((2 << 20) + 3, 7);
+    let url = format!("{base}/cas/{}", sha256(&blob));
+    let compressed = zstd::bulk::compress(&blob, 3).unwrap();
+    let put = |body: Vec<u8>, size: Option<usize>, encoding: &str| {
+        let mut request = c.put(&url).header("content-encoding", encoding).body(body);
+        if let Some(size) = size {
+            request = request.header("x-digest-sizebytes", size.to_string());
+        }
+        async move { request.send().await.unwrap().status() }
+    };
+    assert_eq!(put(compressed.clone(), None, "zstd").await, StatusCode::BAD_REQUEST, "no size");
+    assert_eq!(put(compressed.clone(), Some(blob.len() - 1), "zstd").await, StatusCode::BAD_REQUEST);
+    assert_eq!(put(blob.clone(), None, "gzip").await, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(c.head(&url).send().await.unwrap().status(), StatusCode::NOT_FOUND, "nothing stored");
+    assert_eq!(put(compressed, Some(blob.len()), "zstd").await, StatusCode::OK);
+
+    let r = c.get(&url).header("accept-encoding", "gzip, zstd").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-encoding"], "zstd");
+    let body = r.bytes().await.unwrap();
+    assert!(body.len() < blob.len() / 2, "compressed: {} bytes", body.len());
+    assert!(zstd::stream::decode_all(&body[..]).unwrap() == blob);
+    for accept in ["gzip", "zstd;q=0"] {
+        let r = c.get(&url).header("accept-encoding", accept).send().await.unwrap();
+        assert!(!r.headers().contains_key("content-encoding"), "{accept}");
+        assert!(r.bytes().await.unwrap() == blob, "{accept}");
+    }
+}
+
+/// With `disable_http_ac_validation`, /ac/ takes any bytes (ccache's
+/// entries), kept apart from the action cache gRPC serves.
+#[tokio::test]
+async fn unvalidated_http_ac_entries_are_kept_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("data"), &["--disable-http-ac-validation"]);
+    let (c, base) = (http(), format!("http://{}", server.addr));
+    let entry = b"\xffccache entry, not a protobuf".to_vec();
+    let key = sha256(b"ccache key");
+    let url = format!("{base}/team/ac/{key}");
+    assert_eq!(c.get(&url).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(c.put(&url).body(entry.clone()).send().await.unwrap().status(), StatusCode::OK);
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.bytes().await.unwrap() == entry);
+    assert_eq!(c.head(&url).send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(c.get(format!("{base}/ac/{key}")).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    // gRPC does not see it, and its results do not show through /ac/.
+    let mut g = server.clients().await;
+    let action = reapi::Digest { hash: key.clone(), size_bytes: 10 };
+    let lookup = reapi::GetActionResultRequest {
+        instance_name: "team".into(),
+        action_digest: Some(action.clone()),
+        ..Default::default()
+    };
+    assert_code(g.ac.get_action_result(lookup.clone()).await, tonic::Code::NotFound);
+    g.put_action_result(&action, reapi::ActionResult { exit_code: 3, ..Default::default() }).await;
+    let r = c.get(format!("{base}/ac/{key}")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "gRPC's results stay apart");
+    assert!(c.get(&url).send().await.unwrap().bytes().await.unwrap() == entry);
+}
+
 #[tokio::test]
 async fn a_blob_written_over_one_protocol_reads_over_the_others() {
     let (_tmp, server) = server();
@@ -334,30 +402,42 @@ async fn a_2_gib_http_put_and_get_stream_in_bounded_memory() {
     let c = http();
     const SIZE: usize = 2 << 30;
     const PART: usize = 4 << 20;
-    let part = random_bytes(PART, 3);
     // 512 copies of one part: the hash is computed as they are made.
-    let mut hasher = larder::digest::Hasher::new(larder::digest::Function::Sha256);
-    for _ in 0..SIZE / PART {
-        hasher.update(&part);
-    }
-    let hash = hasher.finish().hex();
+    let blob = |seed| {
+        let part = Bytes::from(random_bytes(PART, seed));
+        let mut hasher = larder::digest::Hasher::new(larder::digest::Function::Sha256);
+        for _ in 0..SIZE / PART {
+            hasher.update(&part);
+        }
+        let body =
+            futures::stream::iter((0..SIZE / PART).map(move |_| Ok::<_, std::io::Error>(part.clone())));
+        (hasher.finish().hex(), reqwest::Body::wrap_stream(body))
+    };
+    let read_all = |url: String| {
+        let request = c.get(url);
+        async move {
+            let mut r = request.send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            let mut got = 0;
+            while let Some(chunk) = r.chunk().await.unwrap() {
+                got += chunk.len();
+            }
+            got
+        }
+    };
+    // Bazel's HTTP cache.
+    let (hash, body) = blob(3);
     let url = format!("http://{}/cas/{hash}", server.addr);
-    let shared = Bytes::from(part);
-    let body = futures::stream::iter((0..SIZE / PART).map(move |_| Ok::<_, std::io::Error>(shared.clone())));
-    let r = c
-        .put(&url)
-        .header("content-length", SIZE)
-        .body(reqwest::Body::wrap_stream(body))
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(&url).header("content-length", SIZE).body(body).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let mut r = c.get(&url).send().await.unwrap();
-    let mut got = 0;
-    while let Some(chunk) = r.chunk().await.unwrap() {
-        got += chunk.len();
-    }
-    assert_eq!(got, SIZE);
+    assert_eq!(read_all(url).await, SIZE);
+    // ByteStream over HTTP.
+    let (hash, body) = blob(4);
+    let base = format!("http://{}", server.addr);
+    let url = format!("{base}/upload/v1/media/uploads/big/blobs/{hash}/{SIZE}?uploadType=media");
+    let r = c.post(&url).header("content-length", SIZE).body(body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(read_all(format!("{base}/v1/media/blobs/{hash}/{SIZE}?alt=media")).await, SIZE);
     let rss = server.peak_rss_bytes();
     assert!(rss < 200 << 20, "peak RSS {} MiB", rss >> 20);
 }
@@ -489,13 +569,340 @@ async fn media_uploads_are_verified_then_visible_over_grpc() {
     // Refusals.
     let (status, body) = post(&name, "", named.clone()).await;
     assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("uploadType"));
+    let (status, body) = post(&name, "?uploadType=chunked", named.clone()).await;
+    assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("media, multipart or resumable"));
     let (status, body) = post(&name, "?uploadType=multipart", named.clone()).await;
-    assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("not served yet"));
+    assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("multipart/related"));
     let (status, body) = post(&read_name("", &named), "?uploadType=media", named.clone()).await;
     error(status, &body, 400, "INVALID_ARGUMENT");
     let r = c.get(format!("{base}/upload/v1/media/{name}?uploadType=media")).send().await.unwrap();
     assert_eq!(
         (r.status(), r.headers()["allow"].to_str().unwrap()),
-        (StatusCode::METHOD_NOT_ALLOWED, "POST")
+        (StatusCode::METHOD_NOT_ALLOWED, "POST, PUT")
     );
+}
+
+/// Multipart uploads (`uploadType=multipart`) as Google's Python client
+/// writes them (bare LF, a JSON part, then the media) and with CRLF: a
+/// payload ending in `\r` is kept intact, and a malformed body stores nothing.
+#[tokio::test]
+async fn media_multipart_uploads_keep_their_bytes_exactly() {
+    let (_tmp, server) = server();
+    let (c, base) = (http(), format!("http://{}", server.addr));
+    let mut g = server.clients().await;
+    let post = |name: &str, boundary: &str, body: Vec<u8>| {
+        let content_type = format!("multipart/related; boundary=\"{boundary}\"");
+        let request = c
+            .post(format!("{base}/upload/v1/media/{name}?alt=json&uploadType=multipart"))
+            .header("content-type", content_type)
+            .body(body);
+        async move {
+            let r = request.send().await.unwrap();
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let boundary = "===============0123456789==";
+    let lf_encoded = |name: &str, payload: &[u8], encoding: &str| {
+        [
+            format!("--{boundary}\nContent-Type: application/json\nMIME-Version: 1.0\n\n{{\"resourceName\": \"{name}\"}}\n--{boundary}\nContent-Type: application/octet-stream\nMIME-Version: 1.0\nContent-Transfer-Encoding: {encoding}\n\n").as_bytes(),
+            payload,
+            format!("\n--{boundary}--\n").as_bytes(),
+        ]
+        .concat()
+    };
+    let lf = |name: &str, payload: &[u8]| lf_encoded(name, payload, "binary");
+    let mut cr = random_bytes((1 << 20) + 99, 41);
+    cr.push(b'\r');
+    let payloads = [cr, b"\r\n--not the boundary\r\n".to_vec(), Vec::new()];
+    for (i, payload) in payloads.iter().enumerate() {
+        let name = upload_name("team/a", &format!("m{i}"), payload);
+        let (status, body) = post(&name, boundary, lf(&name, payload)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["resourceName"], name.as_str());
+        assert!(g.read(&read_name("team/a", payload), 0, 0).await.unwrap() == *payload, "payload {i}");
+    }
+    // CRLF line ends, a preamble, no metadata part.
+    let payload = text_bytes(100_000, 5);
+    let name = upload_name("", "crlf", &payload);
+    let body =
+        [b"preamble\r\n--xyz\r\nContent-Type: text/plain\r\n\r\n".as_slice(), &payload, b"\r\n--xyz--\r\n"]
+            .concat();
+    let (status, body) = post(&name, "xyz", body).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(g.read(&read_name("", &payload), 0, 0).await.unwrap() == payload);
+
+    // No closing delimiter, a base64 part, bytes not matching the name:
+    // 400, and nothing visible.
+    let named = random_bytes(70_000, 42);
+    let mut unclosed = lf("x", &named);
+    unclosed.truncate(unclosed.len() - boundary.len() - 5);
+    let mut other = named.clone();
+    other[5] ^= 1;
+    let cases = [
+        ("unclosed", unclosed, "closing delimiter"),
+        ("base64", lf_encoded("x", &named, "base64"), "as binary"),
+        ("other bytes", lf("x", &other), "hash to"),
+    ];
+    for (i, (what, body, needle)) in cases.into_iter().enumerate() {
+        let (status, body) = post(&upload_name("", &format!("bad{i}"), &named), boundary, body).await;
+        let message = error(status, &body, 400, "INVALID_ARGUMENT");
+        assert!(message.contains(needle), "{what}: {message}");
+        assert_eq!(g.find_missing(&[digest(&named)]).await.len(), 1, "{what}: invisible");
+    }
+}
+
+/// A client that sees 308 as an answer, not a redirect.
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder().http1_only().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+/// A PUT to an upload session: the status, the `Range` it acknowledges,
+/// and the body.
+async fn put_chunk(
+    c: &reqwest::Client,
+    url: &str,
+    range: String,
+    body: Vec<u8>,
+) -> (u16, Option<String>, String) {
+    let r = c.put(url).header("content-range", range).body(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let acknowledged = r.headers().get("range").map(|v| v.to_str().unwrap().to_string());
+    (status, acknowledged, r.text().await.unwrap())
+}
+
+/// Resumable uploads (`uploadType=resumable`): a 64 MiB blob in uneven
+/// chunks, with a chunk that breaks off, one that overlaps what is
+/// committed, and a restart of larder in the middle; status queries answer
+/// exactly what the last 308 acknowledged.
+#[tokio::test]
+async fn media_resumable_uploads_resume_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let server = TestServer::start(&dir, &[]);
+    let c = no_redirects();
+    let data = random_bytes(64 << 20, 51);
+    let size = data.len();
+    let name = upload_name("team/a", "resumable", &data);
+
+    // Started on Google's resumable path: an absolute session URI.
+    let r = c
+        .post(format!("http://{}/resumable/upload/v1/media/{name}?uploadType=resumable", server.addr))
+        .header("x-upload-content-length", size.to_string())
+        .header("x-upload-content-type", "application/octet-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(location, format!("http://{}/upload/v1/media/{name}?uploadType=resumable", server.addr));
+    let path = location.split_once(&server.addr).unwrap().1.to_string();
+    let query = format!("bytes */{size}");
+
+    // Nothing committed: 308 without a Range.
+    assert_eq!(put_chunk(&c, &location, query.clone(), vec![]).await, (308, None, String::new()));
+    let first = 10_000_019;
+    let (status, range, _) =
+        put_chunk(&c, &location, format!("bytes 0-{}/{size}", first - 1), data[..first].to_vec()).await;
+    assert_eq!((status, range.as_deref()), (308, Some(format!("bytes=0-{}", first - 1).as_str())));
+
+    // A chunk that breaks off: what arrived is committed.
+    let sent = 3_000_001;
+    {
+        let mut stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nhost: {}\r\ncontent-range: bytes {first}-{}/{size}\r\ncontent-length: {}\r\n\r\n",
+            server.addr,
+            size - 1,
+            size - first
+        );
+        use tokio::io::AsyncWriteExt;
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&data[first..first + sent]).await.unwrap();
+        stream.flush().await.unwrap();
+    }
+    let committed = first + sent;
+    let acknowledged = format!("bytes=0-{}", committed - 1);
+    // The broken chunk may still be on its way in: asked again until it is.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (status, range, _) = put_chunk(&c, &location, query.clone(), vec![]).await;
+        if (status, range.as_deref()) == (308, Some(acknowledged.as_str())) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the broken chunk was not kept: {status} {range:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // larder restarts on the same data directory: the session is where it was.
+    server.stop();
+    let server = TestServer::start(&dir, &[]);
+    let location = format!("http://{}{path}", server.addr);
+    let (status, range, _) = put_chunk(&c, &location, query.clone(), vec![]).await;
+    assert_eq!((status, range.as_deref()), (308, Some(acknowledged.as_str())));
+
+    // A chunk past what is committed is refused; one that overlaps it is
+    // taken from where the session stands.
+    let (status, _, body) =
+        put_chunk(&c, &location, format!("bytes {}-{}/{size}", committed + 1, committed + 9), vec![0; 9])
+            .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains(&format!("past the {committed} bytes committed")), "{body}");
+    let mut at = committed - 1000;
+    for length in [7 << 20, (20 << 20) - 5, 1, 12_345_678] {
+        let end = at + length;
+        let (status, range, body) =
+            put_chunk(&c, &location, format!("bytes {at}-{}/{size}", end - 1), data[at..end].to_vec()).await;
+        assert_eq!((status, range), (308, Some(format!("bytes=0-{}", end - 1))), "{body}");
+        at = end;
+    }
+    let (status, range, body) =
+        put_chunk(&c, &location, format!("bytes {at}-{}/{size}", size - 1), data[at..].to_vec()).await;
+    assert_eq!((status, range), (200, None), "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["resourceName"], name.as_str());
+    let (status, _, body) = put_chunk(&c, &location, query.clone(), vec![]).await;
+    assert_eq!(status, 200, "a finished session answers 200: {body}");
+    let mut g = server.clients().await;
+    assert!(g.read(&read_name("team/a", &data), 0, 0).await.unwrap() == data, "read back over ByteStream");
+
+    // The empty blob: a status query finishes it.
+    let empty = upload_name("", "empty", b"");
+    let base = format!("http://{}", server.addr);
+    let r = c.post(format!("{base}/upload/v1/media/{empty}?uploadType=resumable")).send().await.unwrap();
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let (status, _, body) = put_chunk(&c, &location, "bytes */0".into(), vec![]).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Refusals.
+    let other = upload_name("", "other", b"four");
+    let r = c
+        .post(format!("{base}/upload/v1/media/{other}?uploadType=resumable"))
+        .header("x-upload-content-length", "5")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = (r.status(), r.json::<Value>().await.unwrap());
+    assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("X-Upload-Content-Length"));
+    let d = digest(b"four");
+    let compressed = format!("uploads/z/compressed-blobs/zstd/{}/4", d.hash);
+    let r = c.post(format!("{base}/upload/v1/media/{compressed}?uploadType=resumable")).send().await.unwrap();
+    let (status, body) = (r.status(), r.json::<Value>().await.unwrap());
+    assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("compressed"));
+    let session = format!("{base}/upload/v1/media/{other}?uploadType=resumable");
+    let r = c.put(&session).body("four").send().await.unwrap();
+    let (status, body) = (r.status(), r.json::<Value>().await.unwrap());
+    assert!(error(status, &body, 400, "INVALID_ARGUMENT").contains("Content-Range"));
+    let (status, _, body) = put_chunk(&c, &session, "bytes 0-3/5".into(), b"four".to_vec()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("total other than"), "{body}");
+}
+
+/// One HTTP/1.1 exchange on an open connection: writes the request while
+/// reading the answer (the server may answer before it reads the body),
+/// and returns its status, its head (lowercase) and its body.
+async fn exchange(stream: &mut tokio::net::TcpStream, head: String, body: &[u8]) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut reader, mut writer) = stream.split();
+    let write = async {
+        // The server may close its end before it reads all of the body.
+        let _ = writer.write_all(head.as_bytes()).await;
+        let _ = writer.write_all(body).await;
+    };
+    let read = async {
+        let mut answer = Vec::new();
+        let mut buffer = vec![0u8; 64 << 10];
+        let head_end = loop {
+            if let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let n = reader.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "the connection closed before an answer");
+            answer.extend_from_slice(&buffer[..n]);
+        };
+        let head = String::from_utf8_lossy(&answer[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        while answer.len() < head_end + length {
+            let n = reader.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "the connection closed inside an answer");
+            answer.extend_from_slice(&buffer[..n]);
+        }
+        let status = head[9..12].parse().unwrap();
+        (status, head, answer[head_end..].to_vec())
+    };
+    let ((), answer) = tokio::join!(write, read);
+    answer
+}
+
+/// Answers sent before a request's body is read: a blob already stored
+/// drains the body and keeps the connection, as does a refusal of a small
+/// body; a refusal of a large body says `Connection: close`, so the client
+/// does not send its next request into a closed connection.
+#[tokio::test]
+async fn early_answers_keep_or_close_the_connection_honestly() {
+    let (_tmp, server) = server();
+    let mut g = server.clients().await;
+    let blob = random_bytes(2 << 20, 61);
+    g.write(&upload_name("", "stored", &blob), &blob, 1 << 20).await.unwrap();
+    let hash = sha256(&blob);
+    let host = &server.addr;
+
+    // Stored already: the PUT's body is drained, and the connection serves
+    // the next request.
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let put = format!("PUT /cas/{hash} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {}\r\n\r\n", blob.len());
+    let (status, head, _) = exchange(&mut stream, put, &blob).await;
+    assert_eq!(status, 200, "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let name = upload_name("", "again", &blob);
+    let post = format!(
+        "POST /upload/v1/media/{name}?uploadType=media HTTP/1.1\r\nhost: {host}\r\ncontent-length: {}\r\n\r\n",
+        blob.len()
+    );
+    let (status, head, _) = exchange(&mut stream, post, &blob).await;
+    assert_eq!(status, 200, "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let get = format!("GET /cas/{hash} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    let (status, _, body) = exchange(&mut stream, get, &[]).await;
+    assert!(status == 200 && body == blob, "the same connection serves a third request");
+
+    // Refused before its body is read: a body of a few MiB is drained
+    // first, and the connection serves the next request; a larger one is
+    // left, and the answer closes the connection.
+    let refusals = [
+        ("no route", "POST /no/such/route HTTP/1.1"),
+        ("a malformed name", "POST /upload/v1/media/uploads/u/blobs/nothex/9?uploadType=media HTTP/1.1"),
+        ("a wrong method", "POST /cas/00 HTTP/1.1"),
+    ];
+    for (what, request) in refusals {
+        let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+        let head = format!("{request}\r\nhost: {host}\r\ncontent-length: {}\r\n\r\n", blob.len());
+        let (status, head, _) = exchange(&mut stream, head, &blob).await;
+        assert!(status >= 400, "{what}: {head}");
+        assert!(!head.contains("connection: close"), "{what}: {head}");
+        let get = format!("GET /cas/{hash} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+        let (status, _, body) = exchange(&mut stream, get, &[]).await;
+        assert!(status == 200 && body == blob, "{what}: the connection serves the next request");
+        // 64 MiB declared, none sent: answered at once, and closed.
+        let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+        let head = format!("{request}\r\nhost: {host}\r\ncontent-length: {}\r\n\r\n", 64 << 20);
+        let (status, head, _) = exchange(&mut stream, head, &[]).await;
+        assert!(status >= 400, "{what}: {head}");
+        assert!(head.contains("connection: close"), "{what}: {head}");
+    }
+    // A body read before it is refused leaves the connection open.
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let body = b"{not json";
+    let head = format!(
+        "POST /v2//blobs:findMissing HTTP/1.1\r\nhost: {host}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let (status, head, _) = exchange(&mut stream, head, body).await;
+    assert_eq!(status, 400, "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let get = format!("GET /cas/{hash} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    let (status, _, _) = exchange(&mut stream, get, &[]).await;
+    assert_eq!(status, 200);
 }

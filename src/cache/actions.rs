@@ -71,6 +71,35 @@ impl Cache {
         Ok(lookup)
     }
 
+    /// Stores a raw entry of Bazel's HTTP cache (`disable_http_ac_validation`):
+    /// bytes no one checks, apart from action results, in the local tier
+    /// only.
+    pub async fn put_raw_entry(
+        &self,
+        instance: String,
+        key: Digest,
+        value: bytes::Bytes,
+    ) -> Result<(), Error> {
+        let store = Arc::clone(&self.store);
+        blocking(move || store.put_raw_entry(&instance, &key, &value)).await
+    }
+
+    /// The raw entry stored under `key`, if any; counted in the metrics as
+    /// an action cache hit or miss.
+    pub async fn get_raw_entry(&self, instance: String, key: Digest) -> Result<Option<bytes::Bytes>, Error> {
+        let store = Arc::clone(&self.store);
+        let found = blocking(move || {
+            let found = store.get_raw_entry(&instance, &key)?;
+            if found.is_some() {
+                store.touch_raw_entry(&instance, &key);
+            }
+            Ok::<_, store::Error>(found)
+        })
+        .await?;
+        self.metrics.action_cache_lookup(found.is_some());
+        Ok(found)
+    }
+
     async fn lookup(
         &self,
         instance: String,

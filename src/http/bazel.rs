@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyStream, StreamBody};
 use hyper::body::Frame;
@@ -16,7 +16,7 @@ use prost::Message;
 use tonic::body::Body;
 use tonic::{Code, Status};
 
-use super::{HttpApi, HttpError, RequestBody, bytes_response, percent_decode, read_body};
+use super::{HttpApi, HttpError, RequestBody, bytes_response, drain, percent_decode, read_body};
 use crate::cache::{self, Inline, Lookup, Progress};
 use crate::digest::{Digest, Encoding, FunctionHint};
 use crate::proto::reapi::ActionResult;
@@ -74,22 +74,51 @@ pub async fn handle(
             let found = cache.find_by_hash(named.function, named.hash().to_vec()).await?;
             let digest =
                 found.ok_or_else(|| Status::not_found(format!("blob {} is not in the CAS", target.hash)))?;
+            // zstd when the client accepts it, from the stored frames; its
+            // length is known only once it is sent.
+            let zstd = method == Method::GET && accepts_zstd(request.headers());
             let mut response = if method == Method::HEAD {
                 Response::new(Body::empty())
             } else {
-                let data = cache.read(digest, 0, digest.size, false).await?;
+                let data = cache.read(digest, 0, digest.size, zstd).await?;
                 let frames = data.map(|piece| piece.map(Frame::data).map_err(Status::from));
                 Response::new(Body::new(StreamBody::new(frames)))
             };
             let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, http::HeaderValue::from_static(OCTETS));
-            headers.insert(CONTENT_LENGTH, digest.size.into());
+            match zstd {
+                true => headers.insert(CONTENT_ENCODING, http::HeaderValue::from_static("zstd")),
+                false => headers.insert(CONTENT_LENGTH, digest.size.into()),
+            };
             Ok(response)
         }
         (Kind::Cas, Method::PUT) => {
-            let size = content_length(request.headers())?;
+            let encoding = content_encoding(request.headers())?;
+            let size = match encoding {
+                Encoding::Identity => content_length(request.headers())?,
+                Encoding::Zstd => digest_size(request.headers())?,
+            };
             let digest = Digest::new(named.function, named.hash(), size).expect("the same function and hash");
-            put_blob(api, digest, request.into_body()).await?;
+            put_blob(api, digest, encoding, request.into_body()).await?;
+            Ok(bytes_response(StatusCode::OK, OCTETS, Bytes::new()))
+        }
+        (Kind::Ac, Method::GET | Method::HEAD) if api.raw_ac => {
+            let head = request.method() == Method::HEAD;
+            let entry = cache.get_raw_entry(instance, named).await?.ok_or_else(|| {
+                Status::not_found(format!(
+                    "no /ac/ entry {} (stored unvalidated: disable_http_ac_validation)",
+                    target.hash
+                ))
+            })?;
+            let mut response = bytes_response(StatusCode::OK, OCTETS, entry);
+            if head {
+                *response.body_mut() = Body::empty();
+            }
+            Ok(response)
+        }
+        (Kind::Ac, Method::PUT) if api.raw_ac => {
+            let body = read_body(request.into_body(), api.shared.max_message_size).await?;
+            cache.put_raw_entry(instance, named, body).await?;
             Ok(bytes_response(StatusCode::OK, OCTETS, Bytes::new()))
         }
         (Kind::Ac, Method::GET | Method::HEAD) => {
@@ -121,12 +150,24 @@ pub async fn handle(
 /// Streams a PUT's body into the cache as an upload of its own. A body that
 /// breaks off keeps what arrived (like a broken ByteStream write, though no
 /// HTTP client resumes it); one that stalls is told so.
-async fn put_blob(api: &HttpApi, digest: Digest, body: RequestBody) -> Result<(), HttpError> {
+async fn put_blob(
+    api: &HttpApi,
+    digest: Digest,
+    encoding: Encoding,
+    body: RequestBody,
+) -> Result<(), HttpError> {
     let key = format!("http-put/{}", upload_id());
-    let Some(mut upload) = api.shared.cache.begin_upload(key, digest, Encoding::Identity, 0).await? else {
+    let mut frames = BodyStream::new(body);
+    // A blob found stored answers once the body is read (no more than the
+    // blob can take), so that the connection carries the next request.
+    let most = match encoding {
+        Encoding::Identity => digest.size,
+        Encoding::Zstd => digest.size.saturating_add(digest.size / 8).saturating_add(1 << 20),
+    };
+    let Some(mut upload) = api.shared.cache.begin_upload(key, digest, encoding, 0).await? else {
+        drain(&mut frames, most).await;
         return Ok(());
     };
-    let mut frames = BodyStream::new(body);
     loop {
         match frames.next().await {
             // Trailers carry no data.
@@ -134,6 +175,7 @@ async fn put_blob(api: &HttpApi, digest: Digest, body: RequestBody) -> Result<()
                 if let Ok(data) = frame.into_data()
                     && upload.push(data).await? == Progress::AlreadyPresent
                 {
+                    drain(&mut frames, most.saturating_sub(upload.wire())).await;
                     return Ok(());
                 }
             }
@@ -165,6 +207,48 @@ fn content_length(headers: &http::HeaderMap) -> Result<u64, HttpError> {
         .ok()
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| HttpError::bad_request(format!("Content-Length {header:?} is not a number")))
+}
+
+/// A compressed CAS PUT names the blob's size in `X-Digest-SizeBytes`, as
+/// bazel-remote has it: `Content-Length` is the compressed body's.
+fn digest_size(headers: &http::HeaderMap) -> Result<u64, HttpError> {
+    let header = headers.get("x-digest-sizebytes").ok_or_else(|| {
+        HttpError::bad_request(
+            "a CAS PUT with Content-Encoding: zstd needs X-Digest-SizeBytes: the blob's uncompressed size",
+        )
+    })?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| HttpError::bad_request(format!("X-Digest-SizeBytes {header:?} is not a number")))
+}
+
+/// The encoding of a CAS PUT's body: none, or zstd.
+fn content_encoding(headers: &http::HeaderMap) -> Result<Encoding, HttpError> {
+    match headers.get(CONTENT_ENCODING).map(|v| v.to_str().map(str::trim)) {
+        None => Ok(Encoding::Identity),
+        Some(Ok(e)) if e.eq_ignore_ascii_case("identity") => Ok(Encoding::Identity),
+        Some(Ok(e)) if e.eq_ignore_ascii_case("zstd") => Ok(Encoding::Zstd),
+        Some(other) => Err(HttpError::Http {
+            code: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message: format!("Content-Encoding {other:?} is not served: send the blob as it is, or as zstd"),
+            allow: None,
+        }),
+    }
+}
+
+/// Whether `Accept-Encoding` lists zstd (and not with q=0).
+fn accepts_zstd(headers: &http::HeaderMap) -> bool {
+    headers.get_all(ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(
+        |item| {
+            let mut parts = item.split(';').map(str::trim);
+            let zstd = parts.next().is_some_and(|coding| coding.eq_ignore_ascii_case("zstd"));
+            let refused =
+                parts.any(|p| p.replace(' ', "").trim_start_matches("q=").parse::<f32>() == Ok(0.0));
+            zstd && !refused
+        },
+    )
 }
 
 /// Each PUT is an upload of its own: two clients may send the same blob at once.

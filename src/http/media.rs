@@ -1,21 +1,24 @@
 //! ByteStream over HTTP, as Google's REST form of it has it
 //! (`RestByteStream`): `GET /v1/media/{name}?alt=media` downloads a blob,
 //! whole or a byte range (`Range: bytes=a-b`, `bytes=a-`, `bytes=-n`), and
-//! `POST /upload/v1/media/{name}?uploadType=media` uploads one. Names are
-//! ByteStream resource names, their slashes kept: `{instance}/blobs/{hash}/{size}`
-//! to read, `{instance}/uploads/{uuid}/blobs/{hash}/{size}` to write.
+//! `/upload/v1/media/{name}` uploads one in one request (`uploadType=media`
+//! or `multipart`) or in a resumable session (`uploadType=resumable`, then
+//! PUTs of chunks). Names are ByteStream resource names, their slashes
+//! kept: `{instance}/blobs/{hash}/{size}` to read,
+//! `{instance}/uploads/{uuid}/blobs/{hash}/{size}` to write.
 
+use bytes::Bytes;
 use futures::StreamExt;
-use http::header::{ACCEPT_RANGES, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use http::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HOST, LOCATION, RANGE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyStream, StreamBody};
 use hyper::body::Frame;
 use tonic::body::Body;
 use tonic::{Code, Status};
 
-use super::{HttpApi, HttpError, RequestBody, json_response, percent_decode};
-use crate::cache::{self, Progress};
-use crate::digest::{self, Encoding};
+use super::{HttpApi, HttpError, RequestBody, drain, json_response, multipart, percent_decode, read_body};
+use crate::cache::{self, Progress, UploadState};
+use crate::digest::{self, Digest, Encoding};
 
 const OCTETS: &str = "application/octet-stream";
 
@@ -68,97 +71,328 @@ fn query<'a>(request: &'a Request<RequestBody>, key: &str) -> Option<&'a str> {
     request.uri().query()?.split('&').find_map(|p| p.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// `POST /upload/v1/media/{name}?uploadType=media`: the body is the blob
-/// (zstd-compressed for a `compressed-blobs/zstd/` name). It streams into the
-/// upload under that name, and is verified before it becomes visible; the
-/// reply is a `Media` message naming it.
+/// `/upload/v1/media/{name}`: a simple (`uploadType=media`) or multipart
+/// upload in one POST, the start of a resumable session
+/// (`uploadType=resumable`), or a PUT to a session.
 pub async fn upload(
     api: &HttpApi,
     request: Request<RequestBody>,
     name: &str,
 ) -> Result<Response<Body>, HttpError> {
     let path = request.uri().path().to_string();
+    match (request.method().clone(), query(&request, "uploadType")) {
+        (Method::POST, Some("media")) => {
+            let (resource, body) = (write_resource(name)?, request.into_body());
+            receive(api, &resource, Framing::Raw { skip: 0 }, body, 0, Ends::WithTheBlob).await?;
+            Ok(stored(&resource.name))
+        }
+        (Method::POST, Some("multipart")) => {
+            let resource = write_resource(name)?;
+            let content_type = request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let boundary = multipart::boundary(content_type.unwrap_or("")).map_err(HttpError::bad_request)?;
+            let framing = Framing::Multipart(multipart::Parser::new(&boundary));
+            receive(api, &resource, framing, request.into_body(), 0, Ends::WithTheBlob).await?;
+            Ok(stored(&resource.name))
+        }
+        (Method::POST, Some("resumable")) => start_session(api, request, name).await,
+        (Method::POST, Some(other)) => Err(HttpError::bad_request(format!(
+            "uploadType={other} is not a media upload: use media, multipart or resumable"
+        ))),
+        (Method::POST, None) => Err(HttpError::bad_request(
+            "an upload needs uploadType=media (the body is the blob), multipart or resumable",
+        )),
+        (Method::PUT, _) => resume(api, request, name).await,
+        (method, _) => Err(HttpError::method(&method, &path, "POST, PUT")),
+    }
+}
+
+/// `POST /resumable/upload/v1/media/{name}`: the start of a resumable
+/// session, on the path discovery documents give that protocol.
+pub async fn resumable(
+    api: &HttpApi,
+    request: Request<RequestBody>,
+    name: &str,
+) -> Result<Response<Body>, HttpError> {
     if request.method() != Method::POST {
+        let path = request.uri().path().to_string();
         return Err(HttpError::method(request.method(), &path, "POST"));
     }
-    match query(&request, "uploadType") {
-        Some("media") => {}
-        // TODO(issue 18): multipart and resumable uploads.
-        Some(other) => {
+    start_session(api, request, name).await
+}
+
+/// A decoded upload name, and what it names.
+struct WriteResource {
+    name: String,
+    digest: Digest,
+    encoding: Encoding,
+}
+
+fn write_resource(raw: &str) -> Result<WriteResource, HttpError> {
+    let name = percent_decode(raw, false)?;
+    let resource = digest::parse_write_resource(&name).map_err(cache::Error::from)?;
+    Ok(WriteResource { name, digest: resource.digest, encoding: resource.encoding })
+}
+
+/// The upload a resumable session names: `blobs/` only, as a zstd stream
+/// cannot resume at the uncompressed offset a session commits.
+fn session_resource(raw: &str) -> Result<WriteResource, HttpError> {
+    let resource = write_resource(raw)?;
+    if resource.encoding != Encoding::Identity {
+        return Err(HttpError::bad_request(format!(
+            "{:?} names compressed bytes, which a session cannot resume (it commits uncompressed bytes): upload blobs/… resumably, or send compressed bytes whole with uploadType=media",
+            resource.name
+        )));
+    }
+    Ok(resource)
+}
+
+/// The reply to a finished upload: a `Media` message naming it.
+fn stored(name: &str) -> Response<Body> {
+    let body = serde_json::json!({ "resourceName": name }).to_string().into_bytes();
+    json_response(StatusCode::OK, body)
+}
+
+/// Starts a resumable session. The session is the upload name itself
+/// (it carries the client's UUID), so it is kept by the store's persistent
+/// uploads and outlives a restart: the `Location` is `/upload/v1/media/{name}`
+/// on this server, absolute, as clients require.
+async fn start_session(
+    api: &HttpApi,
+    request: Request<RequestBody>,
+    name: &str,
+) -> Result<Response<Body>, HttpError> {
+    let resource = session_resource(name)?;
+    let size = resource.digest.size;
+    if let Some(declared) = request.headers().get("x-upload-content-length") {
+        let declared = declared.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok());
+        if declared != Some(size) {
             return Err(HttpError::bad_request(format!(
-                "uploadType={other} is not served yet: send the blob as the body with uploadType=media"
+                "X-Upload-Content-Length is {declared:?}, but {:?} names a blob of {size} bytes",
+                resource.name
             )));
         }
-        None => return Err(HttpError::bad_request("an upload needs uploadType=media")),
     }
-    let name = percent_decode(name, false)?;
-    let resource = digest::parse_write_resource(&name).map_err(cache::Error::from)?;
-    let cache = &api.shared.cache;
-    let reply = |whole_body: bool| {
-        let body = serde_json::json!({ "resourceName": name }).to_string().into_bytes();
-        let mut response = json_response(StatusCode::OK, body);
-        if !whole_body {
-            // What is left of the body would come first on this connection.
-            response.headers_mut().insert(CONNECTION, http::HeaderValue::from_static("close"));
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(HOST).and_then(|h| h.to_str().ok()))
+        .ok_or_else(|| HttpError::bad_request("a resumable session needs a Host header to name its URI"))?
+        .to_string();
+    let scheme = request.uri().scheme_str().unwrap_or(api.scheme).to_string();
+    // The start may carry the `Media` metadata: it is not needed.
+    read_body(request.into_body(), 64 << 10).await?;
+    let location = format!("{scheme}://{authority}/upload/v1/media/{name}?uploadType=resumable");
+    let mut response = empty(StatusCode::OK);
+    let location = http::HeaderValue::from_str(&location)
+        .map_err(|_| HttpError::bad_request("the Host header cannot be part of a session URI"))?;
+    response.headers_mut().insert(LOCATION, location);
+    Ok(response)
+}
+
+/// A PUT to a session: a chunk (`Content-Range: bytes a-b/total`), or a
+/// status query (`Content-Range: bytes */total`, no body). Both answer 308
+/// with the committed `Range` until the blob is stored, then 200.
+async fn resume(
+    api: &HttpApi,
+    request: Request<RequestBody>,
+    name: &str,
+) -> Result<Response<Body>, HttpError> {
+    let resource = session_resource(name)?;
+    let size = resource.digest.size;
+    let chunk = content_range(request.headers(), size)?;
+    let state = api.shared.cache.upload_state(resource.name.clone(), resource.digest).await?;
+    let committed = match state {
+        UploadState::Complete => {
+            let mut frames = BodyStream::new(request.into_body());
+            drain(&mut frames, size).await;
+            return Ok(stored(&resource.name));
         }
-        Ok(response)
+        UploadState::Committed(n) => n,
+        UploadState::Unknown => 0,
     };
-    // A blob found stored answers before its body is read: the body is
-    // read to its end (no more than the blob can take), or the connection
-    // closes after the answer (an HTTP/1.1 client writes its whole body
-    // before it reads the answer).
+    // A query of a session holding every byte (an empty blob's, say)
+    // finishes it, as a last chunk would.
+    let first = match chunk {
+        Some(first) => first,
+        None if committed == size => committed,
+        None => return Ok(incomplete(committed)),
+    };
+    if first > committed {
+        return Err(HttpError::bad_request(format!(
+            "the chunk starts at byte {first}, past the {committed} bytes committed: query the session (Content-Range: bytes */{size}) and send from there"
+        )));
+    }
+    let framing = Framing::Raw { skip: committed - first };
+    match receive(api, &resource, framing, request.into_body(), committed, Ends::Anywhere).await? {
+        Received::Stored => Ok(stored(&resource.name)),
+        Received::Partial(committed) => Ok(incomplete(committed)),
+    }
+}
+
+/// 308 with the committed bytes (no `Range` when there are none).
+fn incomplete(committed: u64) -> Response<Body> {
+    let mut response = empty(StatusCode::PERMANENT_REDIRECT);
+    if committed > 0 {
+        let range = format!("bytes=0-{}", committed - 1).parse().expect("digits and a dash");
+        response.headers_mut().insert(RANGE, range);
+    }
+    response
+}
+
+/// An answer with no body.
+fn empty(code: StatusCode) -> Response<Body> {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = code;
+    response.headers_mut().insert(CONTENT_LENGTH, 0.into());
+    response
+}
+
+/// The first byte a session PUT carries, from its `Content-Range`: `None`
+/// for a status query (`bytes */total`).
+fn content_range(headers: &HeaderMap, size: u64) -> Result<Option<u64>, HttpError> {
+    let value = headers.get(CONTENT_RANGE).ok_or_else(|| {
+        HttpError::bad_request(format!(
+            "a PUT to an upload session needs Content-Range: bytes a-b/{size} for a chunk, or bytes */{size} to ask what is committed"
+        ))
+    })?;
+    let malformed = || {
+        HttpError::bad_request(format!("Content-Range {value:?} is not bytes a-b/{size} or bytes */{size}"))
+    };
+    let spec = value.to_str().ok().and_then(|v| v.trim().strip_prefix("bytes ")).ok_or_else(malformed)?;
+    let (range, total) = spec.split_once('/').ok_or_else(malformed)?;
+    if total != "*" && total.parse::<u64>().ok() != Some(size) {
+        return Err(HttpError::bad_request(format!(
+            "Content-Range {value:?} gives a total other than the {size} bytes the name declares"
+        )));
+    }
+    if range == "*" {
+        return Ok(None);
+    }
+    let (a, b) = range.split_once('-').ok_or_else(malformed)?;
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(a), Ok(b)) if a <= b && b < size => Ok(Some(a)),
+        (Ok(_), Ok(_)) => Err(HttpError::bad_request(format!(
+            "Content-Range {value:?} is not a range inside the blob's {size} bytes"
+        ))),
+        _ => Err(malformed()),
+    }
+}
+
+/// How a body carries the blob's bytes.
+enum Framing {
+    /// The body is the bytes, after `skip` bytes the upload has already.
+    Raw { skip: u64 },
+    /// The body is a multipart message; its media part is the bytes.
+    Multipart(multipart::Parser),
+}
+
+impl Framing {
+    /// The blob's bytes in `data`, if any.
+    fn take(&mut self, mut data: Bytes) -> Result<Option<Bytes>, String> {
+        match self {
+            Framing::Raw { skip } => {
+                let skipped = (*skip).min(data.len() as u64);
+                *skip -= skipped;
+                let _ = data.split_to(skipped as usize);
+                Ok(Some(data).filter(|d| !d.is_empty()))
+            }
+            Framing::Multipart(parser) => parser.push(&data),
+        }
+    }
+
+    fn end(&self) -> Result<(), String> {
+        match self {
+            Framing::Raw { .. } => Ok(()),
+            Framing::Multipart(parser) => parser.end(),
+        }
+    }
+}
+
+/// Where a body may end: with the blob (one-shot uploads), or anywhere
+/// (a session's chunk).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ends {
+    WithTheBlob,
+    Anywhere,
+}
+
+/// What became of an upload's body.
+enum Received {
+    /// The blob is stored (by this body, or already).
+    Stored,
+    /// A session's chunk: this many bytes are committed, and kept.
+    Partial(u64),
+}
+
+/// Streams a body into the upload named by `resource`, from `offset` (a
+/// session's committed bytes). It is verified before it becomes visible;
+/// a body that ends before the blob does is kept for the next chunk if it
+/// is a session's, and refused otherwise.
+async fn receive(
+    api: &HttpApi,
+    resource: &WriteResource,
+    mut framing: Framing,
+    body: RequestBody,
+    offset: u64,
+    ends: Ends,
+) -> Result<Received, HttpError> {
     let digest = resource.digest;
+    let cache = &api.shared.cache;
+    // A body answered before it is read is read to its end (no more than
+    // the blob and its framing can take), so that the connection can carry
+    // the client's next request.
     let most = match resource.encoding {
         Encoding::Identity => digest.size,
         Encoding::Zstd => digest.size.saturating_add(digest.size / 8).saturating_add(1 << 20),
-    };
-    let mut frames = BodyStream::new(request.into_body());
-    let Some(mut upload) = cache.begin_upload(name.clone(), digest, resource.encoding, 0).await? else {
-        return reply(drain(&mut frames, most).await);
+    }
+    .saturating_add(64 << 10);
+    let mut frames = BodyStream::new(body);
+    let begun = cache.begin_upload(resource.name.clone(), digest, resource.encoding, offset as i64).await?;
+    let Some(mut upload) = begun else {
+        drain(&mut frames, most).await;
+        return Ok(Received::Stored);
     };
     while let Some(frame) = frames.next().await {
-        match frame {
-            // Trailers carry no data.
-            Ok(frame) => {
-                if let Ok(data) = frame.into_data()
-                    && upload.push(data).await? == Progress::AlreadyPresent
-                {
-                    let left = most.saturating_sub(upload.wire());
-                    return reply(drain(&mut frames, left).await);
-                }
-            }
+        let data = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => data,
+                // Trailers carry no data.
+                Err(_) => continue,
+            },
             // It broke off, or stalled (see `crate::idle::Timed`): what
             // arrived is kept under the name, as a ByteStream write's is.
             Err(status) => {
                 return match (upload.persist().await?, status.code()) {
                     (Progress::Continue, Code::DeadlineExceeded) => Err(status.into()),
                     (Progress::Continue, _) => Err(Status::cancelled("the request body broke off").into()),
-                    (Progress::AlreadyPresent, _) => reply(false),
+                    (Progress::AlreadyPresent, _) => Ok(Received::Stored),
                 };
             }
+        };
+        let bytes = match framing.take(data) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => continue,
+            Err(message) => return Err(upload.fail(cache::Error::Invalid(message)).await.into()),
+        };
+        if upload.push(bytes).await? == Progress::AlreadyPresent {
+            drain(&mut frames, most.saturating_sub(upload.wire())).await;
+            return Ok(Received::Stored);
         }
+    }
+    if let Err(message) = framing.end() {
+        return Err(upload.fail(cache::Error::Invalid(message)).await.into());
+    }
+    if ends == Ends::Anywhere && upload.wire() < digest.size {
+        return match upload.persist().await? {
+            Progress::Continue => Ok(Received::Partial(upload.wire())),
+            Progress::AlreadyPresent => Ok(Received::Stored),
+        };
     }
     if upload.complete().await? == Progress::Continue {
         upload.commit().await?;
     }
-    reply(true)
-}
-
-/// Reads what is left of a request body, up to `most` bytes; whether it
-/// ended (a body that breaks off, or runs on past `most`, did not).
-async fn drain(frames: &mut BodyStream<RequestBody>, most: u64) -> bool {
-    let mut read = 0u64;
-    while let Some(frame) = frames.next().await {
-        match frame.map(|f| f.into_data()) {
-            Ok(Ok(data)) => read += data.len() as u64,
-            Ok(Err(_)) => {}
-            Err(_) => return false,
-        }
-        if read > most {
-            return false;
-        }
-    }
-    true
+    Ok(Received::Stored)
 }
 
 /// The byte range a `Range` header asks of a blob of `size` bytes, as

@@ -5,17 +5,24 @@
 
 mod bazel;
 mod media;
+mod multipart;
 mod rest;
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use futures::StreamExt;
+use http::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, BodyStream, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::metrics::Counted;
+use tokio::sync::oneshot;
 use tonic::body::Body;
 use tonic::{Code, Status};
 
@@ -24,21 +31,100 @@ use crate::service::action_cache::ActionCacheService;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 
-/// Request bodies, counted as they are read (for metrics), held in the
-/// budget, and ended if the client stalls.
-pub type RequestBody = Counted<crate::budget::Charged<crate::idle::Timed<Incoming>>>;
+/// Request bodies as the server hands them over: counted as they are read
+/// (for metrics), held in the budget, and ended if the client stalls.
+pub type Received = Counted<crate::budget::Charged<crate::idle::Timed<Incoming>>>;
+
+/// A request body that hands itself back if it is dropped before its end.
+/// An HTTP/1.1 client writes its whole body before it reads the answer: a
+/// body left unread must be read (drained) before the answer, or the
+/// connection closed after it (`Connection: close`), else the client's next
+/// request on it fails.
+pub struct RequestBody {
+    inner: Option<Received>,
+    ended: bool,
+    unread: Option<oneshot::Sender<Received>>,
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|inner| inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.as_ref().map(|inner| inner.size_hint()).unwrap_or_default()
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let (false, Some(inner), Some(unread)) = (self.ended, self.inner.take(), self.unread.take())
+            && !inner.is_end_stream()
+        {
+            let _ = unread.send(inner);
+        }
+    }
+}
+
+/// The most of an unread request body drained before an answer (more, and
+/// the connection closes after it): as Go's net/http does, a little more.
+const MAX_DRAIN: u64 = 4 << 20;
+
+/// How long a drain waits for the client to send the rest of its body.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads an unread body to its end, if it is at most [`MAX_DRAIN`] more
+/// bytes and comes within [`DRAIN_TIMEOUT`]; whether it did.
+async fn drain_unread(body: Received) -> bool {
+    if body.size_hint().upper().is_none_or(|rest| rest > MAX_DRAIN) {
+        return false;
+    }
+    let drained = async {
+        let mut frames = BodyStream::new(body);
+        while let Some(frame) = frames.next().await {
+            if frame.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout(DRAIN_TIMEOUT, drained).await.unwrap_or(false)
+}
 
 /// The cache, and the gRPC services the REST mapping calls in-process.
 pub struct HttpApi {
     shared: Arc<Shared>,
+    /// `https` when the server speaks TLS: URIs it hands out (an upload
+    /// session's) name it.
+    scheme: &'static str,
+    /// Bazel's HTTP cache stores /ac/ bodies unchecked, apart from the
+    /// action cache (`disable_http_ac_validation`).
+    raw_ac: bool,
     cas: CasService,
     action_cache: ActionCacheService,
     capabilities: CapabilitiesService,
 }
 
 impl HttpApi {
-    pub fn new(shared: Arc<Shared>) -> HttpApi {
+    pub fn new(shared: Arc<Shared>, config: &crate::config::Config) -> HttpApi {
         HttpApi {
+            scheme: if config.tls().is_some() { "https" } else { "http" },
+            raw_ac: config.server.disable_http_ac_validation,
             cas: CasService::new(Arc::clone(&shared)),
             action_cache: ActionCacheService::new(Arc::clone(&shared)),
             capabilities: CapabilitiesService::new(Arc::clone(&shared)),
@@ -46,20 +132,42 @@ impl HttpApi {
         }
     }
 
-    pub async fn handle(&self, request: Request<RequestBody>) -> Response<Body> {
+    pub async fn handle(&self, request: Request<Received>) -> Response<Body> {
         let path = request.uri().path().to_string();
-        let result = if let Some(rest) = path.strip_prefix("/v2/") {
+        // HTTP/2 ends a stream's unread body on its own.
+        let (unread, mut left) = oneshot::channel();
+        let http1 = request.version() <= Version::HTTP_11;
+        let request = request.map(|inner| RequestBody {
+            inner: Some(inner),
+            ended: false,
+            unread: http1.then_some(unread),
+        });
+        let mut response = self.route(request, &path).await.unwrap_or_else(HttpError::into_response);
+        // The request is gone: here is its body, if it was left unread.
+        if let Ok(body) = left.try_recv()
+            && !drain_unread(body).await
+        {
+            response.headers_mut().insert(CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    /// Hands the request to the route its path names; it is dropped by the
+    /// time this returns.
+    async fn route(&self, request: Request<RequestBody>, path: &str) -> Result<Response<Body>, HttpError> {
+        if let Some(rest) = path.strip_prefix("/v2/") {
             rest::handle(self, request, rest).await
         } else if let Some(name) = path.strip_prefix("/v1/media/") {
             media::download(self, request, name).await
         } else if let Some(name) = path.strip_prefix("/upload/v1/media/") {
             media::upload(self, request, name).await
-        } else if let Some(target) = bazel::Target::parse(&path) {
+        } else if let Some(name) = path.strip_prefix("/resumable/upload/v1/media/") {
+            media::resumable(self, request, name).await
+        } else if let Some(target) = bazel::Target::parse(path) {
             bazel::handle(self, request, target).await
         } else {
-            Err(HttpError::route(&path))
-        };
-        result.unwrap_or_else(HttpError::into_response)
+            Err(HttpError::route(path))
+        }
     }
 }
 
@@ -78,7 +186,7 @@ pub fn route_label(method: &Method, path: &str) -> String {
         }
     } else if path.starts_with("/v1/media/") {
         "/v1/media".to_string()
-    } else if path.starts_with("/upload/v1/media/") {
+    } else if path.starts_with("/upload/v1/media/") || path.starts_with("/resumable/upload/v1/media/") {
         "/upload/v1/media".to_string()
     } else if let Some(target) = bazel::Target::parse(path) {
         target.route().to_string()
@@ -131,7 +239,7 @@ impl HttpError {
         HttpError::Http {
             code: StatusCode::NOT_FOUND,
             message: format!(
-                "no route for {path:?}: larder serves REAPI's REST mapping under /v2/, ByteStream under /v1/media/ and /upload/v1/media/, and Bazel's HTTP cache under /ac/ and /cas/"
+                "no route for {path:?}: larder serves REAPI's REST mapping under /v2/, ByteStream under /v1/media/ and /upload/v1/media/ (or /resumable/upload/v1/media/), and Bazel's HTTP cache under /ac/ and /cas/"
             ),
             allow: None,
         }
@@ -252,6 +360,21 @@ pub async fn read_body(body: RequestBody, limit: usize) -> Result<Bytes, HttpErr
             Ok(status) => Err(HttpError::Status(*status)),
             Err(e) => Err(HttpError::Status(Status::cancelled(format!("the request body broke off: {e}")))),
         },
+    }
+}
+
+/// Reads what is left of a request body, up to `most` bytes, so that the
+/// connection can carry the client's next request. Past `most`, or if it
+/// breaks off, the rest is left (and the connection closes after the answer).
+pub async fn drain(frames: &mut BodyStream<RequestBody>, most: u64) {
+    let mut read = 0u64;
+    while let Some(Ok(frame)) = frames.next().await {
+        if let Ok(data) = frame.into_data() {
+            read += data.len() as u64;
+        }
+        if read > most {
+            return;
+        }
     }
 }
 

@@ -282,7 +282,7 @@ fn start(store: &Arc<Store>, tier: Option<Arc<Tier>>, config: &Config, app: &App
     crate::codec::set_max_entries(config.limits.max_call_entries);
     let supervisor = Supervisor::start(store, &cache, config, &app.metrics, &app.board);
     let services =
-        Services { cache, grpc: router::grpc_routes(&shared), http: Arc::new(HttpApi::new(shared)) };
+        Services { cache, grpc: router::grpc_routes(&shared), http: Arc::new(HttpApi::new(shared, config)) };
     (services, supervisor)
 }
 

@@ -178,7 +178,12 @@ impl App {
         // buffers.
         let keep = match grpc {
             true => methods::find(&path).map_or(Keep::Everything, |m| m.body),
-            false if matches!(route_label(&method, &path).as_str(), "PUT /cas" | "POST /upload/v1/media") => {
+            false
+                if matches!(
+                    route_label(&method, &path).as_str(),
+                    "PUT /cas" | "POST /upload/v1/media" | "PUT /upload/v1/media"
+                ) =>
+            {
                 Keep::LastFrame
             }
             false => Keep::Everything,

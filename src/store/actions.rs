@@ -8,7 +8,7 @@ use rocksdb::WriteBatch;
 
 use super::layout::{
     AcValue, CF_AC, CF_LRU, CF_QUEUE, QueueValue, ac_key, lru_action_key, queue_ac_key, queue_key_of_ac_key,
-    split_ac_key,
+    raw_ac_key, split_ac_key,
 };
 use super::{Error, Store, now_ms, stripe_of};
 use crate::digest::Digest;
@@ -33,7 +33,8 @@ impl Store {
         size: Option<u64>,
         result: &[u8],
     ) -> Result<(), Error> {
-        self.store_action_result(instance, action, size, result, self.queues())
+        let queue = self.queues().then(|| queue_ac_key(instance, action));
+        self.store_entry(ac_key(instance, action), action, size, result, queue)
     }
 
     /// Stores an action result copied in from the object store (which
@@ -45,18 +46,40 @@ impl Store {
         size: Option<u64>,
         result: &[u8],
     ) -> Result<(), Error> {
-        self.store_action_result(instance, action, size, result, false)
+        self.store_entry(ac_key(instance, action), action, size, result, None)
     }
 
-    fn store_action_result(
+    /// Stores a raw entry of Bazel's HTTP cache under `key` (with
+    /// `disable_http_ac_validation`): bytes no one checks, apart from the
+    /// action results gRPC and REST serve, inside the budget and the
+    /// eviction order like them. They stay on this node: the object store
+    /// tier copies only what it can check.
+    pub fn put_raw_entry(&self, instance: &str, key: &Digest, value: &[u8]) -> Result<(), Error> {
+        self.store_entry(raw_ac_key(instance, key), key, None, value, None)
+    }
+
+    /// The raw entry stored under `key`, if any. Not a use: a served hit
+    /// calls [`Store::touch_raw_entry`].
+    pub fn get_raw_entry(&self, instance: &str, key: &Digest) -> Result<Option<Bytes>, Error> {
+        Ok(self.get_ac_value(&raw_ac_key(instance, key), key)?.map(|stored| stored.result))
+    }
+
+    /// Counts a served raw entry as a use.
+    pub fn touch_raw_entry(&self, instance: &str, key: &Digest) {
+        let mut accessed = self.accessed.results.lock().unwrap_or_else(|e| e.into_inner());
+        accessed.insert(raw_ac_key(instance, key), now_ms());
+    }
+
+    /// Stores `result` under the `ac` key `key` of `action`, and in the
+    /// queue under `queue` (if given).
+    fn store_entry(
         &self,
-        instance: &str,
+        key: Vec<u8>,
         action: &Digest,
         size: Option<u64>,
         result: &[u8],
-        queue: bool,
+        queue: Option<Vec<u8>>,
     ) -> Result<(), Error> {
-        let key = ac_key(instance, action);
         let now = now_ms();
         let value = AcValue { atime: Some(now), size, result }.encode();
         let _admitted = self.admit(value.len() as u64)?;
@@ -69,10 +92,9 @@ impl Store {
         batch.put_cf(self.cf(CF_LRU), lru_action_key(now, &key), []);
         self.count_stored(&mut batch, value.len() as i64);
         batch.put_cf(self.cf(CF_AC), &key, value);
-        if !queue {
+        let Some(queue_key) = queue else {
             return self.write(batch);
-        }
-        let queue_key = queue_ac_key(instance, action);
+        };
         let before = self.queue_entry(&queue_key)?;
         let bytes = result.len() as u64;
         self.admit_queued(bytes.saturating_sub(before.map_or(0, |v| v.bytes)))?;
@@ -104,7 +126,11 @@ impl Store {
     /// size), as protobuf bytes, with the action size it was stored with.
     /// Not a use: a served hit calls [`Store::touch_action_result`].
     pub fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<StoredResult>, Error> {
-        let Some(v) = self.db.get_pinned_cf(self.cf(CF_AC), ac_key(instance, action))? else {
+        self.get_ac_value(&ac_key(instance, action), action)
+    }
+
+    fn get_ac_value(&self, key: &[u8], action: &Digest) -> Result<Option<StoredResult>, Error> {
+        let Some(v) = self.db.get_pinned_cf(self.cf(CF_AC), key)? else {
             return Ok(None);
         };
         match AcValue::decode(&v) {

@@ -305,6 +305,18 @@ pub fn ac_key(instance: &str, action: &Digest) -> Vec<u8> {
     k
 }
 
+/// Marks the function byte of an `ac` key whose value is a raw entry of
+/// Bazel's HTTP cache (`disable_http_ac_validation`): bytes no one checks,
+/// kept apart from the action results gRPC and REST serve.
+const RAW_ENTRY: u8 = 0x80;
+
+/// The `ac` key of a raw entry: an action result's key, its function byte marked.
+pub fn raw_ac_key(instance: &str, key: &Digest) -> Vec<u8> {
+    let mut k = ac_key(instance, key);
+    k[instance.len() + 1] |= RAW_ENTRY;
+    k
+}
+
 /// A version 1 action cache key (instance · 0 · index key) as version 2
 /// has it; `None` if `k` is not one (already re-keyed, or malformed).
 pub fn ac_key_from_v1(k: &[u8]) -> Option<Vec<u8>> {
@@ -313,11 +325,12 @@ pub fn ac_key_from_v1(k: &[u8]) -> Option<Vec<u8>> {
     Some(ac_key(std::str::from_utf8(&k[..nul]).ok()?, &action))
 }
 
-/// The instance and action (its size unknown) of an `ac` key.
+/// The instance and action (its size unknown) of an `ac` key, or of a raw
+/// entry's.
 pub fn split_ac_key(k: &[u8]) -> Option<(String, Digest)> {
     let nul = k.iter().position(|b| *b == 0)?;
     let (&function, hash) = k[nul + 1..].split_first()?;
-    let action = Digest::new(Function::from_byte(function)?, hash, 0)?;
+    let action = Digest::new(Function::from_byte(function & !RAW_ENTRY)?, hash, 0)?;
     Some((String::from_utf8(k[..nul].to_vec()).ok()?, action))
 }
 
@@ -480,6 +493,9 @@ mod tests {
             assert_eq!(split_lru_key(&lru_action_key(9, &ac)), Some((9, Used::ActionResult(ac.clone()))));
             let action = Digest::new(f, d.hash(), 0).unwrap();
             assert_eq!(split_ac_key(&ac), Some(("team/a".to_string(), action)));
+            let raw = raw_ac_key("team/a", &action);
+            assert_ne!(raw, ac, "raw entries are kept apart");
+            assert_eq!(split_ac_key(&raw), Some(("team/a".to_string(), action)));
         }
         for (atime, size) in [(None, None), (Some(5), None), (Some(5), Some(7))] {
             let value = AcValue { atime, size, result: b"result" };

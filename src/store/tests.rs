@@ -456,6 +456,33 @@ fn action_results_live_inside_the_budget_and_are_evicted_with_blobs() {
 }
 
 #[test]
+fn raw_entries_are_apart_from_action_results_and_inside_the_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let key = Digest::of(b"a ccache entry's key");
+    let (raw, result) = (bytes(30_000, 3), bytes(20_000, 4));
+    store.put_raw_entry("ci", &key, &raw).unwrap();
+    assert_eq!(store.get_action_result("ci", &key).unwrap(), None, "not an action result");
+    store.put_action_result("ci", &key, None, &result).unwrap();
+    assert_eq!(store.get_raw_entry("ci", &key).unwrap().as_deref(), Some(&raw[..]), "not replaced");
+    assert_eq!(store.get_action_result("ci", &key).unwrap().unwrap().result, result);
+    assert_eq!(store.get_raw_entry("other", &key).unwrap(), None, "instances are apart");
+    let counted = store.stored_bytes().unwrap();
+    assert!(counted > 50_000, "both are counted: {counted}");
+    // A use moves a raw entry in the eviction order, as a hit does a result.
+    std::thread::sleep(Duration::from_millis(2));
+    store.touch_raw_entry("ci", &key);
+    store.flush_access_times().unwrap();
+    let evicted = store.evict_lru(1, now_ms() + 1).unwrap();
+    assert_eq!(evicted.action_results, 1, "{evicted:?}");
+    assert_eq!(store.get_action_result("ci", &key).unwrap(), None, "the older went first");
+    assert!(store.get_raw_entry("ci", &key).unwrap().is_some());
+    store.evict_lru(u64::MAX, u64::MAX).unwrap();
+    assert_eq!(store.get_raw_entry("ci", &key).unwrap(), None);
+    assert_eq!(store.stored_bytes().unwrap(), 0, "evicted entries are uncounted");
+}
+
+#[test]
 fn blob_counters_follow_writes_and_evictions_and_survive_reopening() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (bytes(100_000, 1), bytes(5_000, 2));
