@@ -71,7 +71,8 @@ fn log_grpc(method: &str, status: &Status) {
 fn log_http(method: &Method, path: &str, status: StatusCode) {
     let code = status.as_u16();
     match status {
-        s if s.is_success() => {}
+        // 308 is how an upload session acknowledges a chunk.
+        s if s.is_success() || s.is_redirection() => {}
         StatusCode::NOT_FOUND => tracing::debug!(%method, path, code, "request failed"),
         s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
             tracing::warn!(%method, path, code, "request failed")

@@ -183,6 +183,42 @@ fn file_of(dir: &Path, blob_id: u64) -> PathBuf {
 }
 
 #[test]
+fn a_resumed_upload_is_verified_over_every_byte_once_it_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    for (name, size) in [("small", 100_000), ("file", 900_000)] {
+        let data = bytes(size, 6);
+        let digest = Digest::of(&data);
+        // The first stream sends a wrong byte; the streams that resume it
+        // send the right ones: the blob is refused, and nothing is visible.
+        let mut wrong = data.to_vec();
+        wrong[10] ^= 1;
+        let mut upload = store.begin_upload(name, digest, 0).unwrap();
+        upload.append(&wrong[..size / 3], None).unwrap();
+        drop(upload);
+        for (from, to) in [(size / 3, size / 2), (size / 2, size)] {
+            let mut upload = store.begin_upload(name, digest, from as u64).unwrap();
+            upload.append(&data[from..to], None).unwrap();
+            if to < size {
+                continue;
+            }
+            let refused = upload.finish();
+            assert!(matches!(refused, Err(Error::DigestMismatch(_))), "{name}: {refused:?}");
+        }
+        assert_eq!(store.contains(&[digest]).unwrap(), [false], "{name}");
+        // Right bytes in three streams: stored.
+        for (from, to) in [(0, size / 3), (size / 3, size / 2), (size / 2, size)] {
+            let mut upload = store.begin_upload(name, digest, from as u64).unwrap();
+            upload.append(&data[from..to], None).unwrap();
+            if to == size {
+                assert_eq!(upload.finish().unwrap(), Written::Stored, "{name}");
+            }
+        }
+        assert_eq!(read_whole(&store, &digest), data, "{name}");
+    }
+}
+
+#[test]
 fn large_uploads_go_to_a_file_of_their_own_and_resume_past_a_torn_append() {
     let tmp = tempfile::tempdir().unwrap();
     let data = bytes(1_000_000, 5);

@@ -35,7 +35,11 @@ pub struct Upload {
     /// Whether the record is on disk yet (it is written with the first chunk).
     recorded: bool,
     progress: UploadProgress,
-    hasher: Hasher,
+    /// The hash of the bytes so far; `None` for an upload that resumed,
+    /// which hashes all of its bytes once, as it finishes (a resumable HTTP
+    /// session resumes at every chunk: hashing the committed prefix each
+    /// time would make it quadratic).
+    hasher: Option<Hasher>,
     /// Whether the finished blob is queued for the object store tier (a
     /// client's write is; a copy from the object store is not).
     queue: bool,
@@ -89,7 +93,7 @@ impl Store {
             record: UploadRecord { blob_id: 0, created: now_secs() },
             recorded: false,
             progress: UploadProgress::default(),
-            hasher: Hasher::new(digest.function),
+            hasher: Some(Hasher::new(digest.function)),
             queue,
             file: None,
             reserved: 0,
@@ -97,7 +101,7 @@ impl Store {
         match self.upload_state(resource)? {
             Some((record, progress)) if offset == progress.committed && offset > 0 => {
                 (upload.record, upload.progress, upload.recorded) = (record, progress, true);
-                upload.rehash()?;
+                upload.hasher = None;
             }
             Some((record, progress)) if offset == 0 => {
                 let mut batch = WriteBatch::default();
@@ -221,9 +225,10 @@ impl Upload {
         self.progress.committed
     }
 
-    /// Hashes what earlier streams committed, so that a resumed upload is
-    /// verified over all of its bytes. Costs one read of the committed prefix.
-    fn rehash(&mut self) -> Result<(), Error> {
+    /// The hash of every committed byte, read back: how a resumed upload is
+    /// verified over all of its bytes.
+    fn hash_committed(&self) -> Result<Digest, Error> {
+        let mut hasher = Hasher::new(self.digest.function);
         let mut offset = 0;
         while offset < self.progress.committed {
             let (start, value) =
@@ -233,10 +238,10 @@ impl Upload {
             let data = chunk::decode(&value).ok_or_else(|| {
                 Error::Corrupt(format!("upload {:?} has a corrupt chunk at {start}", self.resource))
             })?;
-            self.hasher.update(&data);
+            hasher.update(&data);
             offset += data.len() as u64;
         }
-        Ok(())
+        Ok(hasher.finish())
     }
 
     /// Persists `data` as the next chunk. `frame`, if given, is the client's
@@ -283,7 +288,9 @@ impl Upload {
             }
             None => value,
         };
-        self.hasher.update(data);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(data);
+        }
         let progress = UploadProgress {
             committed: self.progress.committed + data.len() as u64,
             stored: self.progress.stored + stored,
@@ -314,7 +321,10 @@ impl Upload {
     /// atomic write. On a mismatch nothing becomes visible and the upload is
     /// deleted.
     pub fn finish(self) -> Result<Written, Error> {
-        let actual = self.hasher.clone().finish();
+        let actual = match &self.hasher {
+            Some(hasher) => hasher.clone().finish(),
+            None => self.hash_committed()?,
+        };
         let store = &self.store;
         let blob_id = self.record.blob_id;
         if actual != self.digest {
