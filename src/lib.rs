@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod budget;
 pub mod cache;
+pub mod cdc;
 pub mod codec;
 pub mod compression;
 pub mod config;
