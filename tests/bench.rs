@@ -252,6 +252,20 @@ impl ContentAddressableStorage for Liar {
     ) -> Result<Response<Self::GetTreeStream>, Status> {
         Err(Status::unimplemented("no GetTree"))
     }
+
+    async fn split_blob(
+        &self,
+        _: Request<reapi::SplitBlobRequest>,
+    ) -> Result<Response<reapi::SplitBlobResponse>, Status> {
+        Err(Status::unimplemented("no SplitBlob"))
+    }
+
+    async fn splice_blob(
+        &self,
+        _: Request<reapi::SpliceBlobRequest>,
+    ) -> Result<Response<reapi::SpliceBlobResponse>, Status> {
+        Err(Status::unimplemented("no SpliceBlob"))
+    }
 }
 
 #[tonic::async_trait]

@@ -19,6 +19,7 @@ mod directories;
 mod error;
 mod read;
 mod replicator;
+mod split;
 mod tier;
 mod write;
 
@@ -65,6 +66,14 @@ impl Tier {
     pub fn name(&self) -> &str {
         &self.bucket.name
     }
+}
+
+/// A name for an upload no client names or resumes (an HTTP PUT, a
+/// splice): `{kind}/{ms}-{n}`, unique in this process.
+pub fn own_upload(kind: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{kind}/{}-{n}", store::now_ms())
 }
 
 /// The limits the cache applies to what it reads for a call.

@@ -4,8 +4,6 @@
 //! results are served only when complete, as over gRPC. The hash alone names
 //! a blob or an action: its size is the stored one.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use bytes::Bytes;
 use futures::StreamExt;
 use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
@@ -156,7 +154,8 @@ async fn put_blob(
     encoding: Encoding,
     body: RequestBody,
 ) -> Result<(), HttpError> {
-    let key = format!("http-put/{}", upload_id());
+    // Each PUT is an upload of its own: two clients may send the same blob at once.
+    let key = cache::own_upload("http-put");
     let mut frames = BodyStream::new(body);
     // A blob found stored answers once the body is read (no more than the
     // blob can take), so that the connection carries the next request.
@@ -249,12 +248,6 @@ fn accepts_zstd(headers: &http::HeaderMap) -> bool {
             zstd && !refused
         },
     )
-}
-
-/// Each PUT is an upload of its own: two clients may send the same blob at once.
-fn upload_id() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", crate::store::now_ms(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 #[cfg(test)]

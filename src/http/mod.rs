@@ -177,7 +177,10 @@ pub fn route_label(method: &Method, path: &str) -> String {
     let route = if let Some(rest) = path.strip_prefix("/v2/") {
         let tail = rest.rsplit('/').next().unwrap_or("");
         match tail.split_once(':') {
-            Some((_, verb @ ("findMissing" | "batchUpdate" | "batchRead" | "getTree"))) => {
+            Some((
+                _,
+                verb @ ("findMissing" | "batchUpdate" | "batchRead" | "getTree" | "splitBlob" | "spliceBlob"),
+            )) => {
                 format!("/v2/blobs:{verb}")
             }
             _ if tail == "capabilities" => "/v2/capabilities".to_string(),
@@ -422,7 +425,7 @@ mod tests {
             let label = route_label(&method, &path);
             let route = label.split_once(' ').map(|(_, r)| r).unwrap_or("");
             let known = [
-                "/v2/blobs:findMissing", "/v2/blobs:batchUpdate", "/v2/blobs:batchRead", "/v2/blobs:getTree",
+                "/v2/blobs:findMissing", "/v2/blobs:batchUpdate", "/v2/blobs:batchRead", "/v2/blobs:getTree", "/v2/blobs:splitBlob", "/v2/blobs:spliceBlob",
                 "/v2/capabilities", "/v2/actionResults", "/v2/other", "/v1/media", "/upload/v1/media", "/cas", "/ac", "/healthz", "/metrics", "other",
             ];
             prop_assert!(known.contains(&route), "{}", label);

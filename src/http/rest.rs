@@ -26,7 +26,9 @@ enum Route {
     FindMissing,
     BatchUpdate,
     BatchRead,
+    Splice,
     GetTree { hash: String, size: i64 },
+    Split { hash: String, size: i64 },
     ActionResult { hash: String, size: i64 },
 }
 
@@ -38,24 +40,26 @@ impl Route {
             ("blobs:findMissing", Route::FindMissing),
             ("blobs:batchUpdate", Route::BatchUpdate),
             ("blobs:batchRead", Route::BatchRead),
+            ("blobs:spliceBlob", Route::Splice),
         ];
         for (suffix, route) in fixed {
             if let Some(instance) = rest.strip_suffix(suffix).and_then(instance_prefix) {
                 return Some((instance, route));
             }
         }
-        let (rest, tree) = match rest.strip_suffix(":getTree") {
-            Some(rest) => (rest, true),
-            None => (rest, false),
+        let (rest, verb) = match rest.rsplit_once(':') {
+            Some((rest, verb @ ("getTree" | "splitBlob"))) => (rest, Some(verb)),
+            _ => (rest, None),
         };
         let mut parts = rest.rsplitn(4, '/');
         let (size, hash, marker) = (parts.next()?, parts.next()?, parts.next()?);
         let instance = parts.next().unwrap_or("").to_string();
         let size = size.parse().ok()?;
         let hash = hash.to_string();
-        match (marker, tree) {
-            ("blobs", true) => Some((instance, Route::GetTree { hash, size })),
-            ("actionResults", false) => Some((instance, Route::ActionResult { hash, size })),
+        match (marker, verb) {
+            ("blobs", Some("getTree")) => Some((instance, Route::GetTree { hash, size })),
+            ("blobs", Some("splitBlob")) => Some((instance, Route::Split { hash, size })),
+            ("actionResults", None) => Some((instance, Route::ActionResult { hash, size })),
             _ => None,
         }
     }
@@ -110,6 +114,20 @@ pub async fn handle(
             message.instance_name = instance;
             reply(api.cas.batch_read_blobs(tonic::Request::new(message)).await?)
         }
+        (Route::Splice, &Method::POST) => {
+            let mut message: reapi::SpliceBlobRequest = decode(request.into_body(), &api.shared).await?;
+            message.instance_name = instance;
+            reply(api.cas.splice_blob(tonic::Request::new(message)).await?)
+        }
+        (Route::Split { hash, size }, &Method::GET) => {
+            let message = reapi::SplitBlobRequest {
+                instance_name: instance,
+                blob_digest: digest(hash, size),
+                digest_function: query.digest_function()?,
+                chunking_function: query.chunking_function()?,
+            };
+            reply(api.cas.split_blob(tonic::Request::new(message)).await?)
+        }
         (Route::GetTree { hash, size }, &Method::GET) => {
             let message = GetTreeRequest {
                 instance_name: instance,
@@ -154,8 +172,10 @@ pub async fn handle(
             };
             reply(api.action_cache.update_action_result(tonic::Request::new(message)).await?)
         }
-        (Route::Capabilities | Route::GetTree { .. }, _) => Err(HttpError::method(&method, &path, "GET")),
-        (Route::FindMissing | Route::BatchUpdate | Route::BatchRead, _) => {
+        (Route::Capabilities | Route::GetTree { .. } | Route::Split { .. }, _) => {
+            Err(HttpError::method(&method, &path, "GET"))
+        }
+        (Route::FindMissing | Route::BatchUpdate | Route::BatchRead | Route::Splice, _) => {
             Err(HttpError::method(&method, &path, "POST"))
         }
         (Route::ActionResult { .. }, _) => Err(HttpError::method(&method, &path, "GET, PUT")),
@@ -227,6 +247,18 @@ impl Query {
     }
 
     /// `digestFunction`, by enum name or number.
+    fn chunking_function(&self) -> Result<i32, HttpError> {
+        match self.get("chunkingFunction") {
+            None => Ok(0),
+            Some(v) => reapi::chunking_function::Value::from_str_name(v)
+                .map(|f| f as i32)
+                .or_else(|| v.parse().ok())
+                .ok_or_else(|| {
+                    HttpError::bad_request(format!("chunkingFunction={v} is not a chunking function"))
+                }),
+        }
+    }
+
     fn digest_function(&self) -> Result<i32, HttpError> {
         match self.get("digestFunction") {
             None => Ok(0),
@@ -290,6 +322,12 @@ mod tests {
             Route::parse(&format!("actionResults/{h}/3")),
             Some((String::new(), Route::ActionResult { hash: h.clone(), size: 3 }))
         );
+        assert_eq!(
+            Route::parse(&format!("team/blobs/{h}/99:splitBlob")),
+            Some(("team".into(), Route::Split { hash: h.clone(), size: 99 }))
+        );
+        assert_eq!(Route::parse("/blobs:spliceBlob"), Some((String::new(), Route::Splice)));
+        assert_eq!(Route::parse(&format!("blobs/{h}/3:nope")), None);
         assert_eq!(Route::parse(&format!("actionResults/{h}/x")), None);
         assert_eq!(Route::parse(&format!("blobs/{h}/3")), None);
         assert_eq!(Route::parse("nothing/here"), None);

@@ -25,12 +25,15 @@ const fn write(path: &'static str, body: Keep) -> Method {
 /// A unary call's message is decoded whole: its body is held until the call
 /// ends. An upload's stream is held a message at a time: the upload holds
 /// its own buffers.
-const METHODS: [Method; 11] = [
+const METHODS: [Method; 13] = [
     read("/build.bazel.remote.execution.v2.Capabilities/GetCapabilities"),
     read("/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs"),
     write("/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs", Keep::Everything),
     read("/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs"),
     read("/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree"),
+    // It stores chunks, but only of what is stored: a reader may split.
+    read("/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob"),
+    write("/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob", Keep::Everything),
     read("/build.bazel.remote.execution.v2.ActionCache/GetActionResult"),
     write("/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult", Keep::Everything),
     read("/google.bytestream.ByteStream/Read"),
@@ -64,8 +67,8 @@ pub fn services() -> Vec<&'static str> {
     services
 }
 
-/// Whether a call stores something: a write method over gRPC; over HTTP, a
-/// PUT or a REST batch update.
+/// Whether a call stores something: a write method over gRPC; over HTTP,
+/// anything but a GET, a HEAD or a POST of a query.
 pub fn is_write(grpc: bool, method: &http::Method, path: &str) -> bool {
     match grpc {
         true => find(path).is_some_and(|m| m.write),

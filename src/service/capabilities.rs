@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Shared, request_function};
 use crate::auth::Access;
+use crate::cdc::Chunking;
 use crate::digest::Function;
 use crate::proto::reapi::{
     ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, ServerCapabilities,
@@ -23,11 +24,12 @@ impl CapabilitiesService {
     }
 }
 
-/// The REAPI versions whose cache features are served in full: up to 2.8,
-/// which added BLAKE3 (after zstd compression of ByteStream and batches, and
-/// the digest_function fields of requests).
+/// The REAPI versions whose cache features are served in full: up to 2.12,
+/// which added SplitBlob and SpliceBlob (after BLAKE3 in 2.8, zstd
+/// compression of ByteStream and batches, and the digest_function fields of
+/// requests).
 const LOW_API: SemVer = SemVer { major: 2, minor: 0, patch: 0, prerelease: String::new() };
-const HIGH_API: SemVer = SemVer { major: 2, minor: 8, patch: 0, prerelease: String::new() };
+const HIGH_API: SemVer = SemVer { major: 2, minor: 12, patch: 0, prerelease: String::new() };
 
 #[tonic::async_trait]
 impl Capabilities for CapabilitiesService {
@@ -38,6 +40,7 @@ impl Capabilities for CapabilitiesService {
         request_function(&request.get_ref().instance_name, 0)?;
         // Each caller is told whether it may write (anonymous readers may not).
         let update_enabled = request.extensions().get::<Access>().is_none_or(|access| access.write);
+        let (fast_cdc, rep_max) = Chunking::advertised();
         Ok(Response::new(ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
                 digest_functions: Function::ALL.iter().map(|f| f.to_wire() as i32).collect(),
@@ -47,6 +50,10 @@ impl Capabilities for CapabilitiesService {
                 symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
                 supported_compressors: vec![compressor::Value::Zstd as i32],
                 supported_batch_update_compressors: vec![compressor::Value::Zstd as i32],
+                split_blob_support: true,
+                splice_blob_support: true,
+                fast_cdc_2020_params: Some(fast_cdc),
+                rep_max_cdc_params: Some(rep_max),
                 ..Default::default()
             }),
             execution_capabilities: None,

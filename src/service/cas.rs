@@ -13,11 +13,13 @@ use tonic::{Request, Response, Status};
 
 use super::{READ_MESSAGE_SIZE, Shared, invalid, ok_status, request_function, required_digest, rpc_status};
 use crate::cache::{Cache, Incoming};
+use crate::cdc::Chunking;
 use crate::digest::{Digest, Encoding, FunctionHint};
 use crate::proto::reapi::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse,
-    FindMissingBlobsRequest, FindMissingBlobsResponse, GetTreeRequest, GetTreeResponse,
-    batch_read_blobs_response, batch_update_blobs_request, batch_update_blobs_response, compressor,
+    FindMissingBlobsRequest, FindMissingBlobsResponse, GetTreeRequest, GetTreeResponse, SpliceBlobRequest,
+    SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse, batch_read_blobs_response,
+    batch_update_blobs_request, batch_update_blobs_response, compressor,
     content_addressable_storage_server::ContentAddressableStorage,
 };
 
@@ -156,6 +158,42 @@ impl ContentAddressableStorage for CasService {
     }
 
     type GetTreeStream = TreeStream;
+
+    async fn split_blob(
+        &self,
+        request: Request<SplitBlobRequest>,
+    ) -> Result<Response<SplitBlobResponse>, Status> {
+        let request = request.into_inner();
+        let function = request_function(&request.instance_name, request.digest_function)?;
+        let blob = required_digest(request.blob_digest.as_ref(), "blob_digest", function)?;
+        let chunking = Chunking::for_request(request.chunking_function);
+        let chunks = self.shared.cache.split_blob(blob, &chunking).await?;
+        Ok(Response::new(SplitBlobResponse {
+            chunk_digests: chunks.iter().map(Digest::to_proto).collect(),
+            chunking_function: chunking.wire() as i32,
+            // Every list fits one reply (see `Cache::split_blob`).
+            indirect_chunk_list: None,
+        }))
+    }
+
+    async fn splice_blob(
+        &self,
+        request: Request<SpliceBlobRequest>,
+    ) -> Result<Response<SpliceBlobResponse>, Status> {
+        let request = request.into_inner();
+        self.shared.check_entries(request.chunk_digests.len(), "SpliceBlob")?;
+        let function = request_function(&request.instance_name, request.digest_function)?;
+        let blob = required_digest(request.blob_digest.as_ref(), "blob_digest", function)?;
+        // The chunks use the blob's function.
+        let chunks = request
+            .chunk_digests
+            .iter()
+            .map(|d| Digest::from_proto(d, FunctionHint::Given(blob.function)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        self.shared.cache.splice_blob(blob, chunks).await?;
+        Ok(Response::new(SpliceBlobResponse { blob_digest: Some(blob.to_proto()) }))
+    }
 
     async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<TreeStream>, Status> {
         self.tree_page(request.into_inner(), usize::MAX).await.map(Response::new)
