@@ -26,8 +26,7 @@ impl Cache {
         let _held = self.hold((window + BATCH_BYTES + window) as u64).await?;
         let mut pieces = self.read(digest, 0, digest.size, false).await?;
         let (mut buffer, mut batch, mut batch_bytes) = (BytesMut::new(), Vec::new(), 0);
-        let mut chunks = Vec::new();
-        let mut ended = false;
+        let (mut pass, mut chunks, mut ended) = (chunking.pass(), Vec::new(), false);
         loop {
             while !ended && buffer.len() < window {
                 match pieces.next().await {
@@ -38,7 +37,7 @@ impl Cache {
             if buffer.is_empty() {
                 break;
             }
-            let cut = chunking.cut(&buffer);
+            let cut = pass.cut(&buffer);
             let data = buffer.split_to(cut).freeze();
             let chunk = digest_of(digest, &data);
             if chunks.len() == self.max_chunks() {

@@ -60,13 +60,11 @@ impl Chunking {
         }
     }
 
-    /// The length of the chunk at the start of `data`, which holds at least
-    /// [`Chunking::window`] bytes or all that is left of the blob. Only an
-    /// empty `data` gives 0.
-    pub fn cut(&self, data: &[u8]) -> usize {
+    /// A pass over one blob, from its first byte.
+    pub fn pass(&self) -> Pass {
         match self {
-            Chunking::FastCdc2020(c) => c.cut(data),
-            Chunking::RepMaxCdc(c) => c.cut(data),
+            Chunking::FastCdc2020(c) => Pass::FastCdc2020(c.clone()),
+            Chunking::RepMaxCdc(c) => Pass::RepMaxCdc(c.pass()),
         }
     }
 
@@ -80,14 +78,31 @@ impl Chunking {
 
     /// The chunk lengths of a whole blob in memory.
     pub fn split(&self, data: &[u8]) -> Vec<usize> {
-        let mut lengths = Vec::new();
-        let mut at = 0;
+        let (mut pass, mut lengths, mut at) = (self.pass(), Vec::new(), 0);
         while at < data.len() {
-            let cut = self.cut(&data[at..]);
+            let cut = pass.cut(&data[at..]);
             lengths.push(cut);
             at += cut;
         }
         lengths
+    }
+}
+
+/// One pass of a chunking function over one blob, chunk after chunk.
+pub enum Pass {
+    FastCdc2020(FastCdc),
+    RepMaxCdc(repmax::Pass),
+}
+
+impl Pass {
+    /// The length of the next chunk: `data` starts where the last chunk
+    /// ended, and holds at least [`Chunking::window`] bytes or all that is
+    /// left of the blob. Only an empty `data` gives 0.
+    pub fn cut(&mut self, data: &[u8]) -> usize {
+        match self {
+            Pass::FastCdc2020(c) => c.cut(data),
+            Pass::RepMaxCdc(pass) => pass.cut(data),
+        }
     }
 }
 

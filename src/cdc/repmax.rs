@@ -3,11 +3,16 @@
 //! hash of the 64 bytes before the cut is largest among the positions a
 //! horizon of bytes ahead allows.
 //!
-//! This is go-cdc's simple form (the one its optimised chunker is tested
-//! against), which decides each chunk from a window of 2·min + horizon
-//! bytes and may hash a byte more than once.
-// TODO(issue 19): the optimised form, which hashes every byte once, checked
-// against this one.
+//! The rule (go-cdc's simple form, kept in the tests as the oracle): of a
+//! window of 2·min + horizon bytes from the chunk's start, take the cut
+//! position p in [min, len − min] with the largest hash, the earliest of
+//! equals; if the chunk would be 2·min or longer, look again in [min, p − min].
+//! Windows overlap by most of their length, so the simple form hashes each
+//! byte several times over. A [`Pass`] hashes each byte once, in order, and
+//! keeps the largest hash of each block of positions: a search reads the
+//! blocks it spans whole, and hashes again only the two ends it covers in part.
+
+use std::collections::VecDeque;
 
 use super::gear::GEAR;
 
@@ -32,44 +37,149 @@ impl RepMax {
         Some(RepMax { min: min as usize, horizon: horizon as usize })
     }
 
-    /// The bytes [`RepMax::cut`] decides with: 2·min + horizon, or all
-    /// that are left.
+    /// The bytes a cut is decided with: 2·min + horizon, or all that are
+    /// left of the blob.
     pub fn window(&self) -> usize {
         2 * self.min + self.horizon
     }
 
-    /// The most bytes a chunk has.
-    pub fn max_size(&self) -> usize {
-        2 * self.min - 1
+    /// A pass over one blob, from its first byte.
+    pub fn pass(&self) -> Pass {
+        Pass::with_block(self.clone(), 1024)
+    }
+}
+
+/// The largest hash of the positions of one block, and the first of them
+/// that has it.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    best: u64,
+    at: u64,
+}
+
+/// One pass of the chunker over one blob, chunk after chunk.
+pub struct Pass {
+    chunker: RepMax,
+    /// Positions per block.
+    block: u64,
+    /// Where the next chunk starts, from the start of the blob.
+    start: u64,
+    /// The hash at every position up to here is known (the hash at
+    /// position x covers the 64 bytes before x).
+    hashed: u64,
+    rolling: u64,
+    /// The blocks from `first_block` on, each complete up to `hashed`.
+    blocks: VecDeque<Block>,
+    first_block: u64,
+}
+
+impl Pass {
+    fn with_block(chunker: RepMax, block: u64) -> Pass {
+        Pass { chunker, block, start: 0, hashed: 0, rolling: 0, blocks: VecDeque::new(), first_block: 0 }
     }
 
-    /// The length of the chunk at the start of `data`, which holds at least
-    /// [`RepMax::window`] bytes or everything that is left of the blob.
-    pub fn cut(&self, data: &[u8]) -> usize {
-        let min = self.min;
-        let d = &data[..data.len().min(self.window())];
-        if d.len() < 2 * min {
-            return d.len();
+    /// The length of the next chunk: `data` starts where the last chunk
+    /// ended, and holds at least [`RepMax::window`] bytes or everything
+    /// that is left of the blob.
+    pub fn cut(&mut self, data: &[u8]) -> usize {
+        let min = self.chunker.min;
+        let d = &data[..data.len().min(self.chunker.window())];
+        let cut = if d.len() < 2 * min {
+            d.len()
+        } else {
+            let s = self.start;
+            let mut last = (d.len() - min) as u64;
+            self.hash_to(d, s + last);
+            loop {
+                let p = self.argmax(d, s + min as u64, s + last) - s;
+                if p < 2 * min as u64 {
+                    break p as usize;
+                }
+                // Too long a chunk: look again, ending min bytes before that cut.
+                last = p - min as u64;
+            }
+        };
+        self.start += cut as u64;
+        // Positions before the next chunk's first cut are never asked again.
+        let keep_from = (self.start + min as u64) / self.block;
+        while self.first_block < keep_from && !self.blocks.is_empty() {
+            self.blocks.pop_front();
+            self.first_block += 1;
         }
-        // The hash at cut position p covers d[p - 64..p]; a cut leaves at
-        // least min bytes behind it in the window.
-        let start = d[min - 64..min].iter().fold(0u64, |h, &b| (h << 1).wrapping_add(GEAR[b as usize]));
-        let mut last = d.len() - min;
-        loop {
-            let (mut hash, mut best, mut best_end) = (start, start, min);
-            for (i, &b) in d.iter().enumerate().take(last).skip(min) {
-                hash = (hash << 1).wrapping_add(GEAR[b as usize]);
+        cut
+    }
+
+    /// Hashes on to position `to` (`d` starts at `self.start`), keeping
+    /// each block's largest hash.
+    fn hash_to(&mut self, d: &[u8], to: u64) {
+        while self.hashed < to {
+            // The positions from here to the end of their block, at most `to`.
+            let index = (self.hashed + 1) / self.block;
+            let until = to.min((index + 1) * self.block - 1);
+            if self.blocks.is_empty() {
+                self.first_block = index;
+            }
+            let open = self.first_block + self.blocks.len() as u64 == index + 1;
+            let mut block = match (open, self.blocks.back()) {
+                (true, Some(block)) => *block,
+                _ => Block { best: 0, at: u64::MAX },
+            };
+            let mut rolling = self.rolling;
+            let from = (self.hashed - self.start) as usize;
+            for (i, &byte) in d[from..from + (until - self.hashed) as usize].iter().enumerate() {
+                rolling = (rolling << 1).wrapping_add(GEAR[byte as usize]);
                 // The earliest of equal maxima.
-                if best < hash {
-                    (best, best_end) = (hash, i + 1);
+                if block.at == u64::MAX || block.best < rolling {
+                    block = Block { best: rolling, at: self.hashed + i as u64 + 1 };
                 }
             }
-            if best_end < 2 * min {
-                return best_end;
+            match open {
+                true => *self.blocks.back_mut().expect("an open block") = block,
+                false => self.blocks.push_back(block),
             }
-            // Too long a chunk: look again, ending min bytes before that cut.
-            last = best_end - min;
+            (self.rolling, self.hashed) = (rolling, until);
         }
+    }
+
+    /// The first position in [a, b] with the largest hash.
+    fn argmax(&self, d: &[u8], a: u64, b: u64) -> u64 {
+        // Blocks wholly inside [a, b] are read; the ends are hashed again.
+        let (first_whole, end_whole) = (a.div_ceil(self.block), (b + 1) / self.block);
+        if first_whole >= end_whole {
+            return self.scan(d, a, b).at;
+        }
+        let mut best = match a < first_whole * self.block {
+            true => Some(self.scan(d, a, first_whole * self.block - 1)),
+            false => None,
+        };
+        let mut consider = |candidate: Block| {
+            if best.is_none_or(|best| best.best < candidate.best) {
+                best = Some(candidate);
+            }
+        };
+        for index in first_whole..end_whole {
+            consider(self.blocks[(index - self.first_block) as usize]);
+        }
+        if end_whole * self.block <= b {
+            consider(self.scan(d, end_whole * self.block, b));
+        }
+        best.expect("a non-empty range").at
+    }
+
+    /// The first position in [a, b] with the largest hash, hashing again.
+    fn scan(&self, d: &[u8], a: u64, b: u64) -> Block {
+        let offset = |x: u64| (x - self.start) as usize;
+        let hash =
+            d[offset(a) - 64..offset(a)].iter().fold(0u64, |h, &x| (h << 1).wrapping_add(GEAR[x as usize]));
+        let mut best = Block { best: hash, at: a };
+        let mut hash = hash;
+        for x in a..b {
+            hash = (hash << 1).wrapping_add(GEAR[d[offset(x)] as usize]);
+            if best.best < hash {
+                best = Block { best: hash, at: x + 1 };
+            }
+        }
+        best
     }
 }
 
@@ -121,14 +231,39 @@ mod tests {
         (98304, 11162, "e776b8d90b880e10e4fdc4f99ba3b0bfbe471f26362007a1775d4cab46a539c7"),
     ];
 
+    /// go-cdc's simple form, step by step: the rule itself.
+    fn simple_cut(c: &RepMax, data: &[u8]) -> usize {
+        let min = c.min;
+        let d = &data[..data.len().min(c.window())];
+        if d.len() < 2 * min {
+            return d.len();
+        }
+        let start = d[min - 64..min].iter().fold(0u64, |h, &b| (h << 1).wrapping_add(GEAR[b as usize]));
+        let mut last = d.len() - min;
+        loop {
+            let (mut hash, mut best, mut best_end) = (start, start, min);
+            for (i, &b) in d.iter().enumerate().take(last).skip(min) {
+                hash = (hash << 1).wrapping_add(GEAR[b as usize]);
+                if best < hash {
+                    (best, best_end) = (hash, i + 1);
+                }
+            }
+            if best_end < 2 * min {
+                return best_end;
+            }
+            last = best_end - min;
+        }
+    }
+
     #[test]
     fn the_reference_vectors() {
         let data = sekien();
         for (min, horizon, vectors) in [(4096, 32768, &HORIZON_32K[..]), (8192, 0, &HORIZON_0[..])] {
             let chunker = RepMax::new(min, horizon).unwrap();
-            let mut at = 0;
+            let (mut pass, mut at) = (chunker.pass(), 0);
             for &(offset, length, hash) in vectors {
-                let cut = chunker.cut(&data[at..]);
+                assert_eq!(simple_cut(&chunker, &data[at..]), length, "the simple form");
+                let cut = pass.cut(&data[at..]);
                 assert_eq!((at, cut), (offset, length), "min {min}, horizon {horizon}");
                 assert_eq!(sha256(&data[at..at + cut]), hash);
                 at += cut;
@@ -140,24 +275,26 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(crate::hostile::config())]
 
-        /// Every chunk but a blob shorter than min is in [min, 2·min); the
-        /// cut depends on the window only.
+        /// A pass cuts where the simple form does, whatever the block
+        /// size; every chunk but a blob shorter than min is in [min, 2·min).
         #[test]
-        fn chunks_stay_within_their_bounds(
+        fn a_pass_cuts_where_the_rule_does(
             data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40_000),
             low_entropy in proptest::prelude::any::<bool>(),
             min in 64u64..2048,
             horizon in 0u64..8192,
+            block in proptest::sample::select(vec![1u64, 3, 64, 1024]),
         ) {
             let data: Vec<u8> = if low_entropy { data.iter().map(|b| b % 7).collect() } else { data };
             let c = RepMax::new(min, horizon).unwrap();
+            let mut pass = Pass::with_block(c.clone(), block);
             let mut at = 0;
             while at < data.len() {
                 let rest = &data[at..];
-                let cut = c.cut(rest);
-                proptest::prop_assert!(cut > 0 && cut <= c.max_size());
+                let cut = pass.cut(rest);
+                proptest::prop_assert_eq!(cut, simple_cut(&c, rest));
+                proptest::prop_assert!(cut > 0 && cut < 2 * c.min);
                 proptest::prop_assert!(cut >= c.min || cut == rest.len());
-                proptest::prop_assert_eq!(cut, c.cut(&rest[..rest.len().min(c.window())]));
                 at += cut;
             }
         }
@@ -168,6 +305,7 @@ mod tests {
         assert!(RepMax::new(63, 0).is_none());
         assert!(RepMax::new(64, RepMax::MAX_HORIZON + 1).is_none());
         let c = RepMax::new(1024, 8192).unwrap();
-        assert_eq!((c.cut(&[]), c.cut(&[5; 100]), c.cut(&[5; 1024]), c.window()), (0, 100, 1024, 10240));
+        assert_eq!((c.pass().cut(&[]), c.pass().cut(&[5; 100]), c.pass().cut(&[5; 1024])), (0, 100, 1024));
+        assert_eq!(c.window(), 10240);
     }
 }
