@@ -162,6 +162,8 @@ options! {
         max_call_entries: usize, "N";
         /// Largest Directory or Tree blob GetTree and GetActionResult read.
         max_directory_size: ByteSize, "SIZE";
+        /// Largest blob accepted in any upload (advertised); 0: no limit.
+        max_blob_size: ByteSize, "SIZE";
     }
 
     /// TLS on every port.

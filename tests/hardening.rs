@@ -440,3 +440,36 @@ async fn an_http_client_that_takes_nothing_is_closed() {
     assert!(read.is_ok(), "the connection was never closed");
     assert!(received.len() < blob.len(), "the whole blob was sent: the stalled reply was not ended");
 }
+
+/// `max_blob_size` is advertised (max_cas_blob_size_bytes) and every upload
+/// path refuses a larger blob with INVALID_ARGUMENT, storing none of it.
+#[tokio::test]
+async fn uploads_over_max_blob_size_are_refused_on_every_path() {
+    let (_tmp, server) = server(&["--max-blob-size", "1MiB"]);
+    let mut c = server.clients().await;
+    let caps = c.caps.get_capabilities(reapi::GetCapabilitiesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(caps.cache_capabilities.unwrap().max_cas_blob_size_bytes, 1 << 20);
+    let (big, small) = (random_bytes((1 << 20) + 1, 90), random_bytes(1 << 20, 91));
+
+    let refused =
+        assert_code(c.write(&upload_name("", "big", &big), &big, 256 << 10).await, Code::InvalidArgument);
+    assert!(refused.message().contains("max_blob_size"), "{}", refused.message());
+    assert_eq!(c.batch_update(&[&big, &small]).await, [Code::InvalidArgument as i32, 0]);
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/cas/{}", server.addr, digest(&big).hash);
+    assert_eq!(http.put(&url).body(big.clone()).send().await.unwrap().status(), 400);
+    let media =
+        format!("http://{}/upload/v1/media/{}?uploadType=media", server.addr, upload_name("", "m", &big));
+    assert_eq!(http.post(&media).body(big.clone()).send().await.unwrap().status(), 400);
+    // Spliced from chunks that are each small enough.
+    let (head, tail) = big.split_at(600_000);
+    assert_eq!(c.batch_update(&[head, tail]).await, [0, 0]);
+    let splice = reapi::SpliceBlobRequest {
+        blob_digest: Some(digest(&big)),
+        chunk_digests: vec![digest(head), digest(tail)],
+        ..Default::default()
+    };
+    assert_code(c.cas.splice_blob(splice).await, Code::InvalidArgument);
+    assert_eq!(c.find_missing(&[digest(&big)]).await.len(), 1, "nothing stored");
+    assert!(c.find_missing(&[digest(&small)]).await.is_empty(), "a blob at the limit is stored");
+}

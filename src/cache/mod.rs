@@ -83,6 +83,8 @@ pub struct Limits {
     pub directories: DirectoryLimit,
     /// Largest gRPC message sent: what an action result may inline.
     pub max_message_size: usize,
+    /// Largest blob an upload may store; 0: no limit.
+    pub max_blob_size: u64,
 }
 
 pub struct Cache {
@@ -115,6 +117,23 @@ impl Cache {
     /// built (a GetTree page, say), waiting a little for room.
     pub async fn hold(&self, bytes: u64) -> Result<crate::budget::Held, Error> {
         Ok(self.budget.hold(bytes).await?)
+    }
+
+    /// Refuses a blob larger than `max_blob_size`, before any of it is stored.
+    fn check_blob_size(&self, digest: &Digest) -> Result<(), Error> {
+        let limit = self.limits.max_blob_size;
+        if limit > 0 && digest.size > limit {
+            return Err(Error::Invalid(format!(
+                "blob {digest} is {} bytes, over this server's max_blob_size ({limit} bytes, advertised as max_cas_blob_size_bytes)",
+                digest.size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The largest blob an upload may store (0: no limit), for Capabilities.
+    pub fn max_blob_size(&self) -> u64 {
+        self.limits.max_blob_size
     }
 
     /// The store in figures, for the status page and metrics.

@@ -49,13 +49,14 @@ impl Cache {
     /// once both tiers hold it (with write-through). A result per blob.
     pub async fn write_blobs(&self, blobs: Vec<Incoming>) -> Result<Vec<Result<(), Error>>, Error> {
         let store = Arc::clone(&self.store);
+        let sizes: Vec<Result<(), Error>> = blobs.iter().map(|b| self.check_blob_size(&b.digest)).collect();
         let results = blocking(move || {
             // Validate (and decompress) each blob; the valid ones go to the store together.
             let mut decoder = None;
             let mut checked = Vec::with_capacity(blobs.len());
             let mut valid = Vec::new();
-            for blob in blobs {
-                checked.push(decode(blob, &mut decoder).map(|blob| valid.push(blob)));
+            for (blob, size) in blobs.into_iter().zip(sizes) {
+                checked.push(size.and_then(|()| decode(blob, &mut decoder)).map(|blob| valid.push(blob)));
             }
             let mut stored = valid.iter().map(|b| b.digest).zip(store.put_blobs(&valid));
             let results: Vec<Result<(Digest, Written), Error>> = checked
@@ -90,6 +91,7 @@ impl Cache {
         encoding: Encoding,
         offset: i64,
     ) -> Result<Option<Upload>, Error> {
+        self.check_blob_size(&digest)?;
         if self.local(vec![digest]).await?.1[0] {
             self.replicate_one(digest, Written::AlreadyPresent).await?;
             return Ok(None);

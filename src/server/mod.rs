@@ -270,6 +270,7 @@ fn start(store: &Arc<Store>, tier: Option<Arc<Tier>>, config: &Config, app: &App
             config.limits.max_call_entries,
         ),
         max_message_size: config.limits.max_message_size.0 as usize,
+        max_blob_size: config.limits.max_blob_size.0,
     };
     let cache =
         Cache::new(Arc::clone(store), tier, Arc::clone(&app.metrics), Arc::clone(&app.budget), limits);

@@ -50,6 +50,7 @@ impl Capabilities for CapabilitiesService {
                 symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
                 supported_compressors: vec![compressor::Value::Zstd as i32],
                 supported_batch_update_compressors: vec![compressor::Value::Zstd as i32],
+                max_cas_blob_size_bytes: self.shared.cache.max_blob_size() as i64,
                 split_blob_support: true,
                 splice_blob_support: true,
                 fast_cdc_2020_params: Some(fast_cdc),
