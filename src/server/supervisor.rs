@@ -18,6 +18,9 @@ use crate::store::eviction;
 
 /// How often access times recorded in memory are written to the index.
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// The most a stop spends writing access times still in memory (a million
+/// of them took over a minute): what is left is lost, as in a crash.
+const STOP_FLUSH_TIME: Duration = Duration::from_secs(3);
 /// Pause between two passes of the online scrub.
 const SCRUB_PAUSE: Duration = Duration::from_secs(60);
 
@@ -47,6 +50,7 @@ impl Supervisor {
             config.store.partial_upload_max_age,
             Arc::clone(metrics),
             Arc::clone(board),
+            Arc::clone(&stopping),
         ));
         tasks.spawn(eviction::run(Arc::clone(store), eviction::Budget::of(config)));
         if config.store.scrub_rate.0 > 0 {
@@ -55,13 +59,21 @@ impl Supervisor {
         Supervisor { store: Arc::clone(store), tasks, stopping }
     }
 
-    /// Stops every task and writes pending access times.
+    /// Stops every task and writes pending access times, for a few
+    /// seconds at most.
     pub async fn stop(mut self) {
         self.stopping.store(true, Ordering::Relaxed);
         self.tasks.shutdown().await;
         let store = Arc::clone(&self.store);
-        if let Err(e) = blocking(move || store.flush_access_times()).await {
-            tracing::warn!("could not write access times at shutdown: {e}");
+        let deadline = Instant::now() + STOP_FLUSH_TIME;
+        match blocking(move || store.flush_access_times_while(&|| Instant::now() < deadline)).await {
+            Ok(flushed) if flushed.left > 0 => tracing::info!(
+                "stopped with {} access-time refreshes unwritten (the last {STOP_FLUSH_TIME:?} of the stop were spent on {}): those blobs keep their last written use",
+                flushed.left,
+                flushed.updated
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("could not write access times at shutdown: {e}"),
         }
     }
 }
@@ -104,7 +116,13 @@ async fn scrub_online(store: Arc<Store>, rate: u64, stopping: Arc<AtomicBool>) {
 
 /// Periodic upkeep: access times to disk, stale partial uploads away,
 /// throughput samples for the status page.
-async fn maintain(store: Arc<Store>, upload_max_age: Duration, metrics: Arc<Metrics>, board: Arc<Board>) {
+async fn maintain(
+    store: Arc<Store>,
+    upload_max_age: Duration,
+    metrics: Arc<Metrics>,
+    board: Arc<Board>,
+    stopping: Arc<AtomicBool>,
+) {
     let expiry_every = (upload_max_age / 2).clamp(Duration::from_secs(1), Duration::from_secs(600));
     let mut flush = tokio::time::interval(ACCESS_FLUSH_INTERVAL);
     let mut expire = tokio::time::interval(expiry_every);
@@ -113,8 +131,11 @@ async fn maintain(store: Arc<Store>, upload_max_age: Duration, metrics: Arc<Metr
         tokio::select! {
             _ = sample.tick() => board.sample(&metrics),
             _ = flush.tick() => {
-                let store = Arc::clone(&store);
-                if let Err(e) = blocking(move || store.flush_access_times()).await {
+                // A flush runs on a blocking thread, which an abort does not
+                // reach: it stops at the next stripe once a stop begins.
+                let (store, stopping) = (Arc::clone(&store), Arc::clone(&stopping));
+                let flushed = blocking(move || store.flush_access_times_while(&|| !stopping.load(Ordering::Relaxed)));
+                if let Err(e) = flushed.await {
                     tracing::warn!("could not write access times: {e}");
                 }
             }

@@ -24,6 +24,15 @@ pub(super) struct Accessed {
     pub(super) results: Mutex<HashMap<Vec<u8>, u64>>,
 }
 
+/// What a flush of access times did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Blobs and action results moved in the eviction order.
+    pub updated: usize,
+    /// Refreshes left in memory, not written.
+    pub left: usize,
+}
+
 /// A present blob, located for reading.
 #[derive(Clone, Copy, Debug)]
 pub struct Blob {
@@ -422,31 +431,55 @@ impl Store {
     /// the eviction order, one batch per lock stripe. A crash may lose the
     /// last interval's refreshes, nothing else.
     pub fn flush_access_times(&self) -> Result<usize, Error> {
-        let mut by_stripe: Vec<Vec<(Digest, u64)>> = vec![Vec::new(); STRIPES];
+        Ok(self.flush_access_times_while(&|| true)?.updated)
+    }
+
+    /// As [`Store::flush_access_times`], while `go_on` says so (it is asked
+    /// before each stripe): what is left goes back to memory, for the next
+    /// flush. A stop bounds its last flush this way: a refresh not written
+    /// leaves a blob looking as old as its last written use, no worse than
+    /// a crash.
+    pub fn flush_access_times_while(&self, go_on: &dyn Fn() -> bool) -> Result<Flushed, Error> {
+        let mut by_stripe: Vec<Vec<(Key, Digest, u64)>> = vec![Vec::new(); STRIPES];
         {
             let mut accessed = self.accessed.blobs.lock().unwrap_or_else(|e| e.into_inner());
             for (digest, atime) in accessed.drain() {
-                by_stripe[stripe_of(&digest)].push((digest, atime));
+                by_stripe[stripe_of(&digest)].push((index_key(&digest), digest, atime));
             }
         }
-        let mut updated = 0;
-        for (stripe, accessed) in by_stripe.iter().enumerate().filter(|(_, a)| !a.is_empty()) {
-            // Under the lock, so an eviction cannot slip between read and write.
+        let mut flushed = Flushed::default();
+        for (stripe, mut accessed) in by_stripe.into_iter().enumerate().filter(|(_, a)| !a.is_empty()) {
+            if !go_on() {
+                flushed.left += accessed.len();
+                let mut pending = self.accessed.blobs.lock().unwrap_or_else(|e| e.into_inner());
+                for (_, digest, atime) in accessed {
+                    let newest = pending.entry(digest).or_insert(atime);
+                    *newest = (*newest).max(atime);
+                }
+                continue;
+            }
+            // One sorted lookup of the stripe's entries, under its lock, so
+            // that an eviction cannot slip between read and write.
+            accessed.sort_unstable_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
             let _guard = self.stripes[stripe].lock().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<&Key> = accessed.iter().map(|(key, _, _)| key).collect();
+            let found = self.db.batched_multi_get_cf(self.cf(CF_INDEX), keys, true);
             let mut batch = WriteBatch::default();
-            for (digest, atime) in accessed {
-                if let Some(mut entry) = self.get_entry(digest)?
-                    && entry.atime < *atime
-                {
+            for ((key, digest, atime), stored) in accessed.iter().zip(found) {
+                let Some(stored) = stored? else { continue };
+                let mut entry = IndexEntry::decode(&stored)
+                    .ok_or_else(|| Error::Corrupt(format!("index entry of {digest} is malformed")))?;
+                if entry.atime < *atime {
                     batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
                     entry.atime = *atime;
-                    batch.put_cf(self.cf(CF_INDEX), index_key(digest), entry.encode());
+                    batch.put_cf(self.cf(CF_INDEX), key, entry.encode());
                     batch.put_cf(self.cf(CF_LRU), lru_key(*atime, digest), []);
-                    updated += 1;
+                    flushed.updated += 1;
                 }
             }
             self.write(batch)?;
         }
-        Ok(updated + self.flush_result_access_times()?)
+        flushed.updated += self.flush_result_access_times()?;
+        Ok(flushed)
     }
 }

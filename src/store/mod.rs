@@ -29,7 +29,7 @@ use rocksdb::{
 
 use crate::digest::Digest;
 pub use actions::StoredResult;
-pub use blobs::{Blob, NewBlob, Written};
+pub use blobs::{Blob, Flushed, NewBlob, Written};
 use disk::Admitted;
 pub use evict::Evicted;
 use layout::*;

@@ -166,6 +166,40 @@ fn access_times_are_flushed_for_present_blobs() {
     assert!(store.get_entry(&d).unwrap().unwrap().atime > 1);
 }
 
+#[test]
+fn a_flush_cut_short_keeps_the_rest_for_the_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let blobs: Vec<NewBlob> = (0..2000u32)
+        .map(|i| {
+            let data = Bytes::from(format!("blob {i}"));
+            NewBlob::new(Digest::of(&data), data)
+        })
+        .collect();
+    assert!(store.put_blobs(&blobs).iter().all(Result::is_ok));
+    let digests: Vec<Digest> = blobs.iter().map(|b| b.digest).collect();
+    let old = |d: &Digest| {
+        let mut entry = store.get_entry(d).unwrap().unwrap();
+        entry.atime = 1;
+        store.db.put_cf(store.cf(CF_INDEX), index_key(d), entry.encode()).unwrap();
+    };
+    digests.iter().for_each(old);
+    store.contains(&digests).unwrap();
+    // Three stripes, then a stop.
+    let stripes = std::cell::Cell::new(0);
+    let flushed = store
+        .flush_access_times_while(&|| {
+            stripes.set(stripes.get() + 1);
+            stripes.get() <= 3
+        })
+        .unwrap();
+    assert!(flushed.updated > 0 && flushed.left > 0, "{flushed:?}");
+    assert_eq!(flushed.updated + flushed.left, digests.len());
+    // The next flush writes what was left; none is lost or written twice.
+    assert_eq!(store.flush_access_times().unwrap(), flushed.left);
+    assert!(digests.iter().all(|d| store.get_entry(d).unwrap().unwrap().atime > 1));
+}
+
 /// The allocated bytes of the blob files, as `du` counts them.
 fn file_blocks(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
