@@ -366,3 +366,52 @@ fn the_command_prints_json_csv_and_a_chart() {
     let table = run(&[]);
     assert!(table.contains("ingest MB/s") && table.contains("one core hashes SHA-256"), "{table}");
 }
+
+/// `larder bench yardstick` serves a bare in-memory cache: every workload
+/// that needs no GetTree runs against it and reads back every byte, and it
+/// refuses bytes that do not match their digest.
+#[tokio::test]
+async fn the_yardstick_serves_the_workloads_and_checks_uploads() {
+    use std::io::{BufRead, BufReader};
+    /// The yardstick's process, killed however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_larder"))
+            .args(["bench", "yardstick", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split("serving REAPI on ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    {
+        let endpoint = format!("grpc://{addr}");
+        let reports = bench(grpc(&endpoint, "build,large,small,find-missing", 3, "all")).await.unwrap();
+        assert_eq!(reports.len(), 4);
+        let mut cas = reapi::content_addressable_storage_client::ContentAddressableStorageClient::connect(
+            format!("http://{addr}"),
+        )
+        .await
+        .unwrap();
+        let data = Bytes::from_static(b"checked");
+        let mut wrong = common::digest(&data);
+        wrong.hash = common::digest(b"other").hash;
+        let request = reapi::BatchUpdateBlobsRequest {
+            requests: vec![reapi::batch_update_blobs_request::Request {
+                digest: Some(wrong),
+                data,
+                compressor: 0,
+            }],
+            ..Default::default()
+        };
+        let reply = cas.batch_update_blobs(request).await.unwrap().into_inner();
+        assert_eq!(reply.responses[0].status.as_ref().unwrap().code, tonic::Code::InvalidArgument as i32);
+    }
+}

@@ -9,6 +9,7 @@ pub mod data;
 pub mod measure;
 pub mod report;
 pub mod workload;
+pub mod yardstick;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,17 @@ pub enum Target {
     /// Against REAPI servers (larder or another), to compare them in one run:
     /// --endpoint grpc://127.0.0.1:9092,grpc://127.0.0.1:9094.
     Grpc(GrpcArgs),
+    /// Serve a bare in-memory REAPI cache on the same tonic stack (SHA-256
+    /// checked, no disk, no compression): the ceiling of any server on this
+    /// machine, to bench beside larder with `bench grpc --endpoint`.
+    Yardstick(YardstickArgs),
+}
+
+#[derive(Args)]
+pub struct YardstickArgs {
+    /// Address to serve on; port 0 picks a free port (printed).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9094")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Args)]
@@ -165,16 +177,31 @@ pub struct Common {
     pub plot: Option<PathBuf>,
 }
 
-/// Runs `larder bench` and prints its figures.
+/// What `larder bench` measures.
+enum Measured {
+    Store(StoreArgs),
+    Grpc(GrpcArgs),
+}
+
+/// Runs `larder bench`: serves the yardstick, or measures and prints figures.
 pub async fn main(target: Target) -> Result<(), Error> {
+    let target = match target {
+        Target::Yardstick(args) => return yardstick::serve(args.listen).await,
+        Target::Store(args) => Measured::Store(args),
+        Target::Grpc(args) => Measured::Grpc(args),
+    };
+    measure(target).await
+}
+
+async fn measure(target: Measured) -> Result<(), Error> {
     let common = match &target {
-        Target::Store(a) => a.common.clone(),
-        Target::Grpc(a) => a.common.clone(),
+        Measured::Store(a) => a.common.clone(),
+        Measured::Grpc(a) => a.common.clone(),
     };
     if !(0.0..=1.0).contains(&common.miss_rate) {
         return Err(Error::Setup(format!("--miss-rate {} must be between 0 and 1", common.miss_rate)));
     }
-    if let Target::Store(args) = &target
+    if let Measured::Store(args) = &target
         && args.only.is_some()
     {
         let reports = bench_store(args).await?;
@@ -186,8 +213,8 @@ pub async fn main(target: Target) -> Result<(), Error> {
         .await
         .map_err(|e| Error::Setup(format!("measuring the ceilings failed: {e}")))?;
     let runs = match target {
-        Target::Store(args) => isolated(&args).await?,
-        Target::Grpc(args) => bench_grpc(&args).await?,
+        Measured::Store(args) => isolated(&args).await?,
+        Measured::Grpc(args) => bench_grpc(&args).await?,
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let run = finish(Run { ceilings, cores, runs });
