@@ -30,7 +30,7 @@ pub use actions::{Inline, Lookup};
 pub use directories::DirectoryLimit;
 pub use error::Error;
 pub use read::{MAX_PIECE, Pieces};
-pub use write::{Incoming, Progress, Upload, UploadState};
+pub use write::{Incoming, Progress, Upload, UploadState, max_wire_bytes};
 
 use crate::budget::Budget;
 use crate::digest::{Digest, Function};

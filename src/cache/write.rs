@@ -155,6 +155,16 @@ fn decode(blob: Incoming, decoder: &mut Option<Decoder>) -> Result<NewBlob, Erro
     Ok(blob)
 }
 
+/// The most bytes a client can send of `size` bytes of a blob in
+/// `encoding`: more cannot be them. zstd's worst case adds a little per
+/// 128 KiB block and per frame; this leaves plenty of room for both.
+pub fn max_wire_bytes(size: u64, encoding: Encoding) -> u64 {
+    match encoding {
+        Encoding::Identity => size,
+        Encoding::Zstd => size.saturating_add(size / 8).saturating_add(1 << 20),
+    }
+}
+
 /// An upload in progress: gathers what arrives into pieces and hands each
 /// to a [`Writer`] on the blocking pool while the next one arrives.
 pub struct Upload {
@@ -192,14 +202,10 @@ impl Upload {
     ) -> Result<Upload, Error> {
         let first_offset = upload.committed();
         let remaining = upload.digest().size - first_offset;
-        let (wire_limit, inflater) = match encoding {
-            Encoding::Identity => (upload.digest().size, None),
-            // zstd's worst case adds a little per 128 KiB block and per
-            // frame; this leaves plenty of room for both.
-            Encoding::Zstd => (
-                first_offset + remaining + remaining / 8 + (1 << 20),
-                Some(Inflater::new(remaining, cache.chunk_size())?),
-            ),
+        let wire_limit = first_offset + max_wire_bytes(remaining, encoding);
+        let inflater = match encoding {
+            Encoding::Identity => None,
+            Encoding::Zstd => Some(Inflater::new(remaining, cache.chunk_size())?),
         };
         Ok(Upload {
             cache,

@@ -159,10 +159,7 @@ async fn put_blob(
     let mut frames = BodyStream::new(body);
     // A blob found stored answers once the body is read (no more than the
     // blob can take), so that the connection carries the next request.
-    let most = match encoding {
-        Encoding::Identity => digest.size,
-        Encoding::Zstd => digest.size.saturating_add(digest.size / 8).saturating_add(1 << 20),
-    };
+    let most = cache::max_wire_bytes(digest.size, encoding);
     let Some(mut upload) = api.shared.cache.begin_upload(key, digest, encoding, 0).await? else {
         drain(&mut frames, most).await;
         return Ok(());

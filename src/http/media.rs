@@ -342,11 +342,8 @@ async fn receive(
     // A body answered before it is read is read to its end (no more than
     // the blob and its framing can take), so that the connection can carry
     // the client's next request.
-    let most = match resource.encoding {
-        Encoding::Identity => digest.size,
-        Encoding::Zstd => digest.size.saturating_add(digest.size / 8).saturating_add(1 << 20),
-    }
-    .saturating_add(64 << 10);
+    let most =
+        cache::max_wire_bytes(digest.size, resource.encoding).saturating_add(multipart::MAX_FRAMING as u64);
     let mut frames = BodyStream::new(body);
     let begun = cache.begin_upload(resource.name.clone(), digest, resource.encoding, offset as i64).await?;
     let Some(mut upload) = begun else {

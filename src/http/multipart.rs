@@ -11,7 +11,7 @@ use memchr::memmem;
 
 /// The most a body may carry besides the media bytes: the preamble, the
 /// metadata part, every part's headers, and the epilogue.
-const MAX_FRAMING: usize = 64 << 10;
+pub const MAX_FRAMING: usize = 64 << 10;
 
 /// The boundary a `multipart/…` content type declares, checked as RFC 2046
 /// allows (1 to 70 characters).
