@@ -19,7 +19,7 @@ mod data;
 const MIB: usize = 1 << 20;
 
 fn content(kind: Kind, seed: u64, size: usize) -> Vec<u8> {
-    Content { kind, seed, size: size as u64 }.bytes()
+    Content::new(kind, seed, size as u64).bytes()
 }
 
 fn digesting(c: &mut Criterion) {

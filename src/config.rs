@@ -124,6 +124,10 @@ options! {
         /// zstd level of stored chunks (1 is fast; higher trades ingest
         /// speed for disk; 0 stores them uncompressed).
         zstd_level: i32, "LEVEL";
+        /// Blobs of at least this size are cut into content-defined chunks,
+        /// each stored once however many blobs contain it (0: no
+        /// deduplication).
+        dedup_min_size: ByteSize, "SIZE";
         /// Chunks of blobs under 256 KiB, from 4 KiB, go to RocksDB's blob
         /// files rather than into SST files.
         blob_files: bool, "BOOL";
@@ -397,6 +401,7 @@ impl Config {
         crate::store::StoreOptions {
             chunk_size: store.chunk_size.0 as usize,
             zstd_level: store.zstd_level,
+            dedup_min_size: store.dedup_min_size.0,
             sync_writes: store.sync_writes,
             blob_files: store.blob_files,
             cache_size: store.cache_size.0 as usize,
@@ -433,6 +438,13 @@ impl Config {
         }
         if s3.write_back && s3.endpoint.is_none() {
             return invalid("s3_write_back", "only means something with s3_endpoint".into());
+        }
+        let largest_chunk = crate::store::Store::chunking().window() as u64;
+        if store.dedup_min_size.0 != 0 && store.dedup_min_size.0 <= largest_chunk {
+            return invalid(
+                "dedup_min_size",
+                format!("must be 0 (no deduplication) or more than the largest chunk, {largest_chunk} bytes"),
+            );
         }
         if !(0..=22).contains(&store.zstd_level) {
             return invalid("zstd_level", "must be between 0 (no compression) and 22".into());

@@ -68,6 +68,48 @@ async fn stale_partial_uploads_expire() {
     assert!(expired, "the partial upload was deleted after its max age");
 }
 
+/// Uploads `data` in three chunks (each in a batch), then splices it.
+async fn splice(c: &mut Clients, data: &[u8]) -> Result<(), tonic::Status> {
+    let cuts = [0, data.len() / 3, data.len() * 2 / 3, data.len()];
+    let pieces: Vec<&[u8]> = cuts.windows(2).map(|w| &data[w[0]..w[1]]).collect();
+    for piece in &pieces {
+        let request = reapi::BatchUpdateBlobsRequest {
+            requests: vec![reapi::batch_update_blobs_request::Request {
+                digest: Some(digest(piece)),
+                data: piece.to_vec().into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        c.cas.batch_update_blobs(request).await?;
+    }
+    let request = reapi::SpliceBlobRequest {
+        blob_digest: Some(digest(data)),
+        chunk_digests: pieces.iter().map(|p| digest(p)).collect(),
+        ..Default::default()
+    };
+    c.cas.splice_blob(request).await.map(|_| ())
+}
+
+/// What an upload of `data` commits while its stream stays open after
+/// `sent` bytes: its whole 1 MiB storage chunks; or, for a blob cut into
+/// content-defined chunks, every chunk with the largest chunk's worth of
+/// bytes after its start (what a cut needs to see).
+fn committed_while_open(data: &[u8], sent: u64) -> u64 {
+    if (data.len() as u64) < 4 << 20 {
+        return sent / (1 << 20) * (1 << 20);
+    }
+    let chunking = larder::store::Store::chunking();
+    let mut end = 0;
+    for len in chunking.split(data) {
+        if sent - end < chunking.window() as u64 {
+            break;
+        }
+        end += len as u64;
+    }
+    end
+}
+
 /// kill -9 while many uploads run: afterwards every blob reported present
 /// reads back byte-identical, and every interrupted upload resumes or starts
 /// over cleanly.
@@ -98,8 +140,21 @@ async fn kill_9_during_uploads_loses_nothing_committed() {
             }
         }));
     }
-    // Uploads the test holds open midway, of a few sizes.
-    let held: Vec<Vec<u8>> = [5_000_000, 6_000_000, 12_000_000, 13_000_000]
+    // Blobs made by SpliceBlob of chunks uploaded in batches, and cut on
+    // the way: deduplicated writes of every kind are under way at the kill.
+    let spliced: Vec<Vec<u8>> = (0..8).map(|i| random_bytes(4_500_000 + i * 4_099, 200 + i as u64)).collect();
+    {
+        let (addr, spliced) = (server.addr.clone(), spliced.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Clients::connect(&addr).await;
+            for data in &spliced {
+                let _ = splice(&mut c, data).await;
+            }
+        }));
+    }
+    // Uploads the test holds open midway, of a few sizes: whole blobs, and
+    // blobs of dedup_min_size or more, cut into chunks as they arrive.
+    let held: Vec<Vec<u8>> = [3_500_000, 3_900_000, 12_000_000, 13_000_000]
         .iter()
         .enumerate()
         .map(|(i, &n)| random_bytes(n, 100 + i as u64))
@@ -121,15 +176,16 @@ async fn kill_9_during_uploads_loses_nothing_committed() {
     let mut before = Vec::new();
     for (i, data) in held.iter().enumerate() {
         let name = upload_name("", &format!("held-{i}"), data);
+        let expected = committed_while_open(data, 3 << 20) as i64;
         let mut committed = 0;
         for _ in 0..200 {
             committed = c.query(&name).await.0;
-            if committed == 3 << 20 {
+            if committed == expected {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(committed, 3 << 20, "held upload {i} committed its full chunks");
+        assert_eq!(committed, expected, "held upload {i} committed its full chunks");
         before.push(committed);
     }
     // And a few of the background uploads finished.
@@ -185,7 +241,20 @@ async fn kill_9_during_uploads_loses_nothing_committed() {
         assert_eq!(done.committed_size, data.len() as i64);
         assert!(c.read(&read_name("", data), 0, 0).await.unwrap() == **data, "{uuid} after retry");
     }
-    eprintln!("after kill -9: {present} present, {resumed} resumed, {restarted} started over");
+    // A splice is one atomic write: present and intact, or absent and made
+    // again from its chunks.
+    let mut made = 0;
+    for data in &spliced {
+        if c.find_missing(&[digest(data)]).await.is_empty() {
+            made += 1;
+        } else {
+            splice(&mut c, data).await.expect("spliced again after the kill");
+        }
+        assert!(c.read(&read_name("", data), 0, 0).await.unwrap() == *data, "a spliced blob reads back");
+    }
+    eprintln!(
+        "after kill -9: {present} present, {resumed} resumed, {restarted} started over, {made} of 8 spliced"
+    );
     assert!(present > 0, "some uploads finished before the kill");
     assert!(resumed > 0 && restarted > 0, "interrupted uploads resumed and started over");
 }

@@ -170,3 +170,61 @@ async fn a_disk_that_fills_before_the_budget_is_handled_like_the_budget() {
     let last = random_bytes(1 << 20, 7119);
     assert_eq!(c.read(&read_name("", &last), 0, 0).await.unwrap(), last);
 }
+
+/// `data` with `places` runs of 64 KiB overwritten and one of 10 KiB
+/// inserted, at places drawn from `seed`.
+fn edit(data: &[u8], places: usize, seed: u64) -> Vec<u8> {
+    let noise = random_bytes(places * (64 << 10) + (10 << 10) + 8 * places + 8, seed);
+    let pick = |i: usize, below: usize| {
+        u64::from_le_bytes(noise[i * 8..i * 8 + 8].try_into().unwrap()) as usize % below
+    };
+    let mut out = data.to_vec();
+    for p in 0..places {
+        let at = pick(p, out.len() - (64 << 10));
+        let run = &noise[64 + p * (64 << 10)..64 + (p + 1) * (64 << 10)];
+        out[at..at + (64 << 10)].copy_from_slice(run);
+    }
+    let at = pick(places, out.len());
+    out.splice(at..at, noise[noise.len() - (10 << 10)..].iter().copied());
+    out
+}
+
+/// Successive versions of a large file share most of their chunks: the
+/// chunks a present version needs are never evicted before it, the budget
+/// holds, and a version read again and again stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_sharing_chunks_stay_within_the_budget_and_read_back_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(tmp.path(), "0s");
+    let mut c = server.clients().await;
+    let hot = random_bytes(6 << 20, 1);
+    write_retrying(&mut c, &upload_name("", "hot", &hot), &hot).await;
+    let mut version = random_bytes(8 << 20, 2);
+    let (mut versions, mut peak, mut checked) = (Vec::new(), 0u64, 0);
+    for n in 0..80u64 {
+        version = edit(&version, 5, 100 + n);
+        write_retrying(&mut c, &upload_name("", &format!("v{n}"), &version), &version).await;
+        versions.push(digest(&version));
+        peak = peak.max(allocated(&server.dir));
+        if n % 4 != 3 {
+            continue;
+        }
+        // Every version still present reads back whole: none lost a chunk.
+        let missing = c.find_missing(&versions).await;
+        for d in versions.iter().filter(|d| !missing.contains(d)) {
+            let name = format!("blobs/{}/{}", d.hash, d.size_bytes);
+            let bytes = c.read(&name, 0, 0).await.unwrap();
+            assert_eq!(digest(&bytes), *d, "a present version reads back whole");
+            checked += 1;
+        }
+        // Read last, the hot blob is the most recently used.
+        assert!(c.read(&read_name("", &hot), 0, 0).await.unwrap() == hot, "the hot blob reads back");
+    }
+    let missing = c.find_missing(&versions).await.len();
+    eprintln!(
+        "80 versions of 8 MiB through a 64 MiB budget: peak {:.1} MiB on disk, {missing} evicted, {checked} reads of present versions",
+        peak as f64 / (1 << 20) as f64
+    );
+    assert!(missing > 20, "the budget evicted old versions ({missing})");
+    assert!(peak <= BUDGET + BUDGET / 10, "peak {peak} bytes on disk, budget {BUDGET}");
+}

@@ -83,6 +83,9 @@ pub enum Kind {
     Text,
     /// Object-code-like bytes, zstd-1 about 2x.
     Binary,
+    /// Blocks of the three kinds above, in the proportions of `mixed` data:
+    /// one file of mixed content.
+    Mixed,
 }
 
 impl Kind {
@@ -91,6 +94,7 @@ impl Kind {
             Kind::Random => "random",
             Kind::Text => "text",
             Kind::Binary => "binary",
+            Kind::Mixed => "mixed",
         }
     }
 }
@@ -134,15 +138,74 @@ impl Data {
 /// Blob contents are made this many bytes at a time.
 pub const BLOCK: usize = 64 << 10;
 
-/// A blob's contents, fixed by its kind, seed and size.
+/// A blob's contents, fixed by its kind, seed and size; or a later version
+/// of such a blob (see [`Content::next_version`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Content {
     pub kind: Kind,
     pub seed: u64,
     pub size: u64,
+    /// 0 for a blob as its seed makes it; n for its n-th version, the one
+    /// before it edited in a few places (see [`edits`]).
+    pub version: u16,
+    /// The size of version 0, which every version follows from.
+    pub base: u64,
+}
+
+/// Places each version edits, and the fraction of its bytes they change.
+const EDIT_PLACES: u64 = 10;
+const EDIT_SHARE: f64 = 0.01;
+
+/// One edit of a version: at `at` in the version before it, `cut` bytes go
+/// and `new` random bytes (from `seed`) take their place: an overwrite when
+/// the two are equal, an insertion when nothing is cut.
+#[derive(Clone, Copy, Debug)]
+struct Edit {
+    at: u64,
+    cut: u64,
+    new: u64,
+    seed: u64,
+}
+
+/// The edits that make version `version` from the `previous` bytes before
+/// it: [`EDIT_SHARE`] of them in [`EDIT_PLACES`] places, one in each tenth
+/// of the blob, three in ten insertions (which shift every byte after them).
+fn edits(seed: u64, version: u16, previous: u64) -> Vec<Edit> {
+    let mut rng = Rng::new(seed ^ u64::from(version).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    let len = ((previous as f64 * EDIT_SHARE) as u64 / EDIT_PLACES).max(1);
+    let span = previous / EDIT_PLACES;
+    (0..EDIT_PLACES)
+        .filter(|_| span > len)
+        .map(|i| {
+            let at = i * span + rng.below(span - len);
+            let cut = if rng.below(10) < 3 { 0 } else { len };
+            Edit { at, cut, new: len, seed: rng.next_u64() }
+        })
+        .collect()
 }
 
 impl Content {
+    pub fn new(kind: Kind, seed: u64, size: u64) -> Content {
+        Content { kind, seed, size, version: 0, base: size }
+    }
+
+    /// The next version: this one with [`EDIT_SHARE`] of its bytes
+    /// overwritten or inserted, in [`EDIT_PLACES`] places.
+    pub fn next_version(&self) -> Content {
+        let version = self.version + 1;
+        let grown: u64 = edits(self.seed, version, self.size).iter().map(|e| e.new - e.cut).sum();
+        Content { size: self.size + grown, version, ..*self }
+    }
+
+    /// The version before this one (version > 0).
+    fn previous(&self) -> Content {
+        let mut content = Content { version: 0, size: self.base, ..*self };
+        while content.version + 1 < self.version {
+            content = content.next_version();
+        }
+        content
+    }
+
     /// All of the blob's bytes.
     pub fn bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.size as usize);
@@ -153,6 +216,9 @@ impl Content {
     /// Appends `len` bytes from `offset` on to `out`.
     pub fn push(&self, offset: u64, len: usize, out: &mut Vec<u8>) {
         let end = (offset + len as u64).min(self.size);
+        if self.version > 0 {
+            return self.push_edited(offset, end, out);
+        }
         let mut at = offset;
         let mut block = Vec::with_capacity(BLOCK + 64);
         while at < end {
@@ -167,10 +233,44 @@ impl Content {
         }
     }
 
+    /// Bytes `offset..end` of a version: the version before it, cut where
+    /// its edits are, with their new bytes in between.
+    fn push_edited(&self, offset: u64, end: u64, out: &mut Vec<u8>) {
+        let previous = self.previous();
+        // (start here, length, where in the version before or which edit)
+        let mut pieces: Vec<(u64, u64, Result<u64, Edit>)> = Vec::new();
+        let (mut here, mut there) = (0, 0);
+        for edit in edits(self.seed, self.version, previous.size) {
+            pieces.push((here, edit.at - there, Ok(there)));
+            here += edit.at - there;
+            pieces.push((here, edit.new, Err(edit)));
+            here += edit.new;
+            there = edit.at + edit.cut;
+        }
+        pieces.push((here, previous.size - there, Ok(there)));
+        for (start, len, from) in pieces {
+            let (lo, hi) = (offset.max(start), end.min(start + len));
+            if lo >= hi {
+                continue;
+            }
+            match from {
+                Ok(there) => previous.push(there + lo - start, (hi - lo) as usize, out),
+                Err(edit) => {
+                    let new = random_bytes(edit.new as usize, edit.seed);
+                    out.extend_from_slice(&new[(lo - start) as usize..(hi - start) as usize]);
+                }
+            }
+        }
+    }
+
     fn make_block(&self, index: u64, len: usize, out: &mut Vec<u8>) {
         let seed = Rng::new(self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64();
-        match self.kind {
-            Kind::Random => push_random(out, len, seed),
+        let kind = match self.kind {
+            Kind::Mixed => Data::Mixed.pick(&mut Rng::new(seed)),
+            kind => kind,
+        };
+        match kind {
+            Kind::Random | Kind::Mixed => push_random(out, len, seed),
             Kind::Text => push_text(out, len, &mut Rng::new(seed)),
             Kind::Binary => push_binary(out, len, &mut Rng::new(seed)),
         }

@@ -47,7 +47,7 @@ fn data_sample(data: Data, len: usize) -> Vec<u8> {
     let mut rng = Rng::new(7);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
-        let content = Content { kind: data.pick(&mut rng), seed: rng.next_u64(), size: 256 << 10 };
+        let content = Content::new(data.pick(&mut rng), rng.next_u64(), 256 << 10);
         content.push(0, 256 << 10, &mut out);
     }
     out

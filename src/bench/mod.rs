@@ -78,6 +78,9 @@ pub struct StoreArgs {
     /// Chunk sizes, e.g. 256KiB,1MiB,4MiB.
     #[arg(long, value_name = "SIZES", value_delimiter = ',')]
     pub chunk_size: Vec<ByteSize>,
+    /// Sizes from which uploads are deduplicated, e.g. 0,4MiB (0: off).
+    #[arg(long, value_name = "SIZES", value_delimiter = ',')]
+    pub dedup_min_size: Vec<ByteSize>,
     /// Large chunks in RocksDB's blob files (on) or in SST files (off).
     #[arg(long, value_name = "on|off", value_delimiter = ',')]
     pub blob_files: Vec<Switch>,
@@ -255,6 +258,7 @@ fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<Combination> {
     let on = |s: Switch| s == Switch::On;
     let levels = or(&args.zstd_level, base.zstd_level);
     let chunks = or(&args.chunk_size, ByteSize(base.chunk_size as u64));
+    let dedups = or(&args.dedup_min_size, ByteSize(base.dedup_min_size));
     let blob_files = or(&args.blob_files, if base.blob_files { Switch::On } else { Switch::Off });
     let syncs = or(&args.sync_writes, if base.sync_writes { Switch::On } else { Switch::Off });
     let caches = or(&args.cache_size, ByteSize(base.cache_size as u64));
@@ -263,13 +267,16 @@ fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<Combination> {
         false => args.max_size.iter().copied().map(Some).collect(),
     };
     let mut out = Vec::new();
-    for &level in &levels {
+    // Every combination of the swept settings, in order.
+    let grid = levels.iter().flat_map(|&level| dedups.iter().map(move |&dedup| (level, dedup)));
+    for (level, dedup) in grid {
         for &chunk in &chunks {
             for &files in &blob_files {
                 for &sync in &syncs {
                     for (&cache, &budget) in caches.iter().flat_map(|c| budgets.iter().map(move |b| (c, b))) {
                         let options = StoreOptions {
                             zstd_level: level,
+                            dedup_min_size: dedup.0,
                             chunk_size: chunk.0 as usize,
                             blob_files: on(files),
                             sync_writes: on(sync),
@@ -281,6 +288,7 @@ fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<Combination> {
                         let mut settings: BTreeMap<String, String> = [
                             ("zstd_level", level.to_string()),
                             ("chunk_size", chunk.to_string()),
+                            ("dedup_min_size", dedup.to_string()),
                             ("blob_files", on(files).to_string()),
                             ("sync_writes", on(sync).to_string()),
                             ("cache_size", cache.to_string()),
@@ -297,6 +305,12 @@ fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<Combination> {
                         }
                         if chunks.len() > 1 {
                             label.push(format!("chunk {chunk}"));
+                        }
+                        if dedups.len() > 1 {
+                            label.push(match dedup.0 {
+                                0 => "dedup off".to_string(),
+                                _ => format!("dedup from {dedup}"),
+                            });
                         }
                         if blob_files.len() > 1 {
                             label.push(format!("blob files {}", if on(files) { "on" } else { "off" }));
@@ -656,7 +670,7 @@ mod data_tests {
     #[test]
     fn content_is_the_same_whole_or_in_pieces() {
         for kind in [Kind::Random, Kind::Text, Kind::Binary] {
-            let content = Content { kind, seed: 5, size: 3 * BLOCK as u64 + 1234 };
+            let content = Content::new(kind, 5, 3 * BLOCK as u64 + 1234);
             let whole = content.bytes();
             assert_eq!(whole.len() as u64, content.size);
             assert_eq!(whole, content.bytes(), "{kind:?} is deterministic");
@@ -671,11 +685,37 @@ mod data_tests {
         }
     }
 
+    #[test]
+    fn a_version_is_the_one_before_edited_in_a_few_places() {
+        let first = Content::new(Kind::Mixed, 9, 3 << 20);
+        let (v1, v2) = (first.next_version(), first.next_version().next_version());
+        let (a, b, c) = (first.bytes(), v1.bytes(), v2.bytes());
+        assert_eq!((b.len() as u64, c.len() as u64), (v1.size, v2.size));
+        assert!(b.len() > a.len(), "insertions grow it");
+        assert_ne!(a, b);
+        // About 1 % of the bytes change: all but a few percent of the new
+        // version's 32-byte windows are somewhere in the old one.
+        for (old, new) in [(&a, &b), (&b, &c)] {
+            let windows: std::collections::HashSet<&[u8]> = old.windows(32).collect();
+            let probes: Vec<&[u8]> = new.chunks_exact(32).collect();
+            let shared = probes.iter().filter(|w| windows.contains(*w)).count();
+            let share = shared as f64 / probes.len() as f64;
+            assert!((0.97..0.995).contains(&share), "{share:.4} of the windows are shared");
+        }
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for len in [1, 70_000, 5, BLOCK, 1 << 20, 3 << 20] {
+            v2.push(at, len, &mut pieces);
+            at = (at + len as u64).min(v2.size);
+        }
+        assert_eq!(pieces, c, "a version is the same whole or in pieces");
+    }
+
     /// The kinds compress as their names promise, at zstd level 1.
     #[test]
     fn kinds_compress_like_their_models() {
         let ratio = |kind| {
-            let data = Content { kind, seed: 1, size: 4 << 20 }.bytes();
+            let data = Content::new(kind, 1, 4 << 20).bytes();
             data.len() as f64 / zstd::bulk::compress(&data, 1).unwrap().len() as f64
         };
         let (random, text, binary) = (ratio(Kind::Random), ratio(Kind::Text), ratio(Kind::Binary));

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::Error;
 use super::client::{Blob, Client};
-use super::data::{Content, Data, Rng};
+use super::data::{Content, Data, Kind, Rng};
 use super::measure::ClientCpu;
 use larder::digest::{Digest, Function};
 use larder::proto::reapi;
@@ -27,6 +27,10 @@ pub enum Workload {
     Small,
     /// Small blobs stored, then FindMissingBlobs of them and as many absent.
     FindMissing,
+    /// Successive versions of one large file (--large-size), each with 1 %
+    /// of its bytes overwritten or inserted in 10 places, written through
+    /// ByteStream, then read: what deduplication saves.
+    Versions,
 }
 
 impl Workload {
@@ -36,6 +40,7 @@ impl Workload {
             Workload::Large => "large",
             Workload::Small => "small",
             Workload::FindMissing => "find-missing",
+            Workload::Versions => "versions",
         }
     }
 }
@@ -108,7 +113,8 @@ struct Planner {
 impl Planner {
     fn blob(&mut self, size: u64) -> u32 {
         let kind = self.data.pick(&mut self.rng);
-        self.contents.push(Content { kind, seed: self.rng.next_u64(), size });
+        let seed = self.rng.next_u64();
+        self.contents.push(Content::new(kind, seed, size));
         (self.contents.len() - 1) as u32
     }
 
@@ -213,6 +219,25 @@ impl Plan {
                     })
                     .collect();
                 (batches.into_iter().map(Task::Upload).collect(), reads)
+            }
+            Workload::Versions => {
+                let count = (shape.bytes / shape.large_size.max(1)).max(2);
+                // One file of mixed content, not one kind per version.
+                let kind = match shape.data {
+                    Data::Mixed => Kind::Mixed,
+                    data => data.pick(&mut p.rng),
+                };
+                let mut version = Content::new(kind, p.rng.next_u64(), shape.large_size);
+                let mut ids = Vec::new();
+                for _ in 0..count {
+                    p.contents.push(version);
+                    ids.push((p.contents.len() - 1) as u32);
+                    version = version.next_version();
+                }
+                (
+                    ids.iter().map(|&i| Task::Upload(vec![i])).collect(),
+                    ids.into_iter().map(|i| Task::Download(vec![i])).collect(),
+                )
             }
             Workload::Build => plan_build(&mut p, shape, seed),
         };

@@ -1,17 +1,20 @@
 //! SplitBlob and SpliceBlob: a stored blob cut into content-defined chunks,
 //! each stored as a blob of its own; and a blob made from stored chunks,
-//! verified against its digest before it becomes visible.
-// TODO(issue 19): keep each chunk once, with blobs as lists of chunks,
-// instead of chunks stored beside the blobs they come from.
+//! verified against its digest before it becomes visible. With
+//! deduplication on, both leave a large blob as a list of its chunks (see
+//! the store's `layout`, "Lists"): a list the store cut as SplitBlob asks is
+//! answered as it is, a spliced blob costs only its references, and a blob
+//! split with the store's own chunking gives its bytes up to its chunks.
 
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::{Cache, Error, Incoming, Progress};
+use super::{Cache, Error, Incoming, Progress, blocking};
 use crate::cdc::Chunking;
 use crate::digest::{Digest, Encoding, Hasher};
+use crate::store::{Form, Spliced, Store};
 
 /// Chunks are stored in batches of about this many bytes.
 const BATCH_BYTES: usize = 4 << 20;
@@ -21,6 +24,31 @@ impl Cache {
     /// every chunk as a blob, and answers their digests in order (none for
     /// the empty blob).
     pub async fn split_blob(&self, digest: Digest, chunking: &Chunking) -> Result<Vec<Digest>, Error> {
+        let own = *chunking == Store::chunking();
+        if own {
+            let store = Arc::clone(&self.store);
+            if let Some((Form::ListFastCdc, chunks)) = blocking(move || store.list_of(&digest)).await? {
+                return Ok(chunks);
+            }
+        }
+        let chunks = self.cut(digest, chunking).await?;
+        // Kept as the list of its chunks from now on, its own bytes freed.
+        if own && self.dedups(digest) {
+            let (store, listed) = (Arc::clone(&self.store), chunks.clone());
+            blocking(move || store.splice(&digest, &listed, Form::ListFastCdc, true)).await?;
+        }
+        Ok(chunks)
+    }
+
+    /// Whether `blob` is large enough to be kept as a list, with
+    /// deduplication on.
+    fn dedups(&self, blob: Digest) -> bool {
+        let min = self.store.options().dedup_min_size;
+        min > 0 && blob.size >= min
+    }
+
+    /// Cuts the blob `digest` as it streams, and stores every chunk.
+    async fn cut(&self, digest: Digest, chunking: &Chunking) -> Result<Vec<Digest>, Error> {
         let window = chunking.window();
         // The window being cut and a batch of chunks being stored.
         let _held = self.hold((window + BATCH_BYTES + window) as u64).await?;
@@ -92,6 +120,16 @@ impl Cache {
                 missing.len(),
                 chunks.len()
             )));
+        }
+        // A list of the chunks where they are; copied where the store cannot
+        // (a chunk in the object store only, or a list itself).
+        if self.dedups(blob) {
+            let (store, listed) = (Arc::clone(&self.store), chunks.clone());
+            if let Spliced::Done(written) =
+                blocking(move || store.splice(&blob, &listed, Form::List, false)).await?
+            {
+                return self.replicate_one(blob, written).await;
+            }
         }
         let key = super::own_upload("splice");
         let Some(mut upload) = self.begin_upload(key, blob, Encoding::Identity, 0).await? else {

@@ -309,9 +309,9 @@ impl Upload {
     /// client that resumes finds committed.
     pub async fn persist(&mut self) -> Result<Progress, Error> {
         let tail = std::mem::take(&mut self.buffer).freeze();
-        // A zstd writer may hold decompressed bytes even when no wire bytes do.
-        let holding = !tail.is_empty() || self.encoding == Encoding::Zstd;
-        if holding && self.write(tail, true).await? {
+        // The writer may hold bytes even when no wire bytes wait: decompressed
+        // ones, or bytes waiting for the store's next cut.
+        if self.write(tail, true).await? {
             return Ok(Progress::AlreadyPresent);
         }
         match self.take_writer().await? {
@@ -383,12 +383,13 @@ impl Writer {
         }
     }
 
-    /// Stores the partial chunk a zstd upload holds.
+    /// Stores the partial chunk a zstd upload holds, and the bytes the
+    /// store holds for its next cut.
     fn flush(&mut self) -> Result<(), Error> {
         if let Some(inflater) = &mut self.inflater {
             inflater.chunker.flush(&mut |data, frame| self.upload.append(data, frame))?;
         }
-        Ok(())
+        Ok(self.upload.flush()?)
     }
 
     /// At finish_write: all bytes arrived, and a zstd stream ended cleanly.
@@ -430,7 +431,7 @@ impl Inflater {
             input = &input[step.consumed..];
             self.chunker.data(step.data, step.frame_end, &mut |data, frame| upload.append(data, frame))?;
             if step.frame_end {
-                let ends_blob = upload.committed() + self.chunker.pending() as u64 == upload.digest().size;
+                let ends_blob = upload.received() + self.chunker.pending() as u64 == upload.digest().size;
                 self.chunker.frame_end(ends_blob, &mut |data, frame| upload.append(data, frame))?;
             }
             if input.is_empty() && !step.more {

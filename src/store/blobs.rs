@@ -11,6 +11,7 @@ use bytes::Bytes;
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
 
 use super::layout::*;
+use super::lists::Holds;
 use super::{Admitted, Error, Mismatch, STRIPES, Store, chunk, files, now_ms, stripe_of};
 use crate::digest::{Digest, Function};
 
@@ -190,12 +191,19 @@ impl Store {
         let digest = &blob.digest;
         tracing::warn!(digest = %digest, "removing a corrupt blob: {detail}");
         let removed = (|| -> Result<bool, Error> {
-            let _guard = self.stripe(digest);
+            // A list releases its chunks: their stripes are taken with its own.
+            let refs = match self.get_entry(digest)?.filter(|e| e.form.is_list()) {
+                Some(entry) => self.refs_of(entry.blob_id)?,
+                None => Vec::new(),
+            };
+            let _guards = self.lock_stripes(refs.iter().map(|(_, d, _)| d).chain([digest]));
             let Some(entry) = self.get_entry(digest)?.filter(|e| e.blob_id == blob.blob_id) else {
                 return Ok(false);
             };
             let mut batch = WriteBatch::default();
-            let file = self.delete_blob(&mut batch, digest, &entry);
+            let mut holds = Holds::default();
+            let file = self.delete_blob(&mut batch, &mut holds, digest, &entry)?;
+            self.write_holds(&mut batch, holds);
             // Nothing left to copy to the object store.
             let queued = self.unqueue(&mut batch, &queue_blob_key(digest))?;
             self.write_deleting(batch, file.as_slice())?;
@@ -220,16 +228,25 @@ impl Store {
     }
 
     /// Adds the deletion of a blob (index entry, eviction order, chunks,
-    /// counters) to `batch`. Returns the blob id of its file, if it has one,
-    /// to delete once the batch is written (see [`Store::write_deleting`]).
+    /// counters) to `batch`; a list releases its chunks into `holds` (the
+    /// caller holds their stripes). Returns the blob id of its file, if it
+    /// has one, to delete once the batch is written (see
+    /// [`Store::write_deleting`]).
     pub(super) fn delete_blob(
         &self,
         batch: &mut WriteBatch,
+        holds: &mut Holds,
         digest: &Digest,
         entry: &IndexEntry,
-    ) -> Option<u64> {
+    ) -> Result<Option<u64>, Error> {
+        if entry.form.is_list() {
+            self.release(holds, &self.refs_of(entry.blob_id)?)?;
+        }
+        holds.forget(digest);
         batch.delete_cf(self.cf(CF_INDEX), index_key(digest));
-        batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
+        if entry.holders == 0 {
+            batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
+        }
         batch.delete_range_cf(
             self.cf(CF_CHUNKS),
             chunk_key(entry.blob_id, 0),
@@ -237,7 +254,7 @@ impl Store {
         );
         self.count_stored(batch, -(entry.stored as i64));
         self.count_blobs(batch, -1, -(digest.size as i64));
-        self.has_file(digest.size).then_some(entry.blob_id)
+        Ok((self.has_file(digest.size) && !entry.form.is_list()).then_some(entry.blob_id))
     }
 
     /// Stores whole blobs (a BatchUpdateBlobs): verifies each against its
@@ -379,7 +396,7 @@ impl Store {
                 }
                 None => admitted.release(self.room_for(digest.size).saturating_sub(stored)),
             }
-            let entry = IndexEntry { blob_id, stored, atime: now };
+            let entry = IndexEntry::whole(blob_id, stored, now);
             prepared.push((i, *digest, entry, chunks));
         }
         let _guards = self.lock_stripes(prepared.iter().map(|(_, d, _, _)| d));
@@ -470,10 +487,13 @@ impl Store {
                 let mut entry = IndexEntry::decode(&stored)
                     .ok_or_else(|| Error::Corrupt(format!("index entry of {digest} is malformed")))?;
                 if entry.atime < *atime {
-                    batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
+                    // A held blob has no place in the eviction order.
+                    if entry.holders == 0 {
+                        batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
+                        batch.put_cf(self.cf(CF_LRU), lru_key(*atime, digest), []);
+                    }
                     entry.atime = *atime;
                     batch.put_cf(self.cf(CF_INDEX), key, entry.encode());
-                    batch.put_cf(self.cf(CF_LRU), lru_key(*atime, digest), []);
                     flushed.updated += 1;
                 }
             }

@@ -15,12 +15,18 @@
 //! encoded as above; its value in RocksDB is then a reference, tagged
 //! `IN_FILE`: where the encoded chunk starts in the file (8 bytes, BE) and
 //! its length (8 bytes, BE), sealed with a checksum like any value.
+//!
+//! A blob kept as a list of other blobs (see `layout`, "Lists") has no
+//! chunks of its own: each of its values is a reference to a whole blob,
+//! tagged `BLOB_REF`: the blob's function (1), hash and size (8, BE), and the
+//! blob id it had when the list took hold of it (8, BE), sealed the same way.
 
 use std::cell::RefCell;
 
 use bytes::Bytes;
 
 use crate::compression;
+use crate::digest::{Digest, Function};
 
 const RAW: u8 = 0;
 const ZSTD: u8 = 1;
@@ -29,6 +35,7 @@ const ZSTD: u8 = 1;
 const RAW_SUMMED: u8 = 0xa5;
 const ZSTD_SUMMED: u8 = 0x5a;
 const IN_FILE: u8 = 0xc3;
+const BLOB_REF: u8 = 0x3c;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -79,6 +86,42 @@ pub fn file_ref_of(value: &[u8]) -> Option<(u64, usize)> {
     let (pos, len) = payload.split_at(8);
     let (pos, len) = (u64::from_be_bytes(pos.try_into().ok()?), u64::from_be_bytes(len.try_into().ok()?));
     (len <= MAX_CHUNK_SIZE as u64 + SEAL_LEN).then_some((pos, len as usize))
+}
+
+/// The value that says the bytes at its offset are the whole blob `digest`,
+/// stored under `blob_id`.
+pub fn blob_ref(digest: &Digest, blob_id: u64) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(1 + digest.hash().len() + 8 + 8 + 5);
+    payload.push(digest.function as u8);
+    payload.extend_from_slice(digest.hash());
+    payload.extend_from_slice(&digest.size.to_be_bytes());
+    payload.extend_from_slice(&blob_id.to_be_bytes());
+    let crc = checksum(&payload, BLOB_REF);
+    payload.extend_from_slice(&crc.to_le_bytes());
+    payload.push(BLOB_REF);
+    payload
+}
+
+/// Whether a stored value refers to a whole blob (checked or not: see
+/// [`blob_ref_of`]).
+pub fn is_blob_ref(value: &[u8]) -> bool {
+    value.last() == Some(&BLOB_REF)
+}
+
+/// The blob a reference names, and the blob id it had. `None` means the
+/// reference is corrupt.
+pub fn blob_ref_of(value: &[u8]) -> Option<(Digest, u64)> {
+    let (&BLOB_REF, rest) = value.split_last()? else { return None };
+    let (payload, crc) = rest.split_last_chunk::<4>()?;
+    if checksum(payload, BLOB_REF) != u32::from_le_bytes(*crc) {
+        return None;
+    }
+    let (&function, rest) = payload.split_first()?;
+    let function = Function::from_byte(function)?;
+    let (rest, blob_id) = rest.split_last_chunk::<8>()?;
+    let (hash, size) = rest.split_last_chunk::<8>()?;
+    let digest = Digest::new(function, hash, u64::from_be_bytes(*size))?;
+    (hash.len() == function.hash_len()).then_some((digest, u64::from_be_bytes(*blob_id)))
 }
 
 /// Covers the tag too: a flipped tag must not pass a frame off as raw bytes.
@@ -409,6 +452,9 @@ mod tests {
                 let _ = to_frame(value, 3);
             }
             let mut reference = payload.clone();
+            reference.push(BLOB_REF);
+            prop_assert!(blob_ref_of(&reference).is_none_or(|(d, _)| d.hash().len() == d.function.hash_len()));
+            let mut reference = payload.clone();
             reference.push(IN_FILE);
             prop_assert!(file_ref_of(&reference).is_none_or(|(_, len)| len <= MAX_CHUNK_SIZE + 5));
         }
@@ -417,6 +463,22 @@ mod tests {
     /// How many bytes a stored chunk holds, as a read finds it.
     fn content_len(value: &[u8]) -> Option<u64> {
         to_frame(value.to_vec(), 0).map(|(_, held)| held)
+    }
+
+    #[test]
+    fn blob_refs_round_trip_and_fail_their_check_when_changed() {
+        for f in Function::ALL {
+            let d = f.digest(b"a chunk");
+            let value = blob_ref(&d, 77);
+            assert!(is_blob_ref(&value) && !is_file_ref(&value));
+            assert_eq!(blob_ref_of(&value), Some((d, 77)));
+            for i in 0..value.len() - 1 {
+                let mut bad = value.clone();
+                bad[i] ^= 1;
+                assert_eq!(blob_ref_of(&bad), None, "flipped byte {i}");
+            }
+            assert!(decode(&value).is_none(), "a reference is no chunk");
+        }
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! Keys and values of every column family, in one place.
 //!
-//! Layout version 4:
+//! Layout version 5:
 //!
 //! | column family | key | value |
 //! |---|---|---|
 //! | `index`   | function (1) · hash (20 to 64, by function) · size (8, BE) | [`IndexEntry`] |
-//! | `chunks`  | blob id (8, BE) · uncompressed offset (8, BE) | payload · tag (1), or a reference to it in the blob's file (see `chunk`) |
+//! | `chunks`  | blob id (8, BE) · uncompressed offset (8, BE) | payload · tag (1), or a reference to it in the blob's file, or (in a list) to the whole blob at that offset (see `chunk`) |
 //! | `chunks`  | blob id (8, BE) · `u64::MAX` | [`UploadProgress`] of an unfinished upload |
 //! | `chunks`  | `0` (8) · `0` (8) | stored bytes of all blobs and uploads (i64 LE, merge-added) |
 //! | `chunks`  | `0` (8) · `1` (8) | number of blobs (i64 LE, merge-added) |
@@ -41,6 +41,30 @@
 //! chunk is in the blob's file): a crash never leaves progress that claims
 //! chunks the store lacks. Bytes a crash left in a file past the committed
 //! end are cut off when the upload resumes (see `upload`).
+//!
+//! ## Lists
+//!
+//! A blob can be kept as a list of other blobs (its index entry's form says
+//! so): its values in `chunks` are references, each naming the whole blob
+//! that starts at that offset. Large uploads are cut into content-defined
+//! chunks as they arrive (FastCDC 2020 with the advertised parameters, see
+//! `cdc`), each chunk stored as a blob of its own, once however many blobs
+//! contain it; SpliceBlob makes a list of the client's chunks; SplitBlob of a
+//! list cut that way answers its list. A chunk is an ordinary blob: found by
+//! FindMissingBlobs, read by anyone, counted in the stored bytes once; a
+//! list counts only its references.
+//!
+//! A list *holds* its chunks, and so does an upload for the chunks it has
+//! cut: a blob's index entry counts its holders, and a blob with holders has
+//! no place in the eviction order, so eviction never takes a chunk a list
+//! needs. Every change of a holder count is made under the chunk's stripe
+//! lock, in the same atomic write as the reference that takes or drops the
+//! hold: a list becomes visible with its holds taken, and deleting a list
+//! (eviction, a discarded upload) releases them; a chunk no longer held goes
+//! back into the eviction order at its own last use. A chunk found corrupt
+//! is removed even when held (its bytes are gone): reading a list that needs
+//! it then finds it absent, and removes the list as corrupt, so that clients
+//! upload it again. Lists never hold lists.
 //!
 //! The `queue` column family is used only with an object store tier: a blob's
 //! queue entry is written in the same batch as its index entry, so no crash
@@ -140,7 +164,11 @@ pub const BACKFILL_AC_KEY: &[u8] = b"backfill-ac";
 /// Whether the queue was kept when the store last opened (`1`), in the
 /// default column family too.
 pub const QUEUEING_KEY: &[u8] = b"queueing";
-pub const LAYOUT_VERSION: &[u8] = b"4";
+pub const LAYOUT_VERSION: &[u8] = b"5";
+/// Version 4 differs only in having no lists: its index entries are all
+/// version 1 (whole blobs, held by nothing), which version 5 reads as they
+/// are.
+pub const LAYOUT_VERSION_4: &[u8] = b"4";
 /// Version 3 differs only in having no blob files: none of its chunk values
 /// refers to one, so it is version 4 as it is.
 pub const LAYOUT_VERSION_3: &[u8] = b"3";
@@ -384,6 +412,24 @@ fn u64_at(v: &[u8], i: usize) -> u64 {
     u64::from_be_bytes(v[i..i + 8].try_into().expect("caller checked the length"))
 }
 
+/// How a blob's bytes are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// In chunks of its own.
+    Whole,
+    /// As a list of other blobs a client spliced (see "Lists" above).
+    List,
+    /// As a list of the chunks FastCDC 2020 cuts with the advertised
+    /// parameters (see `cdc`): what SplitBlob answers with no work.
+    ListFastCdc,
+}
+
+impl Form {
+    pub fn is_list(self) -> bool {
+        self != Form::Whole
+    }
+}
+
 /// What the index knows of a stored blob.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IndexEntry {
@@ -392,11 +438,22 @@ pub struct IndexEntry {
     pub stored: u64,
     /// Last access, milliseconds since the Unix epoch; refreshed coarsely.
     pub atime: u64,
+    /// Lists and uploads that hold this blob: while any does, it has no
+    /// place in the eviction order.
+    pub holders: u32,
+    pub form: Form,
 }
 
 impl IndexEntry {
-    const VERSION: u8 = 1;
-    const LEN: usize = 25;
+    /// Version 1 (layout 4) had neither holders nor form.
+    const VERSION_1: u8 = 1;
+    const LEN_1: usize = 25;
+    const VERSION: u8 = 2;
+    const LEN: usize = 30;
+
+    pub fn whole(blob_id: u64, stored: u64, atime: u64) -> IndexEntry {
+        IndexEntry { blob_id, stored, atime, holders: 0, form: Form::Whole }
+    }
 
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut v = [0u8; Self::LEN];
@@ -404,15 +461,32 @@ impl IndexEntry {
         v[1..9].copy_from_slice(&self.blob_id.to_be_bytes());
         v[9..17].copy_from_slice(&self.stored.to_be_bytes());
         v[17..25].copy_from_slice(&self.atime.to_be_bytes());
+        v[25..29].copy_from_slice(&self.holders.to_be_bytes());
+        v[29] = match self.form {
+            Form::Whole => 0,
+            Form::List => 1,
+            Form::ListFastCdc => 2,
+        };
         v
     }
 
     pub fn decode(v: &[u8]) -> Option<IndexEntry> {
-        (v.len() == Self::LEN && v[0] == Self::VERSION).then(|| IndexEntry {
-            blob_id: u64_at(v, 1),
-            stored: u64_at(v, 9),
-            atime: u64_at(v, 17),
-        })
+        let version_1 = v.len() == Self::LEN_1 && v[0] == Self::VERSION_1;
+        let version_2 = v.len() == Self::LEN && v[0] == Self::VERSION;
+        if !version_1 && !version_2 {
+            return None;
+        }
+        let entry = IndexEntry::whole(u64_at(v, 1), u64_at(v, 9), u64_at(v, 17));
+        if version_1 {
+            return Some(entry);
+        }
+        let form = match v[29] {
+            0 => Form::Whole,
+            1 => Form::List,
+            2 => Form::ListFastCdc,
+            _ => return None,
+        };
+        Some(IndexEntry { holders: u32::from_be_bytes(v[25..29].try_into().ok()?), form, ..entry })
     }
 }
 
@@ -510,8 +584,17 @@ mod tests {
         assert_eq!(AcValue::decode(&[AC_VALUE_TIMED, 1, 2]), None);
         assert_eq!(digest_of_index_key(&index_key(&Digest::of(b"x"))[..40]), None);
         assert_eq!(split_chunk_key(&chunk_key(7, 1 << 40)), Some((7, 1 << 40)));
-        let e = IndexEntry { blob_id: 1, stored: 2, atime: 3 };
+        let e = IndexEntry::whole(1, 2, 3);
         assert_eq!(IndexEntry::decode(&e.encode()), Some(e));
+        for form in [Form::Whole, Form::List, Form::ListFastCdc] {
+            let e = IndexEntry { holders: 7, form, ..e };
+            assert_eq!(IndexEntry::decode(&e.encode()), Some(e));
+        }
+        let mut v1 = vec![1u8];
+        for n in [1u64, 2, 3] {
+            v1.extend_from_slice(&n.to_be_bytes());
+        }
+        assert_eq!(IndexEntry::decode(&v1), Some(e), "layout 4's entries read as whole, unheld");
         let u = UploadRecord { blob_id: 1, created: 2 };
         assert_eq!(UploadRecord::decode(&u.encode()), Some(u));
         let p = UploadProgress { committed: 1, stored: 2, updated: 3 };

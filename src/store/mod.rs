@@ -10,6 +10,7 @@ mod evict;
 pub mod eviction;
 mod files;
 mod layout;
+mod lists;
 mod queue;
 mod read;
 mod scrub;
@@ -32,7 +33,9 @@ pub use actions::StoredResult;
 pub use blobs::{Blob, Flushed, NewBlob, Written};
 use disk::Admitted;
 pub use evict::Evicted;
+pub use layout::Form;
 use layout::*;
+pub use lists::Spliced;
 pub use queue::{QueueEntry, Queued};
 pub use scrub::Scrubbed;
 pub use upload::Upload;
@@ -44,6 +47,9 @@ pub struct StoreOptions {
     pub chunk_size: usize,
     /// zstd level of stored chunks; 0 stores them uncompressed.
     pub zstd_level: i32,
+    /// Uploads of at least this many bytes are cut into content-defined
+    /// chunks, each stored once (see `layout`, "Lists"); 0: none are.
+    pub dedup_min_size: u64,
     /// fsync the WAL on every commit.
     pub sync_writes: bool,
     /// Chunks of 4 KiB or more of blobs under 256 KiB go to RocksDB's blob
@@ -64,6 +70,7 @@ impl Default for StoreOptions {
         StoreOptions {
             chunk_size: 1 << 20,
             zstd_level: 1,
+            dedup_min_size: 4 << 20,
             sync_writes: false,
             blob_files: true,
             cache_size: 32 << 20,
@@ -245,8 +252,11 @@ impl Store {
         match db.get(LAYOUT_KEY)? {
             None => db.put(LAYOUT_KEY, LAYOUT_VERSION)?,
             Some(v) if v == LAYOUT_VERSION => {}
-            // Version 4 only adds blob files: a version 3 directory has none.
-            Some(v) if v == LAYOUT_VERSION_3 => db.put(LAYOUT_KEY, LAYOUT_VERSION)?,
+            // Versions 4 and 5 only add blob files and lists: a version 3
+            // directory has neither, a version 4 one no lists.
+            Some(v) if v == LAYOUT_VERSION_3 || v == LAYOUT_VERSION_4 => {
+                db.put(LAYOUT_KEY, LAYOUT_VERSION)?
+            }
             Some(v) if v == LAYOUT_VERSION_1 => {
                 upgrade::upgrade_from_v1(&db)?;
                 upgrade::upgrade_from_v2(&db)?;

@@ -94,12 +94,47 @@ impl Store {
         })
     }
 
-    /// The stored chunk of `blob_id` that holds `offset`, with its start offset.
+    /// The stored chunk of `blob_id` that holds `offset`, with its start
+    /// offset. In a list, the chunk of the blob its reference names.
     pub(super) fn chunk_at(&self, blob_id: u64, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
+        let Some((start, value)) = self.value_at(blob_id, offset)? else { return Ok(None) };
+        if !chunk::is_blob_ref(&value) {
+            return Ok(Some((start, self.resolve(blob_id, value)?)));
+        }
+        let (digest, id) = self.follow(blob_id, &value)?;
+        match self.value_at(id, offset - start)? {
+            Some((inner, value)) if !chunk::is_blob_ref(&value) => {
+                Ok(Some((start + inner, self.resolve(id, value)?)))
+            }
+            _ => Err(Error::Corrupt(format!(
+                "chunk {digest} of the list under blob id {blob_id} is not stored whole"
+            ))),
+        }
+    }
+
+    /// The blob a list's reference names, by digest (a chunk removed as
+    /// corrupt and stored again since serves as well), and its blob id now.
+    fn follow(&self, blob_id: u64, value: &[u8]) -> Result<(Digest, u64), Error> {
+        let Some((digest, _)) = chunk::blob_ref_of(value) else {
+            return Err(Error::Corrupt(format!(
+                "a reference of the list under blob id {blob_id} fails its check"
+            )));
+        };
+        match self.get_entry(&digest)? {
+            Some(entry) => Ok((digest, entry.blob_id)),
+            None => {
+                Err(Error::Corrupt(format!("chunk {digest} of the list under blob id {blob_id} is gone")))
+            }
+        }
+    }
+
+    /// The value stored for the chunk of `blob_id` that holds `offset`, as
+    /// it is, with its start offset.
+    fn value_at(&self, blob_id: u64, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
         let cf = self.cf(CF_CHUNKS);
         // Sequential reads ask for chunk starts: one point lookup.
         if let Some(v) = self.db.get_cf(cf, chunk_key(blob_id, offset))? {
-            return Ok(Some((offset, self.resolve(blob_id, v)?)));
+            return Ok(Some((offset, v)));
         }
         let mut opts = ReadOptions::default();
         opts.set_iterate_lower_bound(chunk_key(blob_id, 0));
@@ -108,7 +143,7 @@ impl Store {
         it.seek_for_prev(chunk_key(blob_id, offset));
         it.status()?;
         match (it.key().and_then(split_chunk_key), it.value()) {
-            (Some((_, start)), Some(v)) => Ok(Some((start, self.resolve(blob_id, v.to_vec())?))),
+            (Some((_, start)), Some(v)) => Ok(Some((start, v.to_vec()))),
             _ => Ok(None),
         }
     }
@@ -170,28 +205,38 @@ impl Store {
         }
     }
 
-    /// All chunks of a present blob, in order, with their offsets. RocksDB
-    /// finding one corrupt gets the blob removed, as in `chunk_of`.
+    /// All chunks of a present blob, in order, with their offsets (a list's
+    /// are its chunks' chunks). RocksDB finding one corrupt gets the blob
+    /// removed, as in `chunk_of`.
     pub(super) fn chunks_of(&self, blob: &Blob) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        match self.values_of(blob.blob_id, 0, true) {
+            Ok(chunks) => Ok(chunks),
+            Err(Error::Corrupt(detail)) => Err(self.remove_corrupt(blob, detail)),
+            Err(Error::Db(e)) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                Err(self.remove_corrupt(blob, format!("RocksDB: {e}")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The chunks stored under `blob_id`, resolved, their offsets moved by
+    /// `base`; references followed if `follow` (one level: lists never hold
+    /// lists).
+    fn values_of(&self, blob_id: u64, base: u64, follow: bool) -> Result<Vec<(u64, Vec<u8>)>, Error> {
         let mut opts = ReadOptions::default();
-        opts.set_iterate_lower_bound(chunk_key(blob.blob_id, 0));
-        opts.set_iterate_upper_bound(chunk_key(blob.blob_id, PROGRESS_OFFSET));
+        opts.set_iterate_lower_bound(chunk_key(blob_id, 0));
+        opts.set_iterate_upper_bound(chunk_key(blob_id, PROGRESS_OFFSET));
         let mut chunks = Vec::new();
         for item in self.db.iterator_cf_opt(self.cf(CF_CHUNKS), opts, IteratorMode::Start) {
-            match item {
-                Ok((key, value)) => {
-                    if let Some((_, start)) = split_chunk_key(&key) {
-                        match self.resolve(blob.blob_id, value.into_vec()) {
-                            Ok(value) => chunks.push((start, value)),
-                            Err(Error::Corrupt(detail)) => return Err(self.remove_corrupt(blob, detail)),
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
-                Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
-                    return Err(self.remove_corrupt(blob, format!("RocksDB: {e}")));
-                }
-                Err(e) => return Err(e.into()),
+            let (key, value) = item?;
+            let Some((_, start)) = split_chunk_key(&key) else { continue };
+            if !chunk::is_blob_ref(&value) {
+                chunks.push((base + start, self.resolve(blob_id, value.into_vec())?));
+            } else if follow {
+                let (_, id) = self.follow(blob_id, &value)?;
+                chunks.extend(self.values_of(id, base + start, false)?);
+            } else {
+                return Err(Error::Corrupt(format!("the list under blob id {blob_id} holds a list")));
             }
         }
         Ok(chunks)

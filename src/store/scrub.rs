@@ -16,7 +16,8 @@ pub struct Scrubbed {
 
 impl Store {
     /// Re-reads and re-hashes every stored blob, removing those whose chunks
-    /// fail their checks or whose bytes do not hash to their digest.
+    /// fail their checks or whose bytes do not hash to their digest, and
+    /// lists that lost a chunk.
     /// `progress` hears of each blob checked (its size), and stops the scrub
     /// by returning false (it may also sleep, to bound the scrub's rate).
     pub fn scrub(&self, mut progress: impl FnMut(u64) -> bool) -> Result<Scrubbed, Error> {
@@ -27,6 +28,32 @@ impl Store {
                 continue;
             };
             let blob = Blob { digest, blob_id: entry.blob_id };
+            if entry.form.is_list() {
+                // A list was hashed whole when it was made, and its chunks
+                // are scrubbed as blobs: its references must still cover it,
+                // each naming a stored chunk.
+                let refs = self.refs_of(entry.blob_id)?;
+                let mut gone = None;
+                for (_, chunk, _) in &refs {
+                    if self.get_entry(chunk)?.is_none() {
+                        gone = Some(format!("chunk {chunk} is gone"));
+                        break;
+                    }
+                }
+                if !Store::refs_cover(&refs, digest.size) {
+                    gone = Some("its references do not cover its bytes".into());
+                }
+                if let Some(detail) = gone
+                    && let Error::Removed(_) = self.remove_corrupt(&blob, detail)
+                {
+                    report.removed += 1;
+                }
+                report.blobs += 1;
+                if !progress(0) {
+                    break;
+                }
+                continue;
+            }
             let mut hasher = crate::digest::Hasher::new(digest.function);
             let mut offset = 0;
             let outcome = loop {

@@ -851,3 +851,279 @@ fn blobs_from_before_the_queue_are_backfilled_and_a_store_without_a_tier_keeps_n
     assert_eq!(store.backfill(1 << 20).unwrap(), Some(2), "the action results, again");
     assert_eq!(store.backfill(1 << 20).unwrap(), None);
 }
+
+// Lists: large uploads cut into chunks stored once, splices, holds.
+
+/// Uploads `data` in pieces of `piece` bytes, as a stream does.
+fn upload(store: &Arc<Store>, name: &str, data: &[u8], piece: usize) -> Written {
+    let mut up = store.begin_upload(name, Digest::of(data), 0).unwrap();
+    for part in data.chunks(piece) {
+        up.append(part, None).unwrap();
+    }
+    up.flush().unwrap();
+    up.finish().unwrap()
+}
+
+/// `base` with `len` bytes changed at `at`, and `insert` new bytes after it.
+fn edited(base: &[u8], at: usize, len: usize, insert: usize, seed: u64) -> Vec<u8> {
+    let mut out = base[..at].to_vec();
+    out.extend(crate::testdata::random_bytes(len + insert, seed));
+    out.extend_from_slice(&base[at + len..]);
+    out
+}
+
+fn entry_of(store: &Store, d: &Digest) -> IndexEntry {
+    store.get_entry(d).unwrap().expect("present")
+}
+
+#[test]
+fn large_uploads_are_cut_into_chunks_stored_once_and_read_at_any_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let v1 = crate::testdata::random_bytes(12 << 20, 1);
+    let v2 = edited(&v1, 5 << 20, 1000, 3000, 2);
+    assert_eq!(upload(&store, "v1", &v1, 1 << 20), Written::Stored);
+    let one = store.stored_bytes().unwrap();
+    assert!(one > 12 << 20, "random bytes do not compress: {one}");
+    assert_eq!(upload(&store, "v2", &v2, 300_000), Written::Stored);
+    let two = store.stored_bytes().unwrap() - one;
+    assert!(two < 3 << 20, "the second version costs its changed chunks only: {two} bytes");
+    for (data, d) in [(&v1, Digest::of(&v1)), (&v2, Digest::of(&v2))] {
+        assert_eq!(entry_of(&store, &d).form, Form::ListFastCdc);
+        assert_eq!(read_whole(&store, &d), *data);
+        let blob = store.locate(&d).unwrap().unwrap();
+        for offset in [0, 1, 131_071, 5 << 20, (5 << 20) + 999, data.len() as u64 - 1] {
+            let part = store.read_at(&blob, offset).unwrap();
+            assert!(!part.is_empty());
+            assert_eq!(part, data[offset as usize..offset as usize + part.len()], "at {offset}");
+            let (frame, held) = store.read_frame_at(&blob, offset).unwrap();
+            assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), part[..held as usize]);
+        }
+        // The list is what SplitBlob with the store's chunking cuts, every
+        // chunk a blob of its own, held.
+        let (form, chunks) = store.list_of(&d).unwrap().unwrap();
+        assert_eq!(form, Form::ListFastCdc);
+        let lengths: Vec<usize> = chunks.iter().map(|c| c.size as usize).collect();
+        assert_eq!(lengths, Store::chunking().split(data));
+        assert!(store.contains(&chunks).unwrap().iter().all(|p| *p));
+        assert!(chunks.iter().all(|c| entry_of(&store, c).holders >= 1));
+    }
+    // Stored again: nothing more, and the upload's holds are released.
+    let before = store.stored_bytes().unwrap();
+    assert_eq!(upload(&store, "v1 again", &v1, 1 << 20), Written::AlreadyPresent);
+    assert_eq!(store.stored_bytes().unwrap(), before);
+    let (_, chunks) = store.list_of(&Digest::of(&v1)).unwrap().unwrap();
+    let shared = chunks[0];
+    assert_eq!(entry_of(&store, &shared).holders, 2, "held by v1 and v2 only");
+}
+
+#[test]
+fn held_chunks_outlive_eviction_until_their_lists_go_and_counts_stay_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let small = put(&store, &bytes(10_000, 9));
+    std::thread::sleep(Duration::from_millis(3));
+    let v1 = crate::testdata::random_bytes(6 << 20, 3);
+    let v2 = edited(&v1, 1 << 20, 10, 0, 4);
+    upload(&store, "v1", &v1, 1 << 20);
+    upload(&store, "v2", &v2, 1 << 20);
+    let (d1, d2) = (Digest::of(&v1), Digest::of(&v2));
+    let (_, c1) = store.list_of(&d1).unwrap().unwrap();
+    // Every pass wants everything: only what is in the eviction order goes,
+    // and a list is readable for as long as it is present.
+    let mut passes = 0;
+    while store.stored_bytes().unwrap() > 0 {
+        let evicted = store.evict_lru(u64::MAX, now_ms() + 1000).unwrap();
+        passes += 1;
+        assert!(passes < 5, "eviction converges");
+        assert!(evicted.blobs > 0);
+        for (d, data) in [(&d1, &v1), (&d2, &v2)] {
+            if store.contains(&[*d]).unwrap()[0] {
+                assert_eq!(read_whole(&store, d), *data);
+            }
+        }
+        if passes == 1 {
+            // The lists' chunks went with them, in the same write.
+            assert!(!store.contains(&[small, d1, d2]).unwrap().iter().any(|p| *p));
+            assert!(!store.contains(&c1).unwrap().iter().any(|p| *p));
+        }
+    }
+    assert_eq!(passes, 1);
+    assert_eq!(store.stats().unwrap().blobs, 0);
+    assert_eq!(store.stats().unwrap().logical_bytes, 0);
+}
+
+#[test]
+fn a_spliced_blob_is_a_list_of_the_chunks_verified_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let data = Bytes::from(crate::testdata::random_bytes(5 << 20, 5));
+    let parts: Vec<Bytes> = [0..1_000_000, 1_000_000..4_000_000, 4_000_000..data.len()]
+        .into_iter()
+        .map(|r| data.slice(r))
+        .collect();
+    let chunks: Vec<Digest> = parts.iter().map(|p| put(&store, p)).collect();
+    let d = Digest::of(&data);
+    let before = store.stored_bytes().unwrap();
+    // Out of order: refused, nothing visible.
+    let wrong = [chunks[1], chunks[0], chunks[2]];
+    assert!(matches!(store.splice(&d, &wrong, Form::List, false), Err(Error::DigestMismatch(_))));
+    assert!(!store.contains(&[d]).unwrap()[0]);
+    let absent = Digest::of(b"not stored");
+    assert_eq!(store.splice(&d, &[absent], Form::List, false).unwrap(), Spliced::Absent(absent));
+    assert_eq!(store.splice(&chunks[0], &[chunks[0]], Form::List, false).unwrap(), Spliced::Small);
+    assert_eq!(store.splice(&d, &chunks, Form::List, false).unwrap(), Spliced::Done(Written::Stored));
+    assert!(store.stored_bytes().unwrap() - before < 1000, "a list costs its references only");
+    assert_eq!(read_whole(&store, &d), data);
+    let blob = store.locate(&d).unwrap().unwrap();
+    assert_eq!(store.read_at(&blob, 3_999_999).unwrap(), data.slice(3_999_999..4_000_000));
+    assert_eq!(store.splice(&d, &chunks, Form::List, false).unwrap(), Spliced::Done(Written::AlreadyPresent));
+    // A list of lists is not made.
+    let twice = Bytes::from([&data[..], &data[..]].concat());
+    assert_eq!(store.splice(&Digest::of(&twice), &[d, d], Form::List, false).unwrap(), Spliced::Nested(d));
+}
+
+#[test]
+fn a_split_whole_blob_becomes_a_list_and_gives_up_its_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let data = Bytes::from(crate::testdata::random_bytes(5 << 20, 6));
+    let d = put(&store, &data);
+    assert_eq!(entry_of(&store, &d).form, Form::Whole);
+    let mut chunks = Vec::new();
+    let mut at = 0;
+    for len in Store::chunking().split(&data) {
+        chunks.push(put(&store, &data.slice(at..at + len)));
+        at += len;
+    }
+    let both = store.stored_bytes().unwrap();
+    assert_eq!(store.splice(&d, &chunks, Form::ListFastCdc, true).unwrap(), Spliced::Done(Written::Stored));
+    assert!(store.stored_bytes().unwrap() < both - (5 << 20) + 10_000, "the whole copy is freed");
+    assert_eq!(store.list_of(&d).unwrap().unwrap(), (Form::ListFastCdc, chunks));
+    assert_eq!(read_whole(&store, &d), data);
+    assert_eq!(store.stats().unwrap().blobs as usize, 1 + store.list_of(&d).unwrap().unwrap().1.len());
+}
+
+#[test]
+fn a_discarded_or_expired_cut_upload_releases_its_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let data = crate::testdata::random_bytes(8 << 20, 7);
+    let d = Digest::of(&data);
+    {
+        let mut up = store.begin_upload("a", d, 0).unwrap();
+        up.append(&data[..5 << 20], None).unwrap();
+        up.flush().unwrap();
+        assert_eq!(up.committed(), 5 << 20, "a flush commits every byte taken");
+    }
+    // Resumed in a second stream (cut as it began), then discarded.
+    let mut up = store.begin_upload("a", d, 5 << 20).unwrap();
+    up.append(&data[5 << 20..6 << 20], None).unwrap();
+    up.flush().unwrap();
+    up.discard().unwrap();
+    drop(up);
+    // Another left to expire.
+    {
+        let mut up = store.begin_upload("b", d, 0).unwrap();
+        up.append(&data[..3 << 20], None).unwrap();
+        up.flush().unwrap();
+    }
+    assert_eq!(store.expire_uploads(Duration::ZERO).unwrap(), 1);
+    while store.evict_lru(u64::MAX, now_ms() + 1000).unwrap().blobs > 0 {}
+    assert_eq!(store.stored_bytes().unwrap(), 0, "nothing is held any more");
+    assert_eq!(store.stats().unwrap().blobs, 0);
+}
+
+#[test]
+fn a_resumed_cut_upload_is_a_list_that_survives_reopening() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = crate::testdata::text_bytes(9 << 20, 8);
+    let d = Digest::of(&data);
+    {
+        let store = open(tmp.path());
+        let mut up = store.begin_upload("r", d, 0).unwrap();
+        up.append(&data[..4_000_000], None).unwrap();
+        up.flush().unwrap();
+    }
+    let store = open(tmp.path());
+    let mut up = store.begin_upload("r", d, 4_000_000).unwrap();
+    up.append(&data[4_000_000..], None).unwrap();
+    up.flush().unwrap();
+    assert_eq!(up.finish().unwrap(), Written::Stored);
+    // Cut in two passes: a list, but not the one SplitBlob cuts.
+    assert_eq!(entry_of(&store, &d).form, Form::List);
+    drop(store);
+    let store = open(tmp.path());
+    assert_eq!(read_whole(&store, &d), data);
+    assert_eq!(store.scrub(|_| true).unwrap().removed, 0);
+}
+
+#[test]
+fn a_list_that_lost_a_chunk_is_never_served_and_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let data = crate::testdata::random_bytes(6 << 20, 9);
+    let d = Digest::of(&data);
+    upload(&store, "c", &data, 1 << 20);
+    let (_, chunks) = store.list_of(&d).unwrap().unwrap();
+    let chunk = store.locate(&chunks[1]).unwrap().unwrap();
+    // A chunk found corrupt goes, held or not: its bytes are lost.
+    assert!(matches!(store.remove_corrupt(&chunk, "test".into()), Error::Removed(_)));
+    let blob = store.locate(&d).unwrap().unwrap();
+    assert!(store.read_at(&blob, 0).is_ok(), "the first chunk is intact");
+    assert!(matches!(store.read_at(&blob, chunks[0].size), Err(Error::Removed(_))));
+    assert!(!store.contains(&[d]).unwrap()[0]);
+    // Its other chunks are released, and go with the next evictions.
+    while store.evict_lru(u64::MAX, now_ms() + 1000).unwrap().blobs > 0 {}
+    assert_eq!(store.stored_bytes().unwrap(), 0);
+}
+
+#[test]
+fn scrub_removes_a_list_whose_chunk_is_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let data = crate::testdata::random_bytes(6 << 20, 10);
+    let d = Digest::of(&data);
+    upload(&store, "s", &data, 1 << 20);
+    assert_eq!(store.scrub(|_| true).unwrap().removed, 0);
+    let (_, chunks) = store.list_of(&d).unwrap().unwrap();
+    store.db.delete_cf(store.cf(CF_INDEX), index_key(&chunks[2])).unwrap();
+    assert_eq!(store.scrub(|_| true).unwrap().removed, 1);
+    assert!(!store.contains(&[d]).unwrap()[0]);
+}
+
+#[test]
+fn eviction_takes_old_lists_until_the_chunks_they_release_cover_the_want() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let hot = crate::testdata::random_bytes(6 << 20, 11);
+    upload(&store, "hot", &hot, 1 << 20);
+    let mut version = crate::testdata::random_bytes(8 << 20, 12);
+    let mut versions = Vec::new();
+    for n in 0..12u64 {
+        for (i, at) in [1usize, 3, 4, 6, 7].into_iter().enumerate() {
+            version = edited(&version, at << 20, 64 << 10, 0, 100 * n + i as u64);
+        }
+        upload(&store, &format!("v{n}"), &version, 1 << 20);
+        versions.push(Digest::of(&version));
+    }
+    std::thread::sleep(Duration::from_millis(3));
+    store.locate(&Digest::of(&hot)).unwrap().unwrap();
+    let before = store.stored_bytes().unwrap();
+    // Each old version holds about 2.5 MiB that no later one shares: the
+    // chunks a list was the last to hold go with it.
+    let evicted = store.evict_lru(15 << 20, now_ms() + 1000).unwrap();
+    let freed = before - store.stored_bytes().unwrap();
+    let present = store.contains(&versions).unwrap();
+    assert!(store.contains(&[Digest::of(&hot)]).unwrap()[0], "the blob used last stays");
+    assert!(present[11] && !present[0], "{present:?}");
+    assert!(present.iter().filter(|p| **p).count() >= 4, "{present:?}");
+    assert!((15 << 20..25 << 20).contains(&freed), "{freed} bytes freed: {evicted:?}");
+    for d in versions.iter().zip(&present).filter(|(_, p)| **p).map(|(d, _)| d) {
+        let blob = store.locate(d).unwrap().unwrap();
+        let mut offset = 0;
+        while offset < d.size {
+            offset += store.read_at(&blob, offset).unwrap().len() as u64;
+        }
+    }
+}
