@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -140,15 +142,26 @@ async fn kill_9_during_uploads_loses_nothing_committed() {
             }
         }));
     }
-    // Blobs made by SpliceBlob of chunks uploaded in batches, and cut on
-    // the way: deduplicated writes of every kind are under way at the kill.
-    let spliced: Vec<Vec<u8>> = (0..8).map(|i| random_bytes(4_500_000 + i * 4_099, 200 + i as u64)).collect();
+    // Blobs made by SpliceBlob of chunks uploaded in batches, then split,
+    // one after another until the kill: splices, splits (which store their
+    // chunks) and cut uploads are all under way when it comes.
+    let spliced = |i: usize| random_bytes(4_500_000 + i * 4_099, 200 + i as u64);
+    let started = Arc::new(AtomicUsize::new(0));
     {
-        let (addr, spliced) = (server.addr.clone(), spliced.clone());
+        let (addr, started) = (server.addr.clone(), Arc::clone(&started));
         tasks.push(tokio::spawn(async move {
             let mut c = Clients::connect(&addr).await;
-            for data in &spliced {
-                let _ = splice(&mut c, data).await;
+            for i in 0..200 {
+                started.store(i + 1, Ordering::SeqCst);
+                let data = spliced(i);
+                if splice(&mut c, &data).await.is_err() {
+                    return;
+                }
+                let request =
+                    reapi::SplitBlobRequest { blob_digest: Some(digest(&data)), ..Default::default() };
+                if c.cas.split_blob(request).await.is_err() {
+                    return;
+                }
             }
         }));
     }
@@ -243,18 +256,19 @@ async fn kill_9_during_uploads_loses_nothing_committed() {
     }
     // A splice is one atomic write: present and intact, or absent and made
     // again from its chunks.
-    let mut made = 0;
-    for data in &spliced {
-        if c.find_missing(&[digest(data)]).await.is_empty() {
+    let (tried, mut made) = (started.load(Ordering::SeqCst), 0);
+    for data in (0..tried).map(spliced) {
+        if c.find_missing(&[digest(&data)]).await.is_empty() {
             made += 1;
         } else {
-            splice(&mut c, data).await.expect("spliced again after the kill");
+            splice(&mut c, &data).await.expect("spliced again after the kill");
         }
-        assert!(c.read(&read_name("", data), 0, 0).await.unwrap() == *data, "a spliced blob reads back");
+        assert!(c.read(&read_name("", &data), 0, 0).await.unwrap() == data, "a spliced blob reads back");
     }
     eprintln!(
-        "after kill -9: {present} present, {resumed} resumed, {restarted} started over, {made} of 8 spliced"
+        "after kill -9: {present} present, {resumed} resumed, {restarted} started over, {made} of {tried} spliced"
     );
+    assert!(tried >= 2, "splices and splits ran until the kill");
     assert!(present > 0, "some uploads finished before the kill");
     assert!(resumed > 0 && restarted > 0, "interrupted uploads resumed and started over");
 }

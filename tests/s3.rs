@@ -750,3 +750,53 @@ async fn write_back_acknowledges_through_an_outage_and_a_kill() {
     assert!(cc.find_missing(&[digest(&small)]).await.is_empty(), "copied again");
     assert_eq!(cc.read(&read_name("", &small), 0, 0).await.unwrap(), small);
 }
+
+/// Bytes of the objects under `prefix`, and how many there are.
+async fn bucket_bytes(rgw: &Rgw, prefix: &str) -> (u64, usize) {
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    let s3 = rgw.client();
+    let path = object_store::path::Path::from(format!("{prefix}/larder/v1/cas"));
+    let objects: Vec<_> = s3.list(Some(&path)).try_collect().await.unwrap();
+    (objects.iter().map(|o| o.size).sum(), objects.len())
+}
+
+/// Two versions of a large file, kept as lists of chunks: the object store
+/// gets each chunk once and a list per version, another node reads both
+/// back whole, and a list whose chunk is gone from the bucket is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_go_to_the_object_store_with_each_chunk_once() {
+    use object_store::ObjectStoreExt;
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let a = rgw.node(&tmp.path().join("a"), &prefix);
+    let mut ca = Clients::connect(&a.addr).await;
+    let v1 = random_bytes(12 << 20, 31);
+    let mut v2 = v1.clone();
+    v2[5 << 20..(5 << 20) + 1000].copy_from_slice(&random_bytes(1000, 32));
+    ca.write(&upload_name("", "5f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a", &v1), &v1, 1 << 20).await.unwrap();
+    let (one, objects) = bucket_bytes(&rgw, &prefix).await;
+    assert_eq!(objects as u64, blobs_of(&v1), "a list object and one per chunk");
+    ca.write(&upload_name("", "6f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a", &v2), &v2, 1 << 20).await.unwrap();
+    let (two, _) = bucket_bytes(&rgw, &prefix).await;
+    assert!(one > 12 << 20 && two - one < 3 << 20, "the second version sent {} bytes", two - one);
+
+    let b = rgw.node(&tmp.path().join("b"), &prefix);
+    let mut cb = Clients::connect(&b.addr).await;
+    assert!(cb.read(&read_name("", &v2), 0, 0).await.unwrap() == v2);
+    let (offset, limit) = ((7 << 20) + 3, 1 << 20);
+    let part = cb.read(&read_name("", &v1), offset as i64, limit as i64).await.unwrap();
+    assert!(part == v1[offset..offset + limit]);
+
+    // A chunk deleted behind larder's back: the list is missing, and goes.
+    let c = rgw.node(&tmp.path().join("c"), &prefix);
+    let mut cc = Clients::connect(&c.addr).await;
+    let s3 = rgw.client();
+    let chunks = larder::store::Store::chunking().split(&v1);
+    let first = &v1[..chunks[0]];
+    s3.delete(&rgw.path(&prefix, first)).await.unwrap();
+    let missing = cc.read(&read_name("", &v1), 0, 0).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    assert!(s3.head(&rgw.path(&prefix, &v1)).await.is_err(), "the damaged list was deleted");
+}

@@ -4,6 +4,7 @@
 //! write-back by the replicator), chunk by chunk as it is stored, without
 //! being compressed again.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::{Cache, Error, Tier, Writes, blocking};
 use crate::digest::Digest;
-use crate::objstore::{self, BlobReader, Bucket};
+use crate::objstore::{self, BlobReader, Bucket, Header};
 use crate::store::{self, Store, Written, chunk};
 
 /// Blobs copied between the tiers at once for one call.
@@ -67,7 +68,7 @@ impl Cache {
     ) -> impl Future<Output = Result<bool, Error>> + Send + 'static {
         let (tier, store, metrics) = (Arc::clone(tier), Arc::clone(&self.store), Arc::clone(&self.metrics));
         async move {
-            match fetch_into(&tier.bucket, &store, digest, tee).await {
+            match fetch_into(&tier.bucket, &store, digest, tee, true).await {
                 Ok(found) => Ok(found),
                 Err(Error::ObjStore(objstore::Error::Damaged(what))) => {
                     metrics.tier_error(true);
@@ -175,9 +176,29 @@ impl Cache {
 }
 
 /// Copies a blob from the local tier to the object store, chunk by chunk as
-/// it is stored. A blob the local tier no longer holds is
-/// [`store::Error::Vanished`].
+/// it is stored; a blob kept as a list goes as a list object, after the
+/// chunks the object store lacks, each once. A blob the local tier no
+/// longer holds is [`store::Error::Vanished`].
 pub(super) async fn upload_from(bucket: &Bucket, local: &Arc<Store>, digest: Digest) -> Result<(), Error> {
+    let list = {
+        let local = Arc::clone(local);
+        blocking(move || local.list_of(&digest)).await?
+    };
+    let Some((_, chunks)) = list.filter(|(_, chunks)| chunks.len() <= objstore::MAX_LIST_CHUNKS) else {
+        return upload_whole(bucket, local, digest).await;
+    };
+    let present = bucket.contains(&chunks).await?;
+    let mut sent = HashSet::new();
+    for (chunk, there) in chunks.iter().zip(present) {
+        if !there && sent.insert(*chunk) {
+            upload_whole(bucket, local, *chunk).await?;
+        }
+    }
+    Ok(bucket.put_list(&digest, &chunks).await?)
+}
+
+/// Copies a blob the local tier keeps whole to the object store.
+async fn upload_whole(bucket: &Bucket, local: &Arc<Store>, digest: Digest) -> Result<(), Error> {
     let blob = {
         let local = Arc::clone(local);
         blocking(move || local.locate(&digest)).await?
@@ -217,11 +238,16 @@ pub(super) async fn upload_from(bucket: &Bucket, local: &Arc<Store>, digest: Dig
 /// also sent to `tee`, if given, once it is stored: a reader can stream the
 /// blob while it arrives. (A blob another call is fetching already is waited
 /// for, and sends nothing.)
+///
+/// A list object brings in the chunks the local tier lacks, then makes the
+/// list of them locally (and sends nothing to `tee`: the reader reads the
+/// local tier). `lists` is false for a list's chunks: lists never hold lists.
 async fn fetch_into(
     bucket: &Bucket,
     local: &Arc<Store>,
     digest: Digest,
     tee: Option<mpsc::Sender<Piece>>,
+    lists: bool,
 ) -> Result<bool, Error> {
     let resource = format!("remote-fetch/{}/{}", digest.function.name(), digest.hex());
     // Another call may be fetching it right now: wait for that one, and if
@@ -251,12 +277,19 @@ async fn fetch_into(
         }
     };
     let finished = match copy(reader, upload, digest, tee).await {
-        (Some(upload), Ok(())) => blocking(move || upload.finish()).await,
+        (Some(upload), Ok(Copied::Chunks)) => blocking(move || upload.finish()).await,
+        (Some(upload), Ok(Copied::List(chunks))) => {
+            blocking(move || upload.discard()).await?;
+            if !lists {
+                return Err(damaged(digest, "a chunk of a list is a list itself".into()));
+            }
+            return fetch_list(bucket, local, digest, chunks).await;
+        }
         (Some(upload), Err(e)) => {
             let _ = blocking(move || upload.discard()).await;
             return Err(e);
         }
-        (None, result) => return result.map(|()| false),
+        (None, result) => return result.map(|_| false),
     };
     match finished {
         Ok(_) => Ok(true),
@@ -269,18 +302,73 @@ async fn fetch_into(
     }
 }
 
+/// Brings in the chunks of a list object the local tier lacks (a few at a
+/// time), then makes the list of them locally, verified against `digest`.
+async fn fetch_list(
+    bucket: &Bucket,
+    local: &Arc<Store>,
+    digest: Digest,
+    chunks: Vec<Digest>,
+) -> Result<bool, Error> {
+    let mut seen = HashSet::new();
+    let wanted: Vec<Digest> = chunks.iter().copied().filter(|c| seen.insert(*c)).collect();
+    let present = {
+        let (local, asked) = (Arc::clone(local), wanted.clone());
+        blocking(move || local.contains(&asked)).await?
+    };
+    let fetches = wanted.into_iter().zip(present).filter(|(_, p)| !p).map(|(chunk, _)| async move {
+        match Box::pin(fetch_into(bucket, local, chunk, None, false)).await? {
+            true => Ok(()),
+            false => Err(damaged(digest, format!("its chunk {chunk} is missing"))),
+        }
+    });
+    futures::stream::iter(fetches).buffer_unordered(4).try_collect::<Vec<()>>().await?;
+    let spliced = {
+        let local = Arc::clone(local);
+        blocking(move || local.splice(&digest, &chunks, store::Form::List, false)).await
+    };
+    match spliced {
+        Ok(store::Spliced::Done(_)) => Ok(true),
+        // Evicted since it came in: missing here, and there to fetch again.
+        Ok(store::Spliced::Absent(chunk)) => {
+            Err(store::Error::Vanished(format!("chunk {chunk} of blob {digest} went while it was fetched"))
+                .into())
+        }
+        Ok(store::Spliced::Nested(_) | store::Spliced::Small) => {
+            Err(damaged(digest, "it is a list no larder writes".into()))
+        }
+        Err(Error::Store(store::Error::DigestMismatch(m))) => {
+            Err(damaged(digest, format!("its chunks hash to {}", m.actual)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What a blob object held.
+enum Copied {
+    /// Its chunks, now in the upload.
+    Chunks,
+    /// The list of blobs it is made of (the upload has nothing).
+    List(Vec<Digest>),
+}
+
 /// Copies a blob object's chunks into a local upload, checking each (on the
-/// blocking pool: decompression and disk), and sends each to `tee`. Gives
-/// the upload back.
+/// blocking pool: decompression and disk), and sends each to `tee`; or
+/// reads a list object's list. Gives the upload back.
 async fn copy(
     mut reader: BlobReader,
     mut upload: store::Upload,
     digest: Digest,
     mut tee: Option<mpsc::Sender<Piece>>,
-) -> (Option<store::Upload>, Result<(), Error>) {
+) -> (Option<store::Upload>, Result<Copied, Error>) {
     let size = match reader.header().await {
-        Ok(size) if size == digest.size => size,
-        Ok(size) => return (Some(upload), Err(damaged(digest, format!("it declares {size} bytes")))),
+        Ok(Header::Chunks(size)) if size == digest.size => size,
+        Ok(Header::List(size)) if size == digest.size => {
+            return (Some(upload), reader.list(size).await.map(Copied::List).map_err(Error::from));
+        }
+        Ok(Header::Chunks(size) | Header::List(size)) => {
+            return (Some(upload), Err(damaged(digest, format!("it declares {size} bytes"))));
+        }
         Err(e) => return (Some(upload), Err(e.into())),
     };
     let mut held = 0;
@@ -325,7 +413,7 @@ async fn copy(
             Err(e) => return (Some(upload), Err(e)),
         }
     }
-    (Some(upload), Ok(()))
+    (Some(upload), Ok(Copied::Chunks))
 }
 
 fn damaged(digest: Digest, what: String) -> Error {

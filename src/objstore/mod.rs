@@ -11,6 +11,13 @@
 //!   the local tier without being compressed again, and checked chunk by chunk
 //!   and against the digest when read back: a corrupt or truncated object is
 //!   treated as missing.
+//! - The same path holds, for a blob the local tier keeps as a list of
+//!   chunks, a list object: the 8 bytes `LARDERL\n`, the blob's size (u64,
+//!   little-endian), the number of chunks (u32, little-endian), each chunk's
+//!   digest as its function's key byte, its hash and its size (u64,
+//!   little-endian), then the CRC-32C of all after the magic (u32,
+//!   little-endian). Each chunk is a blob object of its own, sent once
+//!   however many lists name it.
 //! - `larder/v1/ac/{instance}/{function}/{hash}`: an action result: the 8
 //!   bytes `LARDERA\n`, the CRC-32C of the rest (u32, little-endian), the
 //!   ActionResult message. `{instance}` is the instance name in hex, `-` for
@@ -27,10 +34,15 @@ use object_store::{
     GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
 };
 
-use crate::digest::Digest;
+use crate::digest::{Digest, Function};
 
 const BLOB_MAGIC: &[u8; 8] = b"LARDER1\n";
 const AC_MAGIC: &[u8; 8] = b"LARDERA\n";
+const LIST_MAGIC: &[u8; 8] = b"LARDERL\n";
+/// Most chunks a list object names (a 2 GiB blob cut by the local tier has
+/// about 4,000): a list of more goes up whole, and an object that declares
+/// more is damaged, refused before anything is allocated for it.
+pub const MAX_LIST_CHUNKS: usize = 1 << 18;
 /// Blobs with more stored bytes than this go up as multipart uploads.
 const MULTIPART_FROM: usize = 8 << 20;
 /// Part size of multipart uploads (S3's minimum is 5 MiB).
@@ -277,10 +289,18 @@ impl Bucket {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        match head.strip_prefix(BLOB_MAGIC).and_then(|s| s.first_chunk::<8>()) {
+        let rest = head.strip_prefix(BLOB_MAGIC).or_else(|| head.strip_prefix(LIST_MAGIC));
+        match rest.and_then(|s| s.first_chunk::<8>()) {
             Some(size) => Ok(Digest::new(function, hash, u64::from_le_bytes(*size))),
             None => Ok(None),
         }
+    }
+
+    /// Writes the list object of `digest`, the concatenation of `chunks`,
+    /// whose objects the caller has written.
+    pub async fn put_list(&self, digest: &Digest, chunks: &[Digest]) -> Result<(), Error> {
+        self.store.put(&self.blob_path(digest), PutPayload::from(list_object(digest, chunks))).await?;
+        Ok(())
     }
 
     /// Deletes a blob's object (one found damaged), so that clients are
@@ -399,6 +419,30 @@ impl BlobWriter {
     }
 }
 
+/// The list object of `digest`, the concatenation of `chunks`.
+fn list_object(digest: &Digest, chunks: &[Digest]) -> Vec<u8> {
+    let mut object = Vec::with_capacity(24 + chunks.len() * 48);
+    object.extend_from_slice(LIST_MAGIC);
+    object.extend_from_slice(&digest.size.to_le_bytes());
+    object.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+    for chunk in chunks {
+        object.push(chunk.function as u8);
+        object.extend_from_slice(chunk.hash());
+        object.extend_from_slice(&chunk.size.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&object[8..]);
+    object.extend_from_slice(&crc.to_le_bytes());
+    object
+}
+
+/// What a blob object holds: the blob's chunks, or the list of blobs it is
+/// made of; with the blob's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Header {
+    Chunks(u64),
+    List(u64),
+}
+
 /// Reads a blob object's records from its byte stream.
 pub struct BlobReader {
     buffer: BytesMut,
@@ -418,14 +462,55 @@ impl BlobReader {
         Ok(())
     }
 
-    /// The size of the blob, from the object's header.
-    pub async fn header(&mut self) -> Result<u64, Error> {
+    /// What the object holds, from its header.
+    pub async fn header(&mut self) -> Result<Header, Error> {
         self.fill(16).await?;
         let head = self.buffer.split_to(16);
-        if &head[..8] != BLOB_MAGIC {
-            return Err(Error::Damaged("object: not a larder blob object".into()));
+        let size = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+        match &head[..8] {
+            magic if magic == BLOB_MAGIC => Ok(Header::Chunks(size)),
+            magic if magic == LIST_MAGIC => Ok(Header::List(size)),
+            _ => Err(Error::Damaged("object: not a larder blob object".into())),
         }
-        Ok(u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")))
+    }
+
+    /// The chunks of a list object of `size` bytes, after its header: the
+    /// count bounded before anything is allocated for it, the digests
+    /// checked against the object's checksum and the sizes against `size`.
+    pub async fn list(&mut self, size: u64) -> Result<Vec<Digest>, Error> {
+        let damaged = |what: &str| Error::Damaged(format!("list object: {what}"));
+        self.fill(4).await?;
+        let count_bytes = self.buffer.split_to(4);
+        let count = u32::from_le_bytes(count_bytes[..].try_into().expect("4 bytes")) as usize;
+        if count > MAX_LIST_CHUNKS {
+            return Err(damaged(&format!("it names {count} chunks")));
+        }
+        let mut crc = crc32c::crc32c_append(crc32c::crc32c(&size.to_le_bytes()), &count_bytes);
+        let (mut chunks, mut total) = (Vec::with_capacity(count), 0u64);
+        for _ in 0..count {
+            self.fill(1).await?;
+            let function =
+                Function::from_byte(self.buffer[0]).ok_or_else(|| damaged("an unknown function"))?;
+            let len = 1 + function.hash_len() + 8;
+            self.fill(len).await?;
+            let entry = self.buffer.split_to(len);
+            crc = crc32c::crc32c_append(crc, &entry);
+            let (hash, chunk_size) = entry[1..].split_at(function.hash_len());
+            let chunk_size = u64::from_le_bytes(chunk_size.try_into().expect("8 bytes"));
+            let digest =
+                Digest::new(function, hash, chunk_size).ok_or_else(|| damaged("a malformed digest"))?;
+            total = total.saturating_add(chunk_size);
+            chunks.push(digest);
+        }
+        self.fill(4).await?;
+        let stored = self.buffer.split_to(4);
+        if u32::from_le_bytes(stored[..].try_into().expect("4 bytes")) != crc {
+            return Err(damaged("it fails its checksum"));
+        }
+        if total != size {
+            return Err(damaged(&format!("its chunks hold {total} bytes, not {size}")));
+        }
+        Ok(chunks)
     }
 
     /// The next chunk, as the chunk codec wrote it (not checked here).
@@ -439,5 +524,66 @@ impl BlobReader {
         self.fill(4 + len).await?;
         let _ = self.buffer.split_to(4);
         Ok(self.buffer.split_to(len).freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A reader of `object`, arriving in pieces of `piece` bytes.
+    fn reader(object: &[u8], piece: usize) -> BlobReader {
+        let parts: Vec<object_store::Result<Bytes>> =
+            object.chunks(piece.max(1)).map(|p| Ok(Bytes::copy_from_slice(p))).collect();
+        BlobReader {
+            buffer: BytesMut::new(),
+            stream: futures::stream::iter(parts).boxed(),
+            max_chunk: 1 << 20,
+        }
+    }
+
+    async fn read_list(object: &[u8], piece: usize) -> Result<(Header, Vec<Digest>), Error> {
+        let mut r = reader(object, piece);
+        let header = r.header().await?;
+        let Header::List(size) = header else { return Ok((header, Vec::new())) };
+        Ok((header, r.list(size).await?))
+    }
+
+    #[tokio::test]
+    async fn list_objects_round_trip_and_any_change_is_damage() {
+        let chunks: Vec<Digest> =
+            Function::ALL.iter().map(|f| f.digest(format!("chunk {}", f.name()).as_bytes())).collect();
+        let whole = Digest::of(b"the whole blob, of another size");
+        let blob = Digest::new(whole.function, whole.hash(), chunks.iter().map(|c| c.size).sum()).unwrap();
+        let object = list_object(&blob, &chunks);
+        for piece in [1, 7, object.len()] {
+            assert_eq!(read_list(&object, piece).await.unwrap(), (Header::List(blob.size), chunks.clone()));
+        }
+        for i in 8..object.len() {
+            let mut bad = object.clone();
+            bad[i] ^= 0x10;
+            assert!(read_list(&bad, 64).await.is_err(), "byte {i} changed");
+        }
+        assert!(read_list(&object[..object.len() - 1], 64).await.is_err(), "truncated");
+        let other = Digest::new(blob.function, blob.hash(), blob.size + 1).unwrap();
+        assert!(read_list(&list_object(&other, &chunks), 64).await.is_err(), "sizes must add up");
+    }
+
+    proptest! {
+        #![proptest_config(crate::hostile::config())]
+        /// A list object is anyone's bytes: it parses, or is damaged, and
+        /// never names more chunks than the limit.
+        #[test]
+        fn any_list_object_parses_or_is_damaged(rest in crate::hostile::bytes(), count in any::<u32>()) {
+            let mut object = LIST_MAGIC.to_vec();
+            object.extend_from_slice(&(rest.len() as u64).to_le_bytes());
+            object.extend_from_slice(&count.to_le_bytes());
+            object.extend_from_slice(&rest);
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            if let Ok((_, chunks)) = runtime.block_on(read_list(&object, 4096)) {
+                prop_assert!(chunks.len() <= MAX_LIST_CHUNKS);
+            }
+        }
     }
 }
