@@ -472,6 +472,37 @@ fn a_version_1_directory_keeps_its_action_results() {
 }
 
 #[test]
+fn a_version_4_directory_opens_as_it_is_and_takes_lists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = bytes(300_000, 4);
+    let d = Digest::of(&whole);
+    {
+        let store = open(tmp.path());
+        put(&store, &whole);
+        // What version 4 wrote: index entries of version 1, 25 bytes.
+        let entry = store.get_entry(&d).unwrap().unwrap();
+        let mut v1 = vec![1u8];
+        for n in [entry.blob_id, entry.stored, entry.atime] {
+            v1.extend_from_slice(&n.to_be_bytes());
+        }
+        store.db.put_cf(store.cf(CF_INDEX), index_key(&d), v1).unwrap();
+        store.db.put(LAYOUT_KEY, LAYOUT_VERSION_4).unwrap();
+    }
+    let store = open(tmp.path());
+    assert_eq!(store.db.get(LAYOUT_KEY).unwrap().unwrap(), LAYOUT_VERSION);
+    assert_eq!(read_whole(&store, &d), whole);
+    assert_eq!(entry_of(&store, &d).form, Form::Whole);
+    let large = crate::testdata::random_bytes(5 << 20, 4);
+    upload(&store, "new", &large, 1 << 20);
+    assert_eq!(entry_of(&store, &Digest::of(&large)).form, Form::ListFastCdc);
+    assert_eq!(
+        store.evict_lru(u64::MAX, u64::MAX).unwrap().blobs,
+        2 + Store::chunking().split(&large).len() as u64
+    );
+    assert_eq!(store.stored_bytes().unwrap(), 0);
+}
+
+#[test]
 fn an_upgrade_cut_short_is_finished_at_the_next_open() {
     let tmp = tempfile::tempdir().unwrap();
     let action = Digest::of(b"action");
