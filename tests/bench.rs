@@ -180,6 +180,39 @@ async fn every_workload_runs_against_a_server_and_a_rerun_is_refused() {
     );
 }
 
+/// `bench grpc --yardstick` runs every workload against a yardstick it
+/// starts, first, and gives each of the server's throughputs as a fraction
+/// of the yardstick's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_yardstick_runs_first_and_figures_are_fractions_of_its() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("data"), &[]);
+    let mut args = grpc(&format!("grpc://{}", server.addr), "small,large", 4, "all");
+    args.push("--yardstick".into());
+    let reports = bench(args).await.unwrap();
+    assert_eq!(reports.len(), 4);
+    let (yardstick, larder) = reports.split_at(2);
+    for (y, l) in yardstick.iter().zip(larder) {
+        assert_eq!(
+            (y["config"].as_str(), y["settings"]["server"].as_str()),
+            (Some("yardstick"), Some("yardstick"))
+        );
+        assert_eq!(y["workload"], l["workload"]);
+        assert!(number(&y["cpu_seconds_per_gib"]) > 0.0, "the yardstick's process is measured");
+        for (figure, fraction) in [
+            ("ingest_mbps", "ingest"),
+            ("read_mbps", "read"),
+            ("write_ops_per_sec", "write_ops"),
+            ("read_ops_per_sec", "read_ops"),
+        ] {
+            assert_eq!(number(&y["vs_yardstick"][fraction]), 1.0);
+            let expected = number(&l[figure]) / number(&y[figure]);
+            let got = number(&l["vs_yardstick"][fraction]);
+            assert!(got > 0.0 && (got - expected).abs() < 1e-9, "{fraction}: {got} against {expected}");
+        }
+    }
+}
+
 /// A CAS that keeps blobs in memory and flips one bit of every blob it
 /// returns.
 #[derive(Clone, Default)]

@@ -24,7 +24,7 @@ use larder::digest::Digest;
 use larder::store::eviction::Budget;
 use larder::store::{Store, StoreOptions};
 use measure::{Ceilings, ClientCpu, Latency, Process};
-use report::{Phase, Report, Run};
+use report::{Phase, Report, Run, Yardstick};
 use workload::{Outcome, Plan, Shape, Workload};
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +128,11 @@ pub struct GrpcArgs {
     /// read phase (of data written earlier with the same seed), or both.
     #[arg(long, value_enum, default_value_t = Phases::All)]
     pub phase: Phases,
+    /// Also run every workload, first, against a yardstick (a bare
+    /// in-memory REAPI cache, started here as `larder bench yardstick`), and
+    /// show each endpoint's throughputs as fractions of its ones (xYS).
+    #[arg(long)]
+    pub yardstick: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -235,13 +240,32 @@ async fn measure(target: Measured) -> Result<(), Error> {
     Ok(())
 }
 
-/// Fills in the ratios to the ceilings.
+/// How a yardstick run is labelled and marked in its settings.
+const YARDSTICK: &str = "yardstick";
+
+/// Fills in the ratios to the ceilings, and to the yardstick's figures for
+/// the same workload and data where it ran.
 pub fn finish(mut run: Run) -> Run {
+    let yardsticks: Vec<Report> = run
+        .runs
+        .iter()
+        .filter(|r| r.settings.get("server").is_some_and(|s| s == YARDSTICK))
+        .cloned()
+        .collect();
     for r in &mut run.runs {
         let zstd = run.ceilings.zstd1_mbps.get(r.data.name()).copied();
         r.ingest_vs_sha256 = r.ingest_mbps.map(|v| v / run.ceilings.sha256_mbps);
         r.ingest_vs_zstd1 = r.ingest_mbps.zip(zstd).map(|(v, z)| v / z);
         r.read_vs_sha256 = r.read_mbps.map(|v| v / run.ceilings.sha256_mbps);
+        if let Some(y) = yardsticks.iter().find(|y| y.workload == r.workload && y.data == r.data) {
+            let fraction = |mine: Option<f64>, its: Option<f64>| mine.zip(its).map(|(m, y)| m / y);
+            r.vs_yardstick = Yardstick {
+                ingest: fraction(r.ingest_mbps, y.ingest_mbps),
+                read: fraction(r.read_mbps, y.read_mbps),
+                write_ops: fraction(r.write_ops_per_sec, y.write_ops_per_sec),
+                read_ops: fraction(r.read_ops_per_sec, y.read_ops_per_sec),
+            };
+        }
     }
     run
 }
@@ -553,19 +577,33 @@ fn report_of(
         ingest_vs_sha256: None,
         ingest_vs_zstd1: None,
         read_vs_sha256: None,
+        vs_yardstick: Yardstick::default(),
     }
 }
 
 pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
     let mut reports = Vec::new();
-    for endpoint in &args.endpoint {
+    // Killed when the run ends, however it ends.
+    let yardstick = match args.yardstick {
+        true => Some(yardstick::spawn().await?),
+        false => None,
+    };
+    let endpoints = yardstick.iter().map(|(_, endpoint)| endpoint).chain(&args.endpoint);
+    for endpoint in endpoints {
         let (grpc, max_batch) = Grpc::connect(endpoint, &args.instance).await?;
         let client = Client::Grpc(Arc::new(grpc));
-        let process = args
-            .server_pid
-            .or_else(|| local_port(endpoint).and_then(measure::listener_pid))
-            .map(Process::Pid);
-        let label = if args.endpoint.len() > 1 { endpoint.clone() } else { String::new() };
+        let is_yardstick = yardstick.as_ref().is_some_and(|(_, y)| y == endpoint);
+        // The yardstick's process is this program's child: found by its port.
+        let process = match is_yardstick {
+            true => local_port(endpoint).and_then(measure::listener_pid),
+            false => args.server_pid.or_else(|| local_port(endpoint).and_then(measure::listener_pid)),
+        }
+        .map(Process::Pid);
+        let label = match (is_yardstick, args.endpoint.len() > 1 || yardstick.is_some()) {
+            (true, _) => YARDSTICK.to_string(),
+            (false, true) => endpoint.clone(),
+            (false, false) => String::new(),
+        };
         for &workload in &args.common.workload {
             for &data in &args.common.data {
                 let shape = shape(&args.common, workload, data, max_batch);
@@ -603,7 +641,10 @@ pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
                 };
                 let after = process.and_then(Process::sample);
                 bar.finish_and_clear();
-                let settings = BTreeMap::from([("endpoint".to_string(), endpoint.clone())]);
+                let mut settings = BTreeMap::from([("endpoint".to_string(), endpoint.clone())]);
+                if is_yardstick {
+                    settings.insert("server".into(), YARDSTICK.into());
+                }
                 let mut report =
                     report_of(endpoint.clone(), &label, &settings, &shape, &args.common, &plan, write, read);
                 if let (Some(dir), Some(before)) = (&args.server_dir, disk_before) {

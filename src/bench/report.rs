@@ -53,6 +53,19 @@ pub struct Report {
     pub ingest_vs_sha256: Option<f64>,
     pub ingest_vs_zstd1: Option<f64>,
     pub read_vs_sha256: Option<f64>,
+    /// Throughputs as fractions of the yardstick's, in the same run.
+    #[serde(default)]
+    pub vs_yardstick: Yardstick,
+}
+
+/// A run's throughputs as fractions of the yardstick's for the same
+/// workload and data (`bench grpc --yardstick`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Yardstick {
+    pub ingest: Option<f64>,
+    pub read: Option<f64>,
+    pub write_ops: Option<f64>,
+    pub read_ops: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -87,16 +100,20 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.0}MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-const COLUMNS: [&str; 17] = [
+const COLUMNS: [&str; 21] = [
     "config",
     "workload",
     "data",
     "ingest MB/s",
     "xSHA",
+    "xYS",
     "read MB/s",
     "xSHA",
+    "xYS",
     "write ops/s",
+    "xYS",
     "read ops/s",
+    "xYS",
     "p50",
     "p99",
     "p99.9",
@@ -107,17 +124,22 @@ const COLUMNS: [&str; 17] = [
     "peak RSS",
 ];
 
-fn cells(r: &Report) -> [String; 17] {
+fn cells(r: &Report) -> [String; 21] {
+    let ys = &r.vs_yardstick;
     [
         if r.config.is_empty() { r.target.clone() } else { r.config.clone() },
         r.workload.name().into(),
         r.data.name().into(),
         opt(r.ingest_mbps, 0),
         opt(r.ingest_vs_sha256, 2),
+        opt(ys.ingest, 2),
         opt(r.read_mbps, 0),
         opt(r.read_vs_sha256, 2),
+        opt(ys.read, 2),
         opt(r.write_ops_per_sec, 0),
+        opt(ys.write_ops, 2),
         opt(r.read_ops_per_sec, 0),
+        opt(ys.read_ops, 2),
         micros(r.latency.p50_us),
         micros(r.latency.p99_us),
         micros(r.latency.p999_us),
@@ -136,7 +158,7 @@ fn cells(r: &Report) -> [String; 17] {
 
 /// The terminal table, with the ceilings it is measured against.
 pub fn table(run: &Run) -> String {
-    let rows: Vec<[String; 17]> = run.runs.iter().map(cells).collect();
+    let rows: Vec<[String; 21]> = run.runs.iter().map(cells).collect();
     let widths: Vec<usize> = (0..COLUMNS.len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).chain([COLUMNS[c].len()]).max().unwrap_or(0))
         .collect();
@@ -170,7 +192,7 @@ pub fn table(run: &Run) -> String {
 }
 
 pub fn csv(run: &Run) -> String {
-    const HEADER: &str = "target,config,workload,data,seed,concurrency,logical_bytes,ingest_mbps,read_mbps,write_ops_per_sec,read_ops_per_sec,p50_us,p99_us,p999_us,disk_bytes,space_amplification,write_amplification,cpu_seconds_per_gib,peak_rss_bytes,ingest_vs_sha256,ingest_vs_zstd1,read_vs_sha256,sha256_mbps,zstd1_mbps,max_size,peak_disk_bytes";
+    const HEADER: &str = "target,config,workload,data,seed,concurrency,logical_bytes,ingest_mbps,read_mbps,write_ops_per_sec,read_ops_per_sec,p50_us,p99_us,p999_us,disk_bytes,space_amplification,write_amplification,cpu_seconds_per_gib,peak_rss_bytes,ingest_vs_sha256,ingest_vs_zstd1,read_vs_sha256,sha256_mbps,zstd1_mbps,max_size,peak_disk_bytes,ingest_vs_yardstick,read_vs_yardstick,write_ops_vs_yardstick,read_ops_vs_yardstick";
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
     let num = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.4}"));
     let int = |v: Option<u64>| v.map_or_else(String::new, |v| v.to_string());
@@ -204,6 +226,10 @@ pub fn csv(run: &Run) -> String {
             num(zstd),
             int(r.max_size),
             int(r.peak_disk_bytes),
+            num(r.vs_yardstick.ingest),
+            num(r.vs_yardstick.read),
+            num(r.vs_yardstick.write_ops),
+            num(r.vs_yardstick.read_ops),
         ];
         out.push_str(&fields.join(","));
         out.push('\n');

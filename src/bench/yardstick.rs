@@ -75,6 +75,33 @@ pub async fn serve(listen: SocketAddr) -> Result<(), Error> {
         .map_err(|e| Error::Setup(format!("the yardstick stopped: {e}")))
 }
 
+/// Starts `larder bench yardstick` on a free port, as a process of its own
+/// (so that it is measured like any server): the process, killed when
+/// dropped, and its endpoint.
+pub async fn spawn() -> Result<(tokio::process::Child, String), Error> {
+    use tokio::io::AsyncBufReadExt;
+    let program = std::env::current_exe()
+        .map_err(|source| Error::Io { context: "cannot find this program to run it again".into(), source })?;
+    let mut child = tokio::process::Command::new(&program)
+        .args(["bench", "yardstick", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| Error::Io { context: format!("cannot run {}", program.display()), source })?;
+    let stdout = child.stdout.take().ok_or_else(|| Error::Setup("the yardstick has no stdout".into()))?;
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await;
+    let addr = line.split("serving REAPI on ").nth(1).and_then(|rest| rest.split_whitespace().next());
+    match (read, addr) {
+        (Ok(Ok(_)), Some(addr)) => Ok((child, format!("grpc://{addr}"))),
+        _ => Err(Error::Setup(format!("the yardstick did not start (it said {:?})", line.trim()))),
+    }
+}
+
 fn sha256(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
