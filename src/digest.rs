@@ -128,6 +128,15 @@ pub struct Digest {
 /// The digests of no bytes: the empty blob every server must pretend to hold.
 static EMPTY: LazyLock<Vec<Digest>> = LazyLock::new(|| Function::ALL.map(|f| f.digest(b"")).to_vec());
 
+/// The value of a lowercase hex digit.
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
 impl Digest {
     /// A digest from raw hash bytes; `None` if their length does not fit the function.
     pub fn new(function: Function, hash: &[u8], size: u64) -> Option<Digest> {
@@ -161,12 +170,18 @@ impl Digest {
                 )
             })?,
         };
-        if hash.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(Error::BadHash(hash.to_string(), "must be lowercase hex"));
-        }
         let mut out = [0u8; MAX_HASH_LEN];
-        hex::decode_to_slice(hash, &mut out[..function.hash_len()])
-            .map_err(|_| Error::BadHash(hash.to_string(), "is not hex"))?;
+        // One pass that takes lowercase hex only: every FindMissingBlobs
+        // digest comes through here.
+        for (byte, pair) in out.iter_mut().zip(hash.as_bytes().chunks_exact(2)) {
+            match (nibble(pair[0]), nibble(pair[1])) {
+                (Some(high), Some(low)) => *byte = high << 4 | low,
+                _ if hash.bytes().any(|b| b.is_ascii_uppercase()) => {
+                    return Err(Error::BadHash(hash.to_string(), "must be lowercase hex"));
+                }
+                _ => return Err(Error::BadHash(hash.to_string(), "is not hex")),
+            }
+        }
         Ok(Digest { function, hash: out, size })
     }
 
@@ -189,7 +204,12 @@ impl Digest {
     }
 
     pub fn hex(&self) -> String {
-        hex::encode(self.hash())
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = Vec::with_capacity(self.hash().len() * 2);
+        for b in self.hash() {
+            out.extend_from_slice(&[DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]]);
+        }
+        String::from_utf8(out).expect("hex digits are ASCII")
     }
 
     pub fn to_proto(&self) -> reapi::Digest {
@@ -431,6 +451,26 @@ mod tests {
     }
 
     const H: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn hashes_parse_as_lowercase_hex_only_and_print_back() {
+        for f in Function::ALL {
+            let d = f.digest(b"parsed");
+            assert_eq!(d.hex(), hex::encode(d.hash()));
+            assert_eq!(Digest::parse(&d.hex(), 6, FunctionHint::Given(f)).unwrap(), d);
+            let upper = d.hex().to_uppercase();
+            let Err(Error::BadHash(_, why)) = Digest::parse(&upper, 6, FunctionHint::Given(f)) else {
+                panic!("{upper} parsed")
+            };
+            assert_eq!(why, "must be lowercase hex");
+            let mut bad = d.hex();
+            bad.replace_range(bad.len() - 1.., "g");
+            let Err(Error::BadHash(_, why)) = Digest::parse(&bad, 6, FunctionHint::Given(f)) else {
+                panic!("{bad} parsed")
+            };
+            assert_eq!(why, "is not hex");
+        }
+    }
 
     #[test]
     fn empty_digests_are_the_hashes_of_nothing() {

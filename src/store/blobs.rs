@@ -20,7 +20,10 @@ use crate::digest::{Digest, Function};
 /// to the index in batches, not on every read.
 #[derive(Default)]
 pub(super) struct Accessed {
-    pub(super) blobs: Mutex<HashMap<Digest, u64>>,
+    /// foldhash, not SipHash: every present digest a FindMissingBlobs asks
+    /// about is entered here, and only stored blobs are (whose digests no
+    /// client can choose to collide).
+    pub(super) blobs: Mutex<HashMap<Digest, u64, foldhash::fast::RandomState>>,
     /// By `ac` key.
     pub(super) results: Mutex<HashMap<Vec<u8>, u64>>,
 }
