@@ -42,7 +42,7 @@ impl Cache {
 
     /// Whether `blob` is large enough to be kept as a list, with
     /// deduplication on.
-    fn dedups(&self, blob: Digest) -> bool {
+    pub(super) fn dedups(&self, blob: Digest) -> bool {
         let min = self.store.options().dedup_min_size;
         min > 0 && blob.size >= min
     }

@@ -15,7 +15,7 @@ use crate::budget::Held;
 use crate::compression::{self, Decoder};
 use crate::digest::{Digest, Encoding};
 use crate::store::chunk::Chunker;
-use crate::store::{NewBlob, Written};
+use crate::store::{NewBlob, Store, Written};
 
 /// A whole blob of a batch update, as the client sent it.
 pub struct Incoming {
@@ -101,10 +101,12 @@ impl Cache {
         };
         // An upload holds a piece being gathered, one being written and, for
         // zstd, a chunk of decompressed bytes (the request body holds the
-        // message being received).
+        // message being received); one cut into chunks as it streams, the
+        // bytes waiting for the next cut too.
         let remaining = digest.size.saturating_sub(offset);
         let chunk = self.chunk_size() as u64;
-        let held = self.budget.hold(remaining.min(2 * chunk) + remaining.min(chunk)).await?;
+        let cutting = if self.dedups(digest) { Store::chunking().window() as u64 } else { 0 };
+        let held = self.budget.hold(remaining.min(2 * chunk) + remaining.min(chunk) + cutting).await?;
         let store = Arc::clone(&self.store);
         let upload = blocking(move || store.begin_upload(&key, digest, offset)).await?;
         Upload::new(Arc::clone(self), upload, encoding, held).map(Some)

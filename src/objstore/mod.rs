@@ -486,7 +486,8 @@ impl BlobReader {
             return Err(damaged(&format!("it names {count} chunks")));
         }
         let mut crc = crc32c::crc32c_append(crc32c::crc32c(&size.to_le_bytes()), &count_bytes);
-        let (mut chunks, mut total) = (Vec::with_capacity(count), 0u64);
+        // Grown as entries arrive: a count no bytes follow costs nothing.
+        let (mut chunks, mut total) = (Vec::with_capacity(count.min(4096)), 0u64);
         for _ in 0..count {
             self.fill(1).await?;
             let function =
