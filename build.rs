@@ -7,7 +7,11 @@ use prost::Message;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(
-        ["build/bazel/remote/execution/v2/remote_execution.proto", "google/bytestream/bytestream.proto"],
+        [
+            "build/bazel/remote/execution/v2/remote_execution.proto",
+            "build/bazel/remote/asset/v1/remote_asset.proto",
+            "google/bytestream/bytestream.proto",
+        ],
         ["proto"],
     )?;
     let descriptors = fds.encode_to_vec();

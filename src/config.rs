@@ -198,6 +198,28 @@ options! {
         public_metrics_port: bool, "BOOL";
     }
 
+    /// The Remote Asset API's downloads (FetchBlob of a URI no one pushed).
+    [assets] Assets, flat "" {
+        /// Hosts FetchBlob may download from: names (`github.com`), domains
+        /// (`*.example.com`), or `*` for any host at a public address.
+        /// Empty: no downloads; Fetch answers only from pushed records.
+        #[serde(deserialize_with = "parsed")]
+        download_allow: crate::download::AllowList, "HOSTS";
+        /// Headers to send to some hosts, one `HOST HEADER: VALUE` a line
+        /// (`mirror.example.com Authorization: Bearer ...`); never logged.
+        #[serde(default, deserialize_with = "optional")]
+        download_credentials: Option<PathBuf>, "FILE";
+        /// More CA certificates (PEM) to trust for HTTPS downloads, beside
+        /// the system's.
+        #[serde(default, deserialize_with = "optional")]
+        download_ca_file: Option<PathBuf>, "FILE";
+        /// Largest download (also bounded by max_blob_size).
+        download_max_size: ByteSize, "SIZE";
+        /// Longest a download may take (a request's `timeout` may ask for less).
+        #[serde(deserialize_with = "duration")]
+        download_timeout: Duration, "DURATION";
+    }
+
     /// The object store tier: an S3-compatible bucket larder nodes share.
     [s3] S3, flat "s3_" {
         /// S3-compatible object store behind the local tier, e.g.
@@ -553,6 +575,17 @@ where
         return Ok(None);
     }
     s.parse().map(Some).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+}
+
+/// A value written as a string in its own syntax.
+fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
 }
 
 /// The data directory: "" (or a missing key) is resolved to the default.

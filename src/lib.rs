@@ -17,6 +17,7 @@ pub mod codec;
 pub mod compression;
 pub mod config;
 pub mod digest;
+pub mod download;
 #[cfg(test)]
 mod hostile;
 pub mod http;

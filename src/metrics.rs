@@ -26,8 +26,18 @@ pub struct CallLabels {
     pub code: String,
 }
 
+/// How a Remote Asset Fetch was answered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    /// `record` (pushed or fetched before), `checksum` (content the CAS
+    /// held, named by checksum.sri), `downloaded`, or `failed`.
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
+    asset_fetches: Family<FetchLabels, Counter>,
+    asset_downloaded_bytes: Counter,
     calls: Family<CallLabels, Counter>,
     durations: Family<CallLabels, Histogram>,
     received: Counter,
@@ -89,6 +99,18 @@ impl Default for Metrics {
             "call_duration_seconds",
             "Time from request to the end of the reply",
             durations.clone(),
+        );
+        let asset_fetches = Family::<FetchLabels, Counter>::default();
+        registry.register(
+            "asset_fetches",
+            "Remote Asset Fetch calls, by how they were answered",
+            asset_fetches.clone(),
+        );
+        let asset_downloaded_bytes = Counter::default();
+        registry.register(
+            "asset_downloaded_bytes",
+            "Bytes FetchBlob downloaded from origins",
+            asset_downloaded_bytes.clone(),
         );
         let (received, sent) = (Counter::default(), Counter::default());
         registry.register("received_bytes", "Request body bytes received", received.clone());
@@ -185,7 +207,19 @@ impl Default for Metrics {
         for (name, help, counter) in tier_counters {
             registry.register(name, help, counter.clone());
         }
-        Metrics { registry, calls, durations, received, sent, ac_hits, ac_misses, tiers, store }
+        Metrics {
+            registry,
+            asset_fetches,
+            asset_downloaded_bytes,
+            calls,
+            durations,
+            received,
+            sent,
+            ac_hits,
+            ac_misses,
+            tiers,
+            store,
+        }
     }
 }
 
@@ -194,6 +228,15 @@ impl Metrics {
         let labels = CallLabels { method: method.to_string(), code: code.to_string() };
         self.calls.get_or_create(&labels).inc();
         self.durations.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    }
+
+    /// A Fetch answered: see [`FetchLabels`] for the outcomes.
+    pub fn asset_fetch(&self, outcome: &'static str) {
+        self.asset_fetches.get_or_create(&FetchLabels { outcome }).inc();
+    }
+
+    pub fn asset_downloaded(&self, bytes: u64) {
+        self.asset_downloaded_bytes.inc_by(bytes);
     }
 
     pub fn action_cache_lookup(&self, hit: bool) {

@@ -7,6 +7,12 @@
 pub mod build {
     pub mod bazel {
         pub mod remote {
+            pub mod asset {
+                pub mod v1 {
+                    tonic::include_proto!("build.bazel.remote.asset.v1");
+                    include!(concat!(env!("OUT_DIR"), "/build.bazel.remote.asset.v1.serde.rs"));
+                }
+            }
             pub mod execution {
                 pub mod v2 {
                     tonic::include_proto!("build.bazel.remote.execution.v2");
@@ -32,6 +38,7 @@ pub mod google {
     }
 }
 
+pub use build::bazel::remote::asset::v1 as asset;
 pub use build::bazel::remote::execution::v2 as reapi;
 pub use build::bazel::semver;
 pub use google::{bytestream, rpc};

@@ -800,3 +800,38 @@ async fn lists_go_to_the_object_store_with_each_chunk_once() {
     assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
     assert!(s3.head(&rgw.path(&prefix, &v1)).await.is_err(), "the damaged list was deleted");
 }
+
+/// The Remote Asset API's records are action results: pushed through one
+/// node, a second answers them, its content brought in from the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asset_pushed_through_one_node_is_fetched_through_another() {
+    use larder::proto::asset::fetch_client::FetchClient;
+    use larder::proto::asset::push_client::PushClient;
+    use larder::proto::asset::{FetchBlobRequest, PushBlobRequest};
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let a = rgw.node(&tmp.path().join("a"), &prefix);
+    let b = rgw.node(&tmp.path().join("b"), &prefix);
+    let content = random_bytes(200_000, 41);
+    let mut ca = Clients::connect(&a.addr).await;
+    assert_eq!(ca.batch_update(&[&content]).await, [0]);
+    let channel =
+        |addr: &str| tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    let uri = "https://example.com/releases/tool-1.2.tar.gz".to_string();
+    let push = PushBlobRequest {
+        uris: vec![uri.clone()],
+        blob_digest: Some(digest(&content)),
+        ..Default::default()
+    };
+    PushClient::new(channel(&a.addr)).push_blob(push).await.unwrap();
+    let fetched = FetchClient::new(channel(&b.addr))
+        .fetch_blob(FetchBlobRequest { uris: vec![uri], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.status.map(|s| s.code), Some(0));
+    assert_eq!(fetched.blob_digest, Some(digest(&content)));
+    let mut cb = Clients::connect(&b.addr).await;
+    assert_eq!(cb.read(&read_name("", &content), 0, 0).await.unwrap(), content);
+}

@@ -100,7 +100,7 @@ impl Cache {
         Ok(found)
     }
 
-    async fn lookup(
+    pub(super) async fn lookup(
         &self,
         instance: String,
         action: Digest,

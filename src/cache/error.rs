@@ -5,7 +5,7 @@
 
 use tonic::{Code, Status};
 
-use crate::{budget, codec, compression, digest, objstore, store};
+use crate::{budget, codec, compression, digest, download, objstore, store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -21,6 +21,8 @@ pub enum Error {
     Budget(#[from] budget::Refused),
     #[error(transparent)]
     Entries(#[from] codec::TooManyEntries),
+    #[error(transparent)]
+    Download(#[from] download::Error),
     /// What the call asks for is in neither tier.
     #[error("{0}")]
     NotFound(String),
@@ -57,6 +59,16 @@ impl Error {
                 objstore::Error::Unavailable(_) => Code::Unavailable,
                 objstore::Error::Damaged(_) => Code::NotFound,
                 objstore::Error::Config(_) => Code::FailedPrecondition,
+            },
+            Error::Download(e) => match e {
+                download::Error::Setup(_) => Code::FailedPrecondition,
+                download::Error::NotAllowed(_) | download::Error::Refused(_) => Code::PermissionDenied,
+                download::Error::NotFound(_) => Code::NotFound,
+                download::Error::TimedOut(_) => Code::DeadlineExceeded,
+                download::Error::TooLarge(_) => Code::ResourceExhausted,
+                download::Error::Mismatch(_) => Code::Aborted,
+                download::Error::Failed(_) => Code::Unavailable,
+                download::Error::Local(_) => Code::Internal,
             },
             Error::Digest(_) | Error::Entries(_) | Error::Invalid(_) => Code::InvalidArgument,
             Error::Compression(compression::Error::Setup(_)) => Code::Internal,

@@ -7,6 +7,7 @@
 //! - [`read`]: streams and batches of blobs, read through on a local miss.
 //! - [`write`]: uploads and batches, each copied to the object store.
 //! - [`actions`]: action results, complete or a miss.
+//! - [`assets`]: the Remote Asset API's records, and downloads.
 //! - [`directories`]: Directory blobs for GetTree, a level at a time.
 //! - [`tier`]: copies between the tiers, one blob at a time.
 //! - [`replicator`]: copies what the local tier queued, in the background.
@@ -15,6 +16,7 @@
 //! error is a [`Error`], which knows its gRPC code.
 
 mod actions;
+mod assets;
 mod directories;
 mod error;
 mod read;
@@ -27,6 +29,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 pub use actions::{Inline, Lookup};
+pub use assets::{Downloads, Fetched, Kind as AssetKind, Pushed, Source, Wanted};
 pub use directories::DirectoryLimit;
 pub use error::Error;
 pub use read::{MAX_PIECE, Pieces};
@@ -94,6 +97,8 @@ pub struct Cache {
     /// The bytes calls in flight may hold, all together.
     budget: Arc<Budget>,
     limits: Limits,
+    /// FetchBlob's downloads, when `download_allow` lists any host.
+    downloads: Option<Downloads>,
 }
 
 impl Cache {
@@ -103,8 +108,9 @@ impl Cache {
         metrics: Arc<Metrics>,
         budget: Arc<Budget>,
         limits: Limits,
+        downloads: Option<Downloads>,
     ) -> Arc<Cache> {
-        Arc::new(Cache { store, tier, metrics, budget, limits })
+        Arc::new(Cache { store, tier, metrics, budget, limits, downloads })
     }
 
     /// Uncompressed bytes per stored chunk: what a read or an upload holds

@@ -28,6 +28,7 @@ use tonic::{Code, Status};
 
 use crate::service::Shared;
 use crate::service::action_cache::ActionCacheService;
+use crate::service::asset::{FetchService, PushService};
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 
@@ -118,6 +119,8 @@ pub struct HttpApi {
     cas: CasService,
     action_cache: ActionCacheService,
     capabilities: CapabilitiesService,
+    fetch: FetchService,
+    push: PushService,
 }
 
 impl HttpApi {
@@ -128,6 +131,8 @@ impl HttpApi {
             cas: CasService::new(Arc::clone(&shared)),
             action_cache: ActionCacheService::new(Arc::clone(&shared)),
             capabilities: CapabilitiesService::new(Arc::clone(&shared)),
+            fetch: FetchService::new(Arc::clone(&shared)),
+            push: PushService::new(Arc::clone(&shared)),
             shared,
         }
     }
@@ -163,6 +168,8 @@ impl HttpApi {
             media::upload(self, request, name).await
         } else if let Some(name) = path.strip_prefix("/resumable/upload/v1/media/") {
             media::resumable(self, request, name).await
+        } else if let Some(rest) = path.strip_prefix("/v1/") {
+            rest::assets(self, request, rest).await
         } else if let Some(target) = bazel::Target::parse(path) {
             bazel::handle(self, request, target).await
         } else {
@@ -191,6 +198,10 @@ pub fn route_label(method: &Method, path: &str) -> String {
         "/v1/media".to_string()
     } else if path.starts_with("/upload/v1/media/") || path.starts_with("/resumable/upload/v1/media/") {
         "/upload/v1/media".to_string()
+    } else if let Some((_, verb @ ("fetchBlob" | "fetchDirectory" | "pushBlob" | "pushDirectory"))) =
+        path.strip_prefix("/v1/").and_then(|rest| rest.rsplit_once("assets:"))
+    {
+        format!("/v1/assets:{verb}")
     } else if let Some(target) = bazel::Target::parse(path) {
         target.route().to_string()
     } else if matches!(path, "/healthz" | "/metrics") {
@@ -242,7 +253,7 @@ impl HttpError {
         HttpError::Http {
             code: StatusCode::NOT_FOUND,
             message: format!(
-                "no route for {path:?}: larder serves REAPI's REST mapping under /v2/, ByteStream under /v1/media/ and /upload/v1/media/ (or /resumable/upload/v1/media/), and Bazel's HTTP cache under /ac/ and /cas/"
+                "no route for {path:?}: larder serves REAPI's REST mapping under /v2/, ByteStream under /v1/media/ and /upload/v1/media/ (or /resumable/upload/v1/media/), the Remote Asset API at /v1/{{instance}}/assets:fetchBlob (and :fetchDirectory, :pushBlob, :pushDirectory), and Bazel's HTTP cache under /ac/ and /cas/"
             ),
             allow: None,
         }
@@ -426,7 +437,7 @@ mod tests {
             let route = label.split_once(' ').map(|(_, r)| r).unwrap_or("");
             let known = [
                 "/v2/blobs:findMissing", "/v2/blobs:batchUpdate", "/v2/blobs:batchRead", "/v2/blobs:getTree", "/v2/blobs:splitBlob", "/v2/blobs:spliceBlob",
-                "/v2/capabilities", "/v2/actionResults", "/v2/other", "/v1/media", "/upload/v1/media", "/cas", "/ac", "/healthz", "/metrics", "other",
+                "/v2/capabilities", "/v2/actionResults", "/v2/other", "/v1/media", "/v1/assets:fetchBlob", "/v1/assets:fetchDirectory", "/v1/assets:pushBlob", "/v1/assets:pushDirectory", "/upload/v1/media", "/cas", "/ac", "/healthz", "/metrics", "other",
             ];
             prop_assert!(known.contains(&route), "{}", label);
         }

@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use tonic::body::Body;
 
 use super::{HttpApi, HttpError, RequestBody, json_response, percent_decode, read_body};
+use crate::proto::asset::{fetch_server::Fetch, push_server::Push};
 use crate::proto::reapi::{
     self, ActionResult, FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
     GetTreeRequest, GetTreeResponse, UpdateActionResultRequest, action_cache_server::ActionCache,
@@ -179,6 +180,51 @@ pub async fn handle(
             Err(HttpError::method(&method, &path, "POST"))
         }
         (Route::ActionResult { .. }, _) => Err(HttpError::method(&method, &path, "GET, PUT")),
+    }
+}
+
+/// The Remote Asset API's routes (the path after `/v1/`):
+/// `{instance}/assets:fetchBlob`, `:fetchDirectory`, `:pushBlob` and
+/// `:pushDirectory`, each a POST of its request.
+pub async fn assets(
+    api: &HttpApi,
+    request: Request<RequestBody>,
+    rest: &str,
+) -> Result<Response<Body>, HttpError> {
+    let path = request.uri().path().to_string();
+    let route = rest.rsplit_once("assets:").and_then(|(before, verb)| Some((instance_prefix(before)?, verb)));
+    let Some((instance, verb)) = route else {
+        return Err(HttpError::route(&path));
+    };
+    if !["fetchBlob", "fetchDirectory", "pushBlob", "pushDirectory"].contains(&verb) {
+        return Err(HttpError::route(&path));
+    }
+    if request.method() != Method::POST {
+        return Err(HttpError::method(request.method(), &path, "POST"));
+    }
+    let instance = percent_decode(&instance, false)?;
+    let body = request.into_body();
+    match verb {
+        "fetchBlob" => {
+            let mut message: crate::proto::asset::FetchBlobRequest = decode(body, &api.shared).await?;
+            message.instance_name = instance;
+            reply(api.fetch.fetch_blob(tonic::Request::new(message)).await?)
+        }
+        "fetchDirectory" => {
+            let mut message: crate::proto::asset::FetchDirectoryRequest = decode(body, &api.shared).await?;
+            message.instance_name = instance;
+            reply(api.fetch.fetch_directory(tonic::Request::new(message)).await?)
+        }
+        "pushBlob" => {
+            let mut message: crate::proto::asset::PushBlobRequest = decode(body, &api.shared).await?;
+            message.instance_name = instance;
+            reply(api.push.push_blob(tonic::Request::new(message)).await?)
+        }
+        _ => {
+            let mut message: crate::proto::asset::PushDirectoryRequest = decode(body, &api.shared).await?;
+            message.instance_name = instance;
+            reply(api.push.push_directory(tonic::Request::new(message)).await?)
+        }
     }
 }
 

@@ -25,7 +25,7 @@ const fn write(path: &'static str, body: Keep) -> Method {
 /// A unary call's message is decoded whole: its body is held until the call
 /// ends. An upload's stream is held a message at a time: the upload holds
 /// its own buffers.
-const METHODS: [Method; 13] = [
+const METHODS: [Method; 17] = [
     read("/build.bazel.remote.execution.v2.Capabilities/GetCapabilities"),
     read("/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs"),
     write("/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs", Keep::Everything),
@@ -39,6 +39,11 @@ const METHODS: [Method; 13] = [
     read("/google.bytestream.ByteStream/Read"),
     write("/google.bytestream.ByteStream/Write", Keep::Messages),
     read("/google.bytestream.ByteStream/QueryWriteStatus"),
+    // A fetch may download, but only from hosts the operator allows.
+    read("/build.bazel.remote.asset.v1.Fetch/FetchBlob"),
+    read("/build.bazel.remote.asset.v1.Fetch/FetchDirectory"),
+    write("/build.bazel.remote.asset.v1.Push/PushBlob", Keep::Everything),
+    write("/build.bazel.remote.asset.v1.Push/PushDirectory", Keep::Everything),
     read(HEALTH_CHECK),
 ];
 
@@ -78,7 +83,9 @@ pub fn is_write(grpc: bool, method: &http::Method, path: &str) -> bool {
         false => {
             let read = matches!(*method, http::Method::GET | http::Method::HEAD)
                 || (*method == http::Method::POST
-                    && (path.ends_with(":findMissing") || path.ends_with(":batchRead")));
+                    && [":findMissing", ":batchRead", ":fetchBlob", ":fetchDirectory"]
+                        .iter()
+                        .any(|verb| path.ends_with(verb)));
             !read
         }
     }
@@ -95,6 +102,8 @@ mod tests {
                 "build.bazel.remote.execution.v2.ContentAddressableStorage",
                 "build.bazel.remote.execution.v2.ActionCache",
                 "google.bytestream.ByteStream",
+                "build.bazel.remote.asset.v1.Fetch",
+                "build.bazel.remote.asset.v1.Push",
             ]
         );
         assert_eq!(

@@ -30,6 +30,7 @@ use crate::auth::{Auth, Htpasswd};
 use crate::budget::Budget;
 use crate::cache::{self, Cache, Tier};
 use crate::config::Config;
+use crate::download::Downloader;
 use crate::http::HttpApi;
 use crate::metrics::Metrics;
 use crate::service::Shared;
@@ -54,6 +55,8 @@ pub struct Server {
     auth: Option<Arc<Auth>>,
     /// The object store tier, if one is configured.
     tier: Option<Arc<Tier>>,
+    /// FetchBlob's downloads, if download_allow lists any host.
+    downloader: Option<Downloader>,
     config: Config,
 }
 
@@ -70,12 +73,22 @@ impl Server {
         };
         let writes = if config.s3.write_back { cache::Writes::Back } else { cache::Writes::Through };
         let tier = config.s3().map(|s| Tier::connect(&s, writes).map(Arc::new)).transpose()?;
+        let assets = &config.assets;
+        let downloader = match assets.download_allow.is_empty() {
+            true => None,
+            false => Some(Downloader::new(crate::download::Settings {
+                allow: assets.download_allow.clone(),
+                credentials: assets.download_credentials.as_deref(),
+                ca_file: assets.download_ca_file.as_deref(),
+                timeout: assets.download_timeout,
+            })?),
+        };
         let listener = TcpListener::bind(config.server.listen)
             .await
             .map_err(|e| Error::Bind(config.server.listen, e))?;
         let http_listener = bind_optional(config.server.http_listen).await?;
         let metrics_listener = bind_optional(config.server.metrics_listen).await?;
-        Ok(Server { listener, http_listener, metrics_listener, tls, auth, tier, config })
+        Ok(Server { listener, http_listener, metrics_listener, tls, auth, tier, downloader, config })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -97,7 +110,8 @@ impl Server {
     /// is open, health checks answer NOT_SERVING and every other call
     /// UNAVAILABLE; `ready` runs once it is.
     pub async fn run(self, shutdown: impl Future<Output = ()>, ready: impl FnOnce()) -> Result<(), Error> {
-        let Server { listener, http_listener, metrics_listener, tls, auth, tier, config } = self;
+        let Server { listener, http_listener, metrics_listener, tls, auth, tier, mut downloader, config } =
+            self;
         let (mut health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::NotServing).await;
         let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -155,7 +169,7 @@ impl Server {
                 opened = &mut opening, if open.is_none() => {
                     match opened.map_err(|e| Error::Store(store::Error::Open(e.to_string()))).and_then(|r| r) {
                         Ok(store) => {
-                            let (services, supervisor) = start(&store, tier.clone(), &config, &app);
+                            let (services, supervisor) = start(&store, tier.clone(), downloader.take(), &config, &app);
                             let _ = app.ready.set(services);
                             for service in methods::services().into_iter().chain([""]) {
                                 health.set_service_status(service, ServingStatus::Serving).await;
@@ -263,7 +277,13 @@ async fn open_store(config: Config) -> Result<Arc<Store>, Error> {
 
 /// Puts the open store to work: the cache over it, the services over the
 /// cache, and the background tasks under their supervisor.
-fn start(store: &Arc<Store>, tier: Option<Arc<Tier>>, config: &Config, app: &App) -> (Services, Supervisor) {
+fn start(
+    store: &Arc<Store>,
+    tier: Option<Arc<Tier>>,
+    downloader: Option<Downloader>,
+    config: &Config,
+    app: &App,
+) -> (Services, Supervisor) {
     let limits = cache::Limits {
         directories: cache::DirectoryLimit::new(
             config.limits.max_directory_size.0,
@@ -272,8 +292,11 @@ fn start(store: &Arc<Store>, tier: Option<Arc<Tier>>, config: &Config, app: &App
         max_message_size: config.limits.max_message_size.0 as usize,
         max_blob_size: config.limits.max_blob_size.0,
     };
-    let cache =
-        Cache::new(Arc::clone(store), tier, Arc::clone(&app.metrics), Arc::clone(&app.budget), limits);
+    let downloads = downloader.map(|downloader| {
+        cache::Downloads::new(downloader, config.store.dir.clone(), config.assets.download_max_size.0)
+    });
+    let (metrics, budget) = (Arc::clone(&app.metrics), Arc::clone(&app.budget));
+    let cache = Cache::new(Arc::clone(store), tier, metrics, budget, limits, downloads);
     let shared = Arc::new(Shared {
         cache: Arc::clone(&cache),
         max_batch_size: config.limits.max_batch_size.0,
@@ -297,6 +320,8 @@ pub enum Error {
     Auth(String),
     #[error(transparent)]
     Cache(#[from] cache::Error),
+    #[error(transparent)]
+    Download(#[from] crate::download::Error),
     #[error("cannot listen on {0}: {1} (is another server using the port? choose one with --listen)")]
     Bind(SocketAddr, std::io::Error),
 }

@@ -22,13 +22,15 @@ use crate::budget::{Budget, Charged, Holding, Keep};
 use crate::cache::Cache;
 use crate::http::{HttpApi, HttpError, bytes_response, code_name, route_label};
 use crate::metrics::Metrics;
+use crate::proto::asset::fetch_server::FetchServer;
+use crate::proto::asset::push_server::PushServer;
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
 use crate::proto::reapi::action_cache_server::ActionCacheServer;
 use crate::proto::reapi::capabilities_server::CapabilitiesServer;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use crate::service::{
-    Shared, action_cache::ActionCacheService, bytestream::ByteStreamService,
-    capabilities::CapabilitiesService, cas::CasService,
+    Shared, action_cache::ActionCacheService, asset::FetchService, asset::PushService,
+    bytestream::ByteStreamService, capabilities::CapabilitiesService, cas::CasService,
 };
 use crate::status::Board;
 
@@ -52,6 +54,16 @@ pub fn grpc_routes(shared: &Arc<Shared>) -> Routes {
     )
     .add_service(
         ActionCacheServer::new(ActionCacheService::new(Arc::clone(shared)))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit),
+    )
+    .add_service(
+        FetchServer::new(FetchService::new(Arc::clone(shared)))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit),
+    )
+    .add_service(
+        PushServer::new(PushService::new(Arc::clone(shared)))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit),
     )

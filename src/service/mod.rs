@@ -3,6 +3,7 @@
 //! statuses in `cache::Error`'s one mapping.
 
 pub mod action_cache;
+pub mod asset;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;

@@ -6,7 +6,10 @@
 # (--remote_cache=http://), each against a larder of its own; then over gRPC
 # with two larders sharing a Ceph RADOS Gateway bucket as their second tier:
 # the first build against one, the rebuild against the other; and so again
-# with the first larder in write-back mode.
+# with the first larder in write-back mode. Last, Bazel's external downloads
+# through larder's Remote Asset API (--experimental_remote_downloader): an
+# http_file and an http_archive served by a local HTTP server, then built
+# again from scratch with that server stopped.
 #
 #   tests/bazel/check.sh [path/to/larder]        (needs Debian's bazel-bootstrap)
 set -euo pipefail
@@ -104,6 +107,86 @@ check() {
   echo "check: OK over $name: every action of the rebuild was a remote cache hit, outputs identical"
 }
 
+# check_downloads: a workspace whose http_file and http_archive come from a
+# local HTTP server, fetched through larder (which downloads, verifies and
+# records them); then the server is stopped, the output base and Bazel's
+# repository cache are removed, and the build must succeed again with every
+# download answered by larder.
+check_downloads() {
+  local dir="$work/downloads" port origin
+  mkdir -p "$dir/origin/src"
+  cp -r "$here/workspace" "$dir/ws"
+  echo "a file Bazel downloads $RANDOM$RANDOM" > "$dir/origin/dep.txt"
+  echo "inside an archive $RANDOM$RANDOM" > "$dir/origin/src/hello.txt"
+  tar -C "$dir/origin/src" -czf "$dir/origin/dep.tar.gz" hello.txt
+  (cd "$dir/origin" && exec python3 -u -m http.server --bind 127.0.0.1 0 > "$dir/origin.out" 2> "$dir/origin.log") &
+  origin=$!
+  pids+=("$origin")
+  port=
+  for _ in $(seq 1 100); do
+    port=$(sed -n 's/.*port \([0-9]*\).*/\1/p' "$dir/origin.out" 2>/dev/null | head -1)
+    [ -n "$port" ] && break
+    sleep 0.1
+  done
+  [ -n "$port" ] || { echo "check: FAILED over downloads: the HTTP server did not start" >&2; exit 1; }
+  cat >> "$dir/ws/WORKSPACE" <<EOF_WS
+
+load("@bazel_tools//tools/build_defs/repo:http.bzl", "http_archive", "http_file")
+
+# Bazel downloads plain http URLs only with a checksum.
+http_file(
+    name = "dep_file",
+    urls = ["http://127.0.0.1:$port/dep.txt"],
+    sha256 = "$(sha256sum "$dir/origin/dep.txt" | cut -d' ' -f1)",
+    downloaded_file_path = "dep.txt",
+)
+
+http_archive(
+    name = "dep_archive",
+    urls = ["http://127.0.0.1:$port/dep.tar.gz"],
+    sha256 = "$(sha256sum "$dir/origin/dep.tar.gz" | cut -d' ' -f1)",
+    build_file_content = 'exports_files(["hello.txt"])',
+)
+EOF_WS
+  cat > "$dir/ws/BUILD" <<'EOF_BUILD'
+genrule(
+    name = "deps",
+    srcs = ["@dep_file//file", "@dep_archive//:hello.txt"],
+    outs = ["deps.txt"],
+    cmd = "cat $(SRCS) > $@",
+)
+EOF_BUILD
+  start_larder "$dir/larder" --download-allow 127.0.0.1
+  echo "check: downloads: http://127.0.0.1:$port through grpc://$addr"
+  fetch_build() {
+    (cd "$dir/ws" && bazel --output_user_root="$dir/bazel" --batch build \
+       --experimental_remote_downloader="grpc://$addr" --remote_cache="grpc://$addr" \
+       --repository_cache="$dir/repository-cache" //:deps 2>&1) > "$dir/build-$1.log" \
+      || { tail -30 "$dir/build-$1.log" >&2; echo "check: FAILED over downloads: the $1 build failed" >&2; exit 1; }
+    cp "$dir/ws/bazel-bin/deps.txt" "$dir/deps-$1.txt"
+  }
+  fetch_build first
+  local served
+  served=$(grep -c '"GET /dep' "$dir/origin.log" || true)
+  [ "$served" = 2 ] || { echo "check: FAILED over downloads: the origin served $served downloads, not 2" >&2; exit 1; }
+  kill "$origin"
+  wait "$origin" 2>/dev/null || true
+  (cd "$dir/ws" && bazel --output_user_root="$dir/bazel" --batch clean --expunge >/dev/null 2>&1)
+  rm -rf "$dir/repository-cache"
+  fetch_build second
+  cmp -s "$dir/deps-first.txt" "$dir/deps-second.txt" || { echo "check: FAILED over downloads: outputs differ" >&2; exit 1; }
+  cat "$dir/origin/dep.txt" "$dir/origin/src/hello.txt" | cmp -s - "$dir/deps-second.txt" \
+    || { echo "check: FAILED over downloads: the output is not the origin's files" >&2; exit 1; }
+  local metrics
+  metrics=$(curl -sf "http://$addr/metrics" | grep '^larder_asset_fetches_total' | tr '\n' ' ')
+  echo "check: downloads: $metrics"
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  pids=()
+  echo "check: OK over downloads: the rebuild with the origin gone got both files from larder"
+}
+
+check_downloads
 check grpc grpc
 check http http
 # Needs Debian's Ceph packages (see tests/s3.rs).
