@@ -471,6 +471,8 @@ impl Downloader {
     pub async fn download(&self, one: One<'_>, dir: &Path) -> Result<Downloaded, Error> {
         let One { uri, headers, function, sri, limit, deadline } = one;
         let url = self.check(uri)?;
+        // Messages name the URL without its password.
+        let uri = &shown(&url);
         let mut sent = HeaderMap::new();
         for (name, value) in headers {
             let (Ok(name), Ok(mut value)) = (HeaderName::from_str(name), HeaderValue::from_str(value)) else {
@@ -490,7 +492,7 @@ impl Downloader {
         let mut response = tokio::time::timeout_at(deadline.into(), request.send())
             .await
             .map_err(|_| timed_out())?
-            .map_err(|e| sent_error(uri, &e))?;
+            .map_err(|e| sent_error(uri, e))?;
         let status = response.status();
         if !status.is_success() {
             let why = format!("{uri} answered {status}");
@@ -520,7 +522,7 @@ impl Downloader {
             let chunk = tokio::time::timeout_at(deadline.into(), response.chunk())
                 .await
                 .map_err(|_| timed_out())?
-                .map_err(|e| sent_error(uri, &e))?;
+                .map_err(|e| sent_error(uri, e))?;
             let Some(chunk) = chunk else { break };
             size += chunk.len() as u64;
             if size > limit {
@@ -556,8 +558,10 @@ impl Downloader {
 
 /// What a failed request means: a refused redirect or address is the
 /// allow-list's answer; the rest are the network's.
-fn sent_error(uri: &str, e: &reqwest::Error) -> Error {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+fn sent_error(uri: &str, e: reqwest::Error) -> Error {
+    // The URL is named once, without its password.
+    let e = e.without_url();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(cause) = source {
         if let Some(refused) = cause.downcast_ref::<Error>() {
             return Error::NotAllowed(refused.to_string());
@@ -570,7 +574,16 @@ fn sent_error(uri: &str, e: &reqwest::Error) -> Error {
     if e.is_timeout() {
         return Error::TimedOut(format!("downloading {uri} took longer than its timeout"));
     }
-    Error::Failed(format!("downloading {uri}: {}", chain(e)))
+    Error::Failed(format!("downloading {uri}: {}", chain(&e)))
+}
+
+/// A URL for messages: its password masked.
+fn shown(url: &Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    }
+    shown.to_string()
 }
 
 /// An error with its causes, for messages: reqwest's own says little.
@@ -617,6 +630,14 @@ mod tests {
         assert!(AllowList::from_str("").unwrap().is_empty());
         assert!(AllowList::from_str("a/b").is_err());
         assert_eq!(list.to_string(), "github.com, 127.0.0.1, *.example.com");
+    }
+
+    #[test]
+    fn messages_mask_a_url_password() {
+        let url = Url::parse("https://user:pa55@example.com/a.tar.gz").unwrap();
+        assert_eq!(shown(&url), "https://user:***@example.com/a.tar.gz");
+        let plain = Url::parse("https://example.com/a").unwrap();
+        assert_eq!(shown(&plain), "https://example.com/a");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use common::{TestServer, assert_code, digest, read_name};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use larder::proto::asset::fetch_client::FetchClient;
 use larder::proto::asset::push_client::PushClient;
 use larder::proto::asset::{
@@ -50,6 +50,11 @@ struct Origin {
 
 impl Origin {
     async fn start(routes: Vec<(&str, Reply)>) -> Origin {
+        Origin::start_tls(routes, None).await
+    }
+
+    /// An origin over HTTPS when `tls` is given.
+    async fn start_tls(routes: Vec<(&str, Reply)>, tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
         let routes: Arc<HashMap<String, Reply>> =
             Arc::new(routes.into_iter().map(|(p, r)| (p.to_string(), r)).collect());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -61,15 +66,21 @@ impl Origin {
             let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let (routes, hits) = (Arc::clone(&routes), Arc::clone(&counted));
+                let (routes, hits, tls) = (Arc::clone(&routes), Arc::clone(&counted), tls.clone());
                 connections.spawn(async move {
                     let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                         let (routes, hits) = (Arc::clone(&routes), Arc::clone(&hits));
                         async move { Ok::<_, std::convert::Infallible>(answer(&request, &routes, &hits).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    // HTTP/1.1 or, as TLS may negotiate, HTTP/2.
+                    let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        None => http.serve_connection(TokioIo::new(stream), service).await,
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => http.serve_connection(TokioIo::new(stream), service).await,
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });
@@ -498,4 +509,47 @@ async fn the_rest_routes_fetch_and_push() {
         .unwrap();
     assert_eq!(other["status"]["code"], Code::NotFound as i32, "{other}");
     assert_eq!(http.get(url("fetchBlob")).send().await.unwrap().status(), 405);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_origins_are_trusted_through_the_system_roots_or_download_ca_file() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (cert, key, ca) = (
+        write("origin.pem", cert.pem()),
+        write("origin.key", key.serialize_pem()),
+        write("ca.pem", ca.pem()),
+    );
+    let tls = larder::tls::acceptor(&cert, &key, None).unwrap();
+    let content = Bytes::from_static(b"served over https");
+    let origin = Origin::start_tls(vec![("/s", Reply::Body(content.clone()))], Some(tls)).await;
+    let url = format!("https://localhost:{}/s", origin.addr.port());
+
+    // The origin's CA is not among the system's: the handshake fails.
+    let untrusted = TestServer::start(&dir.path().join("a"), &["--download-allow", "localhost"]);
+    let (mut fetch, _) = clients(&untrusted).await;
+    let refused = fetch.fetch_blob(fetch_request(&[&url], vec![])).await.unwrap().into_inner();
+    assert_eq!(code(&refused), Code::Unavailable, "{refused:?}");
+    assert_eq!(origin.hits("/s"), 0);
+
+    let flags = ["--download-allow", "localhost", "--download-ca-file", ca.to_str().unwrap()];
+    let trusted = TestServer::start(&dir.path().join("b"), &flags);
+    let (mut fetch, _) = clients(&trusted).await;
+    let fetched = fetch.fetch_blob(fetch_request(&[&url], vec![])).await.unwrap().into_inner();
+    assert_eq!(
+        (code(&fetched), fetched.blob_digest.clone()),
+        (Code::Ok, Some(digest(&content))),
+        "{fetched:?}"
+    );
+    assert_eq!(origin.hits("/s"), 1);
 }
