@@ -244,6 +244,16 @@ options! {
         /// Most bytes of writes waiting for the object store (at most half
         /// of max_size, so that eviction always has room).
         queue_size: ByteSize, "SIZE";
+        /// A blob this node wrote, read or found in the object store is
+        /// not asked about again for this long.
+        #[serde(deserialize_with = "duration")]
+        existence_ttl: Duration, "DURATION";
+        /// Most blobs remembered present at once (8 bytes each; 0: none).
+        existence_entries: usize, "N";
+        /// FindMissingBlobs waits this long for the object store; blobs not
+        /// answered by then count as missing (clients send them again).
+        #[serde(deserialize_with = "duration")]
+        lookup_timeout: Duration, "DURATION";
     }
 }
 
@@ -414,6 +424,8 @@ impl Config {
             region: s3.region.clone(),
             path_style: s3.path_style,
             max_action_result: self.limits.max_message_size.0 as usize,
+            existence_ttl: s3.existence_ttl,
+            existence_entries: s3.existence_entries,
         })
     }
 

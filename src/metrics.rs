@@ -26,6 +26,13 @@ pub struct CallLabels {
     pub code: String,
 }
 
+/// A kind of object-store request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// head, get, put, delete or list.
+    pub kind: &'static str,
+}
+
 /// How a Remote Asset Fetch was answered.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FetchLabels {
@@ -37,6 +44,8 @@ pub struct FetchLabels {
 pub struct Metrics {
     registry: Registry,
     asset_fetches: Family<FetchLabels, Counter>,
+    object_store_requests: Family<RequestLabels, Counter>,
+    object_store_remembered: Counter,
     asset_downloaded_bytes: Counter,
     calls: Family<CallLabels, Counter>,
     durations: Family<CallLabels, Histogram>,
@@ -105,6 +114,18 @@ impl Default for Metrics {
             "asset_fetches",
             "Remote Asset Fetch calls, by how they were answered",
             asset_fetches.clone(),
+        );
+        let object_store_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "object_store_requests",
+            "Requests sent to the object store, by kind (a multipart upload counts a PUT per part)",
+            object_store_requests.clone(),
+        );
+        let object_store_remembered = Counter::default();
+        registry.register(
+            "object_store_remembered",
+            "Object-store lookups answered from what this node knows is there, without a request",
+            object_store_remembered.clone(),
         );
         let asset_downloaded_bytes = Counter::default();
         registry.register(
@@ -210,6 +231,8 @@ impl Default for Metrics {
         Metrics {
             registry,
             asset_fetches,
+            object_store_requests,
+            object_store_remembered,
             asset_downloaded_bytes,
             calls,
             durations,
@@ -276,7 +299,16 @@ impl Metrics {
     }
 
     /// The OpenMetrics text, with the store's figures as of now.
-    pub fn render(&self, stats: &Stats) -> String {
+    pub fn render(&self, stats: &Stats, requests: Option<&crate::objstore::Requests>) -> String {
+        if let Some(requests) = requests {
+            let (kinds, remembered) = requests.snapshot();
+            for (kind, total) in kinds {
+                let counter = self.object_store_requests.get_or_create(&RequestLabels { kind });
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
+            let counter = &self.object_store_remembered;
+            counter.inc_by(remembered.saturating_sub(counter.get()));
+        }
         let g = &self.store;
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         g.blobs.set(as_i64(stats.blobs));

@@ -835,3 +835,155 @@ async fn an_asset_pushed_through_one_node_is_fetched_through_another() {
     let mut cb = Clients::connect(&b.addr).await;
     assert_eq!(cb.read(&read_name("", &content), 0, 0).await.unwrap(), content);
 }
+
+/// A proxy in front of the gateway that counts requests by method, and may
+/// hold HEADs back: what the object store is asked, seen from outside.
+struct CountingProxy {
+    addr: std::net::SocketAddr,
+    counts: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    async fn start(upstream: &str, head_delay: std::time::Duration) -> CountingProxy {
+        use http_body_util::BodyExt;
+        use std::sync::{Arc, Mutex};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counts: Arc<Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
+        let (counted, upstream) = (Arc::clone(&counts), upstream.to_string());
+        let client = reqwest::Client::builder().http1_only().no_proxy().build().unwrap();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (counts, upstream, client) = (Arc::clone(&counted), upstream.clone(), client.clone());
+                connections.spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                            let (counts, upstream, client) =
+                                (Arc::clone(&counts), upstream.clone(), client.clone());
+                            async move {
+                                let method = request.method().clone();
+                                *counts.lock().unwrap().entry(method.to_string()).or_default() += 1;
+                                if method == http::Method::HEAD {
+                                    tokio::time::sleep(head_delay).await;
+                                }
+                                let target = format!("{upstream}{}", request.uri().path_and_query().unwrap());
+                                let mut forwarded = client.request(method, target);
+                                for (name, value) in request.headers() {
+                                    if !matches!(
+                                        name.as_str(),
+                                        "content-length" | "transfer-encoding" | "connection"
+                                    ) {
+                                        forwarded = forwarded.header(name, value);
+                                    }
+                                }
+                                let body = request.into_body().collect().await.unwrap().to_bytes();
+                                let answer = forwarded.body(body).send().await.unwrap();
+                                let mut response = hyper::Response::builder().status(answer.status());
+                                for (name, value) in answer.headers() {
+                                    if !matches!(name.as_str(), "transfer-encoding" | "connection") {
+                                        response = response.header(name, value);
+                                    }
+                                }
+                                let body = answer.bytes().await.unwrap();
+                                Ok::<_, std::convert::Infallible>(
+                                    response.body(http_body_util::Full::new(body)).unwrap(),
+                                )
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        CountingProxy { addr, counts, task }
+    }
+
+    fn count(&self, method: &str) -> usize {
+        self.counts.lock().unwrap().get(method).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// FindMissingBlobs remembers what the object store holds: asked again
+/// about the same blobs, a node sends no HEAD; and it answers within
+/// s3_lookup_timeout, however slow the object store's answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_missing_remembers_what_the_object_store_holds() {
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let proxy = CountingProxy::start(&rgw.endpoint, std::time::Duration::ZERO).await;
+    let endpoint = format!("http://{}", proxy.addr);
+    let node = |dir: &str, extra: &[&str]| {
+        let mut flags = vec!["--s3-endpoint", &endpoint, "--s3-bucket", &rgw.bucket, "--s3-prefix", &prefix];
+        flags.extend_from_slice(extra);
+        TestServer::start_with_env(&tmp.path().join(dir), &flags, &rgw.env)
+    };
+    let a = node("a", &[]);
+    let mut ca = Clients::connect(&a.addr).await;
+    let blobs: Vec<Vec<u8>> = (0..50).map(|i| text_bytes(1000 + i, 300 + i as u64)).collect();
+    let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+    assert_eq!(ca.batch_update(&refs).await, vec![0; 50]);
+    let digests: Vec<reapi::Digest> = blobs.iter().map(|b| digest(b)).collect();
+
+    // Node B's local tier is empty: the first call asks about each blob...
+    let b = node("b", &[]);
+    let mut cb = Clients::connect(&b.addr).await;
+    let before = proxy.count("HEAD");
+    assert!(cb.find_missing(&digests).await.is_empty());
+    let first = proxy.count("HEAD") - before;
+    assert_eq!(first, 50, "one HEAD per blob the first time");
+    // ...the second asks about none of them.
+    assert!(cb.find_missing(&digests).await.is_empty());
+    assert_eq!(proxy.count("HEAD") - before, first, "no HEAD the second time");
+    // Absence is not remembered: another node may write the blob any time.
+    let absent = digest(b"never written anywhere");
+    for _ in 0..2 {
+        let missing = cb.find_missing(std::slice::from_ref(&absent)).await;
+        assert_eq!(missing, std::slice::from_ref(&absent));
+    }
+    assert_eq!(proxy.count("HEAD") - before, first + 2);
+    let metrics = reqwest::get(format!("http://{}/metrics", b.addr)).await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("larder_object_store_requests_total{kind=\"head\"}"), 52, "{metrics}");
+    assert_eq!(value("larder_object_store_remembered_total"), 50, "{metrics}");
+    drop((a, b));
+
+    // An object store slow to answer: the call ends at the lookup timeout,
+    // what was not answered counted missing.
+    let slow = CountingProxy::start(&rgw.endpoint, std::time::Duration::from_secs(30)).await;
+    let slow_endpoint = format!("http://{}", slow.addr);
+    let flags = [
+        "--s3-endpoint",
+        &slow_endpoint,
+        "--s3-bucket",
+        &rgw.bucket,
+        "--s3-prefix",
+        &prefix,
+        "--s3-lookup-timeout",
+        "1s",
+    ];
+    let c = TestServer::start_with_env(&tmp.path().join("c"), &flags, &rgw.env);
+    let mut cc = Clients::connect(&c.addr).await;
+    let started = std::time::Instant::now();
+    assert_eq!(cc.find_missing(&digests[..5]).await.len(), 5, "not answered in time: missing");
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(10), "answered after {took:?}");
+}

@@ -57,12 +57,24 @@ pub struct Tier {
     writes: Writes,
     /// Wakes the replicator after a write-back.
     wake: tokio::sync::Notify,
+    /// FindMissingBlobs waits this long for the object store's answers;
+    /// blobs not answered by then count as missing.
+    lookup_timeout: std::time::Duration,
 }
 
 impl Tier {
-    pub fn connect(settings: &objstore::Settings, writes: Writes) -> Result<Tier, Error> {
+    pub fn connect(
+        settings: &objstore::Settings,
+        writes: Writes,
+        lookup_timeout: std::time::Duration,
+    ) -> Result<Tier, Error> {
         let bucket = Arc::new(Bucket::connect(settings)?);
-        Ok(Tier { bucket, writes, wake: tokio::sync::Notify::new() })
+        Ok(Tier { bucket, writes, wake: tokio::sync::Notify::new(), lookup_timeout })
+    }
+
+    /// The requests sent to the object store so far, for the metrics.
+    pub fn requests(&self) -> &objstore::Requests {
+        &self.bucket.requests
     }
 
     /// What it is, for messages and the status page: endpoint and bucket.
@@ -142,6 +154,11 @@ impl Cache {
         self.limits.max_blob_size
     }
 
+    /// The requests sent to the object store so far, if there is one.
+    pub fn tier_requests(&self) -> Option<&objstore::Requests> {
+        self.tier.as_ref().map(|t| t.requests())
+    }
+
     /// The store in figures, for the status page and metrics.
     pub async fn stats(&self) -> Result<store::Stats, Error> {
         let store = Arc::clone(&self.store);
@@ -166,7 +183,8 @@ impl Cache {
         if let Some(tier) = &self.tier {
             let misses: Vec<usize> = (0..digests.len()).filter(|&i| !present[i]).collect();
             let asked: Vec<Digest> = misses.iter().map(|&i| digests[i]).collect();
-            match tier.bucket.contains(&asked).await {
+            let deadline = std::time::Instant::now() + tier.lookup_timeout;
+            match tier.bucket.contains(&asked, Some(deadline)).await {
                 Ok(found) => misses.iter().zip(found).for_each(|(&i, f)| present[i] = f),
                 Err(e) => tracing::warn!("FindMissingBlobs answered from the local tier alone: {e}"),
             }

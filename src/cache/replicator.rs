@@ -131,7 +131,7 @@ async fn copy(cache: &Cache, bucket: &objstore::Bucket, entry: QueueEntry) -> Re
     match entry.item {
         Queued::Blob(digest) => {
             // From before the tier: maybe there already (another node's).
-            if entry.check && bucket.contains(&[digest]).await?[0] {
+            if entry.check && bucket.contains_now(&[digest]).await?[0] {
                 return Ok(Outcome::Copied(digest));
             }
             match tier::upload_from(bucket, store, digest).await {

@@ -141,7 +141,7 @@ impl Cache {
         if written == Written::AlreadyPresent {
             let store = Arc::clone(&self.store);
             let queued = blocking(move || store.is_queued(&digest)).await?;
-            if !queued && bucket.contains(&[digest]).await?[0] {
+            if !queued && bucket.contains_now(&[digest]).await?[0] {
                 return Ok(None);
             }
         }
@@ -187,7 +187,7 @@ pub(super) async fn upload_from(bucket: &Bucket, local: &Arc<Store>, digest: Dig
     let Some((_, chunks)) = list.filter(|(_, chunks)| chunks.len() <= objstore::MAX_LIST_CHUNKS) else {
         return upload_whole(bucket, local, digest).await;
     };
-    let present = bucket.contains(&chunks).await?;
+    let present = bucket.contains(&chunks, None).await?;
     let mut sent = HashSet::new();
     for (chunk, there) in chunks.iter().zip(present) {
         if !there && sent.insert(*chunk) {

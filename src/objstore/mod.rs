@@ -23,8 +23,11 @@
 //!   ActionResult message. `{instance}` is the instance name in hex, `-` for
 //!   none.
 
+mod known;
+
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
@@ -35,6 +38,7 @@ use object_store::{
 };
 
 use crate::digest::{Digest, Function};
+use known::Known;
 
 const BLOB_MAGIC: &[u8; 8] = b"LARDER1\n";
 const AC_MAGIC: &[u8; 8] = b"LARDERA\n";
@@ -49,8 +53,10 @@ const MULTIPART_FROM: usize = 8 << 20;
 const PART: usize = 8 << 20;
 /// Bytes of an object read per GET request.
 const RANGE: u64 = 16 << 20;
-/// Object-store calls in flight for one FindMissingBlobs.
+/// Object-store lookups (HEADs) in flight for one call...
 const LOOKUPS_IN_FLIGHT: usize = 32;
+/// ...and for all calls together.
+const LOOKUPS_IN_FLIGHT_TOTAL: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -93,12 +99,54 @@ pub struct Settings {
     /// The largest action result accepted (`max_message_size`): a larger
     /// object is damaged.
     pub max_action_result: usize,
+    /// How long a blob known present is not asked about again.
+    pub existence_ttl: Duration,
+    /// Most blobs known present at once (8 bytes each); 0: none.
+    pub existence_entries: usize,
+}
+
+/// Requests sent to the object store, by kind, and lookups answered from
+/// what this node knows, since it started.
+#[derive(Default)]
+pub struct Requests {
+    pub head: AtomicU64,
+    pub get: AtomicU64,
+    pub put: AtomicU64,
+    pub delete: AtomicU64,
+    pub list: AtomicU64,
+    pub remembered: AtomicU64,
+}
+
+impl Requests {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (kind, count) for each kind of request, then lookups remembered.
+    pub fn snapshot(&self) -> ([(&'static str, u64); 5], u64) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (
+            [
+                ("head", get(&self.head)),
+                ("get", get(&self.get)),
+                ("put", get(&self.put)),
+                ("delete", get(&self.delete)),
+                ("list", get(&self.list)),
+            ],
+            get(&self.remembered),
+        )
+    }
 }
 
 pub struct Bucket {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     max_action_result: usize,
+    /// Blobs known present, not asked about again for a while.
+    known: Arc<Known>,
+    /// Turns for lookups, across calls.
+    lookups: Arc<tokio::sync::Semaphore>,
+    pub requests: Arc<Requests>,
     /// What it is, for messages: endpoint and bucket.
     pub name: String,
 }
@@ -178,6 +226,9 @@ impl Bucket {
             store: Arc::new(store),
             prefix,
             max_action_result: settings.max_action_result,
+            known: Arc::new(Known::new(settings.existence_ttl, settings.existence_entries)),
+            lookups: Arc::new(tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT_TOTAL)),
+            requests: Arc::new(Requests::default()),
             name: format!("{} bucket {}", settings.endpoint, settings.bucket),
         })
     }
@@ -201,25 +252,78 @@ impl Bucket {
 
     /// Whether the bucket answers (one listing of larder's prefix).
     pub async fn check(&self) -> Result<(), Error> {
+        Requests::count(&self.requests.list);
         self.store.list_with_delimiter(Some(&self.path(String::new()))).await?;
         Ok(())
     }
 
-    /// Which of `digests` the object store holds, looked up in parallel.
-    pub async fn contains(&self, digests: &[Digest]) -> Result<Vec<bool>, Error> {
-        let lookups = digests.iter().map(|d| {
-            // Owned: the futures borrow nothing, so the calls awaiting them stay Send.
-            let (store, path) = (Arc::clone(&self.store), self.blob_path(d));
-            async move {
-                match store.head(&path).await {
-                    Ok(meta) => Ok(meta.size >= 16),
-                    Err(object_store::Error::NotFound { .. }) => Ok(false),
-                    Err(e) => Err(Error::from(e)),
-                }
+    /// Which of `digests` the object store holds: those known present at
+    /// once, the rest looked up in parallel. Lookups not answered by
+    /// `deadline` count as absent (the client sends the blob again, which
+    /// is always safe).
+    pub async fn contains(&self, digests: &[Digest], deadline: Option<Instant>) -> Result<Vec<bool>, Error> {
+        self.look_up(digests, deadline, true).await
+    }
+
+    /// Which of `digests` the object store holds, each asked about: for a
+    /// check that must not trust memory (a client writing a blob again may
+    /// know that the object store lost it).
+    pub async fn contains_now(&self, digests: &[Digest]) -> Result<Vec<bool>, Error> {
+        self.look_up(digests, None, false).await
+    }
+
+    async fn look_up(
+        &self,
+        digests: &[Digest],
+        deadline: Option<Instant>,
+        remembered: bool,
+    ) -> Result<Vec<bool>, Error> {
+        let mut present = vec![false; digests.len()];
+        let mut asked = Vec::new();
+        for (i, d) in digests.iter().enumerate() {
+            if remembered && self.known.holds(d) {
+                present[i] = true;
+                Requests::count(&self.requests.remembered);
+            } else {
+                asked.push(i);
             }
-        });
-        let lookups: Vec<_> = lookups.collect();
-        futures::stream::iter(lookups).buffered(LOOKUPS_IN_FLIGHT).try_collect().await
+        }
+        let lookups: Vec<_> = asked
+            .into_iter()
+            .map(|i| {
+                // Owned: the futures borrow nothing, so the calls awaiting them stay Send.
+                let (store, path) = (Arc::clone(&self.store), self.blob_path(&digests[i]));
+                let (turns, requests) = (Arc::clone(&self.lookups), Arc::clone(&self.requests));
+                async move {
+                    let _turn = turns.acquire_owned().await;
+                    Requests::count(&requests.head);
+                    match store.head(&path).await {
+                        Ok(meta) => Ok((i, meta.size >= 16)),
+                        Err(object_store::Error::NotFound { .. }) => Ok((i, false)),
+                        Err(e) => Err(Error::from(e)),
+                    }
+                }
+            })
+            .collect();
+        let mut answers = futures::stream::iter(lookups).buffer_unordered(LOOKUPS_IN_FLIGHT);
+        loop {
+            let answer = match deadline {
+                None => answers.next().await,
+                Some(deadline) => match tokio::time::timeout_at(deadline.into(), answers.next()).await {
+                    Ok(answer) => answer,
+                    Err(_) => break,
+                },
+            };
+            let Some(answer) = answer else { break };
+            let (i, found) = answer?;
+            if found {
+                present[i] = true;
+                self.known.insert(&digests[i]);
+            } else {
+                self.known.remove(&digests[i]);
+            }
+        }
+        Ok(present)
     }
 
     /// Starts writing a blob's object: its chunks, as the local tier
@@ -230,6 +334,9 @@ impl Bucket {
         header.extend_from_slice(&digest.size.to_le_bytes());
         BlobWriter {
             bucket: Arc::clone(&self.store),
+            digest: *digest,
+            known: Arc::clone(&self.known),
+            requests: Arc::clone(&self.requests),
             path: self.blob_path(digest),
             pending_len: header.len(),
             pending: vec![header.freeze()],
@@ -241,6 +348,10 @@ impl Bucket {
     /// A chunk over `max_chunk` bytes makes the object damaged.
     pub async fn blob_reader(&self, digest: &Digest, max_chunk: usize) -> Result<Option<BlobReader>, Error> {
         let stream = self.get_ranged(&self.blob_path(digest)).await?;
+        if stream.is_some() {
+            // Read through: present (a damaged object is forgotten when found so).
+            self.known.insert(digest);
+        }
         Ok(stream.map(|stream| BlobReader { buffer: BytesMut::new(), stream, max_chunk }))
     }
 
@@ -255,16 +366,18 @@ impl Bucket {
     ) -> Result<Option<BoxStream<'static, object_store::Result<Bytes>>>, Error> {
         let range = |start: u64, end: u64| Some(GetRange::Bounded(start..end));
         let first = GetOptions { range: range(0, RANGE), ..GetOptions::default() };
+        Requests::count(&self.requests.get);
         let first = match self.store.get_opts(path, first).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
         let (size, version) = (first.meta.size, first.meta.e_tag.clone());
-        let (store, path) = (Arc::clone(&self.store), path.clone());
+        let (store, path, requests) = (Arc::clone(&self.store), path.clone(), Arc::clone(&self.requests));
         let rest = futures::stream::iter((RANGE..size).step_by(RANGE as usize))
             .then(move |start| {
                 let (store, path) = (Arc::clone(&store), path.clone());
+                Requests::count(&requests.get);
                 let options = GetOptions {
                     range: range(start, size.min(start + RANGE)),
                     if_match: version.clone(),
@@ -284,6 +397,7 @@ impl Bucket {
         hash: &[u8],
     ) -> Result<Option<Digest>, Error> {
         let Some(probe) = Digest::new(function, hash, 0) else { return Ok(None) };
+        Requests::count(&self.requests.get);
         let head = match self.store.get_range(&self.blob_path(&probe), 0..16).await {
             Ok(head) => head,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -299,13 +413,17 @@ impl Bucket {
     /// Writes the list object of `digest`, the concatenation of `chunks`,
     /// whose objects the caller has written.
     pub async fn put_list(&self, digest: &Digest, chunks: &[Digest]) -> Result<(), Error> {
+        Requests::count(&self.requests.put);
         self.store.put(&self.blob_path(digest), PutPayload::from(list_object(digest, chunks))).await?;
+        self.known.insert(digest);
         Ok(())
     }
 
     /// Deletes a blob's object (one found damaged), so that clients are
     /// asked for the blob again.
     pub async fn forget(&self, digest: &Digest) -> Result<(), Error> {
+        self.known.remove(digest);
+        Requests::count(&self.requests.delete);
         match self.store.delete(&self.blob_path(digest)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
@@ -322,6 +440,7 @@ impl Bucket {
         object.extend_from_slice(AC_MAGIC);
         object.extend_from_slice(&crc32c::crc32c(result).to_le_bytes());
         object.extend_from_slice(result);
+        Requests::count(&self.requests.put);
         self.store.put(&self.ac_path(instance, action), PutPayload::from(object)).await?;
         Ok(())
     }
@@ -331,6 +450,7 @@ impl Bucket {
     /// nodes may accept it.
     pub async fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<Bytes>, Error> {
         let damaged = || Error::Damaged(format!("action result of {action}"));
+        Requests::count(&self.requests.get);
         let object = match self.store.get(&self.ac_path(instance, action)).await {
             Ok(r) if r.meta.size > self.max_action_result as u64 + 12 => {
                 tracing::warn!(
@@ -353,6 +473,7 @@ impl Bucket {
 
     /// Deletes an action result's object (one found damaged).
     pub async fn forget_action_result(&self, instance: &str, action: &Digest) -> Result<(), Error> {
+        Requests::count(&self.requests.delete);
         match self.store.delete(&self.ac_path(instance, action)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
@@ -365,6 +486,10 @@ impl Bucket {
 /// multipart upload with few parts in flight, so memory stays about a part.
 pub struct BlobWriter {
     bucket: Arc<dyn ObjectStore>,
+    digest: Digest,
+    /// Told once the object is written.
+    known: Arc<Known>,
+    requests: Arc<Requests>,
     path: Path,
     pending: Vec<Bytes>,
     pending_len: usize,
@@ -385,6 +510,8 @@ impl BlobWriter {
                     PART,
                 )),
             };
+            // Counted as a PUT per part (the multipart's own calls aside).
+            Requests::count(&self.requests.put);
             writer.wait_for_capacity(2).await?;
             for part in self.pending.drain(..) {
                 writer.put(part);
@@ -405,9 +532,11 @@ impl BlobWriter {
             }
             None => {
                 let payload = PutPayload::from_iter(std::mem::take(&mut self.pending));
+                Requests::count(&self.requests.put);
                 self.bucket.put(&self.path, payload).await?;
             }
         }
+        self.known.insert(&self.digest);
         Ok(())
     }
 

@@ -72,7 +72,8 @@ impl Server {
             ))),
         };
         let writes = if config.s3.write_back { cache::Writes::Back } else { cache::Writes::Through };
-        let tier = config.s3().map(|s| Tier::connect(&s, writes).map(Arc::new)).transpose()?;
+        let lookups = config.s3.lookup_timeout;
+        let tier = config.s3().map(|s| Tier::connect(&s, writes, lookups).map(Arc::new)).transpose()?;
         let assets = &config.assets;
         let downloader = match assets.download_allow.is_empty() {
             true => None,

@@ -243,7 +243,7 @@ impl App {
             Ok(stats) => bytes_response(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                Bytes::from(self.metrics.render(&stats)),
+                Bytes::from(self.metrics.render(&stats, services.cache.tier_requests())),
             ),
             Err(e) => HttpError::from(e).into_response(),
         }
