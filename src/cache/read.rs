@@ -194,14 +194,8 @@ impl Cache {
         }
         let store = Arc::clone(&self.store);
         blocking(move || {
-            let read = digests.iter().map(|d| {
-                let found = match zstd {
-                    true => store.read_all_encoded(d),
-                    false => store.read_all(d).map(|data| data.map(|data| (data, Encoding::Identity))),
-                };
-                found?.ok_or_else(|| not_found(d))
-            });
-            Ok::<_, Error>(read.collect())
+            let read = store.read_batch(&digests, zstd).into_iter().zip(&digests);
+            Ok::<_, Error>(read.map(|(found, d)| found?.ok_or_else(|| not_found(d))).collect())
         })
         .await
     }

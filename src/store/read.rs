@@ -9,6 +9,19 @@ use super::layout::*;
 use super::{Blob, Error, Store, chunk};
 use crate::digest::{Digest, Encoding};
 
+/// A whole blob read for a batch: its bytes and how they are encoded;
+/// `None` if absent.
+pub type BatchRead = Result<Option<(Bytes, Encoding)>, Error>;
+
+/// Options for reading chunk values to serve them. Every value carries its
+/// own CRC-32C, checked as it is decoded: RocksDB's checksum of the same
+/// bytes (checked on every read of a blob-file record) would be paid twice.
+fn serving() -> ReadOptions {
+    let mut opts = ReadOptions::default();
+    opts.set_verify_checksums(false);
+    opts
+}
+
 impl Store {
     /// The blob's bytes from `offset` to the end of the chunk holding it:
     /// decompresses exactly one chunk. Empty at or past the end of the blob.
@@ -133,10 +146,10 @@ impl Store {
     fn value_at(&self, blob_id: u64, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
         let cf = self.cf(CF_CHUNKS);
         // Sequential reads ask for chunk starts: one point lookup.
-        if let Some(v) = self.db.get_cf(cf, chunk_key(blob_id, offset))? {
+        if let Some(v) = self.db.get_cf_opt(cf, chunk_key(blob_id, offset), &serving())? {
             return Ok(Some((offset, v)));
         }
-        let mut opts = ReadOptions::default();
+        let mut opts = serving();
         opts.set_iterate_lower_bound(chunk_key(blob_id, 0));
         opts.set_iterate_upper_bound(chunk_key(blob_id + 1, 0));
         let mut it = self.db.raw_iterator_cf_opt(cf, opts);
@@ -160,6 +173,85 @@ impl Store {
             out.extend_from_slice(&part);
         }
         Ok(Some(Bytes::from(out)))
+    }
+
+    /// Small blobs whole, for a batch read, as [`Store::read_all`] (or, with
+    /// `zstd`, [`Store::read_all_encoded`]) reads each: `None` for an absent
+    /// one. One batched lookup finds their index entries and one more their
+    /// first chunks, where two point lookups a blob would; a blob that is
+    /// not one chunk (a list, client frames kept as chunks) is read alone.
+    /// Present blobs count as used.
+    pub fn read_batch(
+        &self,
+        digests: &[Digest],
+        zstd: bool,
+    ) -> Vec<Result<Option<(Bytes, Encoding)>, Error>> {
+        let alone = |d: &Digest| match zstd {
+            true => self.read_all_encoded(d),
+            false => self.read_all(d).map(|data| data.map(|data| (data, Encoding::Identity))),
+        };
+        let keys: Vec<Key> = digests.iter().map(index_key).collect();
+        let entries = self.db.batched_multi_get_cf(self.cf(CF_INDEX), &keys, false);
+        let mut results: Vec<Option<BatchRead>> = Vec::with_capacity(digests.len());
+        // Blobs whose first chunk may be all of them: (index, blob).
+        let mut whole = Vec::new();
+        for (i, (digest, entry)) in digests.iter().zip(entries).enumerate() {
+            let entry = entry.map_err(Error::from).and_then(|found| {
+                found
+                    .map(|v| {
+                        IndexEntry::decode(&v)
+                            .ok_or_else(|| Error::Corrupt(format!("index entry of {digest} is malformed")))
+                    })
+                    .transpose()
+            });
+            results.push(match entry {
+                _ if digest.is_empty_blob() => Some(Ok(Some((Bytes::new(), Encoding::Identity)))),
+                Ok(None) => Some(Ok(None)),
+                Ok(Some(entry)) if !entry.form.is_list() => {
+                    whole.push((i, Blob { digest: *digest, blob_id: entry.blob_id }));
+                    None
+                }
+                // A list, or an entry to look at again.
+                _ => None,
+            });
+        }
+        let chunk_keys: Vec<[u8; 16]> = whole.iter().map(|(_, blob)| chunk_key(blob.blob_id, 0)).collect();
+        let firsts = self.db.batched_multi_get_cf_opt(self.cf(CF_CHUNKS), &chunk_keys, false, &serving());
+        for ((i, blob), first) in whole.iter().zip(firsts) {
+            let value = match first {
+                Ok(Some(value)) if !chunk::is_blob_ref(&value) => value.to_vec(),
+                // Evicted meanwhile, a reference, RocksDB's error: read alone.
+                _ => continue,
+            };
+            let value = match self.resolve(blob.blob_id, value) {
+                Ok(value) => value,
+                Err(Error::Corrupt(detail)) => {
+                    results[*i] = Some(Err(self.remove_corrupt(blob, detail)));
+                    continue;
+                }
+                Err(e) => {
+                    results[*i] = Some(Err(e));
+                    continue;
+                }
+            };
+            let read = match zstd && chunk::is_compressed(&value) {
+                true => chunk::to_frame(value, 0).map(|(frame, held)| (frame, held, Encoding::Zstd)),
+                false => chunk::decode(&value).map(|data| {
+                    let held = data.len() as u64;
+                    (data, held, Encoding::Identity)
+                }),
+            };
+            results[*i] = match read {
+                Some((data, held, encoding)) if held == blob.digest.size => Ok(Some((data, encoding))).into(),
+                // More chunks follow: read alone.
+                Some(_) => None,
+                None => Err(self.remove_corrupt(blob, "the chunk at offset 0 fails its check".into())).into(),
+            };
+        }
+        self.touch(
+            whole.iter().filter(|(i, _)| matches!(results[*i], Some(Ok(Some(_))))).map(|(_, b)| b.digest),
+        );
+        digests.iter().zip(results).map(|(d, result)| result.unwrap_or_else(|| alone(d))).collect()
     }
 
     /// A whole small blob for a client that accepts zstd: the stored frames

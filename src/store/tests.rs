@@ -1158,3 +1158,51 @@ fn eviction_takes_old_lists_until_the_chunks_they_release_cover_the_want() {
         }
     }
 }
+
+#[test]
+fn a_batch_read_answers_each_blob_as_a_read_alone_would() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path()); // 64 KiB chunks
+    let text: Bytes = crate::testdata::text_bytes(30_000, 2).into();
+    let raw = bytes(20_000, 7); // does not compress: stored raw
+    let multi = bytes(150_000, 8); // three chunks
+    let corrupt = bytes(10_000, 9);
+    let blobs = [&text, &raw, &multi, &corrupt].map(|b| NewBlob::new(Digest::of(b), b.clone()));
+    assert!(store.put_blobs(&blobs).iter().all(Result::is_ok));
+    let entry = store.get_entry(&Digest::of(&corrupt)).unwrap().unwrap();
+    let key = chunk_key(entry.blob_id, 0);
+    let mut value = store.db.get_cf(store.cf(CF_CHUNKS), key).unwrap().unwrap();
+    value[20] ^= 0x10;
+    store.db.put_cf(store.cf(CF_CHUNKS), key, value).unwrap();
+    let asked = [
+        Digest::of(&text),
+        Digest::of(b"absent"),
+        Digest::empty(Function::Sha256),
+        Digest::of(&raw),
+        Digest::of(&multi),
+        Digest::of(&corrupt),
+    ];
+    for zstd in [false, true] {
+        let read = store.read_batch(&asked, zstd);
+        for (i, data) in [(0, &text), (3, &raw), (4, &multi)] {
+            let (got, encoding) = read[i].as_ref().unwrap().clone().unwrap();
+            let plain = match encoding {
+                Encoding::Identity => got.to_vec(),
+                Encoding::Zstd => zstd::stream::decode_all(&got[..]).unwrap(),
+            };
+            assert_eq!(plain, data.to_vec(), "blob {i}, zstd {zstd}");
+            let alone =
+                if zstd { store.read_all_encoded(&asked[i]).unwrap().unwrap().1 } else { Encoding::Identity };
+            assert_eq!(encoding, alone, "blob {i}: the encoding a read alone gives");
+        }
+        assert!(matches!(read[1], Ok(None)));
+        assert_eq!(read[2].as_ref().unwrap().as_ref().unwrap().0.len(), 0);
+        // A chunk failing its check is never served, and its blob goes.
+        assert!(matches!(read[5], Err(Error::Removed(_)) | Ok(None)), "{:?}", read[5]);
+    }
+    assert_eq!(store.contains(&[Digest::of(&corrupt)]).unwrap(), vec![false]);
+    assert_eq!(
+        store.read_batch(&[Digest::of(&text)], true)[0].as_ref().unwrap().as_ref().unwrap().1,
+        Encoding::Zstd
+    );
+}
