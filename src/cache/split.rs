@@ -14,7 +14,7 @@ use futures::StreamExt;
 use super::{Cache, Error, Incoming, Progress, blocking};
 use crate::cdc::Chunking;
 use crate::digest::{Digest, Encoding, Hasher};
-use crate::store::{Form, Spliced, Store};
+use crate::store::{Chunks, Form, Spliced, Store};
 
 /// Chunks are stored in batches of about this many bytes.
 const BATCH_BYTES: usize = 4 << 20;
@@ -35,7 +35,7 @@ impl Cache {
         // Kept as the list of its chunks from now on, its own bytes freed.
         if own && self.dedups(digest) {
             let (store, listed) = (Arc::clone(&self.store), chunks.clone());
-            blocking(move || store.splice(&digest, &listed, Form::ListFastCdc, true)).await?;
+            blocking(move || store.splice(&digest, &listed, Form::ListFastCdc, Chunks::CutFromBlob)).await?;
         }
         Ok(chunks)
     }
@@ -126,7 +126,7 @@ impl Cache {
         if self.dedups(blob) {
             let (store, listed) = (Arc::clone(&self.store), chunks.clone());
             if let Spliced::Done(written) =
-                blocking(move || store.splice(&blob, &listed, Form::List, false)).await?
+                blocking(move || store.splice(&blob, &listed, Form::List, Chunks::Named)).await?
             {
                 return self.replicate_one(blob, written).await;
             }

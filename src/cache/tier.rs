@@ -325,7 +325,7 @@ async fn fetch_list(
     futures::stream::iter(fetches).buffer_unordered(4).try_collect::<Vec<()>>().await?;
     let spliced = {
         let local = Arc::clone(local);
-        blocking(move || local.splice(&digest, &chunks, store::Form::List, false)).await
+        blocking(move || local.splice(&digest, &chunks, store::Form::List, store::Chunks::Named)).await
     };
     match spliced {
         Ok(store::Spliced::Done(_)) => Ok(true),

@@ -57,6 +57,19 @@ pub enum Spliced {
     Small,
 }
 
+/// Where the chunks of a splice come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chunks {
+    /// A client named them: their bytes are hashed against the blob's
+    /// digest before the list is made, and a stored blob is left as it is.
+    Named,
+    /// This server cut them from the stored blob itself (SplitBlob), each
+    /// one's digest computed from the bytes it read, checked as it read
+    /// them: the list is the blob by construction, and replaces it (its
+    /// bytes are freed) without being hashed again.
+    CutFromBlob,
+}
+
 impl Store {
     /// How the store cuts large uploads: FastCDC 2020 with the advertised
     /// parameters, which Bazel cuts with too.
@@ -155,51 +168,41 @@ impl Store {
         }
     }
 
-    /// Makes `digest` a list of the stored `chunks`, in order, after hashing
-    /// their bytes against it: nothing is copied. With `replace`, a whole
-    /// blob stored already is replaced by the list (its bytes are freed);
-    /// otherwise a stored blob is left as it is.
+    /// Makes `digest` a list of the stored `chunks`, in order: nothing is
+    /// copied. Chunks a client [named](Chunks::Named) are hashed against the
+    /// digest first; chunks [cut from the blob](Chunks::CutFromBlob) replace
+    /// a whole blob stored already.
     pub fn splice(
         &self,
         digest: &Digest,
         chunks: &[Digest],
         form: Form,
-        replace: bool,
+        from: Chunks,
     ) -> Result<Spliced, Error> {
         if digest.size <= Store::chunking().window() as u64 {
             return Ok(Spliced::Small);
         }
+        let replace = from == Chunks::CutFromBlob;
         let chunks: Vec<Digest> = chunks.iter().copied().filter(|c| !c.is_empty_blob()).collect();
+        let total = chunks.iter().fold(0u64, |sum, c| sum.saturating_add(c.size));
+        if replace && total != digest.size {
+            return Err(Error::Corrupt(format!(
+                "the chunks cut from {digest} hold {total} bytes, not {}",
+                digest.size
+            )));
+        }
         let present = |entry: Option<IndexEntry>| entry.is_some_and(|e| !(replace && e.form == Form::Whole));
         let entry = self.get_entry(digest)?;
         // A list of the blob itself is the blob.
         if digest.is_empty_blob() || present(entry) || (entry.is_some() && chunks.contains(digest)) {
             return Ok(Spliced::Done(Written::AlreadyPresent));
         }
-        // Verified before anything is written: the chunks' bytes, in order,
-        // must hash to the digest.
-        let mut hasher = Hasher::new(digest.function);
-        for chunk in &chunks {
-            let Some(blob) = self.locate(chunk)? else { return Ok(Spliced::Absent(*chunk)) };
-            if self.get_entry(chunk)?.is_some_and(|e| e.form.is_list()) {
-                return Ok(Spliced::Nested(*chunk));
+        if from == Chunks::Named {
+            // Before anything is written, the chunks' bytes, in order, must
+            // hash to the digest.
+            if let Some(refused) = self.verify_chunks(digest, &chunks)? {
+                return Ok(refused);
             }
-            let mut offset = 0;
-            while offset < chunk.size {
-                let data = match self.read_at(&blob, offset) {
-                    Ok(data) if !data.is_empty() => data,
-                    Ok(_) | Err(Error::Vanished(_)) | Err(Error::Removed(_)) => {
-                        return Ok(Spliced::Absent(*chunk));
-                    }
-                    Err(e) => return Err(e),
-                };
-                hasher.update(&data);
-                offset += data.len() as u64;
-            }
-        }
-        let actual = hasher.finish();
-        if actual != *digest {
-            return Err(Error::DigestMismatch(Box::new(Mismatch { expected: *digest, actual })));
         }
         let _guards = self.lock_stripes(chunks.iter().chain([digest]));
         let existing = self.get_entry(digest)?;
@@ -237,5 +240,34 @@ impl Store {
             self.count_queued(1, digest.size as i64);
         }
         Ok(Spliced::Done(Written::Stored))
+    }
+    /// Hashes the stored `chunks`, in order, against `digest`: `Some` of
+    /// why a list cannot be made here (a chunk absent or a list), an error
+    /// if they are not the blob.
+    fn verify_chunks(&self, digest: &Digest, chunks: &[Digest]) -> Result<Option<Spliced>, Error> {
+        let mut hasher = Hasher::new(digest.function);
+        for chunk in chunks {
+            let Some(blob) = self.locate(chunk)? else { return Ok(Some(Spliced::Absent(*chunk))) };
+            if self.get_entry(chunk)?.is_some_and(|e| e.form.is_list()) {
+                return Ok(Some(Spliced::Nested(*chunk)));
+            }
+            let mut offset = 0;
+            while offset < chunk.size {
+                let data = match self.read_at(&blob, offset) {
+                    Ok(data) if !data.is_empty() => data,
+                    Ok(_) | Err(Error::Vanished(_)) | Err(Error::Removed(_)) => {
+                        return Ok(Some(Spliced::Absent(*chunk)));
+                    }
+                    Err(e) => return Err(e),
+                };
+                hasher.update(&data);
+                offset += data.len() as u64;
+            }
+        }
+        let actual = hasher.finish();
+        if actual != *digest {
+            return Err(Error::DigestMismatch(Box::new(Mismatch { expected: *digest, actual })));
+        }
+        Ok(None)
     }
 }

@@ -35,7 +35,7 @@ use disk::Admitted;
 pub use evict::Evicted;
 pub use layout::Form;
 use layout::*;
-pub use lists::Spliced;
+pub use lists::{Chunks, Spliced};
 pub use queue::{QueueEntry, Queued};
 pub use scrub::Scrubbed;
 pub use upload::Upload;

@@ -998,20 +998,26 @@ fn a_spliced_blob_is_a_list_of_the_chunks_verified_first() {
     let before = store.stored_bytes().unwrap();
     // Out of order: refused, nothing visible.
     let wrong = [chunks[1], chunks[0], chunks[2]];
-    assert!(matches!(store.splice(&d, &wrong, Form::List, false), Err(Error::DigestMismatch(_))));
+    assert!(matches!(store.splice(&d, &wrong, Form::List, Chunks::Named), Err(Error::DigestMismatch(_))));
     assert!(!store.contains(&[d]).unwrap()[0]);
     let absent = Digest::of(b"not stored");
-    assert_eq!(store.splice(&d, &[absent], Form::List, false).unwrap(), Spliced::Absent(absent));
-    assert_eq!(store.splice(&chunks[0], &[chunks[0]], Form::List, false).unwrap(), Spliced::Small);
-    assert_eq!(store.splice(&d, &chunks, Form::List, false).unwrap(), Spliced::Done(Written::Stored));
+    assert_eq!(store.splice(&d, &[absent], Form::List, Chunks::Named).unwrap(), Spliced::Absent(absent));
+    assert_eq!(store.splice(&chunks[0], &[chunks[0]], Form::List, Chunks::Named).unwrap(), Spliced::Small);
+    assert_eq!(store.splice(&d, &chunks, Form::List, Chunks::Named).unwrap(), Spliced::Done(Written::Stored));
     assert!(store.stored_bytes().unwrap() - before < 1000, "a list costs its references only");
     assert_eq!(read_whole(&store, &d), data);
     let blob = store.locate(&d).unwrap().unwrap();
     assert_eq!(store.read_at(&blob, 3_999_999).unwrap(), data.slice(3_999_999..4_000_000));
-    assert_eq!(store.splice(&d, &chunks, Form::List, false).unwrap(), Spliced::Done(Written::AlreadyPresent));
+    assert_eq!(
+        store.splice(&d, &chunks, Form::List, Chunks::Named).unwrap(),
+        Spliced::Done(Written::AlreadyPresent)
+    );
     // A list of lists is not made.
     let twice = Bytes::from([&data[..], &data[..]].concat());
-    assert_eq!(store.splice(&Digest::of(&twice), &[d, d], Form::List, false).unwrap(), Spliced::Nested(d));
+    assert_eq!(
+        store.splice(&Digest::of(&twice), &[d, d], Form::List, Chunks::Named).unwrap(),
+        Spliced::Nested(d)
+    );
 }
 
 #[test]
@@ -1028,7 +1034,10 @@ fn a_split_whole_blob_becomes_a_list_and_gives_up_its_bytes() {
         at += len;
     }
     let both = store.stored_bytes().unwrap();
-    assert_eq!(store.splice(&d, &chunks, Form::ListFastCdc, true).unwrap(), Spliced::Done(Written::Stored));
+    assert_eq!(
+        store.splice(&d, &chunks, Form::ListFastCdc, Chunks::CutFromBlob).unwrap(),
+        Spliced::Done(Written::Stored)
+    );
     assert!(store.stored_bytes().unwrap() < both - (5 << 20) + 10_000, "the whole copy is freed");
     assert_eq!(store.list_of(&d).unwrap().unwrap(), (Form::ListFastCdc, chunks));
     assert_eq!(read_whole(&store, &d), data);
