@@ -174,23 +174,42 @@ fn is_public(address: IpAddr) -> bool {
                 || a.is_multicast()
                 || a.is_documentation()
                 || first == 0
+                // Benchmarking, 198.18.0.0/15; IETF protocol assignments, 192.0.0.0/24.
+                || (first == 198 && (second & 0xfe) == 18)
+                || (first == 192 && second == 0 && a.octets()[2] == 0)
                 // Shared address space (carrier-grade NAT), 100.64.0.0/10.
                 || (first == 100 && (64..128).contains(&second))
                 // Reserved for future use, 240.0.0.0/4.
                 || first >= 240)
         }
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(v4) => is_public(IpAddr::V4(v4)),
-            None => {
-                let first = a.segments()[0];
-                !(a.is_loopback()
-                    || a.is_unspecified()
-                    || a.is_multicast()
-                    // Unique local, fc00::/7, and link-local, fe80::/10.
-                    || (first & 0xfe00) == 0xfc00
-                    || (first & 0xffc0) == 0xfe80)
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            let v4 = |hi: u16, lo: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)))
+            };
+            match a.to_ipv4_mapped() {
+                Some(v4) => is_public(IpAddr::V4(v4)),
+                // IPv4 addresses inside IPv6 ones: NAT64 (64:ff9b::/96),
+                // 6to4 (2002::/16) and IPv4-compatible (::/96).
+                None if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] => is_public(v4(s[6], s[7])),
+                None if s[0] == 0x2002 => is_public(v4(s[1], s[2])),
+                None if s[..6] == [0; 6] => {
+                    !(a.is_loopback() || a.is_unspecified()) && is_public(v4(s[6], s[7]))
+                }
+                None => {
+                    let first = s[0];
+                    !(a.is_loopback()
+                        || a.is_unspecified()
+                        || a.is_multicast()
+                        // Unique local, fc00::/7; link-local, fe80::/10;
+                        // site-local, fec0::/10; local-use NAT64, 64:ff9b:1::/48.
+                        || (first & 0xfe00) == 0xfc00
+                        || (first & 0xffc0) == 0xfe80
+                        || (first & 0xffc0) == 0xfec0
+                        || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1))
+                }
             }
-        },
+        }
     }
 }
 
@@ -403,6 +422,9 @@ pub struct One<'a> {
 /// What downloads share: the HTTP client, the allow-list and credentials.
 pub struct Downloader {
     client: reqwest::Client,
+    /// For requests that carry headers (credentials): redirects only within
+    /// the same scheme, host and port, so no header reaches another host.
+    confined: reqwest::Client,
     allow: Arc<AllowList>,
     credentials: Credentials,
     timeout: Duration,
@@ -411,44 +433,59 @@ pub struct Downloader {
 impl Downloader {
     pub fn new(settings: Settings<'_>) -> Result<Downloader, Error> {
         let allow = Arc::new(settings.allow);
-        let policy = {
+        let roots = match settings.ca_file {
+            None => Vec::new(),
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| Error::Setup(format!("download_ca_file {}: {e}", path.display())))?;
+                let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| Error::Setup(format!("download_ca_file {}: {e}", path.display())))?;
+                if certificates.is_empty() {
+                    return Err(Error::Setup(format!(
+                        "download_ca_file {} holds no PEM certificate",
+                        path.display()
+                    )));
+                }
+                certificates
+            }
+        };
+        let client = |confined: bool| {
+            let resolver = Resolver { allow: Arc::clone(&allow) };
             let allow = Arc::clone(&allow);
-            reqwest::redirect::Policy::custom(move |attempt| {
+            let policy = reqwest::redirect::Policy::custom(move |attempt| {
                 if attempt.previous().len() > MAX_REDIRECTS {
                     return attempt.error(Error::Failed(format!("more than {MAX_REDIRECTS} redirects")));
+                }
+                let origin = |u: &Url| {
+                    (u.scheme().to_string(), u.host_str().map(str::to_string), u.port_or_known_default())
+                };
+                if confined && attempt.previous().first().map(origin) != Some(origin(attempt.url())) {
+                    let to = shown(attempt.url());
+                    return attempt.error(Error::NotAllowed(format!(
+                        "a redirect to {to}, another host, of a request carrying headers: they are not sent on"
+                    )));
                 }
                 match allow.admits(attempt.url()) {
                     Ok(()) => attempt.follow(),
                     Err(e) => attempt.error(e),
                 }
-            })
+            });
+            let mut builder = reqwest::Client::builder()
+                .redirect(policy)
+                .dns_resolver(Arc::new(resolver))
+                // Proxies from the environment would be asked for every host,
+                // past the allow-list's address checks.
+                .no_proxy()
+                .connect_timeout(Duration::from_secs(30))
+                .user_agent(concat!("larder/", env!("CARGO_PKG_VERSION")));
+            for certificate in &roots {
+                builder = builder.add_root_certificate(certificate.clone());
+            }
+            builder.build().map_err(|e| Error::Setup(format!("the download client: {e}")))
         };
-        let mut builder = reqwest::Client::builder()
-            .redirect(policy)
-            .dns_resolver(Arc::new(Resolver { allow: Arc::clone(&allow) }))
-            // Proxies from the environment would be asked for every host,
-            // past the allow-list's address checks.
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(30))
-            .user_agent(concat!("larder/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = settings.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| Error::Setup(format!("download_ca_file {}: {e}", path.display())))?;
-            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| Error::Setup(format!("download_ca_file {}: {e}", path.display())))?;
-            if certificates.is_empty() {
-                return Err(Error::Setup(format!(
-                    "download_ca_file {} holds no PEM certificate",
-                    path.display()
-                )));
-            }
-            for certificate in certificates {
-                builder = builder.add_root_certificate(certificate);
-            }
-        }
-        let client = builder.build().map_err(|e| Error::Setup(format!("the download client: {e}")))?;
+        let (client, confined) = (client(false)?, client(true)?);
         let credentials = settings.credentials.map(read_credentials).transpose()?.unwrap_or_default();
-        Ok(Downloader { client, allow, credentials, timeout: settings.timeout })
+        Ok(Downloader { client, confined, allow, credentials, timeout: settings.timeout })
     }
 
     /// The longest a download may take: the configured limit, or less if
@@ -488,14 +525,16 @@ impl Downloader {
         }
         let timed_out = || Error::TimedOut(format!("downloading {uri} took longer than its timeout"));
         let left = deadline.saturating_duration_since(Instant::now());
-        let request = self.client.get(url).headers(sent).timeout(left);
+        let client = if sent.is_empty() { &self.client } else { &self.confined };
+        let request = client.get(url).headers(sent).timeout(left);
         let mut response = tokio::time::timeout_at(deadline.into(), request.send())
             .await
             .map_err(|_| timed_out())?
             .map_err(|e| sent_error(uri, e))?;
+        // Only a whole body is content to record: a 206 or a 203 is not.
         let status = response.status();
-        if !status.is_success() {
-            let why = format!("{uri} answered {status}");
+        if status != StatusCode::OK {
+            let why = format!("{uri} answered {status}, not 200 OK");
             return Err(match status {
                 StatusCode::NOT_FOUND | StatusCode::GONE => Error::NotFound(why),
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Refused(why),
@@ -563,8 +602,12 @@ fn sent_error(uri: &str, e: reqwest::Error) -> Error {
     let e = e.without_url();
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(cause) = source {
-        if let Some(refused) = cause.downcast_ref::<Error>() {
-            return Error::NotAllowed(refused.to_string());
+        if let Some(found) = cause.downcast_ref::<Error>() {
+            // The redirect policy's own answer, as it gave it.
+            return match found {
+                Error::Failed(why) => Error::Failed(why.clone()),
+                _ => Error::NotAllowed(found.to_string()),
+            };
         }
         if let Some(host) = cause.downcast_ref::<Unreachable>() {
             return not_public(&host.0);
@@ -616,7 +659,14 @@ mod tests {
         assert!(list.admits(&url("file:///etc/passwd")).is_err());
         let any: AllowList = "*".parse().unwrap();
         assert!(any.admits(&url("https://crates.io/a")).is_ok());
+        assert!(any.admits(&url("http://[64:ff9b::808:808]/")).is_ok(), "NAT64 of 8.8.8.8");
         for private in [
+            "http://198.18.0.1/",
+            "http://[64:ff9b::a9fe:a9fe]/",
+            "http://[2002:a00:1::]/",
+            "http://[::a00:1]/",
+            "http://[fec0::1]/",
+            "http://[64:ff9b:1::1]/",
             "http://127.0.0.1/",
             "http://10.1.2.3/",
             "http://[::1]/",

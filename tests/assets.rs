@@ -240,7 +240,18 @@ async fn a_wrong_checksum_is_refused_and_nothing_is_recorded_or_stored() {
     assert_ne!(code(&after), Code::Ok, "nothing recorded: {after:?}");
 
     // The origin's own answers: a 404 is NOT_FOUND, in the status.
-    let origin = Origin::start(vec![("/gone", Reply::Status(404)), ("/boom", Reply::Status(503))]).await;
+    let origin = Origin::start(vec![
+        ("/gone", Reply::Status(404)),
+        ("/boom", Reply::Status(503)),
+        ("/part", Reply::Status(206)),
+    ])
+    .await;
+    // Only a 200's body is content to record.
+    let part = fetch.fetch_blob(fetch_request(&[origin.url("/part")], vec![])).await.unwrap().into_inner();
+    assert_eq!(code(&part), Code::Unavailable, "{part:?}");
+    // Headers that would change what the origin sends are refused.
+    let ranged = fetch_request(&[origin.url("/gone")], vec![q("http_header:Range", "bytes=0-9")]);
+    assert_code(fetch.fetch_blob(ranged).await, Code::InvalidArgument);
     let gone = fetch.fetch_blob(fetch_request(&[origin.url("/gone")], vec![])).await.unwrap().into_inner();
     assert_eq!(code(&gone), Code::NotFound, "{gone:?}");
     // Every URI is tried in order; the answer names the last failure.
@@ -386,7 +397,12 @@ async fn only_allowed_hosts_and_addresses_are_downloaded_from() {
         assert_eq!(code(&other), Code::NotFound, "{other:?}");
     }
     assert_eq!(origin.hits("/a"), 0);
-    // A redirect within the list is followed.
+    // A request carrying headers is not redirected to another host, even
+    // an allowed one: its headers stay with the host they were meant for.
+    let with_header =
+        fetch_request(&[origin2.url("/to-allowed")], vec![q("http_header:Authorization", "Bearer x")]);
+    denied(fetch.fetch_blob(with_header).await.unwrap().into_inner());
+    // Without, a redirect within the list is followed.
     let followed =
         fetch.fetch_blob(fetch_request(&[origin2.url("/to-allowed")], vec![])).await.unwrap().into_inner();
     assert_eq!((code(&followed), followed.blob_digest), (Code::Ok, Some(digest(&content))));

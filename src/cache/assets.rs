@@ -39,7 +39,8 @@ pub enum Kind {
     Directory,
 }
 
-/// A location to fetch from, with the headers its client asked to send.
+/// A location to fetch from, with the headers its client asked to send to
+/// it alone.
 #[derive(Clone, Debug)]
 pub struct Source {
     pub uri: String,
@@ -52,6 +53,8 @@ pub struct Wanted {
     pub kind: Kind,
     pub function: Function,
     pub sources: Vec<Source>,
+    /// Headers for every source (a source's own come after them).
+    pub headers: Vec<(String, String)>,
     /// Qualifiers that name the content along with the URI (sorted).
     pub qualifiers: Vec<(String, String)>,
     /// `checksum.sri`, checked against the content, never only trusted.
@@ -140,24 +143,32 @@ impl Downloads {
     }
 }
 
-/// The key of the record of `uri`: a digest of the kind, the URI and the
-/// qualifiers, each length-prefixed so that no two lists encode alike.
-fn key(kind: Kind, function: Function, uri: &str, qualifiers: &[(String, String)]) -> Digest {
-    let mut bytes = b"larder asset record 1\n".to_vec();
-    let mut field = |s: &str| {
+/// Length-prefixed fields, so that no two lists encode alike.
+fn fields<'a>(fields: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for s in fields {
         bytes.extend_from_slice(&(s.len() as u64).to_le_bytes());
         bytes.extend_from_slice(s.as_bytes());
-    };
-    field(match kind {
+    }
+    bytes
+}
+
+/// The naming qualifiers of a request, hashed once for all its URIs.
+fn naming(function: Function, qualifiers: &[(String, String)]) -> Digest {
+    function.digest(&fields(qualifiers.iter().flat_map(|(n, v)| [n.as_str(), v.as_str()])))
+}
+
+/// The key of the record of `uri`: a digest of the kind, the URI and the
+/// naming qualifiers' digest.
+fn key(kind: Kind, uri: &str, naming: &Digest) -> Digest {
+    let kind = match kind {
         Kind::Blob => "blob",
         Kind::Directory => "directory",
-    });
-    field(uri);
-    for (name, value) in qualifiers {
-        field(name);
-        field(value);
-    }
-    function.digest(&bytes)
+    };
+    let mut bytes = b"larder asset record 2\n".to_vec();
+    bytes.extend_from_slice(&fields([kind, uri]));
+    bytes.extend_from_slice(naming.hash());
+    naming.function.digest(&bytes)
 }
 
 /// A record as an action result.
@@ -217,10 +228,13 @@ impl Cache {
                 "{content} is not in the CAS: upload it before pushing a record of it"
             )));
         }
-        let record = Record { since_ms: store::now_ms() as i64, expires_ms: pushed.expires_ms.unwrap_or(0) };
+        // 0 means never: an expiry at the epoch is one already past.
+        let expires_ms = pushed.expires_ms.map_or(0, |ms| ms.max(1));
+        let record = Record { since_ms: store::now_ms() as i64, expires_ms };
         let result = to_result(pushed.kind, content, &pushed.blobs, &pushed.directories, record);
+        let naming = naming(content.function, &pushed.qualifiers);
         for uri in &pushed.uris {
-            let key = key(pushed.kind, content.function, uri, &pushed.qualifiers);
+            let key = key(pushed.kind, uri, &naming);
             self.put_action_result(pushed.instance.clone(), key, Some(key.size), &result).await?;
         }
         Ok(())
@@ -268,7 +282,8 @@ impl Cache {
             ))),
         };
         // Clients asking for the same content at once wait for one download.
-        let lock = downloads.lock(key(wanted.kind, wanted.function, &first, &wanted.qualifiers));
+        let naming = naming(wanted.function, &wanted.qualifiers);
+        let lock = downloads.lock(key(wanted.kind, &first, &naming));
         let Ok(_turn) = tokio::time::timeout_at(deadline.into(), lock.lock()).await else {
             return Ok(timed_out());
         };
@@ -287,7 +302,7 @@ impl Cache {
                 Ok(content) => {
                     let record = Record { since_ms, expires_ms: 0 };
                     let result = to_result(Kind::Blob, content, &[], &[], record);
-                    let key = key(Kind::Blob, wanted.function, &source.uri, &wanted.qualifiers);
+                    let key = key(Kind::Blob, &source.uri, &naming);
                     self.put_action_result(wanted.instance.clone(), key, Some(key.size), &result).await?;
                     self.metrics.asset_fetch("downloaded");
                     return Ok(Fetched::Found { uri: source.uri.clone(), content, expires_ms: None });
@@ -308,8 +323,9 @@ impl Cache {
     /// recent enough, complete, and matching `checksum.sri`.
     async fn recorded(&self, wanted: &Wanted) -> Result<Option<Fetched>, Error> {
         let now = store::now_ms() as i64;
+        let naming = naming(wanted.function, &wanted.qualifiers);
         for source in &wanted.sources {
-            let key = key(wanted.kind, wanted.function, &source.uri, &wanted.qualifiers);
+            let key = key(wanted.kind, &source.uri, &naming);
             let lookup = self.lookup(wanted.instance.clone(), key, Some(key.size), Inline::default()).await?;
             let Lookup::Hit(result) = lookup else { continue };
             let Some((content, record)) = from_result(&result, wanted.kind, wanted.function) else {
@@ -372,9 +388,10 @@ impl Cache {
             0 => downloads.max_size,
             max => max.min(downloads.max_size),
         };
+        let headers: Vec<(String, String)> = wanted.headers.iter().chain(&source.headers).cloned().collect();
         let one = download::One {
             uri: &source.uri,
-            headers: &source.headers,
+            headers: &headers,
             function: wanted.function,
             sri: wanted.sri.as_ref(),
             limit,

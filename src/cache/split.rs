@@ -31,9 +31,14 @@ impl Cache {
                 return Ok(chunks);
             }
         }
-        let chunks = self.cut(digest, chunking).await?;
-        // Kept as the list of its chunks from now on, its own bytes freed.
+        let (chunks, read) = self.cut(digest, chunking).await?;
+        // Kept as the list of its chunks from now on, its own bytes freed:
+        // only if what was read is the blob (each chunk was checked as it
+        // was read, but not that it was the chunk the index meant).
         if own && self.dedups(digest) {
+            if read != digest {
+                return Err(Error::DataLoss(format!("the stored bytes of {digest} hash to {read}")));
+            }
             let (store, listed) = (Arc::clone(&self.store), chunks.clone());
             blocking(move || store.splice(&digest, &listed, Form::ListFastCdc, Chunks::CutFromBlob)).await?;
         }
@@ -47,14 +52,16 @@ impl Cache {
         min > 0 && blob.size >= min
     }
 
-    /// Cuts the blob `digest` as it streams, and stores every chunk.
-    async fn cut(&self, digest: Digest, chunking: &Chunking) -> Result<Vec<Digest>, Error> {
+    /// Cuts the blob `digest` as it streams, and stores every chunk; with
+    /// the digest of all it read.
+    async fn cut(&self, digest: Digest, chunking: &Chunking) -> Result<(Vec<Digest>, Digest), Error> {
         let window = chunking.window();
         // The window being cut and a batch of chunks being stored.
         let _held = self.hold((window + BATCH_BYTES + window) as u64).await?;
         let mut pieces = self.read(digest, 0, digest.size, false).await?;
         let (mut buffer, mut batch, mut batch_bytes) = (BytesMut::new(), Vec::new(), 0);
         let (mut pass, mut chunks, mut ended) = (chunking.pass(), Vec::new(), false);
+        let mut read = Hasher::new(digest.function);
         loop {
             while !ended && buffer.len() < window {
                 match pieces.next().await {
@@ -67,6 +74,7 @@ impl Cache {
             }
             let cut = pass.cut(&buffer);
             let data = buffer.split_to(cut).freeze();
+            read.update(&data);
             let chunk = digest_of(digest, &data);
             if chunks.len() == self.max_chunks() {
                 return Err(Error::Invalid(format!(
@@ -82,7 +90,7 @@ impl Cache {
                 batch_bytes = 0;
             }
         }
-        Ok(chunks)
+        Ok((chunks, read.finish()))
     }
 
     /// The most chunk digests a reply can list within the largest message

@@ -187,7 +187,8 @@ pub(super) async fn upload_from(bucket: &Bucket, local: &Arc<Store>, digest: Dig
     let Some((_, chunks)) = list.filter(|(_, chunks)| chunks.len() <= objstore::MAX_LIST_CHUNKS) else {
         return upload_whole(bucket, local, digest).await;
     };
-    let present = bucket.contains(&chunks, None).await?;
+    // Asked for real: a chunk another node deleted would leave a list naming it.
+    let present = bucket.contains_now(&chunks).await?;
     let mut sent = HashSet::new();
     for (chunk, there) in chunks.iter().zip(present) {
         if !there && sent.insert(*chunk) {

@@ -41,8 +41,44 @@ struct Qualifiers {
 /// content apart, and ask nothing of the bytes.
 const NAMING: [&str; 2] = ["bazel.canonical_id", "resource_type"];
 
+/// Most URIs in one request: each costs lookups (Bazel sends a handful of
+/// mirrors).
+const MAX_URIS: usize = 256;
+/// Most bytes of all qualifiers' names and values together.
+const MAX_QUALIFIER_BYTES: usize = 64 << 10;
+/// Headers a client may not send to an origin: they would change what it
+/// answers (a part, another encoding, another virtual host) under a record
+/// every reader is served, or the framing of the request.
+const REFUSED_HEADERS: [&str; 10] = [
+    "host",
+    "range",
+    "if-range",
+    "accept-encoding",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+    "expect",
+];
+
+fn check_header(qualifier: &str, header: &str) -> Result<(), Status> {
+    if REFUSED_HEADERS.contains(&header.to_ascii_lowercase().as_str()) {
+        return Err(Status::invalid_argument(format!(
+            "qualifier {qualifier:?}: the header {header} would change what the origin sends under a shared record; it is not sent"
+        )));
+    }
+    Ok(())
+}
+
 impl Qualifiers {
     fn parse(list: &[Qualifier], uris: usize) -> Result<Qualifiers, Status> {
+        let bytes: usize = list.iter().map(|q| q.name.len() + q.value.len()).sum();
+        if bytes > MAX_QUALIFIER_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "the qualifiers hold {bytes} bytes, more than {MAX_QUALIFIER_BYTES}"
+            )));
+        }
         let mut seen = HashSet::new();
         let mut q = Qualifiers::default();
         let invalid =
@@ -56,6 +92,7 @@ impl Qualifiers {
             if name == "checksum.sri" {
                 q.sri = Some(value.parse().map_err(|e| invalid(name, e))?);
             } else if let Some(header) = name.strip_prefix("http_header:") {
+                check_header(name, header)?;
                 q.headers.push((header.to_string(), value.clone()));
             } else if let Some(rest) = name.strip_prefix("http_header_url:") {
                 let (index, header) = rest
@@ -65,11 +102,15 @@ impl Qualifiers {
                 if index >= uris {
                     return Err(invalid(name, format!("there are {uris} URIs, numbered from 0")));
                 }
+                check_header(name, header)?;
                 q.headers_of.entry(index).or_default().push((header.to_string(), value.clone()));
             } else if name == "bazel.auth_headers" {
                 let parsed: HashMap<String, HashMap<String, String>> = serde_json::from_str(value)
                     .map_err(|e| invalid(name, format!("not a JSON object of header objects: {e}")))?;
                 for (uri, headers) in parsed {
+                    for header in headers.keys() {
+                        check_header(name, header)?;
+                    }
                     q.headers_by_uri.entry(uri).or_default().extend(headers);
                 }
             } else {
@@ -83,13 +124,13 @@ impl Qualifiers {
         Ok(q)
     }
 
-    /// The sources to fetch from: each URI with the headers meant for it.
+    /// The sources to fetch from: each URI with the headers meant for it
+    /// alone (those for every URI stay in `headers`).
     fn sources(&mut self, uris: Vec<String>) -> Vec<Source> {
         uris.into_iter()
             .enumerate()
             .map(|(i, uri)| {
-                let mut headers = self.headers.clone();
-                headers.extend(self.headers_by_uri.remove(&uri).unwrap_or_default());
+                let mut headers = self.headers_by_uri.remove(&uri).unwrap_or_default();
                 headers.extend(self.headers_of.remove(&i).unwrap_or_default());
                 Source { uri, headers }
             })
@@ -100,6 +141,12 @@ impl Qualifiers {
 fn check_uris(uris: &[String]) -> Result<(), Status> {
     if uris.is_empty() {
         return Err(Status::invalid_argument("uris is empty: give at least one URI"));
+    }
+    if uris.len() > MAX_URIS {
+        return Err(Status::invalid_argument(format!(
+            "uris lists {} URIs, more than {MAX_URIS}: give the mirrors worth trying",
+            uris.len()
+        )));
     }
     if uris.iter().any(String::is_empty) {
         return Err(Status::invalid_argument("uris holds an empty URI"));
@@ -190,6 +237,7 @@ impl FetchService {
             kind,
             function,
             sources: qualifiers.sources(request.uris),
+            headers: std::mem::take(&mut qualifiers.headers),
             qualifiers: std::mem::take(&mut qualifiers.naming),
             sri: qualifiers.sri,
             unsupported: qualifiers.unsupported,
@@ -372,9 +420,17 @@ mod tests {
         let naming: Vec<&str> = parsed.naming.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(naming, ["bazel.canonical_id", "resource_type", "vcs.commit"]);
         let sources = parsed.sources(vec!["https://a/x".into(), "https://b/x".into()]);
+        assert_eq!(parsed.headers, [("Accept".to_string(), "*/*".to_string())], "for every URI");
         let names = |s: &Source| s.headers.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-        assert_eq!(names(&sources[0]), ["Accept", "Authorization"]);
-        assert_eq!(sources[1].headers[1], ("Authorization".into(), "Bearer b".into()));
+        assert_eq!(names(&sources[0]), ["Authorization"]);
+        assert_eq!(sources[1].headers[0], ("Authorization".into(), "Bearer b".into()));
+        for refused in ["http_header:Range", "http_header:HOST", "http_header_url:0:Accept-Encoding"] {
+            assert!(Qualifiers::parse(&[q(refused, "x")], 2).is_err(), "{refused}");
+        }
+        let json = r#"{"https://a/x": {"Range": "bytes=0-9"}}"#;
+        assert!(Qualifiers::parse(&[q("bazel.auth_headers", json)], 1).is_err());
+        assert!(Qualifiers::parse(&[q("a", &"v".repeat(70_000))], 1).is_err(), "qualifiers are bounded");
+        assert!(check_uris(&vec!["u".to_string(); 257]).is_err());
         let twice = Qualifiers::parse(&[q("a", "1"), q("a", "2")], 1).unwrap_err();
         assert!(twice.message().contains("twice"), "{twice:?}");
         assert!(Qualifiers::parse(&[q("http_header_url:2:A", "v")], 2).is_err());

@@ -102,6 +102,12 @@ pub fn blob_ref(digest: &Digest, blob_id: u64) -> Vec<u8> {
     payload
 }
 
+/// Whether a stored value carries no checksum of its own: a chunk as
+/// larder wrote them before checksums (`RAW`, `ZSTD` tags).
+pub fn is_unsummed(value: &[u8]) -> bool {
+    matches!(value.last(), Some(&RAW) | Some(&ZSTD))
+}
+
 /// Whether a stored value refers to a whole blob (checked or not: see
 /// [`blob_ref_of`]).
 pub fn is_blob_ref(value: &[u8]) -> bool {

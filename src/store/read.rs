@@ -13,9 +13,11 @@ use crate::digest::{Digest, Encoding};
 /// `None` if absent.
 pub type BatchRead = Result<Option<(Bytes, Encoding)>, Error>;
 
-/// Options for reading chunk values to serve them. Every value carries its
-/// own CRC-32C, checked as it is decoded: RocksDB's checksum of the same
-/// bytes (checked on every read of a blob-file record) would be paid twice.
+/// Options for reading chunk values to serve them. Every value written
+/// since checksums carries its own CRC-32C, checked as it is decoded:
+/// RocksDB's checksum of the same bytes (checked on every read of a
+/// blob-file record) would be paid twice. A value from before them is read
+/// again with RocksDB's check ([`Store::checked`]).
 fn serving() -> ReadOptions {
     let mut opts = ReadOptions::default();
     opts.set_verify_checksums(false);
@@ -147,7 +149,7 @@ impl Store {
         let cf = self.cf(CF_CHUNKS);
         // Sequential reads ask for chunk starts: one point lookup.
         if let Some(v) = self.db.get_cf_opt(cf, chunk_key(blob_id, offset), &serving())? {
-            return Ok(Some((offset, v)));
+            return Ok(Some((offset, self.checked(chunk_key(blob_id, offset), v)?)));
         }
         let mut opts = serving();
         opts.set_iterate_lower_bound(chunk_key(blob_id, 0));
@@ -156,9 +158,25 @@ impl Store {
         it.seek_for_prev(chunk_key(blob_id, offset));
         it.status()?;
         match (it.key().and_then(split_chunk_key), it.value()) {
-            (Some((_, start)), Some(v)) => Ok(Some((start, v.to_vec()))),
+            (Some((_, start)), Some(v)) => {
+                Ok(Some((start, self.checked(chunk_key(blob_id, start), v.to_vec())?)))
+            }
             _ => Ok(None),
         }
+    }
+
+    /// A chunk value read without RocksDB's checksum, as it may be served:
+    /// read again with it if the value has no checksum of its own.
+    fn checked(&self, key: [u8; 16], value: Vec<u8>) -> Result<Vec<u8>, Error> {
+        if !chunk::is_unsummed(&value) {
+            return Ok(value);
+        }
+        self.db.get_cf(self.cf(CF_CHUNKS), key)?.ok_or_else(|| {
+            Error::Vanished(format!(
+                "a chunk of blob id {} went while it was read",
+                u64::from_be_bytes(key[..8].try_into().expect("8 bytes"))
+            ))
+        })
     }
 
     /// A whole blob in memory, for small blobs (batch reads, directories,
@@ -219,7 +237,9 @@ impl Store {
         let firsts = self.db.batched_multi_get_cf_opt(self.cf(CF_CHUNKS), &chunk_keys, false, &serving());
         for ((i, blob), first) in whole.iter().zip(firsts) {
             let value = match first {
-                Ok(Some(value)) if !chunk::is_blob_ref(&value) => value.to_vec(),
+                Ok(Some(value)) if !chunk::is_blob_ref(&value) && !chunk::is_unsummed(&value) => {
+                    value.to_vec()
+                }
                 // Evicted meanwhile, a reference, RocksDB's error: read alone.
                 _ => continue,
             };
