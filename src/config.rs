@@ -254,6 +254,26 @@ options! {
         /// answered by then count as missing (clients send them again).
         #[serde(deserialize_with = "duration")]
         lookup_timeout: Duration, "DURATION";
+        /// Bytes the bucket may hold; beyond them, the least recently used
+        /// objects are deleted (0: no limit). Set it on every node.
+        max_size: ByteSize, "SIZE";
+        /// Which node trims: `lease` (nodes take turns through the bucket),
+        /// `always` (this node; say `never` on the others) or `never`.
+        trim: crate::objstore::trim::Turns, "TURNS";
+        /// How often the trimming node measures the bucket.
+        #[serde(deserialize_with = "duration")]
+        trim_interval: Duration, "DURATION";
+        /// Objects used more recently are never trimmed (at least
+        /// s3_existence_ttl + s3_touch_interval).
+        #[serde(deserialize_with = "duration")]
+        trim_min_age: Duration, "DURATION";
+        /// Each node records a use of one object in the bucket at most
+        /// this often.
+        #[serde(deserialize_with = "duration")]
+        touch_interval: Duration, "DURATION";
+        /// A trimming node silent this long loses its turn to another.
+        #[serde(deserialize_with = "duration")]
+        trim_lease: Duration, "DURATION";
     }
 }
 
@@ -426,6 +446,14 @@ impl Config {
             max_action_result: self.limits.max_message_size.0 as usize,
             existence_ttl: s3.existence_ttl,
             existence_entries: s3.existence_entries,
+            trim: (s3.max_size.0 > 0).then_some(crate::objstore::trim::Trim {
+                max_size: s3.max_size.0,
+                min_age: s3.trim_min_age,
+                interval: s3.trim_interval,
+                touch_interval: s3.touch_interval,
+                turns: s3.trim,
+                lease: s3.trim_lease,
+            }),
         })
     }
 
@@ -472,6 +500,20 @@ impl Config {
         }
         if s3.write_back && s3.endpoint.is_none() {
             return invalid("s3_write_back", "only means something with s3_endpoint".into());
+        }
+        // A blob a node remembers present, or saw used, must not be trimmed
+        // while that memory lasts.
+        if s3.max_size.0 > 0 && s3.trim_min_age < s3.existence_ttl + s3.touch_interval {
+            return invalid(
+                "s3_trim_min_age",
+                format!(
+                    "must be at least s3_existence_ttl + s3_touch_interval ({:?}), so that no node remembers a trimmed blob present",
+                    s3.existence_ttl + s3.touch_interval
+                ),
+            );
+        }
+        if s3.max_size.0 > 0 && (s3.trim_lease < Duration::from_secs(3) || s3.trim_interval.is_zero()) {
+            return invalid("s3_trim_lease", "must be at least 3s, and s3_trim_interval more than 0".into());
         }
         let largest_chunk = crate::store::Store::chunking().window() as u64;
         if store.dedup_min_size.0 != 0 && store.dedup_min_size.0 <= largest_chunk {

@@ -46,6 +46,9 @@ pub struct Metrics {
     asset_fetches: Family<FetchLabels, Counter>,
     object_store_requests: Family<RequestLabels, Counter>,
     object_store_remembered: Counter,
+    /// The trimmer's work: passes that deleted, objects and bytes deleted.
+    object_store_trims: [Counter; 3],
+    object_store_bytes: Gauge,
     asset_downloaded_bytes: Counter,
     calls: Family<CallLabels, Counter>,
     durations: Family<CallLabels, Histogram>,
@@ -126,6 +129,20 @@ impl Default for Metrics {
             "object_store_remembered",
             "Object-store lookups answered from what this node knows is there, without a request",
             object_store_remembered.clone(),
+        );
+        let object_store_trims = [Counter::default(), Counter::default(), Counter::default()];
+        for (name, help, counter) in [
+            ("object_store_trims", "Trim passes that deleted objects from the object store", 0),
+            ("object_store_trimmed_objects", "Objects the trimmer deleted (their last-use markers aside)", 1),
+            ("object_store_trimmed_bytes", "Bytes the trimmer deleted from the object store", 2),
+        ] {
+            registry.register(name, help, object_store_trims[counter].clone());
+        }
+        let object_store_bytes = Gauge::default();
+        registry.register(
+            "object_store_bytes",
+            "Bytes in the object store at this node's last measurement (the trimming node measures; 0: not measured)",
+            object_store_bytes.clone(),
         );
         let asset_downloaded_bytes = Counter::default();
         registry.register(
@@ -233,6 +250,8 @@ impl Default for Metrics {
             asset_fetches,
             object_store_requests,
             object_store_remembered,
+            object_store_trims,
+            object_store_bytes,
             asset_downloaded_bytes,
             calls,
             durations,
@@ -308,6 +327,12 @@ impl Metrics {
             }
             let counter = &self.object_store_remembered;
             counter.inc_by(remembered.saturating_sub(counter.get()));
+            let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            let trims = [&requests.trims, &requests.trimmed_objects, &requests.trimmed_bytes];
+            for (counter, total) in self.object_store_trims.iter().zip(trims) {
+                counter.inc_by(get(total).saturating_sub(counter.get()));
+            }
+            self.object_store_bytes.set(i64::try_from(get(&requests.bucket_bytes)).unwrap_or(i64::MAX));
         }
         let g = &self.store;
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);

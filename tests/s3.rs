@@ -837,7 +837,8 @@ async fn an_asset_pushed_through_one_node_is_fetched_through_another() {
 }
 
 /// A proxy in front of the gateway that counts requests by method, and may
-/// hold HEADs back: what the object store is asked, seen from outside.
+/// hold requests of one method back: what the object store is asked, seen
+/// from outside.
 struct CountingProxy {
     addr: std::net::SocketAddr,
     counts: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
@@ -845,7 +846,7 @@ struct CountingProxy {
 }
 
 impl CountingProxy {
-    async fn start(upstream: &str, head_delay: std::time::Duration) -> CountingProxy {
+    async fn start(upstream: &str, delayed: http::Method, delay: std::time::Duration) -> CountingProxy {
         use http_body_util::BodyExt;
         use std::sync::{Arc, Mutex};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -858,19 +859,20 @@ impl CountingProxy {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let (counts, upstream, client) = (Arc::clone(&counted), upstream.clone(), client.clone());
+                let delayed = delayed.clone();
                 connections.spawn(async move {
                     let service =
                         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                            let (counts, upstream, client) =
-                                (Arc::clone(&counts), upstream.clone(), client.clone());
+                            let (counts, upstream, client, delayed) =
+                                (Arc::clone(&counts), upstream.clone(), client.clone(), delayed.clone());
                             async move {
                                 let method = request.method().clone();
                                 *counts.lock().unwrap().entry(method.to_string()).or_default() += 1;
-                                if method == http::Method::HEAD {
-                                    tokio::time::sleep(head_delay).await;
+                                if method == delayed {
+                                    tokio::time::sleep(delay).await;
                                 }
                                 let target = format!("{upstream}{}", request.uri().path_and_query().unwrap());
-                                let mut forwarded = client.request(method, target);
+                                let mut forwarded = client.request(method.clone(), target);
                                 for (name, value) in request.headers() {
                                     if !matches!(
                                         name.as_str(),
@@ -880,6 +882,13 @@ impl CountingProxy {
                                     }
                                 }
                                 let body = request.into_body().collect().await.unwrap().to_bytes();
+                                if body.is_empty()
+                                    && method != http::Method::GET
+                                    && method != http::Method::HEAD
+                                {
+                                    // As the client sent it: S3 wants a length on a PUT.
+                                    forwarded = forwarded.header("content-length", "0");
+                                }
                                 let answer = forwarded.body(body).send().await.unwrap();
                                 let mut response = hyper::Response::builder().status(answer.status());
                                 for (name, value) in answer.headers() {
@@ -921,7 +930,7 @@ async fn find_missing_remembers_what_the_object_store_holds() {
     let Some(rgw) = Rgw::start() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let prefix = prefix();
-    let proxy = CountingProxy::start(&rgw.endpoint, std::time::Duration::ZERO).await;
+    let proxy = CountingProxy::start(&rgw.endpoint, http::Method::HEAD, std::time::Duration::ZERO).await;
     let endpoint = format!("http://{}", proxy.addr);
     let node = |dir: &str, extra: &[&str]| {
         let mut flags = vec!["--s3-endpoint", &endpoint, "--s3-bucket", &rgw.bucket, "--s3-prefix", &prefix];
@@ -968,7 +977,8 @@ async fn find_missing_remembers_what_the_object_store_holds() {
 
     // An object store slow to answer: the call ends at the lookup timeout,
     // what was not answered counted missing.
-    let slow = CountingProxy::start(&rgw.endpoint, std::time::Duration::from_secs(30)).await;
+    let slow =
+        CountingProxy::start(&rgw.endpoint, http::Method::HEAD, std::time::Duration::from_secs(30)).await;
     let slow_endpoint = format!("http://{}", slow.addr);
     let flags = [
         "--s3-endpoint",
@@ -986,4 +996,220 @@ async fn find_missing_remembers_what_the_object_store_holds() {
     assert_eq!(cc.find_missing(&digests[..5]).await.len(), 5, "not answered in time: missing");
     let took = started.elapsed();
     assert!(took < std::time::Duration::from_secs(10), "answered after {took:?}");
+}
+
+/// Flags of a node that trims a bucket to 2 MiB, in test time: objects
+/// unused for 2 s may go.
+const TRIM: [&str; 12] = [
+    "--s3-max-size",
+    "2MiB",
+    "--s3-trim-interval",
+    "300ms",
+    "--s3-trim-min-age",
+    "2s",
+    "--s3-existence-ttl",
+    "1s",
+    "--s3-touch-interval",
+    "1s",
+    "--s3-trim-lease",
+    "3s",
+];
+const BUDGET: u64 = 2 << 20;
+
+/// Bytes of all larder's objects in the bucket (markers and lease included).
+async fn bucket_size(rgw: &Rgw, prefix: &str) -> u64 {
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    let path = object_store::path::Path::from(format!("{prefix}/larder/v1"));
+    let objects: Vec<_> = rgw.client().list(Some(&path)).try_collect().await.unwrap();
+    objects.iter().map(|o| o.size).sum()
+}
+
+/// A metric of `node`, 0 if it has none yet.
+async fn node_metric(node: &TestServer, name: &str) -> u64 {
+    let metrics = reqwest::get(format!("http://{}/metrics", node.addr)).await.unwrap().text().await.unwrap();
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An action result naming `outputs` as files.
+fn result_naming(outputs: &[Vec<u8>]) -> reapi::ActionResult {
+    let output_files = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| reapi::OutputFile {
+            path: format!("out/{i}"),
+            digest: Some(digest(o)),
+            ..Default::default()
+        })
+        .collect();
+    reapi::ActionResult { output_files, ..Default::default() }
+}
+
+/// Asks `client` for each action's result: a hit must have every output
+/// readable, with the bytes written; the counts of hits and misses.
+async fn hits_are_complete(
+    client: &mut Clients,
+    actions: &[(reapi::Digest, Vec<Vec<u8>>)],
+) -> (usize, usize) {
+    let (mut hits, mut misses) = (0, 0);
+    for (action, outputs) in actions {
+        let request =
+            reapi::GetActionResultRequest { action_digest: Some(action.clone()), ..Default::default() };
+        match client.ac.get_action_result(request).await {
+            Ok(result) => {
+                assert_eq!(result.into_inner().output_files.len(), outputs.len());
+                for output in outputs {
+                    let read = client.read(&read_name("", output), 0, 0).await;
+                    assert_eq!(read.expect("a hit's output reads back"), *output, "action {}", action.hash);
+                }
+                hits += 1;
+            }
+            Err(status) if status.code() == Code::NotFound => misses += 1,
+            Err(status) => panic!("GetActionResult of {}: {status}", action.hash),
+        }
+    }
+    (hits, misses)
+}
+
+/// Two nodes on one bucket with a size budget far below what they write:
+/// the bucket stays within 1.1 times the budget, a hot set read throughout
+/// survives, one node alone trims, and every action result either node or
+/// a new one serves has all its outputs (or is a miss).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_keep_the_bucket_within_its_size_budget() {
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let a = rgw.node_with(&tmp.path().join("a"), &prefix, &TRIM);
+    let b = rgw.node_with(&tmp.path().join("b"), &prefix, &TRIM);
+    let (mut ca, mut cb) = (Clients::connect(&a.addr).await, Clients::connect(&b.addr).await);
+    let hot: Vec<Vec<u8>> = (0..8).map(|i| random_bytes(16 << 10, 7000 + i)).collect();
+    let hot_refs: Vec<&[u8]> = hot.iter().map(Vec::as_slice).collect();
+    assert_eq!(ca.batch_update(&hot_refs).await, vec![0; 8]);
+
+    let (mut actions, mut written, mut peak) = (Vec::new(), 0u64, 0u64);
+    for round in 0..80u64 {
+        let client = if round % 2 == 0 { &mut ca } else { &mut cb };
+        let blobs: Vec<Vec<u8>> = (0..4).map(|i| random_bytes(16 << 10, round * 10 + i + 1)).collect();
+        let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+        assert_eq!(client.batch_update(&refs).await, vec![0; 4]);
+        written += 4 * (16 << 10);
+        let action = digest(format!("action {round}").as_bytes());
+        client.put_action_result(&action, result_naming(&blobs)).await;
+        actions.push((action, blobs));
+        // The hot set is read through B all along.
+        for h in &hot {
+            assert_eq!(&cb.read(&read_name("", h), 0, 0).await.unwrap(), h);
+        }
+        peak = peak.max(bucket_size(&rgw, &prefix).await);
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    }
+    assert!(written > 2 * BUDGET, "the nodes wrote {written} bytes");
+    assert!(peak <= BUDGET + BUDGET / 10, "the bucket held {peak} bytes, budget {BUDGET}");
+
+    // One node trims; the other never did.
+    let trims_a = node_metric(&a, "larder_object_store_trims_total").await;
+    let trims_b = node_metric(&b, "larder_object_store_trims_total").await;
+    assert!((trims_a > 0) != (trims_b > 0), "trims: A {trims_a}, B {trims_b}");
+    let trimmer = if trims_a > 0 { &a } else { &b };
+    assert!(node_metric(trimmer, "larder_object_store_trimmed_bytes_total").await >= written - 2 * BUDGET);
+    assert!(node_metric(trimmer, "larder_object_store_bytes").await > 0);
+
+    // The hot set survived in the bucket.
+    for h in &hot {
+        use object_store::ObjectStoreExt;
+        rgw.client().head(&rgw.path(&prefix, h)).await.expect("a hot blob is still in the bucket");
+    }
+    // Every result served is complete, through B and through a new node.
+    let (hits, misses) = hits_are_complete(&mut cb, &actions).await;
+    assert!(hits > 0 && misses > 0, "through B: {hits} hits, {misses} misses");
+    let c = rgw.node_with(&tmp.path().join("c"), &prefix, &TRIM);
+    let mut cc = Clients::connect(&c.addr).await;
+    let (hits, misses) = hits_are_complete(&mut cc, &actions).await;
+    assert!(hits > 0 && misses > 0, "through a new node: {hits} hits, {misses} misses");
+}
+
+/// A trimmer killed with SIGKILL mid-pass leaves the bucket consistent,
+/// and another node takes the lease over and finishes the pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trimmer_killed_mid_pass_is_taken_over() {
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    // Four thousand objects, four times the budget, through a node that
+    // does not trim: four multi-object deletes to trim them.
+    let w = rgw.node(&tmp.path().join("w"), &prefix);
+    let mut cw = Clients::connect(&w.addr).await;
+    let mut actions = Vec::new();
+    for round in 0..64u64 {
+        let mut blobs: Vec<Vec<u8>> =
+            (0..64).map(|i| random_bytes(2 << 10, 9000 + round * 100 + i)).collect();
+        let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+        assert_eq!(cw.batch_update(&refs).await, vec![0; 64]);
+        blobs.truncate(4);
+        let action = digest(format!("killed trimmer {round}").as_bytes());
+        cw.put_action_result(&action, result_naming(&blobs)).await;
+        actions.push((action, blobs));
+    }
+    drop(w);
+    let written = bucket_bytes(&rgw, &prefix).await.0;
+    assert!(written > 3 * BUDGET, "{written} bytes written");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+
+    // A trims through a proxy that holds each multi-object delete back.
+    let proxy =
+        CountingProxy::start(&rgw.endpoint, http::Method::POST, std::time::Duration::from_millis(1500)).await;
+    let endpoint = format!("http://{}", proxy.addr);
+    // A lease of 6 s: a renewal waits for a held-back delete.
+    let mut trim = TRIM.to_vec();
+    trim[11] = "6s";
+    let mut flags = vec!["--s3-endpoint", &endpoint, "--s3-bucket", &rgw.bucket, "--s3-prefix", &prefix];
+    flags.extend_from_slice(&trim);
+    let mut env = rgw.env.clone();
+    env.push(("RUST_LOG".into(), "info".into()));
+    let a = TestServer::start_with_env(&tmp.path().join("a"), &flags, &env);
+    // Killed once its first deletes are done (each is held 1.5 s).
+    let started = std::time::Instant::now();
+    while bucket_bytes(&rgw, &prefix).await.0 == written {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "A never trimmed: {}", a.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let a_log = a.log();
+    a.kill();
+    let left = bucket_size(&rgw, &prefix).await;
+    assert!(left > BUDGET, "A was killed mid-pass, yet the bucket holds {left} bytes");
+
+    // Consistent: every result a new node serves is complete.
+    let c = rgw.node(&tmp.path().join("c"), &prefix);
+    let mut cc = Clients::connect(&c.addr).await;
+    hits_are_complete(&mut cc, &actions).await;
+    drop(c);
+
+    // B measures only hourly: what it trims is A's pass, resumed.
+    let mut flags = trim.clone();
+    flags[3] = "1h";
+    let mut env = rgw.env.clone();
+    env.push(("RUST_LOG".into(), "info".into()));
+    let mut all = vec!["--s3-endpoint", &rgw.endpoint, "--s3-bucket", &rgw.bucket, "--s3-prefix", &prefix];
+    all.extend_from_slice(&flags);
+    let b = TestServer::start_with_env(&tmp.path().join("b"), &all, &env);
+    let started = std::time::Instant::now();
+    while node_metric(&b, "larder_object_store_trims_total").await == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "B never took the pass over: {}\n\nA: {a_log}",
+            b.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let size = bucket_size(&rgw, &prefix).await;
+    assert!(size <= BUDGET, "after the pass the bucket holds {size} bytes");
+    let c = rgw.node(&tmp.path().join("c2"), &prefix);
+    let mut cc = Clients::connect(&c.addr).await;
+    let (hits, misses) = hits_are_complete(&mut cc, &actions).await;
+    assert!(hits > 0 && misses > 0, "after the pass: {hits} hits, {misses} misses");
 }

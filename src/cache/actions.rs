@@ -165,8 +165,13 @@ impl Cache {
         let mut rounds = 0;
         loop {
             let (store, checked, limit) = (Arc::clone(&self.store), result.clone(), self.limits.directories);
-            let missing = blocking(move || missing_blobs(&store, &checked, function, limit)).await?;
+            let (missing, used) = blocking(move || missing_blobs(&store, &checked, function, limit)).await?;
             let Some(&first) = missing.first() else {
+                // A hit: the result and all it names are used, in the object store too.
+                if let Some(tier) = &self.tier {
+                    tier.bucket.touch_action_result(&instance, &action);
+                    self.touch(&used).await;
+                }
                 break;
             };
             // Each round brings in one level: outputs, then what their
@@ -232,19 +237,20 @@ fn referenced_blobs(result: &ActionResult, function: FunctionHint) -> Result<Vec
 /// The blobs the result depends on that are missing from the CAS, at the
 /// first level that has any: direct references, else the files and
 /// directories inside output directories (as far as their Directory blobs
-/// are present). Every blob found counts as used.
+/// are present). Every blob found counts as used. With them, every blob
+/// looked at: when none is missing, all the result depends on.
 fn missing_blobs(
     store: &Store,
     result: &ActionResult,
     function: FunctionHint,
     limit: DirectoryLimit,
-) -> Result<Vec<Digest>, Error> {
+) -> Result<(Vec<Digest>, Vec<Digest>), Error> {
     let Ok(direct) = referenced_blobs(result, function) else {
         return Err(Error::DataLoss("a stored action result has a malformed digest".into()));
     };
     let missing = absent(store, &direct)?;
     if !missing.is_empty() {
-        return Ok(missing);
+        return Ok((missing, direct));
     }
     let mut missing_directories = Vec::new();
     let mut inner = Vec::new();
@@ -279,7 +285,9 @@ fn missing_blobs(
     inner.sort_unstable();
     inner.dedup();
     missing_directories.extend(absent(store, &inner)?);
-    Ok(missing_directories)
+    inner.extend(direct);
+    inner.extend(seen);
+    Ok((missing_directories, inner))
 }
 
 fn absent(store: &Store, digests: &[Digest]) -> Result<Vec<Digest>, Error> {

@@ -60,6 +60,8 @@ pub struct Tier {
     /// FindMissingBlobs waits this long for the object store's answers;
     /// blobs not answered by then count as missing.
     lookup_timeout: std::time::Duration,
+    /// The bucket's size budget, if it has one.
+    trim: Option<objstore::trim::Trim>,
 }
 
 impl Tier {
@@ -69,7 +71,8 @@ impl Tier {
         lookup_timeout: std::time::Duration,
     ) -> Result<Tier, Error> {
         let bucket = Arc::new(Bucket::connect(settings)?);
-        Ok(Tier { bucket, writes, wake: tokio::sync::Notify::new(), lookup_timeout })
+        let trim = settings.trim.clone();
+        Ok(Tier { bucket, writes, wake: tokio::sync::Notify::new(), lookup_timeout, trim })
     }
 
     /// The requests sent to the object store so far, for the metrics.
@@ -188,8 +191,42 @@ impl Cache {
                 Ok(found) => misses.iter().zip(found).for_each(|(&i, f)| present[i] = f),
                 Err(e) => tracing::warn!("FindMissingBlobs answered from the local tier alone: {e}"),
             }
+            // A client told a blob is present relies on it: a use.
+            let found: Vec<Digest> =
+                digests.iter().zip(&present).filter(|(_, p)| **p).map(|(d, _)| *d).collect();
+            self.touch(&found).await;
         }
         Ok(digests.into_iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| d).collect())
+    }
+
+    /// Records in the object store that `digests` were used, for its
+    /// trimmer (see [`Bucket::touch_blobs`]), with the chunks of those the
+    /// local tier keeps as lists: a list's chunk objects must last as long
+    /// as the list's object, though readers of this node never ask the
+    /// bucket for them.
+    async fn touch(&self, digests: &[Digest]) {
+        let Some(tier) = &self.tier else { return };
+        let fresh: Vec<Digest> = digests
+            .iter()
+            .zip(tier.bucket.touch_blobs(digests))
+            .filter(|(_, f)| *f)
+            .map(|(d, _)| *d)
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        let chunks = blocking(move || {
+            let mut chunks = Vec::new();
+            for d in &fresh {
+                chunks.extend(store.list_of(d)?.map(|(_, c)| c).unwrap_or_default());
+            }
+            Ok::<_, store::Error>(chunks)
+        })
+        .await;
+        if let Ok(chunks) = chunks {
+            tier.bucket.touch_blobs(&chunks);
+        }
     }
 
     /// The stored blob of `function` whose hash is `hash`, whatever its size
@@ -208,11 +245,15 @@ impl Cache {
         }
     }
 
-    /// The replicator, with a first check that the object store answers,
-    /// for the server's supervisor to run; `None` without an object store.
-    pub fn replicator(self: &Arc<Self>) -> Option<impl Future<Output = ()> + Send + 'static> {
+    /// The object store tier's background work, for the server's
+    /// supervisor to run: a first check that the object store answers, then
+    /// the replicator, the writer of last-use markers and the trimmer (those
+    /// two with a size budget); `None` without an object store.
+    pub fn tier_work(self: &Arc<Self>) -> Option<impl Future<Output = ()> + Send + 'static> {
         let tier = Arc::clone(self.tier.as_ref()?);
         let cache = Arc::clone(self);
+        let toucher = tier.bucket.toucher();
+        let trimmer = tier.trim.clone().map(|trim| objstore::trim::run(Arc::clone(&tier.bucket), trim));
         Some(async move {
             // Say at once whether the object store answers; serving goes on either way.
             let waits = match tier.writes {
@@ -226,7 +267,17 @@ impl Cache {
                 }
                 Err(e) => tracing::warn!("object store tier {}: {e}; {waits} until it answers", tier.name()),
             }
-            replicator::run(cache, tier).await
+            let toucher = async move {
+                if let Some(toucher) = toucher {
+                    toucher.await
+                }
+            };
+            let trimmer = async move {
+                if let Some(trimmer) = trimmer {
+                    trimmer.await
+                }
+            };
+            tokio::join!(replicator::run(cache, tier), toucher, trimmer);
         })
     }
 }

@@ -45,6 +45,7 @@ impl Cache {
             (Some(blob), tier) => {
                 if tier.is_some() {
                     self.metrics.tier_reads(1, 0, 0);
+                    self.touch(&[digest]).await;
                 }
                 blob
             }
@@ -193,11 +194,16 @@ impl Cache {
             tracing::warn!("BatchReadBlobs: {e}");
         }
         let store = Arc::clone(&self.store);
-        blocking(move || {
+        let (digests, read) = blocking(move || {
             let read = store.read_batch(&digests, zstd).into_iter().zip(&digests);
-            Ok::<_, Error>(read.map(|(found, d)| found?.ok_or_else(|| not_found(d))).collect())
+            let read: Vec<_> = read.map(|(found, d)| found?.ok_or_else(|| not_found(d))).collect();
+            Ok::<_, Error>((digests, read))
         })
-        .await
+        .await?;
+        let found: Vec<Digest> =
+            digests.iter().zip(&read).filter(|(_, r)| r.is_ok()).map(|(d, _)| *d).collect();
+        self.touch(&found).await;
+        Ok(read)
     }
 }
 

@@ -142,6 +142,8 @@ impl Cache {
             let store = Arc::clone(&self.store);
             let queued = blocking(move || store.is_queued(&digest)).await?;
             if !queued && bucket.contains_now(&[digest]).await?[0] {
+                // Written again: a use of the object there.
+                self.touch(&[digest]).await;
                 return Ok(None);
             }
         }

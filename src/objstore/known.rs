@@ -59,7 +59,7 @@ struct Generations {
     previous_since: Instant,
 }
 
-fn fingerprint(digest: &Digest) -> u64 {
+pub fn fingerprint(digest: &Digest) -> u64 {
     let hash = digest.hash();
     let head = u64::from_le_bytes(hash[..8].try_into().expect("every hash has 8 bytes or more"));
     head ^ digest.size.rotate_left(17) ^ ((digest.function as u64) << 56)
@@ -120,9 +120,23 @@ impl Known {
         g.current.insert(f);
     }
 
+    /// Remembers each of `fingerprints`, and says which were new: for a
+    /// memory of what was done lately, not to be done again for a while.
+    pub fn insert_new(&self, fingerprints: impl Iterator<Item = u64>) -> Vec<bool> {
+        if self.max == 0 {
+            return fingerprints.map(|_| true).collect();
+        }
+        let mut g = self.lock();
+        self.age(&mut g);
+        fingerprints.map(|f| !g.previous.contains(&f) && g.current.insert(f)).collect()
+    }
+
     /// Forgets `digest` (its object was deleted).
     pub fn remove(&self, digest: &Digest) {
-        let f = fingerprint(digest);
+        self.remove_fingerprint(fingerprint(digest));
+    }
+
+    pub fn remove_fingerprint(&self, f: u64) {
         let mut g = self.lock();
         g.current.remove(&f);
         g.previous.remove(&f);
@@ -168,5 +182,15 @@ mod tests {
         let off = Known::new(Duration::from_secs(60), 0);
         off.insert(&digest(1));
         assert!(!off.holds(&digest(1)));
+    }
+
+    #[test]
+    fn insert_new_says_what_was_not_remembered() {
+        let known = Known::new(Duration::from_secs(60), 1000);
+        let fps = |ns: &[u32]| ns.iter().map(|&n| fingerprint(&digest(n))).collect::<Vec<_>>();
+        assert_eq!(known.insert_new(fps(&[1, 2]).into_iter()), [true, true]);
+        assert_eq!(known.insert_new(fps(&[2, 3, 3]).into_iter()), [false, true, false]);
+        known.remove_fingerprint(fps(&[2])[0]);
+        assert_eq!(known.insert_new(fps(&[1, 2]).into_iter()), [false, true]);
     }
 }

@@ -22,8 +22,17 @@
 //!   bytes `LARDERA\n`, the CRC-32C of the rest (u32, little-endian), the
 //!   ActionResult message. `{instance}` is the instance name in hex, `-` for
 //!   none.
+//! - `larder/v1/used/{object}`: an empty object whose modification time is
+//!   the last use of `larder/v1/{object}` (its own modification time counts
+//!   as a use too), written at most once per `s3_touch_interval` by each
+//!   node, when the bucket has a size budget. S3 cannot change an object's
+//!   modification time without copying it.
+//! - `larder/v1/trim/`: the trimmer's lease generations and clock probe
+//!   (see [`lease`] and [`trim`]).
 
 mod known;
+mod lease;
+pub mod trim;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +45,8 @@ use object_store::path::Path;
 use object_store::{
     GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
 };
+
+use tokio::sync::mpsc;
 
 use crate::digest::{Digest, Function};
 use known::Known;
@@ -57,6 +68,12 @@ const RANGE: u64 = 16 << 20;
 const LOOKUPS_IN_FLIGHT: usize = 32;
 /// ...and for all calls together.
 const LOOKUPS_IN_FLIGHT_TOTAL: usize = 256;
+/// Uses waiting to be recorded at most (a use beyond is recorded at its next).
+const TOUCHES_QUEUED: usize = 16 * 1024;
+/// Last-use markers written at once.
+const TOUCHES_IN_FLIGHT: usize = 16;
+/// Objects whose recent use each node remembers (8 bytes each).
+const TOUCHED_ENTRIES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -103,10 +120,12 @@ pub struct Settings {
     pub existence_ttl: Duration,
     /// Most blobs known present at once (8 bytes each); 0: none.
     pub existence_entries: usize,
+    /// How this node keeps the bucket within a size budget, if it has one.
+    pub trim: Option<trim::Trim>,
 }
 
-/// Requests sent to the object store, by kind, and lookups answered from
-/// what this node knows, since it started.
+/// Requests sent to the object store, by kind, lookups answered from what
+/// this node knows, and the trimmer's work, since this node started.
 #[derive(Default)]
 pub struct Requests {
     pub head: AtomicU64,
@@ -115,6 +134,12 @@ pub struct Requests {
     pub delete: AtomicU64,
     pub list: AtomicU64,
     pub remembered: AtomicU64,
+    /// Trim passes that deleted something, and what they deleted.
+    pub trims: AtomicU64,
+    pub trimmed_objects: AtomicU64,
+    pub trimmed_bytes: AtomicU64,
+    /// Bytes in the bucket at this node's last measurement (0: none yet).
+    pub bucket_bytes: AtomicU64,
 }
 
 impl Requests {
@@ -144,6 +169,8 @@ pub struct Bucket {
     max_action_result: usize,
     /// Blobs known present, not asked about again for a while.
     known: Arc<Known>,
+    /// Last uses waiting to be recorded, when the bucket has a size budget.
+    touches: Option<Touches>,
     /// Turns for lookups, across calls.
     lookups: Arc<tokio::sync::Semaphore>,
     pub requests: Arc<Requests>,
@@ -222,11 +249,20 @@ impl Bucket {
         }
         let store = builder.build().map_err(|e| Error::Config(e.to_string()))?;
         let prefix = settings.prefix.trim_matches('/').to_string();
+        let touches = settings.trim.as_ref().map(|t| {
+            let (queue, pending) = mpsc::channel(TOUCHES_QUEUED);
+            Touches {
+                recent: Known::new(t.touch_interval, TOUCHED_ENTRIES),
+                queue,
+                pending: std::sync::Mutex::new(Some(pending)),
+            }
+        });
         Ok(Bucket {
             store: Arc::new(store),
             prefix,
             max_action_result: settings.max_action_result,
             known: Arc::new(Known::new(settings.existence_ttl, settings.existence_entries)),
+            touches,
             lookups: Arc::new(tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT_TOTAL)),
             requests: Arc::new(Requests::default()),
             name: format!("{} bucket {}", settings.endpoint, settings.bucket),
@@ -242,12 +278,70 @@ impl Bucket {
     }
 
     fn blob_path(&self, d: &Digest) -> Path {
-        self.path(format!("cas/{}/{}", d.function.name(), d.hex()))
+        self.path(blob_object(d))
     }
 
     fn ac_path(&self, instance: &str, action: &Digest) -> Path {
-        let instance = if instance.is_empty() { "-".to_string() } else { hex::encode(instance) };
-        self.path(format!("ac/{instance}/{}/{}", action.function.name(), action.hex()))
+        self.path(ac_object(instance, action))
+    }
+
+    /// The last-use marker of `object` (a path under `larder/v1/`).
+    fn used_path(&self, object: &str) -> Path {
+        self.path(format!("used/{object}"))
+    }
+
+    /// Records a use of each of `blobs` (reads, hits, blobs found present),
+    /// unless this node did lately; `true` for those recorded now. Does
+    /// nothing without a size budget. A full queue drops the record, to
+    /// be made at the next use: a use is never worth waiting for.
+    pub fn touch_blobs(&self, blobs: &[Digest]) -> Vec<bool> {
+        let Some(touches) = &self.touches else { return vec![false; blobs.len()] };
+        let fresh = touches.recent.insert_new(blobs.iter().map(known::fingerprint));
+        blobs
+            .iter()
+            .zip(fresh)
+            .map(|(d, fresh)| {
+                let sent = fresh
+                    && !d.is_empty_blob()
+                    && touches.queue.try_send(self.used_path(&blob_object(d))).is_ok();
+                if fresh && !sent {
+                    touches.recent.remove(d);
+                }
+                sent
+            })
+            .collect()
+    }
+
+    /// Records a use of an action result (a hit), as [`Bucket::touch_blobs`].
+    pub fn touch_action_result(&self, instance: &str, action: &Digest) {
+        let Some(touches) = &self.touches else { return };
+        let object = ac_object(instance, action);
+        let f = known::fingerprint(action) ^ crc32c::crc32c(object.as_bytes()) as u64;
+        if touches.recent.insert_new(std::iter::once(f))[0]
+            && touches.queue.try_send(self.used_path(&object)).is_err()
+        {
+            touches.recent.remove_fingerprint(f);
+        }
+    }
+
+    /// Writes the last-use markers [`Bucket::touch_blobs`] queued, a few at
+    /// a time, until the bucket is dropped; `None` without a size budget
+    /// (or when asked twice).
+    pub fn toucher(&self) -> Option<impl Future<Output = ()> + Send + 'static + use<>> {
+        let pending = self.touches.as_ref()?.pending.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let (store, requests) = (Arc::clone(&self.store), Arc::clone(&self.requests));
+        Some(tokio_stream::wrappers::ReceiverStream::new(pending).for_each_concurrent(
+            TOUCHES_IN_FLIGHT,
+            move |marker| {
+                let (store, requests) = (Arc::clone(&store), Arc::clone(&requests));
+                async move {
+                    Requests::count(&requests.put);
+                    if let Err(e) = store.put(&marker, PutPayload::default()).await {
+                        tracing::debug!("could not record a use in {marker}: {e}");
+                    }
+                }
+            },
+        ))
     }
 
     /// Whether the bucket answers (one listing of larder's prefix).
@@ -349,8 +443,10 @@ impl Bucket {
     pub async fn blob_reader(&self, digest: &Digest, max_chunk: usize) -> Result<Option<BlobReader>, Error> {
         let stream = self.get_ranged(&self.blob_path(digest)).await?;
         if stream.is_some() {
-            // Read through: present (a damaged object is forgotten when found so).
+            // Read through: present (a damaged object is forgotten when found
+            // so), and used (a list's chunks too, as they are read).
             self.known.insert(digest);
+            self.touch_blobs(std::slice::from_ref(digest));
         }
         Ok(stream.map(|stream| BlobReader { buffer: BytesMut::new(), stream, max_chunk }))
     }
@@ -479,6 +575,27 @@ impl Bucket {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Last uses waiting to be recorded as marker objects.
+struct Touches {
+    /// Objects whose use this node recorded lately (for `s3_touch_interval`).
+    recent: Known,
+    /// Markers to write.
+    queue: mpsc::Sender<Path>,
+    /// The queue's other end, until the toucher takes it.
+    pending: std::sync::Mutex<Option<mpsc::Receiver<Path>>>,
+}
+
+/// The path of a blob's object under `larder/v1/`.
+fn blob_object(d: &Digest) -> String {
+    format!("cas/{}/{}", d.function.name(), d.hex())
+}
+
+/// The path of an action result's object under `larder/v1/`.
+fn ac_object(instance: &str, action: &Digest) -> String {
+    let instance = if instance.is_empty() { "-".to_string() } else { hex::encode(instance) };
+    format!("ac/{instance}/{}/{}", action.function.name(), action.hex())
 }
 
 /// Writes one blob object: the header, then each chunk as the local tier

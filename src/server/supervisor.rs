@@ -42,8 +42,8 @@ impl Supervisor {
     ) -> Supervisor {
         let mut tasks = JoinSet::new();
         let stopping = Arc::new(AtomicBool::new(false));
-        if let Some(replicator) = cache.replicator() {
-            tasks.spawn(replicator);
+        if let Some(tier_work) = cache.tier_work() {
+            tasks.spawn(tier_work);
         }
         tasks.spawn(maintain(
             Arc::clone(store),

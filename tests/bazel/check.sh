@@ -6,7 +6,10 @@
 # (--remote_cache=http://), each against a larder of its own; then over gRPC
 # with two larders sharing a Ceph RADOS Gateway bucket as their second tier:
 # the first build against one, the rebuild against the other; and so again
-# with the first larder in write-back mode. Last, Bazel's external downloads
+# with the first larder in write-back mode; and so again with the bucket
+# trimmed to a size budget below what the build wrote before the rebuild,
+# which must then succeed, each action a hit with all its outputs or a miss
+# that Bazel runs again. Last, Bazel's external downloads
 # through larder's Remote Asset API (--experimental_remote_downloader): an
 # http_file and an http_archive served by a local HTTP server, then built
 # again from scratch with that server stopped.
@@ -41,10 +44,11 @@ start_larder() {
   [ -n "$addr" ] || { cat "$data/larder.log" >&2; echo "check: larder did not start" >&2; exit 1; }
 }
 
-# check NAME SCHEME [two-nodes|write-back]: the first build against one
-# larder; the second against the same one, or against a second larder (with
-# an empty local tier) sharing an object store with the first, which with
-# write-back acknowledges writes before they reach the object store.
+# check NAME SCHEME [two-nodes|write-back|trimmed]: the first build against
+# one larder; the second against the same one, or against a second larder
+# (with an empty local tier) sharing an object store with the first, which
+# with write-back acknowledges writes before they reach the object store, and
+# which with trimmed keeps the bucket within 1 MiB (the build writes 3.4 MB).
 check() {
   local name=$1 scheme=$2 mode=${3:-}
   local dir="$work/$name" extra=() first second
@@ -59,6 +63,10 @@ check() {
     fi
     # One bucket, a prefix per pass.
     extra=(--s3-endpoint "$AWS_ENDPOINT_URL" --s3-bucket larder-check --s3-prefix "$name")
+  fi
+  if [ "$mode" = trimmed ]; then
+    extra+=(--s3-max-size 1MiB --s3-trim-interval 500ms --s3-trim-min-age 2s --s3-existence-ttl 1s
+            --s3-touch-interval 1s --s3-trim-lease 3s)
   fi
   if [ "$mode" = write-back ]; then
     start_larder "$dir/a" "${extra[@]}" --s3-write-back
@@ -89,12 +97,36 @@ check() {
     done
     [ -n "$drained" ] || { echo "check: FAILED over $name: the write-back queue did not drain in 180 s" >&2; exit 1; }
   fi
+  if [ "$mode" = trimmed ]; then
+    # Either node may hold the trimmer's lease.
+    local trimmed=
+    for _ in $(seq 1 600); do
+      for node in "$first" "$second"; do
+        curl -sf "http://$node/metrics" | grep -q '^larder_object_store_trims_total [1-9]' && trimmed=1
+      done
+      [ -n "$trimmed" ] && break
+      sleep 0.1
+    done
+    [ -n "$trimmed" ] || { echo "check: FAILED over $name: the bucket was not trimmed in 60 s" >&2; exit 1; }
+  fi
   (cd "$dir/ws" && bazel --output_user_root="$dir/bazel" --batch clean --expunge >/dev/null 2>&1)
   build second "$second"
 
   local summary others
   summary=$(grep -E "INFO: [0-9]+ processes?:" "$dir/build-second.log" | tail -1)
   echo "check: $name: second build: $summary"
+  if [ "$mode" = trimmed ]; then
+    grep -q "Build completed successfully" "$dir/build-second.log" \
+      || { echo "check: FAILED over $name: the rebuild after trimming failed" >&2; exit 1; }
+    # The 3 MB output cannot fit: its action at least runs again.
+    echo "$summary" | grep -q -E "[0-9]+ (local|linux-sandbox|processwrapper-sandbox)" \
+      || { echo "check: FAILED over $name: no action ran again, yet the bucket was trimmed: $summary" >&2; exit 1; }
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    pids=()
+    echo "check: OK over $name: after trimming, every action of the rebuild was a complete hit or ran again"
+    return
+  fi
   others=$(echo "$summary" | sed 's/.*processes\?: //' | tr ',' '\n' | sed 's/^ *//; s/\.$//' | grep -v -E "remote cache hit|internal" || true)
   if [ -n "$others" ] || ! echo "$summary" | grep -q "remote cache hit"; then
     echo "check: FAILED over $name: not every action came from the cache: $others" >&2
@@ -192,3 +224,4 @@ check http http
 # Needs Debian's Ceph packages (see tests/s3.rs).
 check two-nodes grpc two-nodes
 check write-back grpc write-back
+check trimmed grpc trimmed
