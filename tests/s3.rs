@@ -999,7 +999,7 @@ async fn find_missing_remembers_what_the_object_store_holds() {
 }
 
 /// Flags of a node that trims a bucket to 2 MiB, in test time: objects
-/// unused for 2 s may go.
+/// unused for 2 s may go; a node silent for 6 s loses the lease.
 const TRIM: [&str; 12] = [
     "--s3-max-size",
     "2MiB",
@@ -1012,7 +1012,7 @@ const TRIM: [&str; 12] = [
     "--s3-touch-interval",
     "1s",
     "--s3-trim-lease",
-    "3s",
+    "6s",
 ];
 const BUDGET: u64 = 2 << 20;
 
@@ -1077,27 +1077,37 @@ async fn hits_are_complete(
 
 /// Two nodes on one bucket with a size budget far below what they write:
 /// the bucket stays within 1.1 times the budget, a hot set read throughout
-/// survives, one node alone trims, and every action result either node or
-/// a new one serves has all its outputs (or is a miss).
+/// (a list of chunks among it) survives, one node alone trims, and every
+/// action result either node or a new one serves has all its outputs (or
+/// is a miss).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_keep_the_bucket_within_its_size_budget() {
     let Some(rgw) = Rgw::start() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let prefix = prefix();
-    let a = rgw.node_with(&tmp.path().join("a"), &prefix, &TRIM);
-    let b = rgw.node_with(&tmp.path().join("b"), &prefix, &TRIM);
+    // 8 MiB, and blobs from 3 MiB kept as lists of chunks.
+    const BUDGET: u64 = 8 << 20;
+    let mut flags = TRIM.to_vec();
+    flags[1] = "8MiB";
+    flags.extend_from_slice(&["--dedup-min-size", "3MiB"]);
+    let a = rgw.node_with(&tmp.path().join("a"), &prefix, &flags);
+    let b = rgw.node_with(&tmp.path().join("b"), &prefix, &flags);
     let (mut ca, mut cb) = (Clients::connect(&a.addr).await, Clients::connect(&b.addr).await);
-    let hot: Vec<Vec<u8>> = (0..8).map(|i| random_bytes(16 << 10, 7000 + i)).collect();
+    let mut hot: Vec<Vec<u8>> = (0..8).map(|i| random_bytes(16 << 10, 7000 + i)).collect();
     let hot_refs: Vec<&[u8]> = hot.iter().map(Vec::as_slice).collect();
     assert_eq!(ca.batch_update(&hot_refs).await, vec![0; 8]);
+    let list = random_bytes(3_500_000, 7100);
+    let name = upload_name("", "5d1c3b2a-0f9e-4d8c-b7a6-958473625140", &list);
+    assert_eq!(ca.write(&name, &list, 1 << 20).await.unwrap(), list.len() as i64);
+    hot.push(list);
 
     let (mut actions, mut written, mut peak) = (Vec::new(), 0u64, 0u64);
     for round in 0..80u64 {
         let client = if round % 2 == 0 { &mut ca } else { &mut cb };
-        let blobs: Vec<Vec<u8>> = (0..4).map(|i| random_bytes(16 << 10, round * 10 + i + 1)).collect();
+        let blobs: Vec<Vec<u8>> = (0..4).map(|i| random_bytes(64 << 10, round * 10 + i + 1)).collect();
         let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
         assert_eq!(client.batch_update(&refs).await, vec![0; 4]);
-        written += 4 * (16 << 10);
+        written += 4 * (64 << 10);
         let action = digest(format!("action {round}").as_bytes());
         client.put_action_result(&action, result_naming(&blobs)).await;
         actions.push((action, blobs));
@@ -1119,16 +1129,15 @@ async fn two_nodes_keep_the_bucket_within_its_size_budget() {
     assert!(node_metric(trimmer, "larder_object_store_trimmed_bytes_total").await >= written - 2 * BUDGET);
     assert!(node_metric(trimmer, "larder_object_store_bytes").await > 0);
 
-    // The hot set survived in the bucket.
-    for h in &hot {
-        use object_store::ObjectStoreExt;
-        rgw.client().head(&rgw.path(&prefix, h)).await.expect("a hot blob is still in the bucket");
-    }
-    // Every result served is complete, through B and through a new node.
+    // Every result served is complete, through B and through a new node;
+    // the hot set survived in the bucket, the list's chunks too.
     let (hits, misses) = hits_are_complete(&mut cb, &actions).await;
     assert!(hits > 0 && misses > 0, "through B: {hits} hits, {misses} misses");
-    let c = rgw.node_with(&tmp.path().join("c"), &prefix, &TRIM);
+    let c = rgw.node_with(&tmp.path().join("c"), &prefix, &flags);
     let mut cc = Clients::connect(&c.addr).await;
+    for h in &hot {
+        assert_eq!(&cc.read(&read_name("", h), 0, 0).await.expect("a hot blob reads back"), h);
+    }
     let (hits, misses) = hits_are_complete(&mut cc, &actions).await;
     assert!(hits > 0 && misses > 0, "through a new node: {hits} hits, {misses} misses");
 }
@@ -1164,9 +1173,7 @@ async fn a_trimmer_killed_mid_pass_is_taken_over() {
     let proxy =
         CountingProxy::start(&rgw.endpoint, http::Method::POST, std::time::Duration::from_millis(1500)).await;
     let endpoint = format!("http://{}", proxy.addr);
-    // A lease of 6 s: a renewal waits for a held-back delete.
-    let mut trim = TRIM.to_vec();
-    trim[11] = "6s";
+    let trim = TRIM.to_vec();
     let mut flags = vec!["--s3-endpoint", &endpoint, "--s3-bucket", &rgw.bucket, "--s3-prefix", &prefix];
     flags.extend_from_slice(&trim);
     let mut env = rgw.env.clone();

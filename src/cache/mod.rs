@@ -206,10 +206,13 @@ impl Cache {
     /// bucket for them.
     async fn touch(&self, digests: &[Digest]) {
         let Some(tier) = &self.tier else { return };
+        // Lists smaller than this come only from clients' splices: their
+        // chunks are recorded when read, and no lookup delays small calls.
+        const LISTS_FROM: u64 = 64 << 10;
         let fresh: Vec<Digest> = digests
             .iter()
             .zip(tier.bucket.touch_blobs(digests))
-            .filter(|(_, f)| *f)
+            .filter(|(d, f)| *f && d.size >= LISTS_FROM)
             .map(|(d, _)| *d)
             .collect();
         if fresh.is_empty() {

@@ -142,8 +142,6 @@ impl Cache {
             let store = Arc::clone(&self.store);
             let queued = blocking(move || store.is_queued(&digest)).await?;
             if !queued && bucket.contains_now(&[digest]).await?[0] {
-                // Written again: a use of the object there.
-                self.touch(&[digest]).await;
                 return Ok(None);
             }
         }
@@ -313,6 +311,8 @@ async fn fetch_list(
     digest: Digest,
     chunks: Vec<Digest>,
 ) -> Result<bool, Error> {
+    // A use of the list is a use of every chunk, those held here too.
+    bucket.touch_blobs(&chunks);
     let mut seen = HashSet::new();
     let wanted: Vec<Digest> = chunks.iter().copied().filter(|c| seen.insert(*c)).collect();
     let present = {

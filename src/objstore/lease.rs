@@ -75,19 +75,23 @@ impl Lease {
     /// Takes the lease if it is free, renews it if it is due, and says
     /// whose turn it is. `state` goes into a generation this node writes.
     pub async fn hold(&mut self, bucket: &Bucket, state: &str) -> Result<Turn, Error> {
+        self.turn(bucket, state, false).await
+    }
+
+    /// Writes a generation now if this node holds the lease, carrying
+    /// `state` (a pass this node starts), rather than when the next renewal
+    /// is due; else as [`Lease::hold`].
+    pub async fn record(&mut self, bucket: &Bucket, state: &str) -> Result<Turn, Error> {
+        self.turn(bucket, state, true).await
+    }
+
+    async fn turn(&mut self, bucket: &Bucket, state: &str, now: bool) -> Result<Turn, Error> {
         if let Some((n, since)) = self.held {
-            if since.elapsed() < self.period() {
+            if !now && since.elapsed() < self.period() {
                 return Ok(Turn::Mine);
             }
-            for old in std::mem::take(&mut self.stale) {
-                self.delete(bucket, old).await;
-            }
-            return match self.create(bucket, n + 1, state).await {
-                Ok(true) => {
-                    self.held = Some((n + 1, Instant::now()));
-                    self.stale.push(n);
-                    Ok(Turn::Mine)
-                }
+            return match self.renew(bucket, n, state).await {
+                Ok(true) => Ok(Turn::Mine),
                 Ok(false) => {
                     tracing::warn!("another node took the trimmer's lease over: this one stops trimming");
                     self.held = None;
@@ -102,24 +106,28 @@ impl Lease {
             };
         }
         let generations = self.generations(bucket).await?;
-        let next = match (generations.iter().max().copied(), self.seen) {
+        let newest = generations.iter().max().copied();
+        let next = match (newest, self.seen) {
             (None, _) => 1,
-            (Some(n), Some((m, since))) if n == m && since.elapsed() >= self.duration => n + 1,
+            (Some(n), Some((m, since))) if n == m && since.elapsed() >= self.duration => following(n)?,
             (Some(n), Some((m, _))) if n == m => return Ok(Turn::Theirs),
             (Some(n), _) => {
                 self.seen = Some((n, Instant::now()));
                 return Ok(Turn::Theirs);
             }
         };
+        // Valid from before the create is sent: the other nodes' wait for
+        // a whole lease starts after it lands.
+        let sent = Instant::now();
         if !self.create(bucket, next, state).await? {
             self.seen = None;
             return Ok(Turn::Theirs);
         }
-        self.held = Some((next, Instant::now()));
+        self.held = Some((next, sent));
         self.seen = None;
-        let left = match next {
-            1 => None,
-            _ => self.state_of(bucket, next - 1).await,
+        let left = match newest {
+            Some(n) => self.state_of(bucket, n).await,
+            None => None,
         };
         if next > 1 {
             tracing::info!("this node took the trimmer's lease over (generation {next})");
@@ -128,13 +136,25 @@ impl Lease {
         Ok(Turn::Taken(left))
     }
 
-    /// Writes a generation now, carrying `state` (a pass this node starts),
-    /// rather than when the next renewal is due.
-    pub async fn record(&mut self, bucket: &Bucket, state: &str) -> Result<Turn, Error> {
-        if let Some((n, since)) = self.held {
-            self.held = Some((n, since.checked_sub(self.period()).unwrap_or(since)));
+    /// Writes the generation after `n`, which this node wrote; `false` if
+    /// another node has taken the lease over.
+    async fn renew(&mut self, bucket: &Bucket, n: u64, state: &str) -> Result<bool, Error> {
+        for old in std::mem::take(&mut self.stale) {
+            self.delete(bucket, old).await;
         }
-        self.hold(bucket, state).await
+        // A node that took the lease over while this one stalled deletes
+        // the generations before its own: `n + 1` may be free again, and
+        // is this node's only while `n` is still the newest.
+        if self.generations(bucket).await?.iter().max() != Some(&n) {
+            return Ok(false);
+        }
+        let (next, sent) = (following(n)?, Instant::now());
+        if !self.create(bucket, next, state).await? {
+            return Ok(false);
+        }
+        self.held = Some((next, sent));
+        self.stale.push(n);
+        Ok(true)
     }
 
     fn path(bucket: &Bucket, n: u64) -> Path {
@@ -162,9 +182,14 @@ impl Lease {
         let listed: Vec<_> = bucket
             .store
             .list(Some(&bucket.path("trim/lease".into())))
-            .take(MAX_GENERATIONS)
+            .take(MAX_GENERATIONS + 1)
             .try_collect()
             .await?;
+        if listed.len() > MAX_GENERATIONS {
+            return Err(Error::Damaged(format!(
+                "trimmer's lease: over {MAX_GENERATIONS} objects under larder/v1/trim/lease/ (delete them all)"
+            )));
+        }
         Ok(listed.iter().filter_map(|meta| meta.location.filename()?.parse::<u64>().ok()).collect())
     }
 
@@ -185,6 +210,11 @@ impl Lease {
         Requests::count(&bucket.requests.delete);
         let _ = bucket.store.delete(&Lease::path(bucket, n)).await;
     }
+}
+
+/// The generation after `n` (a bucket may hold anyone's numbers).
+fn following(n: u64) -> Result<u64, Error> {
+    n.checked_add(1).ok_or_else(|| Error::Damaged("trimmer's lease: a generation numbered u64::MAX".into()))
 }
 
 /// A name no other node picks: 64 random bits (std's hasher keys are

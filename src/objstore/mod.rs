@@ -74,6 +74,11 @@ const TOUCHES_QUEUED: usize = 16 * 1024;
 const TOUCHES_IN_FLIGHT: usize = 16;
 /// Objects whose recent use each node remembers (8 bytes each).
 const TOUCHED_ENTRIES: usize = 1 << 20;
+/// Blobs found by a HEAD from this size on whose object is smaller than the
+/// blob are read, if lists, to record uses of their chunks (the local tier
+/// makes lists of blobs from dedup_min_size, 4 MiB; smaller lists come from
+/// clients' splices, whose chunks are recorded when read).
+const LIST_CHUNKS_TOUCHED_FROM: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -301,9 +306,8 @@ impl Bucket {
             .iter()
             .zip(fresh)
             .map(|(d, fresh)| {
-                let sent = fresh
-                    && !d.is_empty_blob()
-                    && touches.queue.try_send(self.used_path(&blob_object(d))).is_ok();
+                let marker = || Touch::Marker(self.used_path(&blob_object(d)), known::fingerprint(d));
+                let sent = fresh && !d.is_empty_blob() && touches.queue.try_send(marker()).is_ok();
                 if fresh && !sent {
                     touches.recent.remove(d);
                 }
@@ -318,30 +322,64 @@ impl Bucket {
         let object = ac_object(instance, action);
         let f = known::fingerprint(action) ^ crc32c::crc32c(object.as_bytes()) as u64;
         if touches.recent.insert_new(std::iter::once(f))[0]
-            && touches.queue.try_send(self.used_path(&object)).is_err()
+            && touches.queue.try_send(Touch::Marker(self.used_path(&object), f)).is_err()
         {
             touches.recent.remove_fingerprint(f);
         }
     }
 
-    /// Writes the last-use markers [`Bucket::touch_blobs`] queued, a few at
-    /// a time, until the bucket is dropped; `None` without a size budget
-    /// (or when asked twice).
-    pub fn toucher(&self) -> Option<impl Future<Output = ()> + Send + 'static + use<>> {
+    /// Records what [`Bucket::touch_blobs`] queued, a few at a time,
+    /// until aborted; `None` without a size budget (or when asked twice).
+    pub fn toucher(self: &Arc<Self>) -> Option<impl Future<Output = ()> + Send + 'static + use<>> {
         let pending = self.touches.as_ref()?.pending.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        let (store, requests) = (Arc::clone(&self.store), Arc::clone(&self.requests));
+        let bucket = Arc::clone(self);
         Some(tokio_stream::wrappers::ReceiverStream::new(pending).for_each_concurrent(
             TOUCHES_IN_FLIGHT,
-            move |marker| {
-                let (store, requests) = (Arc::clone(&store), Arc::clone(&requests));
-                async move {
-                    Requests::count(&requests.put);
-                    if let Err(e) = store.put(&marker, PutPayload::default()).await {
-                        tracing::debug!("could not record a use in {marker}: {e}");
-                    }
-                }
+            move |touch| {
+                let bucket = Arc::clone(&bucket);
+                async move { bucket.record(touch).await }
             },
         ))
+    }
+
+    async fn record(&self, touch: Touch) {
+        match touch {
+            Touch::Marker(marker, fingerprint) => {
+                Requests::count(&self.requests.put);
+                if let Err(e) = self.store.put(&marker, PutPayload::default()).await {
+                    tracing::debug!("could not record a use in {marker}: {e}");
+                    // Recorded at the next use, then.
+                    if let Some(touches) = &self.touches {
+                        touches.recent.remove_fingerprint(fingerprint);
+                    }
+                }
+            }
+            Touch::Chunks(list) => match self.chunks_of(&list).await {
+                Ok(Some(chunks)) => {
+                    self.touch_blobs(&chunks);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!("could not record a use of the chunks of {list}: {e}"),
+            },
+        }
+    }
+
+    /// The chunks of `digest`'s object, if it is a list object.
+    async fn chunks_of(&self, digest: &Digest) -> Result<Option<Vec<Digest>>, Error> {
+        let path = self.blob_path(digest);
+        // Its header first: most objects are not lists, and may be large.
+        Requests::count(&self.requests.get);
+        match self.store.get_range(&path, 0..16).await {
+            Ok(head) if head.starts_with(LIST_MAGIC) => {}
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let Some(stream) = self.get_ranged(&path).await? else { return Ok(None) };
+        let mut reader = BlobReader { buffer: BytesMut::new(), stream, max_chunk: 0 };
+        match reader.header().await? {
+            Header::List(size) if size == digest.size => Ok(Some(reader.list(size).await?)),
+            _ => Ok(None),
+        }
     }
 
     /// Whether the bucket answers (one listing of larder's prefix).
@@ -352,9 +390,9 @@ impl Bucket {
     }
 
     /// Which of `digests` the object store holds: those known present at
-    /// once, the rest looked up in parallel. Lookups not answered by
-    /// `deadline` count as absent (the client sends the blob again, which
-    /// is always safe).
+    /// once, the rest looked up in parallel (those found count as used: the
+    /// caller relies on them). Lookups not answered by `deadline` count as
+    /// absent (the client sends the blob again, which is always safe).
     pub async fn contains(&self, digests: &[Digest], deadline: Option<Instant>) -> Result<Vec<bool>, Error> {
         self.look_up(digests, deadline, true).await
     }
@@ -392,8 +430,8 @@ impl Bucket {
                     let _turn = turns.acquire_owned().await;
                     Requests::count(&requests.head);
                     match store.head(&path).await {
-                        Ok(meta) => Ok((i, meta.size >= 16)),
-                        Err(object_store::Error::NotFound { .. }) => Ok((i, false)),
+                        Ok(meta) => Ok((i, meta.size >= 16, meta.size)),
+                        Err(object_store::Error::NotFound { .. }) => Ok((i, false, 0)),
                         Err(e) => Err(Error::from(e)),
                     }
                 }
@@ -409,10 +447,20 @@ impl Bucket {
                 },
             };
             let Some(answer) = answer else { break };
-            let (i, found) = answer?;
+            let (i, found, stored) = answer?;
             if found {
                 present[i] = true;
                 self.known.insert(&digests[i]);
+                // The caller relies on it: a use, and of a list's chunks
+                // too (an object much smaller than its blob may be a list).
+                let d = &digests[i];
+                if self.touch_blobs(std::slice::from_ref(d))[0]
+                    && stored < d.size
+                    && d.size >= LIST_CHUNKS_TOUCHED_FROM
+                    && let Some(touches) = &self.touches
+                {
+                    let _ = touches.queue.try_send(Touch::Chunks(*d));
+                }
             } else {
                 self.known.remove(&digests[i]);
             }
@@ -581,10 +629,20 @@ impl Bucket {
 struct Touches {
     /// Objects whose use this node recorded lately (for `s3_touch_interval`).
     recent: Known,
-    /// Markers to write.
-    queue: mpsc::Sender<Path>,
+    queue: mpsc::Sender<Touch>,
     /// The queue's other end, until the toucher takes it.
-    pending: std::sync::Mutex<Option<mpsc::Receiver<Path>>>,
+    pending: std::sync::Mutex<Option<mpsc::Receiver<Touch>>>,
+}
+
+/// A use to record.
+enum Touch {
+    /// Writes this marker; its object's fingerprint in `recent` (forgotten
+    /// if the write fails, so that the next use records it).
+    Marker(Path, u64),
+    /// Records uses of the chunks of this blob's object, if it is a list:
+    /// a list must not outlive its chunks, and a node that found the list
+    /// by a HEAD does not know them.
+    Chunks(Digest),
 }
 
 /// The path of a blob's object under `larder/v1/`.

@@ -34,6 +34,9 @@ use super::{Bucket, Error, Requests};
 
 /// Objects deleted per request (S3's limit for one multi-object delete).
 const DELETE_BATCH: usize = 1000;
+/// How long an object listed for deletion may wait for its batch: a use
+/// after it was listed is not seen, so the wait stays short.
+const DELETE_WAIT: Duration = Duration::from_secs(2);
 /// Keys S3 lists per request.
 const PAGE: u64 = 1000;
 /// A pass trims when the bucket holds more than this fraction of the
@@ -106,19 +109,22 @@ pub async fn run(bucket: std::sync::Arc<Bucket>, trim: Trim) {
     let mut lease = match trim.turns {
         Turns::Never => return,
         Turns::Always => None,
-        Turns::Lease => match lease::probe(&bucket).await {
-            Ok(true) => Some(Lease::new(trim.lease)),
-            Ok(false) => {
-                tracing::error!(
-                    "the object store does not honour conditional PUTs (If-None-Match), so nodes cannot take turns at trimming it: set s3_trim = \"always\" on one node and \"never\" on the others; no trimming until then"
-                );
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "cannot check the object store for conditional PUTs ({e}); no trimming until restart"
-                );
-                return;
+        Turns::Lease => loop {
+            match lease::probe(&bucket).await {
+                Ok(true) => break Some(Lease::new(trim.lease)),
+                Ok(false) => {
+                    tracing::error!(
+                        "the object store does not honour conditional PUTs (If-None-Match), so nodes cannot take turns at trimming it: set s3_trim = \"always\" on one node and \"never\" on the others; no trimming until then"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot check the object store for conditional PUTs ({e}); trying again in {:?}",
+                        trim.interval
+                    );
+                    tokio::time::sleep(trim.interval).await;
+                }
             }
         },
     };
@@ -156,13 +162,15 @@ async fn pass(
     mut lease: Option<&mut Lease>,
     resume: Option<Plan>,
 ) -> Result<(), Error> {
+    let now = server_now(bucket).await?;
+    // Never younger than this node allows, whoever planned the pass.
+    let latest = now - trim.min_age.as_millis() as i64;
     let plan = match resume {
         Some(plan) => {
             tracing::info!("resuming the trim pass another node left, after {:?}", plan.after);
-            plan
+            Plan { cutoff_ms: plan.cutoff_ms.min(latest), after: plan.after }
         }
         None => {
-            let now = server_now(bucket).await?;
             let Some((total, ages)) = measure(bucket, now, lease.as_deref_mut()).await? else {
                 return Ok(());
             };
@@ -179,8 +187,7 @@ async fn pass(
                     trim.min_age
                 );
             }
-            let age = age.max(trim.min_age);
-            Plan { cutoff_ms: now - age.as_millis() as i64, after: String::new() }
+            Plan { cutoff_ms: (now - age.as_millis() as i64).min(latest), after: String::new() }
         }
     };
     delete_older(bucket, plan, lease).await
@@ -267,7 +274,7 @@ async fn delete_older(bucket: &Bucket, plan: Plan, mut lease: Option<&mut Lease>
     // Keys up to `done` are dealt with (their deletes sent); `last` is the
     // last key seen.
     let (mut done, mut last) = (plan.after.clone(), plan.after.clone());
-    let mut listed = 0u64;
+    let (mut listed, mut batch_since) = (0u64, None);
     loop {
         let entry = entries.next().await?;
         listed += 1;
@@ -278,18 +285,21 @@ async fn delete_older(bucket: &Bucket, plan: Plan, mut lease: Option<&mut Lease>
             return Ok(());
         }
         // An entry adds two paths at most: the batch never exceeds S3's limit.
-        let full = batch.len() + 2 > DELETE_BATCH;
+        let full = batch.len() + 2 > DELETE_BATCH
+            || batch_since.is_some_and(|t: Instant| t.elapsed() >= DELETE_WAIT);
         if (entry.is_none() || full) && !batch.is_empty() {
             if !keep(lease.as_deref_mut(), bucket, &state()).await {
                 tracing::info!("the trimmer's turn ended mid-pass; the next holder resumes it");
                 return Ok(());
             }
             delete(bucket, std::mem::take(&mut batch)).await?;
+            batch_since = None;
             done.clone_from(&last);
         }
         let Some(entry) = entry else { break };
         last.clone_from(&entry.rest);
         if entry.last_use_ms < plan.cutoff_ms {
+            batch_since.get_or_insert_with(Instant::now);
             if entry.object {
                 batch.push(bucket.path(entry.rest.clone()));
                 bytes += entry.size;

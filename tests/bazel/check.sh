@@ -98,11 +98,15 @@ check() {
     [ -n "$drained" ] || { echo "check: FAILED over $name: the write-back queue did not drain in 180 s" >&2; exit 1; }
   fi
   if [ "$mode" = trimmed ]; then
-    # Either node may hold the trimmer's lease.
-    local trimmed=
+    # Either node may hold the trimmer's lease; wait until it has brought
+    # the bucket within the budget (the 3 MB output is 2 s old by then).
+    local trimmed= metrics
     for _ in $(seq 1 600); do
       for node in "$first" "$second"; do
-        curl -sf "http://$node/metrics" | grep -q '^larder_object_store_trims_total [1-9]' && trimmed=1
+        metrics=$(curl -sf "http://$node/metrics" || true)
+        echo "$metrics" | grep -q '^larder_object_store_trims_total [1-9]' \
+          && echo "$metrics" | awk '/^larder_object_store_bytes / { exit !($2 > 0 && $2 <= 1048576) }' \
+          && trimmed=1
       done
       [ -n "$trimmed" ] && break
       sleep 0.1
