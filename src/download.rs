@@ -495,7 +495,7 @@ impl Downloader {
     }
 
     /// Whether `uri` may be downloaded at all (a URN never is).
-    pub fn check(&self, uri: &str) -> Result<Url, Error> {
+    fn check(&self, uri: &str) -> Result<Url, Error> {
         let url = Url::parse(uri).map_err(|e| {
             Error::NotFound(format!("nothing was pushed for {uri:?}, which is not a URL: {e}"))
         })?;

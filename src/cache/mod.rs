@@ -75,11 +75,6 @@ impl Tier {
         Ok(Tier { bucket, writes, wake: tokio::sync::Notify::new(), lookup_timeout, trim })
     }
 
-    /// The requests sent to the object store so far, for the metrics.
-    pub fn requests(&self) -> &objstore::Requests {
-        &self.bucket.requests
-    }
-
     /// What it is, for messages and the status page: endpoint and bucket.
     pub fn name(&self) -> &str {
         &self.bucket.name
@@ -159,7 +154,7 @@ impl Cache {
 
     /// The requests sent to the object store so far, if there is one.
     pub fn tier_requests(&self) -> Option<&objstore::Requests> {
-        self.tier.as_ref().map(|t| t.requests())
+        self.tier.as_ref().map(|t| &*t.bucket.requests)
     }
 
     /// The store in figures, for the status page and metrics.
