@@ -187,11 +187,19 @@ impl Cache {
                 Err(e) => tracing::warn!("FindMissingBlobs answered from the local tier alone: {e}"),
             }
             // A client told a blob is present relies on it: a use.
-            let found: Vec<Digest> =
-                digests.iter().zip(&present).filter(|(_, p)| **p).map(|(d, _)| *d).collect();
-            self.touch(&found).await;
+            if self.records_uses() {
+                let found: Vec<Digest> =
+                    digests.iter().zip(&present).filter(|(_, p)| **p).map(|(d, _)| *d).collect();
+                self.touch(&found).await;
+            }
         }
         Ok(digests.into_iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| d).collect())
+    }
+
+    /// Whether uses are recorded in the object store (it has a size budget):
+    /// without, the hot paths skip gathering what was used.
+    fn records_uses(&self) -> bool {
+        self.tier.as_ref().is_some_and(|t| t.trim.is_some())
     }
 
     /// Records in the object store that `digests` were used, for its
@@ -200,7 +208,7 @@ impl Cache {
     /// as the list's object, though readers of this node never ask the
     /// bucket for them.
     async fn touch(&self, digests: &[Digest]) {
-        let Some(tier) = &self.tier else { return };
+        let Some(tier) = self.tier.as_ref().filter(|t| t.trim.is_some()) else { return };
         // Lists smaller than this come only from clients' splices: their
         // chunks are recorded when read, and no lookup delays small calls.
         const LISTS_FROM: u64 = 64 << 10;

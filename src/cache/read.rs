@@ -200,9 +200,11 @@ impl Cache {
             Ok::<_, Error>((digests, read))
         })
         .await?;
-        let found: Vec<Digest> =
-            digests.iter().zip(&read).filter(|(_, r)| r.is_ok()).map(|(d, _)| *d).collect();
-        self.touch(&found).await;
+        if self.records_uses() {
+            let found: Vec<Digest> =
+                digests.iter().zip(&read).filter(|(_, r)| r.is_ok()).map(|(d, _)| *d).collect();
+            self.touch(&found).await;
+        }
         Ok(read)
     }
 }
