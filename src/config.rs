@@ -250,6 +250,9 @@ options! {
         existence_ttl: Duration, "DURATION";
         /// Most blobs remembered present at once (8 bytes each; 0: none).
         existence_entries: usize, "N";
+        /// Most small blobs indexed in packs (about 40 bytes each; 0: no
+        /// packs: each blob is an object of its own).
+        pack_index_entries: usize, "N";
         /// FindMissingBlobs waits this long for the object store; blobs not
         /// answered by then count as missing (clients send them again).
         #[serde(deserialize_with = "duration")]
@@ -446,6 +449,7 @@ impl Config {
             max_action_result: self.limits.max_message_size.0 as usize,
             existence_ttl: s3.existence_ttl,
             existence_entries: s3.existence_entries,
+            pack_index_entries: s3.pack_index_entries,
             trim: (s3.max_size.0 > 0).then_some(crate::objstore::trim::Trim {
                 max_size: s3.max_size.0,
                 min_age: s3.trim_min_age,

@@ -126,6 +126,7 @@ async fn a_blob_written_through_one_node_reads_back_through_another() {
     assert_eq!(written.unwrap(), large.len() as i64);
 
     // Node B's local tier is empty: it finds them in the object store...
+    packs_listed().await;
     let absent = digest(b"never written");
     let missing = cb.find_missing(&[digest(&small), digest(&tiny), digest(&large), absent.clone()]).await;
     assert_eq!(missing, vec![absent]);
@@ -411,7 +412,8 @@ async fn trees_and_output_directories_read_through_a_level_at_a_time() {
     let Some(rgw) = Rgw::start() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let prefix = prefix();
-    let a = rgw.node(&tmp.path().join("a"), &prefix);
+    // Not packed: a hit brings in the blobs it depends on, and no others.
+    let a = rgw.node_with(&tmp.path().join("a"), &prefix, &["--s3-pack-index-entries", "0"]);
     let mut ca = Clients::connect(&a.addr).await;
     let (f1, f3) = (text_bytes(10_000, 31), text_bytes(20_000, 33));
     let file = |name: &str, data: &[u8]| reapi::FileNode {
@@ -825,6 +827,7 @@ async fn an_asset_pushed_through_one_node_is_fetched_through_another() {
         ..Default::default()
     };
     PushClient::new(channel(&a.addr)).push_blob(push).await.unwrap();
+    packs_listed().await;
     let fetched = FetchClient::new(channel(&b.addr))
         .fetch_blob(FetchBlobRequest { uris: vec![uri], ..Default::default() })
         .await
@@ -867,7 +870,15 @@ impl CountingProxy {
                                 (Arc::clone(&counts), upstream.clone(), client.clone(), delayed.clone());
                             async move {
                                 let method = request.method().clone();
-                                *counts.lock().unwrap().entry(method.to_string()).or_default() += 1;
+                                // By method, and GETs of objects apart from listings.
+                                let listing = request.uri().query().is_some_and(|q| q.contains("list-type"));
+                                let kind = format!("{method} {}", if listing { "list" } else { "object" });
+                                {
+                                    let mut counts = counts.lock().unwrap();
+                                    for key in [method.to_string(), kind] {
+                                        *counts.entry(key).or_default() += 1;
+                                    }
+                                }
                                 if method == delayed {
                                     tokio::time::sleep(delay).await;
                                 }
@@ -939,18 +950,25 @@ async fn find_missing_remembers_what_the_object_store_holds() {
     };
     let a = node("a", &[]);
     let mut ca = Clients::connect(&a.addr).await;
-    let blobs: Vec<Vec<u8>> = (0..50).map(|i| text_bytes(1000 + i, 300 + i as u64)).collect();
-    let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+    // Fifty small blobs in one batch go up as one pack; five streamed, as
+    // an object each.
+    let blobs: Vec<Vec<u8>> = (0..55).map(|i| text_bytes(1000 + i, 300 + i as u64)).collect();
+    let refs: Vec<&[u8]> = blobs[..50].iter().map(Vec::as_slice).collect();
     assert_eq!(ca.batch_update(&refs).await, vec![0; 50]);
+    for (i, blob) in blobs[50..].iter().enumerate() {
+        let name = upload_name("", &format!("4b0c2d9e-1f3a-4c5b-8d7e-6f5a4b3c2d1{i}"), blob);
+        assert_eq!(ca.write(&name, blob, 1 << 20).await.unwrap(), blob.len() as i64);
+    }
     let digests: Vec<reapi::Digest> = blobs.iter().map(|b| digest(b)).collect();
 
-    // Node B's local tier is empty: the first call asks about each blob...
+    // Node B's local tier is empty: the first call asks about the pack
+    // once, and about each object...
     let b = node("b", &[]);
     let mut cb = Clients::connect(&b.addr).await;
     let before = proxy.count("HEAD");
     assert!(cb.find_missing(&digests).await.is_empty());
     let first = proxy.count("HEAD") - before;
-    assert_eq!(first, 50, "one HEAD per blob the first time");
+    assert_eq!(first, 1 + 5, "one HEAD per pack and per object the first time");
     // ...the second asks about none of them.
     assert!(cb.find_missing(&digests).await.is_empty());
     assert_eq!(proxy.count("HEAD") - before, first, "no HEAD the second time");
@@ -971,8 +989,8 @@ async fn find_missing_remembers_what_the_object_store_holds() {
             .parse()
             .unwrap()
     };
-    assert_eq!(value("larder_object_store_requests_total{kind=\"head\"}"), 52, "{metrics}");
-    assert_eq!(value("larder_object_store_remembered_total"), 50, "{metrics}");
+    assert_eq!(value("larder_object_store_requests_total{kind=\"head\"}"), 6 + 2, "{metrics}");
+    assert_eq!(value("larder_object_store_remembered_total"), 55, "{metrics}");
     drop((a, b));
 
     // An object store slow to answer: the call ends at the lookup timeout,
@@ -996,6 +1014,105 @@ async fn find_missing_remembers_what_the_object_store_holds() {
     assert_eq!(cc.find_missing(&digests[..5]).await.len(), 5, "not answered in time: missing");
     let took = started.elapsed();
     assert!(took < std::time::Duration::from_secs(10), "answered after {took:?}");
+}
+
+/// Small blobs written in one batch go up as one pack: another node finds
+/// them with one HEAD of the pack, and a read of one brings in the pack;
+/// damaged packs are skipped or deleted, never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_blobs_written_together_go_up_as_a_pack_and_come_back_together() {
+    use futures::StreamExt;
+    use larder::objstore::pack;
+    use object_store::{ObjectStore, ObjectStoreExt};
+    let Some(rgw) = Rgw::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = prefix();
+    let proxy = CountingProxy::start(&rgw.endpoint, http::Method::HEAD, std::time::Duration::ZERO).await;
+    let endpoint = format!("http://{}", proxy.addr);
+    let flags = ["--s3-endpoint", &endpoint, "--s3-bucket", &rgw.bucket, "--s3-prefix", &prefix];
+    let a = TestServer::start_with_env(&tmp.path().join("a"), &flags, &rgw.env);
+    let mut ca = Clients::connect(&a.addr).await;
+    // Two batches of 100 blobs of 2-8 KiB: about 500 KB each, a pack each.
+    let batches: Vec<Vec<Vec<u8>>> = (0..2u64)
+        .map(|b| {
+            (0..100u64).map(|i| random_bytes(2048 + (i as usize * 61) % 6144, 500 + b * 1000 + i)).collect()
+        })
+        .collect();
+    let puts = proxy.count("PUT");
+    for batch in &batches {
+        let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+        assert_eq!(ca.batch_update(&refs).await, vec![0; 100]);
+    }
+    assert_eq!(proxy.count("PUT") - puts, 2, "a PUT per batch");
+    let s3 = rgw.client();
+    let listed: Vec<String> = s3
+        .list(Some(&object_store::path::Path::from(format!("{prefix}/larder/v1"))))
+        .map(|m| m.unwrap().location.to_string())
+        .collect()
+        .await;
+    let packs: Vec<&String> = listed.iter().filter(|k| k.contains("/larder/v1/pack/")).collect();
+    assert_eq!((packs.len(), listed.len()), (2, 2), "{listed:?}");
+
+    // A new node finds them all with one HEAD per pack, and says what is absent.
+    let b = TestServer::start_with_env(&tmp.path().join("b"), &flags, &rgw.env);
+    let mut cb = Clients::connect(&b.addr).await;
+    let all: Vec<reapi::Digest> = batches.iter().flatten().map(|d| digest(d)).collect();
+    let absent = digest(b"in no pack");
+    let mut asked = all.clone();
+    asked.push(absent.clone());
+    let (heads, gets) = (proxy.count("HEAD"), proxy.count("GET object"));
+    assert_eq!(cb.find_missing(&asked).await, vec![absent]);
+    assert_eq!(proxy.count("HEAD") - heads, 2 + 1, "a HEAD per pack, and one for the absent blob");
+    // A read of ten blobs of the first batch brings that whole pack in, in one GET.
+    let read = cb
+        .cas
+        .batch_read_blobs(reapi::BatchReadBlobsRequest { digests: all[..10].to_vec(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    for (response, data) in read.responses.iter().zip(&batches[0]) {
+        assert_eq!(&response.data, data);
+    }
+    assert_eq!(status(&b).await["blobs"], 100, "the first pack, whole");
+    for batch in &batches {
+        for data in batch.iter().step_by(7) {
+            assert_eq!(&cb.read(&read_name("", data), 0, 0).await.unwrap(), data);
+        }
+    }
+    assert_eq!(status(&b).await["blobs"], 200);
+    // Two index reads when it listed them, and a read of each pack (S3's
+    // listings, GETs too, aside).
+    assert_eq!(proxy.count("GET object") - gets, 2 + 2, "GETs of objects");
+
+    // Damaged packs: an index that fails its check is skipped; a record
+    // whose bytes are not its blob's makes its pack deleted, and the blob
+    // missing (to be written again).
+    let pack_path = |name: String| object_store::path::Path::from(format!("{prefix}/larder/v1/{name}"));
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    s3.put(&pack_path(pack::name(now_ms, 1)), b"LARDERP\n\x10\0\0\0garbage".to_vec().into()).await.unwrap();
+    let (claimed, held) = (text_bytes(3000, 61), text_bytes(3000, 62));
+    let value = bytes::Bytes::from(larder::store::chunk::encode(&held, 1));
+    let liar = larder::digest::Digest::of(&claimed);
+    let other = text_bytes(1000, 63);
+    let honest = bytes::Bytes::from(larder::store::chunk::encode(&other, 1));
+    let (parts, _) = pack::encode(&[(liar, vec![value]), (larder::digest::Digest::of(&other), vec![honest])]);
+    let lying = pack_path(pack::name(now_ms, 2));
+    s3.put(&lying, parts.concat().into()).await.unwrap();
+    let c = TestServer::start_with_env(&tmp.path().join("c"), &flags, &rgw.env);
+    let mut cc = Clients::connect(&c.addr).await;
+    let status = cc.read(&read_name("", &claimed), 0, 0).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(s3.head(&lying).await.is_err(), "the lying pack is deleted");
+    assert_eq!(cc.find_missing(&[digest(&claimed)]).await.len(), 1);
+    // The garbage pack is skipped; the honest packs still serve.
+    assert_eq!(&cc.read(&read_name("", &batches[1][3]), 0, 0).await.unwrap(), &batches[1][3]);
+}
+
+/// Blobs written in a batch through one node go up in a pack, which other
+/// nodes learn by listing the bucket's new packs, at most once a second.
+async fn packs_listed() {
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
 }
 
 /// Flags of a node that trims a bucket to 2 MiB, in test time: objects
@@ -1100,6 +1217,7 @@ async fn two_nodes_keep_the_bucket_within_its_size_budget() {
     let name = upload_name("", "5d1c3b2a-0f9e-4d8c-b7a6-958473625140", &list);
     assert_eq!(ca.write(&name, &list, 1 << 20).await.unwrap(), list.len() as i64);
     hot.push(list);
+    packs_listed().await;
 
     let (mut actions, mut written, mut peak) = (Vec::new(), 0u64, 0u64);
     for round in 0..80u64 {
@@ -1149,9 +1267,9 @@ async fn a_trimmer_killed_mid_pass_is_taken_over() {
     let Some(rgw) = Rgw::start() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let prefix = prefix();
-    // Four thousand objects, four times the budget, through a node that
-    // does not trim: four multi-object deletes to trim them.
-    let w = rgw.node(&tmp.path().join("w"), &prefix);
+    // Four thousand objects (not packed), four times the budget, through a
+    // node that does not trim: four multi-object deletes to trim them.
+    let w = rgw.node_with(&tmp.path().join("w"), &prefix, &["--s3-pack-index-entries", "0"]);
     let mut cw = Clients::connect(&w.addr).await;
     let mut actions = Vec::new();
     for round in 0..64u64 {

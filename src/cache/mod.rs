@@ -259,6 +259,7 @@ impl Cache {
         let tier = Arc::clone(self.tier.as_ref()?);
         let cache = Arc::clone(self);
         let toucher = tier.bucket.toucher();
+        let indexer = tier.bucket.indexer();
         let trimmer = tier.trim.clone().map(|trim| objstore::trim::run(Arc::clone(&tier.bucket), trim));
         Some(async move {
             // Say at once whether the object store answers; serving goes on either way.
@@ -283,7 +284,12 @@ impl Cache {
                     trimmer.await
                 }
             };
-            tokio::join!(replicator::run(cache, tier), toucher, trimmer);
+            let indexer = async move {
+                if let Some(indexer) = indexer {
+                    indexer.await
+                }
+            };
+            tokio::join!(replicator::run(cache, tier), toucher, trimmer, indexer);
         })
     }
 }

@@ -11,8 +11,8 @@ use futures::StreamExt;
 
 use super::{Cache, Error, Tier, Writes, blocking, tier};
 use crate::digest::Digest;
-use crate::objstore;
-use crate::store::{self, QueueEntry, Queued, now_ms};
+use crate::objstore::{self, pack};
+use crate::store::{self, QueueEntry, Queued, Written, now_ms};
 
 /// Queue entries read per pass.
 const PASS: usize = 256;
@@ -75,9 +75,36 @@ pub(super) async fn run(cache: Arc<Cache>, tier: Arc<Tier>) {
             }
             continue;
         }
-        let copies = due.into_iter().map(|entry| copy(&cache, &tier.bucket, entry));
-        let outcomes: Vec<Result<Outcome, Error>> =
-            futures::stream::iter(copies).buffer_unordered(IN_FLIGHT).collect().await;
+        // Small blobs go up together in packs (those from before the tier
+        // are looked up first, one by one); the rest one object each.
+        let packed = |e: &QueueEntry| match e.item {
+            Queued::Blob(d) => tier.bucket.packing() && !e.check && d.size < pack::PACKED_BELOW,
+            Queued::ActionResult { .. } => false,
+        };
+        let (small, others): (Vec<QueueEntry>, Vec<QueueEntry>) = due.into_iter().partition(packed);
+        let (small, others) = match small.len() {
+            0 | 1 => (Vec::new(), others.into_iter().chain(small).collect()),
+            _ => (small, others),
+        };
+        let copies: Vec<_> = others.into_iter().map(|entry| copy(&cache, &tier.bucket, entry)).collect();
+        let small: Vec<(Digest, Written)> = small
+            .into_iter()
+            .filter_map(|e| match e.item {
+                Queued::Blob(d) => Some((d, Written::Stored)),
+                Queued::ActionResult { .. } => None,
+            })
+            .collect();
+        let (mut outcomes, packed): (Vec<Result<Outcome, Error>>, _) = tokio::join!(
+            futures::stream::iter(copies).buffer_unordered(IN_FLIGHT).collect(),
+            cache.pack_out(&tier.bucket, small.clone()),
+        );
+        outcomes.extend(small.into_iter().zip(packed).map(|((digest, _), result)| match result {
+            Ok(_) => Ok(Outcome::Copied(digest)),
+            Err(Error::Store(store::Error::Vanished(_) | store::Error::Removed(_))) => {
+                Ok(Outcome::Vanished(digest))
+            }
+            Err(e) => Err(e),
+        }));
         // Blobs leave the queue in one write each way.
         let (mut copied, mut vanished) = (Vec::new(), Vec::new());
         for outcome in &outcomes {

@@ -9,16 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
 use super::{Cache, Error, Tier, Writes, blocking};
 use crate::digest::Digest;
-use crate::objstore::{self, BlobReader, Bucket, Header};
+use crate::objstore::{self, BlobReader, Bucket, Header, pack};
 use crate::store::{self, Store, Written, chunk};
 
 /// Blobs copied between the tiers at once for one call.
 const FETCHES_IN_FLIGHT: usize = 32;
+/// A blob as the local tier stores it: its digest and its chunks.
+type StoredBlob = (Digest, Vec<Bytes>);
+/// Packs written at once for one call.
+const PACKS_IN_FLIGHT: usize = 4;
 /// How long a copy waits for a reader streaming it to take a chunk.
 const TEE_WAIT: Duration = Duration::from_secs(5);
 /// A stored chunk holds at most MAX_CHUNK_SIZE bytes, compressed or not (a
@@ -42,12 +46,20 @@ impl Cache {
         let Some(tier) = &self.tier else { return Ok(()) };
         let (wanted, present) = self.local(digests.to_vec()).await?;
         let local = present.iter().filter(|&&p| p).count() as u64;
-        let fetches: Vec<_> = wanted
-            .into_iter()
-            .zip(present)
-            .filter(|(_, p)| !p)
-            .map(|(d, _)| self.fetch_one(tier, d, None))
+        let mut absent: Vec<Digest> =
+            wanted.into_iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| d).collect();
+        // One blob of each pack first, so that the packs are read in
+        // parallel (the other blobs of a pack wait for its read).
+        let packs = tier.bucket.packs_of(&absent, None).await;
+        let mut first = HashSet::new();
+        let mut order: Vec<(bool, usize)> = packs
+            .iter()
+            .enumerate()
+            .map(|(i, held)| (held.as_ref().is_some_and(|h| !first.insert(h.pack)), i))
             .collect();
+        order.sort_unstable();
+        absent = order.into_iter().map(|(_, i)| absent[i]).collect();
+        let fetches: Vec<_> = absent.into_iter().map(|d| self.fetch_one(tier, d, None)).collect();
         // In parallel: small blobs cost the object store's latency each.
         let found: Vec<bool> =
             futures::stream::iter(fetches).buffer_unordered(FETCHES_IN_FLIGHT).try_collect().await?;
@@ -105,10 +117,28 @@ impl Cache {
             tier.wake.notify_one();
             return all_done(&written);
         }
-        let copies =
-            written.into_iter().map(|(digest, written)| self.copy_out(&tier.bucket, digest, written));
+        // Small blobs go up together, in packs; others one object each. A
+        // blob alone (a streamed write) is an object too: a pack of one
+        // would cost every other node a read of its index.
+        let packed = |d: &Digest| tier.bucket.packing() && d.size < pack::PACKED_BELOW;
+        let (mut small, mut others): (Vec<_>, Vec<_>) =
+            written.into_iter().enumerate().partition(|(_, (d, _))| packed(d));
+        if small.len() < 2 {
+            others.append(&mut small);
+        }
+        let copies: Vec<_> = others.iter().map(|&(_, w)| w).collect();
+        let copies = copies.into_iter().map(|(digest, written)| self.copy_out(&tier.bucket, digest, written));
+        let (copied, packs) = tokio::join!(
+            futures::stream::iter(copies).buffered(FETCHES_IN_FLIGHT).collect::<Vec<_>>(),
+            self.pack_out(&tier.bucket, small.iter().map(|&(_, w)| w).collect()),
+        );
+        let mut results: Vec<Option<Result<Option<Digest>, Error>>> = Vec::new();
+        results.resize_with(small.len() + others.len(), || None);
+        for ((i, _), result) in others.iter().zip(copied).chain(small.iter().zip(packs)) {
+            results[*i] = Some(result);
+        }
         let results: Vec<Result<Option<Digest>, Error>> =
-            futures::stream::iter(copies).buffered(FETCHES_IN_FLIGHT).collect().await;
+            results.into_iter().map(|r| r.expect("a result per blob")).collect();
         // Off the queue in one write.
         let copied: Vec<Digest> = results.iter().filter_map(|r| r.as_ref().ok().copied().flatten()).collect();
         if !copied.is_empty() {
@@ -151,6 +181,126 @@ impl Cache {
         }
         self.metrics.tier_written(digest.size);
         Ok(Some(digest))
+    }
+
+    /// Copies small blobs to the object store in packs of about
+    /// [`pack::PACK_BYTES`], a few packs at a time; a result per blob, as
+    /// [`Cache::copy_out`] gives. Blobs the local tier held already are
+    /// copied if queued or if the object store lacks them.
+    pub(super) async fn pack_out(
+        &self,
+        bucket: &Bucket,
+        written: Vec<(Digest, Written)>,
+    ) -> Vec<Result<Option<Digest>, Error>> {
+        let mut results: Vec<Result<Option<Digest>, Error>> = written.iter().map(|_| Ok(None)).collect();
+        let mut wanted: Vec<usize> = Vec::with_capacity(written.len());
+        let mut held: Vec<usize> = Vec::new();
+        for (i, (digest, w)) in written.iter().enumerate() {
+            match w {
+                _ if digest.is_empty_blob() => {}
+                Written::Stored => wanted.push(i),
+                Written::AlreadyPresent => held.push(i),
+            }
+        }
+        if !held.is_empty() {
+            let store = Arc::clone(&self.store);
+            let asked: Vec<Digest> = held.iter().map(|&i| written[i].0).collect();
+            let queued = blocking(move || {
+                Ok::<_, Error>(
+                    asked.iter().map(|d| store.is_queued(d).map_err(Error::from)).collect::<Vec<_>>(),
+                )
+            });
+            let queued = match queued.await {
+                Ok(queued) => queued,
+                Err(e) => held.iter().map(|_| Err(Error::Worker(e.to_string()))).collect(),
+            };
+            let mut unqueued = Vec::new();
+            for (&i, queued) in held.iter().zip(queued) {
+                match queued {
+                    Ok(true) => wanted.push(i),
+                    Ok(false) => unqueued.push(i),
+                    Err(e) => results[i] = Err(e),
+                }
+            }
+            let asked: Vec<Digest> = unqueued.iter().map(|&i| written[i].0).collect();
+            match bucket.contains_now(&asked).await {
+                Ok(present) => {
+                    wanted.extend(unqueued.iter().zip(present).filter(|(_, p)| !p).map(|(&i, _)| i))
+                }
+                Err(e) => {
+                    self.metrics.tier_error(false);
+                    for &i in &unqueued {
+                        results[i] = Err(e.clone().into());
+                    }
+                }
+            }
+        }
+        // Their chunks as stored, in one trip to the blocking pool.
+        let store = Arc::clone(&self.store);
+        let digests: Vec<Digest> = wanted.iter().map(|&i| written[i].0).collect();
+        let chunks =
+            blocking(move || Ok::<_, Error>(digests.iter().map(|d| stored_chunks(&store, d)).collect()));
+        let chunks: Vec<Result<Option<Vec<Bytes>>, Error>> = match chunks.await {
+            Ok(chunks) => chunks,
+            Err(e) => wanted.iter().map(|_| Err(Error::Worker(e.to_string()))).collect(),
+        };
+        // Each pack: its blobs' places in `written`, and the blobs.
+        let mut packs: Vec<(Vec<usize>, Vec<StoredBlob>)> = Vec::new();
+        let mut bytes = 0;
+        for (i, chunks) in wanted.into_iter().zip(chunks) {
+            let chunks = match chunks {
+                Ok(Some(chunks)) => chunks,
+                // A list goes up as a list object, after its chunks.
+                Ok(None) => {
+                    let digest = written[i].0;
+                    results[i] = upload_from(bucket, &self.store, digest).await.map(|()| {
+                        self.metrics.tier_written(digest.size);
+                        Some(digest)
+                    });
+                    continue;
+                }
+                Err(e) => {
+                    results[i] = Err(e);
+                    continue;
+                }
+            };
+            let len: usize = chunks.iter().map(|c| 4 + c.len()).sum();
+            match packs.last_mut() {
+                Some((members, blobs))
+                    if bytes + len <= pack::PACK_BYTES && blobs.len() < pack::PACK_BLOBS =>
+                {
+                    members.push(i);
+                    blobs.push((written[i].0, chunks));
+                    bytes += len;
+                }
+                _ => {
+                    packs.push((vec![i], vec![(written[i].0, chunks)]));
+                    bytes = len;
+                }
+            }
+        }
+        let puts: Vec<_> = packs
+            .into_iter()
+            .map(|(members, blobs)| async move { (members, bucket.put_pack(&blobs).await) }.boxed())
+            .collect();
+        let mut puts = futures::stream::iter(puts).buffer_unordered(PACKS_IN_FLIGHT);
+        while let Some((members, put)) = puts.next().await {
+            match put {
+                Ok(()) => {
+                    for i in members {
+                        self.metrics.tier_written(written[i].0.size);
+                        results[i] = Ok(Some(written[i].0));
+                    }
+                }
+                Err(e) => {
+                    self.metrics.tier_error(false);
+                    for i in members {
+                        results[i] = Err(e.clone().into());
+                    }
+                }
+            }
+        }
+        results
     }
 
     /// Copies an action result just stored locally to the object store, as
@@ -196,6 +346,29 @@ pub(super) async fn upload_from(bucket: &Bucket, local: &Arc<Store>, digest: Dig
         }
     }
     Ok(bucket.put_list(&digest, &chunks).await?)
+}
+
+/// The chunks of a blob the local tier keeps whole, as stored; `None` for
+/// a blob it keeps as a list (a client's splice of small blobs).
+fn stored_chunks(local: &Store, digest: &Digest) -> Result<Option<Vec<Bytes>>, Error> {
+    if local.list_of(digest)?.is_some() {
+        return Ok(None);
+    }
+    let Some(blob) = local.locate(digest)? else {
+        return Err(store::Error::Vanished(format!("blob {digest} is not in the local tier")).into());
+    };
+    let (mut chunks, mut offset) = (Vec::new(), 0);
+    while offset < digest.size {
+        let (start, value, held) = local.encoded_chunk_at(&blob, offset)?;
+        if start != offset {
+            return Err(
+                store::Error::Corrupt(format!("blob {digest} has no chunk starting at {offset}")).into()
+            );
+        }
+        offset += held;
+        chunks.push(Bytes::from(value));
+    }
+    Ok(Some(chunks))
 }
 
 /// Copies a blob the local tier keeps whole to the object store.
@@ -250,6 +423,9 @@ async fn fetch_into(
     tee: Option<mpsc::Sender<Piece>>,
     lists: bool,
 ) -> Result<bool, Error> {
+    if let Some(found) = fetch_packed(bucket, local, digest).await? {
+        return Ok(found);
+    }
     let resource = format!("remote-fetch/{}/{}", digest.function.name(), digest.hex());
     // Another call may be fetching it right now: wait for that one, and if
     // it failed, fetch again, so that this call gets its own answer
@@ -301,6 +477,96 @@ async fn fetch_into(
         .into()),
         Err(e) => Err(e),
     }
+}
+
+/// Brings in the pack holding `digest`, if a known pack does: every blob of
+/// it the local tier lacks, as stored (blobs written together are mostly
+/// read together). `None` if no known pack holds it, or its pack is gone or
+/// damaged (a damaged pack is deleted, for clients to write its blobs again).
+async fn fetch_packed(bucket: &Bucket, local: &Arc<Store>, digest: Digest) -> Result<Option<bool>, Error> {
+    let Some(held) = bucket.pack_of(&digest).await else { return Ok(None) };
+    // One read of a pack serves every call waiting for it.
+    let _reading = held.reading.lock().await;
+    let present = {
+        let local = Arc::clone(local);
+        blocking(move || local.contains(&[digest])).await?[0]
+    };
+    if present {
+        return Ok(Some(true));
+    }
+    let blobs = match bucket.read_pack(&held, MAX_STORED_CHUNK).await {
+        Ok(Some(blobs)) => blobs,
+        Ok(None) => return Ok(None),
+        Err(objstore::Error::Damaged(what)) => {
+            tracing::warn!("deleted, to be written again: the object store held a damaged {what}");
+            let _ = bucket.forget_pack(&held).await;
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (wanted, damage) = {
+        let local = Arc::clone(local);
+        blocking(move || Ok::<_, Error>(store_pack(&local, blobs, digest))).await?
+    };
+    if let Some(what) = damage {
+        tracing::warn!(
+            "deleted, to be written again: the object store held a damaged pack {}: {what}",
+            held.name
+        );
+        let _ = bucket.forget_pack(&held).await;
+    }
+    match wanted {
+        Some(Ok(_)) => Ok(Some(true)),
+        Some(Err(store::Error::DigestMismatch(_))) | None => Ok(None),
+        Some(Err(e)) => Err(e.into()),
+    }
+}
+
+/// Stores the blobs of a pack that the local tier lacks, each checked (its
+/// chunks against their checksums, its bytes against its digest), not
+/// queued for the object store: what writing `wanted` gave (`None` if the
+/// pack does not hold it, or holds it damaged), and the damage found.
+fn store_pack(
+    local: &Store,
+    blobs: Vec<(Digest, Vec<Bytes>)>,
+    wanted: Digest,
+) -> (Option<Result<Written, store::Error>>, Option<String>) {
+    let mut damage = None;
+    let mut new = Vec::with_capacity(blobs.len());
+    for (digest, chunks) in blobs {
+        let data = match chunks.as_slice() {
+            [one] => chunk::decode(one),
+            _ => {
+                // The size comes from the bucket: bounded before it is used.
+                let mut data = bytes::BytesMut::with_capacity(digest.size.min(pack::PACKED_BELOW) as usize);
+                let mut whole = true;
+                for c in &chunks {
+                    match chunk::decode(c) {
+                        Some(d) if (data.len() + d.len()) as u64 <= digest.size => data.extend_from_slice(&d),
+                        _ => whole = false,
+                    }
+                }
+                whole.then(|| data.freeze())
+            }
+        };
+        match data {
+            Some(data) if data.len() as u64 == digest.size => {
+                let stored = (chunks.len() == 1).then(|| chunks[0].clone());
+                new.push(store::NewBlob { digest, data, frames: Vec::new(), stored });
+            }
+            _ => damage = Some(format!("its record of {digest} fails its check")),
+        }
+    }
+    let mut wanted_result = None;
+    for (blob, result) in new.iter().zip(local.put_copies(&new)) {
+        if let Err(store::Error::DigestMismatch(m)) = &result {
+            damage = Some(format!("its record of {} hashes to {}", m.expected, m.actual));
+        }
+        if blob.digest == wanted {
+            wanted_result = Some(result);
+        }
+    }
+    (wanted_result, damage)
 }
 
 /// Brings in the chunks of a list object the local tier lacks (a few at a

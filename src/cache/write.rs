@@ -144,7 +144,10 @@ fn decode(blob: Incoming, decoder: &mut Option<Decoder>) -> Result<NewBlob, Erro
             };
             let out = compression::decompress(decoder, &data, digest.size)
                 .map_err(|e| Error::Invalid(format!("blob {digest}: {e}")))?;
-            (NewBlob { digest, data: out.data, frames: out.frames }, "is what the zstd data decompresses to")
+            (
+                NewBlob { digest, data: out.data, frames: out.frames, stored: None },
+                "is what the zstd data decompresses to",
+            )
         }
     };
     if blob.data.len() as u64 != digest.size {

@@ -24,7 +24,7 @@ use crate::digest::Digest;
 
 /// Fingerprints are uniformly random already: hashing them again is waste.
 #[derive(Default)]
-struct Identity(u64);
+pub(super) struct Identity(u64);
 
 impl std::hash::Hasher for Identity {
     fn finish(&self) -> u64 {

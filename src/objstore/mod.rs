@@ -22,6 +22,8 @@
 //!   bytes `LARDERA\n`, the CRC-32C of the rest (u32, little-endian), the
 //!   ActionResult message. `{instance}` is the instance name in hex, `-` for
 //!   none.
+//! - `larder/v1/pack/{ms}-{id}`: small blobs written together, with an
+//!   index of them (see [`pack`]).
 //! - `larder/v1/used/{object}`: an empty object whose modification time is
 //!   the last use of `larder/v1/{object}` (its own modification time counts
 //!   as a use too), written at most once per `s3_touch_interval` by each
@@ -32,6 +34,7 @@
 
 mod known;
 mod lease;
+pub mod pack;
 pub mod trim;
 
 use std::sync::Arc;
@@ -40,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{
     GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
@@ -80,7 +83,7 @@ const TOUCHED_ENTRIES: usize = 1 << 20;
 /// clients' splices, whose chunks are recorded when read).
 const LIST_CHUNKS_TOUCHED_FROM: u64 = 1 << 20;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     #[error("the object store is unavailable ({0}); the local tier keeps serving reads")]
     Unavailable(String),
@@ -125,6 +128,8 @@ pub struct Settings {
     pub existence_ttl: Duration,
     /// Most blobs known present at once (8 bytes each); 0: none.
     pub existence_entries: usize,
+    /// Most packed blobs indexed; 0: no packs written or read.
+    pub pack_index_entries: usize,
     /// How this node keeps the bucket within a size budget, if it has one.
     pub trim: Option<trim::Trim>,
 }
@@ -174,6 +179,8 @@ pub struct Bucket {
     max_action_result: usize,
     /// Blobs known present, not asked about again for a while.
     known: Arc<Known>,
+    /// The packs this node knows, and the blobs they hold.
+    packs: pack::Packs,
     /// Last uses waiting to be recorded, when the bucket has a size budget.
     touches: Option<Touches>,
     /// Turns for lookups, across calls.
@@ -267,6 +274,7 @@ impl Bucket {
             prefix,
             max_action_result: settings.max_action_result,
             known: Arc::new(Known::new(settings.existence_ttl, settings.existence_entries)),
+            packs: pack::Packs::new(settings.existence_ttl, settings.pack_index_entries),
             touches,
             lookups: Arc::new(tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT_TOTAL)),
             requests: Arc::new(Requests::default()),
@@ -299,33 +307,39 @@ impl Bucket {
     /// unless this node did lately; `true` for those recorded now. Does
     /// nothing without a size budget. A full queue drops the record, to
     /// be made at the next use: a use is never worth waiting for.
+    /// A blob in a pack this node knows is used through its pack.
     pub fn touch_blobs(&self, blobs: &[Digest]) -> Vec<bool> {
-        let Some(touches) = &self.touches else { return vec![false; blobs.len()] };
-        let fresh = touches.recent.insert_new(blobs.iter().map(known::fingerprint));
+        if self.touches.is_none() {
+            return vec![false; blobs.len()];
+        }
+        let packs = self.packs.find(blobs);
         blobs
             .iter()
-            .zip(fresh)
-            .map(|(d, fresh)| {
-                let marker = || Touch::Marker(self.used_path(&blob_object(d)), known::fingerprint(d));
-                let sent = fresh && !d.is_empty_blob() && touches.queue.try_send(marker()).is_ok();
-                if fresh && !sent {
-                    touches.recent.remove(d);
-                }
-                sent
+            .zip(packs)
+            .map(|(d, pack)| match pack {
+                Some(pack) => self.touch_pack(&pack),
+                None => !d.is_empty_blob() && self.touch_object(blob_object(d), known::fingerprint(d)),
             })
             .collect()
     }
 
     /// Records a use of an action result (a hit), as [`Bucket::touch_blobs`].
     pub fn touch_action_result(&self, instance: &str, action: &Digest) {
-        let Some(touches) = &self.touches else { return };
         let object = ac_object(instance, action);
         let f = known::fingerprint(action) ^ crc32c::crc32c(object.as_bytes()) as u64;
-        if touches.recent.insert_new(std::iter::once(f))[0]
-            && touches.queue.try_send(Touch::Marker(self.used_path(&object), f)).is_err()
-        {
+        self.touch_object(object, f);
+    }
+
+    /// Records a use of `object` (a path under `larder/v1/`, whose
+    /// fingerprint is `f`), unless this node did lately; `true` if queued.
+    fn touch_object(&self, object: String, f: u64) -> bool {
+        let Some(touches) = &self.touches else { return false };
+        let fresh = touches.recent.insert_new(std::iter::once(f))[0];
+        let sent = fresh && touches.queue.try_send(Touch::Marker(self.used_path(&object), f)).is_ok();
+        if fresh && !sent {
             touches.recent.remove_fingerprint(f);
         }
+        sent
     }
 
     /// Records what [`Bucket::touch_blobs`] queued, a few at a time,
@@ -382,6 +396,11 @@ impl Bucket {
         }
     }
 
+    /// Whether small blobs go up in packs (and packs are read).
+    pub fn packing(&self) -> bool {
+        self.packs.enabled()
+    }
+
     /// Whether the bucket answers (one listing of larder's prefix).
     pub async fn check(&self) -> Result<(), Error> {
         Requests::count(&self.requests.list);
@@ -420,23 +439,46 @@ impl Bucket {
                 asked.push(i);
             }
         }
-        let lookups: Vec<_> = asked
-            .into_iter()
-            .map(|i| {
-                // Owned: the futures borrow nothing, so the calls awaiting them stay Send.
-                let (store, path) = (Arc::clone(&self.store), self.blob_path(&digests[i]));
-                let (turns, requests) = (Arc::clone(&self.lookups), Arc::clone(&self.requests));
-                async move {
-                    let _turn = turns.acquire_owned().await;
-                    Requests::count(&requests.head);
-                    match store.head(&path).await {
-                        Ok(meta) => Ok((i, meta.size >= 16, meta.size)),
-                        Err(object_store::Error::NotFound { .. }) => Ok((i, false, 0)),
-                        Err(e) => Err(Error::from(e)),
-                    }
+        // Packed blobs: a pack known present answers for its blobs, else
+        // one HEAD of it does.
+        let asked_digests: Vec<Digest> = asked.iter().map(|&i| digests[i]).collect();
+        let held = self.packs_of(&asked_digests, deadline).await;
+        let mut packs: std::collections::HashMap<u32, (pack::Held, Vec<usize>)> = Default::default();
+        let mut objects = Vec::new();
+        for (i, held) in asked.into_iter().zip(held) {
+            match held {
+                Some(held) if remembered && held.fresh => {
+                    present[i] = true;
+                    Requests::count(&self.requests.remembered);
                 }
-            })
-            .collect();
+                Some(held) => packs.entry(held.pack).or_insert_with(|| (held, Vec::new())).1.push(i),
+                None => objects.push(i),
+            }
+        }
+        let pack_lookups = packs.into_values().map(|(held, blobs)| {
+            async move {
+                let _turn = self.lookups.acquire().await;
+                let found = self.head_pack(&held).await?;
+                Ok::<_, Error>(Found::Pack(blobs, found))
+            }
+            .boxed()
+        });
+        let object_lookups = objects.into_iter().map(|i| {
+            // Owned: the futures borrow nothing, so the calls awaiting them stay Send.
+            let (store, path) = (Arc::clone(&self.store), self.blob_path(&digests[i]));
+            let (turns, requests) = (Arc::clone(&self.lookups), Arc::clone(&self.requests));
+            async move {
+                let _turn = turns.acquire_owned().await;
+                Requests::count(&requests.head);
+                match store.head(&path).await {
+                    Ok(meta) => Ok(Found::Object(i, meta.size >= 16, meta.size)),
+                    Err(object_store::Error::NotFound { .. }) => Ok(Found::Object(i, false, 0)),
+                    Err(e) => Err(Error::from(e)),
+                }
+            }
+            .boxed()
+        });
+        let lookups: Vec<_> = pack_lookups.chain(object_lookups).collect();
         let mut answers = futures::stream::iter(lookups).buffer_unordered(LOOKUPS_IN_FLIGHT);
         loop {
             let answer = match deadline {
@@ -447,7 +489,16 @@ impl Bucket {
                 },
             };
             let Some(answer) = answer else { break };
-            let (i, found, stored) = answer?;
+            let (i, found, stored) = match answer? {
+                Found::Pack(blobs, found) => {
+                    // A use of the pack was recorded by its HEAD.
+                    for i in blobs {
+                        present[i] = found;
+                    }
+                    continue;
+                }
+                Found::Object(i, found, stored) => (i, found, stored),
+            };
             if found {
                 present[i] = true;
                 self.known.insert(&digests[i]);
@@ -540,6 +591,15 @@ impl Bucket {
         function: crate::digest::Function,
         hash: &[u8],
     ) -> Result<Option<Digest>, Error> {
+        if let Some(packed) = self.packs.find_by_hash(function, hash) {
+            return Ok(Some(packed));
+        }
+        if self.packs.enabled()
+            && self.list_new_packs(None).await
+            && let Some(packed) = self.packs.find_by_hash(function, hash)
+        {
+            return Ok(Some(packed));
+        }
         let Some(probe) = Digest::new(function, hash, 0) else { return Ok(None) };
         Requests::count(&self.requests.get);
         let head = match self.store.get_range(&self.blob_path(&probe), 0..16).await {
@@ -632,6 +692,13 @@ struct Touches {
     queue: mpsc::Sender<Touch>,
     /// The queue's other end, until the toucher takes it.
     pending: std::sync::Mutex<Option<mpsc::Receiver<Touch>>>,
+}
+
+/// What a lookup found: whether a pack holding these blobs is there, or
+/// whether one blob's object is (and its size).
+enum Found {
+    Pack(Vec<usize>, bool),
+    Object(usize, bool, u64),
 }
 
 /// A use to record.

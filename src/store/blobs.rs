@@ -52,11 +52,15 @@ pub struct NewBlob {
     /// `data` it decodes to (see [`crate::compression::decompress`]): a frame
     /// that holds exactly one chunk is stored as it is, not compressed again.
     pub frames: Vec<(Range<u64>, Bytes)>,
+    /// The blob's one chunk as a larder node's codec stored it (a copy from
+    /// the object store), `data` being what it decodes to: kept as it is,
+    /// not encoded again.
+    pub stored: Option<Bytes>,
 }
 
 impl NewBlob {
     pub fn new(digest: Digest, data: Bytes) -> NewBlob {
-        NewBlob { digest, data, frames: Vec::new() }
+        NewBlob { digest, data, frames: Vec::new(), stored: None }
     }
 }
 
@@ -263,6 +267,16 @@ impl Store {
     /// Stores whole blobs (a BatchUpdateBlobs): verifies each against its
     /// digest, then makes all new ones visible in one atomic write.
     pub fn put_blobs(&self, blobs: &[NewBlob]) -> Vec<Result<Written, Error>> {
+        self.put_blobs_queued(blobs, self.queues())
+    }
+
+    /// Stores whole blobs copied in from the object store tier, as
+    /// [`Store::put_blobs`] does, except that they are not queued for it.
+    pub fn put_copies(&self, blobs: &[NewBlob]) -> Vec<Result<Written, Error>> {
+        self.put_blobs_queued(blobs, false)
+    }
+
+    fn put_blobs_queued(&self, blobs: &[NewBlob], queue: bool) -> Vec<Result<Written, Error>> {
         let mut results: Vec<Result<Written, Error>> = blobs
             .iter()
             .map(|NewBlob { digest, data, .. }| {
@@ -274,7 +288,7 @@ impl Store {
                 }
             })
             .collect();
-        if let Err(e) = self.store_verified(blobs, &mut results) {
+        if let Err(e) = self.store_verified(blobs, &mut results, queue) {
             let message = e.to_string();
             for r in results.iter_mut().filter(|r| r.is_ok()) {
                 *r = Err(match e {
@@ -288,7 +302,12 @@ impl Store {
         results
     }
 
-    fn store_verified(&self, blobs: &[NewBlob], results: &mut [Result<Written, Error>]) -> Result<(), Error> {
+    fn store_verified(
+        &self,
+        blobs: &[NewBlob],
+        results: &mut [Result<Written, Error>],
+        queue: bool,
+    ) -> Result<(), Error> {
         // Candidates: verified, not the empty blob, first occurrence of their digest.
         let mut seen = HashSet::new();
         let mut candidates = Vec::new();
@@ -323,7 +342,7 @@ impl Store {
         // Blob files written for this batch: deleted again unless the batch
         // makes them a stored blob's.
         let mut filed = Vec::new();
-        let stored = self.store_prepared(blobs, &candidates, results, &mut admitted, &mut filed);
+        let stored = self.store_prepared(blobs, &candidates, results, &mut admitted, &mut filed, queue);
         let kept: HashSet<u64> =
             stored.as_ref().map_or_else(|_| HashSet::new(), |ids| ids.iter().copied().collect());
         for id in filed.iter().filter(|id| !kept.contains(id)) {
@@ -345,11 +364,12 @@ impl Store {
         results: &mut [Result<Written, Error>],
         admitted: &mut Admitted<'_>,
         filed: &mut Vec<u64>,
+        queue: bool,
     ) -> Result<Vec<u64>, Error> {
         let now = now_ms();
         let mut prepared = Vec::with_capacity(candidates.len());
         for &i in candidates {
-            let NewBlob { digest, data, frames } = &blobs[i];
+            let NewBlob { digest, data, frames, stored: copied } = &blobs[i];
             let blob_id = self.allocate_blob_id();
             let mut file = match self.has_file(digest.size) {
                 true => {
@@ -359,6 +379,13 @@ impl Store {
                 false => None,
             };
             let (chunk_size, level) = (self.options.chunk_size, self.options.zstd_level);
+            // A copy of a blob of one chunk keeps the chunk its writer stored.
+            if let Some(value) = copied.as_ref().filter(|_| file.is_none() && data.len() <= chunk_size) {
+                admitted.release(self.room_for(digest.size).saturating_sub(value.len() as u64));
+                let entry = IndexEntry::whole(blob_id, value.len() as u64, now);
+                prepared.push((i, *digest, entry, vec![(chunk_key(blob_id, 0), value.clone())]));
+                continue;
+            }
             let (mut chunks, mut stored, mut offset) = (Vec::new(), 0, 0);
             let mut emit = |part: &[u8], frame: Option<&[u8]>| -> Result<(), Error> {
                 let mut value = match frame {
@@ -370,7 +397,7 @@ impl Store {
                     let at = file.append(&self.files, &value).map_err(|e| self.file_error(e))?;
                     value = chunk::file_ref(at, value.len());
                 }
-                chunks.push((chunk_key(blob_id, offset), value));
+                chunks.push((chunk_key(blob_id, offset), Bytes::from(value)));
                 offset += part.len() as u64;
                 Ok(())
             };
@@ -403,7 +430,11 @@ impl Store {
             prepared.push((i, *digest, entry, chunks));
         }
         let _guards = self.lock_stripes(prepared.iter().map(|(_, d, _, _)| d));
-        let mut batch = WriteBatch::default();
+        // Sized for the chunks, so that it is not copied as it grows (an
+        // index entry and a queue entry per blob are well under 256 bytes).
+        let bytes: usize =
+            prepared.iter().flat_map(|(_, _, _, c)| c).map(|(k, v)| k.len() + v.len() + 8).sum();
+        let mut batch = WriteBatch::with_capacity_bytes(bytes + 256 * prepared.len());
         let (mut queued, mut queued_bytes) = (0, 0);
         let mut ids = Vec::with_capacity(prepared.len());
         for (i, digest, entry, chunks) in prepared {
@@ -417,7 +448,7 @@ impl Store {
             }
             self.add_entry(&mut batch, &digest, &entry);
             self.count_stored(&mut batch, entry.stored as i64);
-            if self.queues() {
+            if queue {
                 self.queue_blob(&mut batch, &digest);
                 (queued, queued_bytes) = (queued + 1, queued_bytes + digest.size as i64);
             }

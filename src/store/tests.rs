@@ -435,6 +435,7 @@ fn client_frames_are_kept_only_where_they_hold_exactly_one_chunk() {
         digest: Digest::of(&text),
         data: text.clone(),
         frames: vec![(0..65_536, first.clone()), (65_536..99_999, frame(65_536..99_999))],
+        stored: None,
     };
     assert!(store.put_blobs(&[blob])[0].is_ok());
     let located = store.locate(&Digest::of(&text)).unwrap().unwrap();
@@ -727,6 +728,30 @@ fn writes_are_queued_with_their_blobs_and_copies_are_not() {
     assert_eq!(store.queue_len(), (2, 200_005));
     store.dequeue_action_result("ci", &action, Some(b"newer")).unwrap();
     assert_eq!(store.queue_len(), (1, 200_000));
+}
+
+#[test]
+fn copies_of_a_pack_keep_their_stored_chunk_and_are_not_queued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open_queueing(tmp.path(), 1 << 20);
+    let (one, other) = (bytes(5000, 11), bytes(7000, 12));
+    // As another node stored it: at a level this store would not use.
+    let stored = Bytes::from(chunk::encode(&one, 19));
+    let copies = [
+        NewBlob { stored: Some(stored.clone()), ..NewBlob::new(Digest::of(&one), one.clone()) },
+        NewBlob::new(Digest::of(&other), other.clone()),
+    ];
+    let written: Vec<Written> = store.put_copies(&copies).into_iter().map(Result::unwrap).collect();
+    assert_eq!(written, [Written::Stored, Written::Stored]);
+    assert_eq!(store.queue_len().0, 0, "copies from the object store are not queued");
+    let located = store.locate(&Digest::of(&one)).unwrap().unwrap();
+    let (start, value, held) = store.encoded_chunk_at(&located, 0).unwrap();
+    assert_eq!((start, Bytes::from(value), held), (0, stored, 5000), "the chunk as it came");
+    assert_eq!(read_whole(&store, &Digest::of(&one)), one);
+    assert_eq!(read_whole(&store, &Digest::of(&other)), other);
+    // A copy whose bytes are not its digest's is refused like any write.
+    let liar = NewBlob::new(Digest::of(b"claimed"), Bytes::from_static(b"held"));
+    assert!(matches!(store.put_copies(&[liar])[0], Err(Error::DigestMismatch(_))));
 }
 
 #[test]
