@@ -250,7 +250,7 @@ options! {
         existence_ttl: Duration, "DURATION";
         /// Most blobs remembered present at once (8 bytes each; 0: none).
         existence_entries: usize, "N";
-        /// Most small blobs indexed in packs (about 40 bytes each; 0: no
+        /// Most small blobs indexed in packs (about 70 bytes each; 0: no
         /// packs: each blob is an object of its own).
         pack_index_entries: usize, "N";
         /// FindMissingBlobs waits this long for the object store; blobs not

@@ -1107,6 +1107,25 @@ async fn small_blobs_written_together_go_up_as_a_pack_and_come_back_together() {
     assert_eq!(cc.find_missing(&[digest(&claimed)]).await.len(), 1);
     // The garbage pack is skipped; the honest packs still serve.
     assert_eq!(&cc.read(&read_name("", &batches[1][3]), 0, 0).await.unwrap(), &batches[1][3]);
+    // The lying pack's sound blob went up again before it went: a new node
+    // reads it from there.
+    let d = TestServer::start_with_env(&tmp.path().join("d"), &flags, &rgw.env);
+    let mut cd = Clients::connect(&d.addr).await;
+    assert_eq!(cd.read(&read_name("", &other), 0, 0).await.unwrap(), other);
+    // A pack declaring a blob larger than this version packs is not read,
+    // and is left alone (a later version may have written it).
+    let large = larder::digest::Digest::new(larder::digest::Function::Sha256, &[7; 32], 300 << 10).unwrap();
+    let (parts, _) = pack::encode(&[(large, vec![bytes::Bytes::from_static(b"unread")])]);
+    let later = pack_path(pack::name(now_ms, 3));
+    s3.put(&later, parts.concat().into()).await.unwrap();
+    packs_listed().await;
+    let request = reapi::BatchReadBlobsRequest {
+        digests: vec![reapi::Digest { hash: hex::encode([7; 32]), size_bytes: 300 << 10 }],
+        ..Default::default()
+    };
+    let read = cd.cas.batch_read_blobs(request).await.unwrap().into_inner();
+    assert_eq!(read.responses[0].status.as_ref().map(|s| s.code), Some(Code::NotFound as i32));
+    assert!(s3.head(&later).await.is_ok(), "a pack not read is left alone");
 }
 
 /// Blobs written in a batch through one node go up in a pack, which other
@@ -1234,7 +1253,12 @@ async fn two_nodes_keep_the_bucket_within_its_size_budget() {
             assert_eq!(&cb.read(&read_name("", h), 0, 0).await.unwrap(), h);
         }
         peak = peak.max(bucket_size(&rgw, &prefix).await);
-        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        // About 0.5 MB/s in all. Trimming starts at 90 % of the budget,
+        // and a pass (two listings and deletes) may take a second or two on
+        // a busy machine: the bucket grows by a MB or so past 90 % before
+        // it lands, within the tenth over the budget allowed. (At 150 ms a
+        // round, faster with packs, a busy CI machine once saw 1.12 times.)
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
     assert!(written > 2 * BUDGET, "the nodes wrote {written} bytes");
     assert!(peak <= BUDGET + BUDGET / 10, "the bucket held {peak} bytes, budget {BUDGET}");

@@ -246,7 +246,7 @@ impl Cache {
         };
         // Each pack: its blobs' places in `written`, and the blobs.
         let mut packs: Vec<(Vec<usize>, Vec<StoredBlob>)> = Vec::new();
-        let mut bytes = 0;
+        let (mut bytes, mut data) = (0, 0);
         for (i, chunks) in wanted.into_iter().zip(chunks) {
             let chunks = match chunks {
                 Ok(Some(chunks)) => chunks,
@@ -267,15 +267,17 @@ impl Cache {
             let len: usize = chunks.iter().map(|c| 4 + c.len()).sum();
             match packs.last_mut() {
                 Some((members, blobs))
-                    if bytes + len <= pack::PACK_BYTES && blobs.len() < pack::PACK_BLOBS =>
+                    if bytes + len <= pack::PACK_BYTES
+                        && data + written[i].0.size <= pack::PACK_DATA
+                        && blobs.len() < pack::PACK_BLOBS =>
                 {
                     members.push(i);
                     blobs.push((written[i].0, chunks));
-                    bytes += len;
+                    (bytes, data) = (bytes + len, data + written[i].0.size);
                 }
                 _ => {
                     packs.push((vec![i], vec![(written[i].0, chunks)]));
-                    bytes = len;
+                    (bytes, data) = (len, written[i].0.size);
                 }
             }
         }
@@ -482,11 +484,12 @@ async fn fetch_into(
 /// Brings in the pack holding `digest`, if a known pack does: every blob of
 /// it the local tier lacks, as stored (blobs written together are mostly
 /// read together). `None` if no known pack holds it, or its pack is gone or
-/// damaged (a damaged pack is deleted, for clients to write its blobs again).
+/// unreadable. A pack holding a damaged blob is deleted once its sound blobs
+/// are written again in a pack of their own.
 async fn fetch_packed(bucket: &Bucket, local: &Arc<Store>, digest: Digest) -> Result<Option<bool>, Error> {
     let Some(held) = bucket.pack_of(&digest).await else { return Ok(None) };
     // One read of a pack serves every call waiting for it.
-    let _reading = held.reading.lock().await;
+    let _reading = held.read_turn().await;
     let present = {
         let local = Arc::clone(local);
         blocking(move || local.contains(&[digest])).await?[0]
@@ -494,26 +497,41 @@ async fn fetch_packed(bucket: &Bucket, local: &Arc<Store>, digest: Digest) -> Re
     if present {
         return Ok(Some(true));
     }
+    // Held until its blobs are stored: what pack reads hold is bounded.
+    let _turn = bucket.pack_turn().await;
     let blobs = match bucket.read_pack(&held, MAX_STORED_CHUNK).await {
         Ok(Some(blobs)) => blobs,
         Ok(None) => return Ok(None),
+        // Damaged, or a later version's: not read here, and left alone.
         Err(objstore::Error::Damaged(what)) => {
-            tracing::warn!("deleted, to be written again: the object store held a damaged {what}");
-            let _ = bucket.forget_pack(&held).await;
+            tracing::warn!("could not read the object store's {}: {what}", held.name);
+            bucket.forget_unread_pack(&held);
             return Ok(None);
         }
         Err(e) => return Err(e.into()),
     };
-    let (wanted, damage) = {
+    let (wanted, sound, damage) = {
         let local = Arc::clone(local);
         blocking(move || Ok::<_, Error>(store_pack(&local, blobs, digest))).await?
     };
     if let Some(what) = damage {
-        tracing::warn!(
-            "deleted, to be written again: the object store held a damaged pack {}: {what}",
-            held.name
-        );
-        let _ = bucket.forget_pack(&held).await;
+        let rewritten = match sound.is_empty() {
+            true => Ok(()),
+            false => bucket.put_pack(&sound).await,
+        };
+        match rewritten {
+            Ok(()) => {
+                tracing::warn!(
+                    "deleted the object store's damaged {} ({what}); its sound blobs went up again",
+                    held.name
+                );
+                let _ = bucket.forget_pack(&held).await;
+            }
+            Err(e) => tracing::warn!(
+                "the object store's {} is damaged ({what}), and stays: its sound blobs could not go up again: {e}",
+                held.name
+            ),
+        }
     }
     match wanted {
         Some(Ok(_)) => Ok(Some(true)),
@@ -525,48 +543,53 @@ async fn fetch_packed(bucket: &Bucket, local: &Arc<Store>, digest: Digest) -> Re
 /// Stores the blobs of a pack that the local tier lacks, each checked (its
 /// chunks against their checksums, its bytes against its digest), not
 /// queued for the object store: what writing `wanted` gave (`None` if the
-/// pack does not hold it, or holds it damaged), and the damage found.
+/// pack does not hold it, or holds it damaged), the sound blobs, and the
+/// damage found.
 fn store_pack(
     local: &Store,
-    blobs: Vec<(Digest, Vec<Bytes>)>,
+    blobs: Vec<StoredBlob>,
     wanted: Digest,
-) -> (Option<Result<Written, store::Error>>, Option<String>) {
+) -> (Option<Result<Written, store::Error>>, Vec<StoredBlob>, Option<String>) {
     let mut damage = None;
-    let mut new = Vec::with_capacity(blobs.len());
+    let (mut new, mut sound) = (Vec::with_capacity(blobs.len()), Vec::with_capacity(blobs.len()));
     for (digest, chunks) in blobs {
-        let data = match chunks.as_slice() {
-            [one] => chunk::decode(one),
-            _ => {
-                // The size comes from the bucket: bounded before it is used.
-                let mut data = bytes::BytesMut::with_capacity(digest.size.min(pack::PACKED_BELOW) as usize);
-                let mut whole = true;
-                for c in &chunks {
-                    match chunk::decode(c) {
-                        Some(d) if (data.len() + d.len()) as u64 <= digest.size => data.extend_from_slice(&d),
-                        _ => whole = false,
-                    }
+        // Sizes come from the bucket: each chunk is bounded by what is left
+        // of its blob (under 256 KiB: the pack's index said so) before it is
+        // decoded.
+        let mut data = bytes::BytesMut::with_capacity(digest.size.min(pack::PACKED_BELOW) as usize);
+        let mut whole = true;
+        for c in &chunks {
+            let left = digest.size - data.len() as u64;
+            match chunk::content_len(c).filter(|&n| n <= left).and_then(|_| chunk::decode(c)) {
+                Some(d) if d.len() as u64 <= left => data.extend_from_slice(&d),
+                _ => {
+                    whole = false;
+                    break;
                 }
-                whole.then(|| data.freeze())
             }
-        };
-        match data {
-            Some(data) if data.len() as u64 == digest.size => {
-                let stored = (chunks.len() == 1).then(|| chunks[0].clone());
-                new.push(store::NewBlob { digest, data, frames: Vec::new(), stored });
-            }
-            _ => damage = Some(format!("its record of {digest} fails its check")),
+        }
+        if whole && data.len() as u64 == digest.size {
+            let stored = (chunks.len() == 1).then(|| chunks[0].clone());
+            new.push(store::NewBlob { digest, data: data.freeze(), frames: Vec::new(), stored });
+            sound.push((digest, chunks));
+        } else {
+            damage = Some(format!("its record of {digest} fails its check"));
         }
     }
     let mut wanted_result = None;
-    for (blob, result) in new.iter().zip(local.put_copies(&new)) {
-        if let Err(store::Error::DigestMismatch(m)) = &result {
-            damage = Some(format!("its record of {} hashes to {}", m.expected, m.actual));
+    let mut kept = Vec::with_capacity(sound.len());
+    for ((blob, result), sound) in new.iter().zip(local.put_copies(&new)).zip(sound) {
+        match &result {
+            Err(store::Error::DigestMismatch(m)) => {
+                damage = Some(format!("its record of {} hashes to {}", m.expected, m.actual));
+            }
+            _ => kept.push(sound),
         }
         if blob.digest == wanted {
             wanted_result = Some(result);
         }
     }
-    (wanted_result, damage)
+    (wanted_result, kept, damage)
 }
 
 /// Brings in the chunks of a list object the local tier lacks (a few at a

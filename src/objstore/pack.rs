@@ -55,6 +55,9 @@ pub const PACKED_BELOW: u64 = 256 << 10;
 pub const PACK_BYTES: usize = 1 << 20;
 /// Blobs in a pack at most.
 pub const PACK_BLOBS: usize = 4096;
+/// Bytes of blobs in a pack at most, decoded (what a reader holds while it
+/// stores them): compressible blobs make packs smaller than [`PACK_BYTES`].
+pub const PACK_DATA: u64 = 4 << 20;
 /// Largest index: the count, and each blob's digest (the longest hash is 64
 /// bytes) and record length.
 const MAX_INDEX: usize = 4 + PACK_BLOBS * (1 + 64 + 8 + 4);
@@ -72,9 +75,17 @@ pub const LATE: Duration = Duration::from_secs(30);
 pub const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// All packs are listed this often (packs deleted meanwhile are forgotten).
 pub const FULL_SYNC_EVERY: Duration = Duration::from_secs(3600);
-/// Packs read at once, by this node (each up to [`MAX_PACK`] bytes, held
-/// while its blobs are stored).
+/// Packs read at once, by this node: each holds up to [`MAX_PACK`] bytes and
+/// [`PACK_DATA`] decoded while its blobs are stored (55 MiB in all).
 const READS_IN_FLIGHT: usize = 8;
+/// Packs whose names a listing keeps to read their indexes, at most: the
+/// newest, if there are more (each holds a blob or more, and an index full
+/// of newer packs would forget older ones at once).
+const NEW_PACKS_LISTED: usize = 1 << 17;
+/// How long a read of a blob waits for another call's read of its pack
+/// (which a stalled object store may hold for minutes) before reading it
+/// itself.
+const READ_WAIT: Duration = Duration::from_secs(10);
 
 /// A pack's record of one blob: where it is in the pack object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,7 +171,7 @@ pub fn records(head: &[u8], size: u64) -> Result<Vec<Record>, Error> {
         return Err(damaged(&format!("it declares {count} blobs")));
     }
     let mut records = Vec::with_capacity(count);
-    let mut offset = end as u64;
+    let (mut offset, mut data) = (end as u64, 0);
     for _ in 0..count {
         let function = rest.first().and_then(|&b| Function::from_byte(b));
         let function = function.ok_or_else(|| damaged("a record has an unknown function"))?;
@@ -176,6 +187,11 @@ pub fn records(head: &[u8], size: u64) -> Result<Vec<Record>, Error> {
             .ok_or_else(|| damaged("a record has a malformed digest"))?;
         if offset + u64::from(len) > size.min(MAX_PACK) {
             return Err(damaged("a record runs past its end"));
+        }
+        // Beyond what this version writes: maybe a later one's, not read here.
+        data += blob_size;
+        if blob_size >= PACKED_BELOW || data > PACK_DATA {
+            return Err(damaged("its blobs are larger than this version of larder packs"));
         }
         records.push(Record { digest, offset: offset as u32, len });
         offset += u64::from(len);
@@ -245,6 +261,15 @@ pub struct Held {
     pub reading: Arc<tokio::sync::Mutex<()>>,
 }
 
+impl Held {
+    /// Takes the turn to read this pack, waiting for another call's read
+    /// of it for a while: one read serves all the calls that want its
+    /// blobs. `None` if the wait was too long (read it anyway, then).
+    pub async fn read_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        tokio::time::timeout(READ_WAIT, Arc::clone(&self.reading).lock_owned()).await.ok()
+    }
+}
+
 struct Index {
     blobs: HashMap<u64, Entry, BuildHasherDefault<Identity>>,
     packs: HashMap<u32, Pack>,
@@ -263,8 +288,12 @@ pub struct Packs {
     /// Most blobs indexed (0: packs are neither written nor read).
     pub(super) max: usize,
     ttl: Duration,
-    /// Held while listing, so that callers wanting a listing share one.
-    pub(super) listing: tokio::sync::Mutex<()>,
+    /// Wakes the indexer for a listing that a lookup wants.
+    wanted: tokio::sync::Notify,
+    /// Listings ended so far (done or failed), for lookups waiting on one.
+    done: tokio::sync::watch::Sender<u64>,
+    /// Whether the indexer is listing.
+    running: std::sync::atomic::AtomicBool,
     /// Turns for reading packs.
     pub(super) reads: tokio::sync::Semaphore,
     /// Ids of the packs this node writes: its packs counted, hashed with
@@ -307,7 +336,9 @@ impl Packs {
             index: Mutex::new(index),
             max,
             ttl,
-            listing: tokio::sync::Mutex::new(()),
+            wanted: tokio::sync::Notify::new(),
+            done: tokio::sync::watch::Sender::new(0),
+            running: std::sync::atomic::AtomicBool::new(false),
             reads: tokio::sync::Semaphore::new(READS_IN_FLIGHT),
             ids: std::collections::hash_map::RandomState::new(),
             sent: AtomicU64::new(0),
@@ -332,6 +363,9 @@ impl Packs {
         digests
             .iter()
             .map(|d| {
+                if d.size >= PACKED_BELOW {
+                    return None;
+                }
                 let entry = index.blobs.get(&key_of(d.function, d.hash()))?;
                 if entry.check != check_of(d.hash()) || entry.size != d.size {
                     return None;
@@ -355,7 +389,7 @@ impl Packs {
         }
         let index = self.lock();
         let entry = index.blobs.get(&key_of(function, hash)).filter(|e| e.check == check_of(hash))?;
-        Digest::new(function, hash, entry.size)
+        index.packs.contains_key(&entry.pack).then(|| Digest::new(function, hash, entry.size)).flatten()
     }
 
     /// The pack `name`'s number in the index, if it is there.
@@ -364,8 +398,8 @@ impl Packs {
     }
 
     /// Adds the pack `name` holding `records`; `confirmed` if this node
-    /// just wrote or read it. Newer packs win a blob that two hold. The
-    /// oldest packs are forgotten when the index is full.
+    /// just wrote or read it. Of two packs holding a blob, the one with the
+    /// newer name wins. The oldest packs are forgotten when the index is full.
     pub fn add(&self, name: &str, id: u64, records: &[Record], confirmed: bool) {
         if !self.enabled() || records.is_empty() {
             return;
@@ -382,31 +416,40 @@ impl Packs {
             pack = pack.wrapping_add(1);
         }
         index.next = pack.wrapping_add(1);
-        let name: Arc<str> = Arc::from(name);
-        index.names.insert(Arc::clone(&name), pack);
+        let shared: Arc<str> = Arc::from(name);
+        index.names.insert(Arc::clone(&shared), pack);
         let confirmed = confirmed.then(Instant::now);
         let reading = Arc::new(tokio::sync::Mutex::new(()));
         let learnt = Instant::now();
-        index.packs.insert(pack, Pack { name, id, confirmed, learnt, blobs: records.len(), reading });
+        index.packs.insert(pack, Pack { name: shared, id, confirmed, learnt, blobs: records.len(), reading });
+        let index = &mut *index;
         for r in records {
             let (function, hash) = (r.digest.function, r.digest.hash());
-            index
-                .blobs
-                .insert(key_of(function, hash), Entry { check: check_of(hash), size: r.digest.size, pack });
+            let entry = Entry { check: check_of(hash), size: r.digest.size, pack };
+            let key = key_of(function, hash);
+            let newer = |old: &Entry| index.packs.get(&old.pack).is_some_and(|p| *p.name > *name);
+            let keep = index.blobs.get(&key).is_some_and(|old| old.check == entry.check && newer(old));
+            if !keep {
+                index.blobs.insert(key, entry);
+            }
         }
         if index.blobs.len() > self.max {
-            // Down to 90 %, oldest packs first: forgetting one entry at a
-            // time would scan the index each time.
-            let mut excess = index.blobs.len() - self.max * 9 / 10;
-            let mut gone = HashSet::new();
-            while excess > 0 {
-                let Some((_, oldest)) = index.names.pop_first() else { break };
-                if let Some(p) = index.packs.remove(&oldest) {
-                    excess = excess.saturating_sub(p.blobs.max(1));
+            // Down to 90 %: the entries of packs forgotten since go first,
+            // then the oldest packs (a scan per entry or per pack would
+            // stall lookups; this scans once per tenth of the index).
+            let packs = &index.packs;
+            index.blobs.retain(|_, e| packs.contains_key(&e.pack));
+            let mut excess = index.blobs.len().saturating_sub(self.max * 9 / 10);
+            if excess > 0 {
+                while excess > 0 {
+                    let Some((_, oldest)) = index.names.pop_first() else { break };
+                    if let Some(p) = index.packs.remove(&oldest) {
+                        excess = excess.saturating_sub(p.blobs.max(1));
+                    }
                 }
-                gone.insert(oldest);
+                let packs = &index.packs;
+                index.blobs.retain(|_, e| packs.contains_key(&e.pack));
             }
-            index.blobs.retain(|_, e| !gone.contains(&e.pack));
         }
     }
 
@@ -422,12 +465,14 @@ impl Packs {
         self.confirm_locked(&mut index, pack);
     }
 
-    /// Forgets a pack (found gone or damaged), and every blob it holds.
+    /// Forgets a pack (found gone or unreadable), and so every blob it
+    /// holds: their entries name a pack no longer there, and go when the
+    /// index next makes room (a scan of the index per pack would stall
+    /// lookups after a trim).
     pub fn forget(&self, pack: u32) {
         let mut index = self.lock();
         if let Some(p) = index.packs.remove(&pack) {
             index.names.remove(&p.name);
-            index.blobs.retain(|_, e| e.pack != pack);
         }
     }
 
@@ -453,11 +498,17 @@ impl Packs {
         }
     }
 
+    /// Whether a listing is due: none began within `every`.
+    fn due(&self, every: Duration) -> bool {
+        self.lock().listed.is_none_or(|t| t.elapsed() >= every)
+    }
+
     /// After a listing: the newest pack time it saw, and (for a listing of
     /// all packs) the known packs it saw, the others being gone (but those
     /// learnt or found present since the listing began).
     pub fn listed(&self, newest_ms: Option<u64>, all: Option<&HashSet<u32>>) {
         let mut index = self.lock();
+        let index = &mut *index;
         index.newest_ms = index.newest_ms.max(newest_ms);
         if let (Some(all), Some(began)) = (all, index.listed_all) {
             let kept = |(id, p): (&u32, &Pack)| {
@@ -472,7 +523,8 @@ impl Packs {
                     index.names.remove(&p.name);
                 }
             }
-            index.blobs.retain(|_, e| !gone.contains(&e.pack));
+            let packs = &index.packs;
+            index.blobs.retain(|_, e| packs.contains_key(&e.pack));
         }
     }
 
@@ -514,11 +566,13 @@ impl Bucket {
     /// second, waiting at most until `deadline`).
     pub async fn packs_of(&self, digests: &[Digest], deadline: Option<Instant>) -> Vec<Option<Held>> {
         let mut held = self.packs.find(digests);
-        if !self.packs.enabled() || held.iter().all(Option::is_some) {
+        // Only small blobs are packed.
+        let unknown = |i: usize| held[i].is_none() && digests[i].size < PACKED_BELOW;
+        if !self.packs.enabled() || !(0..digests.len()).any(unknown) {
             return held;
         }
         if self.list_new_packs(deadline).await {
-            let missing: Vec<usize> = (0..digests.len()).filter(|&i| held[i].is_none()).collect();
+            let missing: Vec<usize> = (0..digests.len()).filter(|&i| unknown(i)).collect();
             let asked: Vec<Digest> = missing.iter().map(|&i| digests[i]).collect();
             for (i, h) in missing.into_iter().zip(self.packs.find(&asked)) {
                 held[i] = h;
@@ -527,20 +581,23 @@ impl Bucket {
         held
     }
 
-    /// Lists the bucket's new packs if the last listing began a second ago
-    /// or more, waiting at most until `deadline` and [`LISTING_WAIT`];
-    /// whether the index may have learnt something.
+    /// Has the indexer list the bucket's new packs if no listing began in
+    /// the last second, or waits for the one under way; waits at most until
+    /// `deadline` and [`LISTING_WAIT`]. Whether a listing ended meanwhile.
+    /// (The indexer lists, not the caller: a caller giving up cancels
+    /// nothing.)
     pub(super) async fn list_new_packs(&self, deadline: Option<Instant>) -> bool {
+        let mut done = self.packs.done.subscribe();
+        let before = *done.borrow_and_update();
+        if !self.packs.running.load(Ordering::Acquire) {
+            if !self.packs.due(SYNC_EVERY) {
+                return false;
+            }
+            self.packs.wanted.notify_one();
+        }
         let wait =
             deadline.map_or(LISTING_WAIT, |d| d.saturating_duration_since(Instant::now()).min(LISTING_WAIT));
-        match tokio::time::timeout(wait, self.list_packs(SYNC_EVERY, false)).await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::debug!("could not list the object store's new packs: {e}");
-                false
-            }
-            Err(_) => false,
-        }
+        matches!(tokio::time::timeout(wait, done.wait_for(|&n| n > before)).await, Ok(Ok(_)))
     }
 
     /// The pack holding `digest`, if a known one does (see [`Bucket::packs_of`]).
@@ -548,15 +605,21 @@ impl Bucket {
         self.packs_of(std::slice::from_ref(digest), None).await.pop().flatten()
     }
 
+    /// A turn to read a pack, to hold until its blobs are stored: packs read
+    /// at once are bounded (see [`READS_IN_FLIGHT`]).
+    pub async fn pack_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.packs.reads.acquire().await.ok()
+    }
+
     /// The blobs of a pack, each with its chunks as stored (none over
     /// `max_chunk` bytes; not checked here); `None` if it is gone (it is
-    /// forgotten then). A read is a use of the pack.
+    /// forgotten then). A read is a use of the pack. Take a
+    /// [`Bucket::pack_turn`] first.
     pub async fn read_pack(
         &self,
         held: &Held,
         max_chunk: usize,
     ) -> Result<Option<Vec<(Digest, Vec<Bytes>)>>, Error> {
-        let _turn = self.packs.reads.acquire().await;
         Requests::count(&self.requests.get);
         let result = match self.store.get(&self.path(held.name.to_string())).await {
             Ok(r) => r,
@@ -611,7 +674,13 @@ impl Bucket {
         }
     }
 
-    /// Deletes a damaged pack, so that clients are asked for its blobs again.
+    /// Forgets a pack this node cannot read (damaged, or a later version's),
+    /// leaving it in the bucket: its blobs look missing here.
+    pub fn forget_unread_pack(&self, held: &Held) {
+        self.packs.forget(held.pack);
+    }
+
+    /// Deletes a damaged pack (its sound blobs written again first).
     pub async fn forget_pack(&self, held: &Held) -> Result<(), Error> {
         self.packs.forget(held.pack);
         Requests::count(&self.requests.delete);
@@ -626,11 +695,10 @@ impl Bucket {
         self.touch_object(held.name.to_string(), held.id)
     }
 
-    /// Learns the bucket's packs (see the module's documentation): the
-    /// listing due, if the last began at least `every` ago.
-    pub(super) async fn list_packs(&self, every: Duration, all_when_due: bool) -> Result<(), Error> {
-        let _turn = self.packs.listing.lock().await;
-        let Some(listing) = self.packs.listing_due(every, all_when_due) else { return Ok(()) };
+    /// Learns the bucket's packs (see the module's documentation): all of
+    /// them at first and hourly, else those named since the newest listed.
+    async fn list_packs(&self) -> Result<(), Error> {
+        let Some(listing) = self.packs.listing_due(Duration::ZERO, true) else { return Ok(()) };
         let began = Instant::now();
         let prefix = self.path("pack".into());
         let mut stream = match listing {
@@ -642,7 +710,14 @@ impl Bucket {
         let base = format!("{}/", self.path(String::new()));
         // Known packs this listing saw (a listing of all forgets the others).
         let mut seen = matches!(listing, Listing::All).then(HashSet::new);
-        let (mut newest, mut new, mut listed) = (None, Vec::new(), 0u64);
+        let (mut newest, mut new, mut listed) = (None, std::collections::VecDeque::new(), 0u64);
+        // Names from further ahead than a listing reaches back are not
+        // trusted to date the next listing (a node whose clock runs ahead
+        // would make others miss everyone's new packs until the hourly one).
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_millis() as u64);
+        let ahead = now_ms + LATE.as_millis() as u64;
         while let Some(meta) = stream.next().await {
             if listed.is_multiple_of(1000) {
                 Requests::count(&self.requests.list);
@@ -651,29 +726,44 @@ impl Bucket {
             let meta = meta?;
             let Some(name) = meta.location.as_ref().strip_prefix(base.as_str()) else { continue };
             let Some((ms, id)) = parse_name(name) else { continue };
-            newest = newest.max(Some(ms));
+            if ms <= ahead {
+                newest = newest.max(Some(ms));
+            }
             match self.packs.number(name) {
                 Some(pack) => {
                     if let Some(seen) = &mut seen {
                         seen.insert(pack);
                     }
                 }
-                // Each pack holds a blob or more: no more can be indexed.
-                None if new.len() < self.packs.max => new.push((name.to_string(), id, meta.size)),
-                None => {}
+                None => {
+                    if new.len() == NEW_PACKS_LISTED.min(self.packs.max) {
+                        new.pop_front();
+                    }
+                    new.push_back((name.to_string(), id, meta.size));
+                }
             }
         }
-        let reads: Vec<_> = new
-            .into_iter()
-            .map(|(name, id, size)| async move { (self.read_index(&name, size).await, name, id) }.boxed())
-            .collect();
-        let mut learnt = futures::stream::iter(reads).buffer_unordered(INDEXES_IN_FLIGHT);
-        while let Some((records, name, id)) = learnt.next().await {
-            match records {
-                Ok(Some(records)) => self.packs.add(&name, id, &records, false),
-                Ok(None) => {}
-                Err(Error::Damaged(what)) => tracing::warn!("skipped a damaged object {name}: {what}"),
-                Err(e) => return Err(e),
+        // Newest first, a few rounds at a time, until the index is full:
+        // older packs would only push out newer ones.
+        let new: Vec<_> = new.into_iter().rev().collect();
+        for round in new.chunks(4 * INDEXES_IN_FLIGHT) {
+            if self.packs.len().0 >= self.packs.max {
+                break;
+            }
+            let reads: Vec<_> = round
+                .iter()
+                .map(|(name, id, size)| {
+                    async move { (self.read_index(name, *size).await, name, *id) }.boxed()
+                })
+                .collect();
+            let mut learnt = futures::stream::iter(reads).buffer_unordered(INDEXES_IN_FLIGHT);
+            while let Some((records, name, id)) = learnt.next().await {
+                match records {
+                    Ok(Some(records)) => self.packs.add(name, id, &records, false),
+                    Ok(None) => {}
+                    Err(Error::Damaged(what)) => tracing::warn!("skipped the object {name}: {what}"),
+                    Err(e) => return Err(e),
+                }
             }
         }
         self.packs.listed(newest, seen.as_ref());
@@ -708,8 +798,8 @@ impl Bucket {
         records(&head, size).map(Some)
     }
 
-    /// Lists the bucket's packs now and then, until aborted; `None` if this
-    /// node does not use packs.
+    /// Lists the bucket's packs every [`INDEX_EVERY`] and whenever a lookup
+    /// wants it, until aborted; `None` if this node does not use packs.
     pub fn indexer(self: &Arc<Self>) -> Option<impl Future<Output = ()> + Send + 'static + use<>> {
         if !self.packs.enabled() {
             return None;
@@ -717,12 +807,19 @@ impl Bucket {
         let bucket = Arc::clone(self);
         Some(async move {
             loop {
-                if let Err(e) = bucket.list_packs(Duration::ZERO, true).await {
+                bucket.packs.running.store(true, Ordering::Release);
+                let listed = bucket.list_packs().await;
+                bucket.packs.running.store(false, Ordering::Release);
+                bucket.packs.done.send_modify(|n| *n += 1);
+                if let Err(e) = listed {
                     tracing::warn!(
                         "could not list the object store's packs: {e}; trying again in {INDEX_EVERY:?}"
                     );
                 }
-                tokio::time::sleep(INDEX_EVERY).await;
+                tokio::select! {
+                    () = bucket.packs.wanted.notified() => {}
+                    () = tokio::time::sleep(INDEX_EVERY) => {}
+                }
             }
         })
     }

@@ -337,7 +337,9 @@ impl Store {
             return Ok(());
         }
         let bytes = candidates.iter().map(|&i| self.room_for(blobs[i].digest.size)).sum();
-        self.admit_queued(candidates.iter().map(|&i| blobs[i].digest.size).sum())?;
+        if queue {
+            self.admit_queued(candidates.iter().map(|&i| blobs[i].digest.size).sum())?;
+        }
         let mut admitted = self.admit(bytes)?;
         // Blob files written for this batch: deleted again unless the batch
         // makes them a stored blob's.
