@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use data::{Content, Kind};
-use larder::digest::{Digest, Function};
+use larder::digest::{Digest, Function, FunctionHint};
 use larder::store::{NewBlob, Store, StoreOptions, chunk};
 
 /// The bench tool's data generator, shared as source (it is not library API).
@@ -29,6 +29,26 @@ fn digesting(c: &mut Criterion) {
     for function in [Function::Sha256, Function::Blake3, Function::Sha512] {
         group.bench_function(format!("{function:?}"), |b| b.iter(|| function.digest(&data)));
     }
+    group.finish();
+}
+
+/// Parsing the digests of a FindMissingBlobs call of 1,000 blobs: every
+/// digest a client names goes through it.
+fn digest_parsing(c: &mut Criterion) {
+    let digests: Vec<(String, i64)> =
+        (0..1000u32).map(|i| (Digest::of(&i.to_le_bytes()).hex(), i64::from(i))).collect();
+    let mut group = c.benchmark_group("parse 1,000 digests");
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("sha256", |b| {
+        b.iter(|| {
+            digests
+                .iter()
+                .map(|(hash, size)| {
+                    Digest::parse(hash, *size, FunctionHint::Given(Function::Sha256)).unwrap()
+                })
+                .fold(0u64, |n, d| n ^ d.size)
+        })
+    });
     group.finish();
 }
 
@@ -124,5 +144,5 @@ fn store_large(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, digesting, chunk_compression, store_small, store_large);
+criterion_group!(benches, digesting, digest_parsing, chunk_compression, store_small, store_large);
 criterion_main!(benches);

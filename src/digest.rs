@@ -128,14 +128,17 @@ pub struct Digest {
 /// The digests of no bytes: the empty blob every server must pretend to hold.
 static EMPTY: LazyLock<Vec<Digest>> = LazyLock::new(|| Function::ALL.map(|f| f.digest(b"")).to_vec());
 
-/// The value of a lowercase hex digit.
-fn nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
+/// Each byte's value as a lowercase hex digit, 0xff for any other byte: a
+/// table, so that parsing a hash takes no branch per digit.
+const HEX_VALUES: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut i = 0;
+    while i < 16 {
+        table[b"0123456789abcdef"[i] as usize] = i as u8;
+        i += 1;
     }
-}
+    table
+};
 
 impl Digest {
     /// A digest from raw hash bytes; `None` if their length does not fit the function.
@@ -171,16 +174,20 @@ impl Digest {
             })?,
         };
         let mut out = [0u8; MAX_HASH_LEN];
-        // One pass that takes lowercase hex only: every FindMissingBlobs
+        // One pass that takes lowercase hex only, checked at the end (a
+        // digit that is not one sets high bits): every FindMissingBlobs
         // digest comes through here.
+        let mut invalid = 0;
         for (byte, pair) in out.iter_mut().zip(hash.as_bytes().chunks_exact(2)) {
-            match (nibble(pair[0]), nibble(pair[1])) {
-                (Some(high), Some(low)) => *byte = high << 4 | low,
-                _ if hash.bytes().any(|b| b.is_ascii_uppercase()) => {
-                    return Err(Error::BadHash(hash.to_string(), "must be lowercase hex"));
-                }
-                _ => return Err(Error::BadHash(hash.to_string(), "is not hex")),
+            let (high, low) = (HEX_VALUES[pair[0] as usize], HEX_VALUES[pair[1] as usize]);
+            invalid |= high | low;
+            *byte = high << 4 | low;
+        }
+        if invalid & 0xf0 != 0 {
+            if hash.bytes().any(|b| b.is_ascii_uppercase()) {
+                return Err(Error::BadHash(hash.to_string(), "must be lowercase hex"));
             }
+            return Err(Error::BadHash(hash.to_string(), "is not hex"));
         }
         Ok(Digest { function, hash: out, size })
     }
