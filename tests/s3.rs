@@ -1096,7 +1096,15 @@ async fn small_blobs_written_together_go_up_as_a_pack_and_come_back_together() {
     let liar = larder::digest::Digest::of(&claimed);
     let other = text_bytes(1000, 63);
     let honest = bytes::Bytes::from(larder::store::chunk::encode(&other, 1));
-    let (parts, _) = pack::encode(&[(liar, vec![value]), (larder::digest::Digest::of(&other), vec![honest])]);
+    // A record whose one chunk declares 2^62 bytes: refused before it is decoded.
+    let bombed = text_bytes(5000, 64);
+    let bomb =
+        bytes::Bytes::from(hostile_blob_object(5000, &frame_declaring(&bombed, 1 << 62))[20..].to_vec());
+    let (parts, _) = pack::encode(&[
+        (liar, vec![value]),
+        (larder::digest::Digest::of(&bombed), vec![bomb]),
+        (larder::digest::Digest::of(&other), vec![honest]),
+    ]);
     let lying = pack_path(pack::name(now_ms, 2));
     s3.put(&lying, parts.concat().into()).await.unwrap();
     let c = TestServer::start_with_env(&tmp.path().join("c"), &flags, &rgw.env);
@@ -1104,6 +1112,8 @@ async fn small_blobs_written_together_go_up_as_a_pack_and_come_back_together() {
     let status = cc.read(&read_name("", &claimed), 0, 0).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert!(s3.head(&lying).await.is_err(), "the lying pack is deleted");
+    let status = cc.read(&read_name("", &bombed), 0, 0).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert_eq!(cc.find_missing(&[digest(&claimed)]).await.len(), 1);
     // The garbage pack is skipped; the honest packs still serve.
     assert_eq!(&cc.read(&read_name("", &batches[1][3]), 0, 0).await.unwrap(), &batches[1][3]);
