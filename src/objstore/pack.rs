@@ -87,6 +87,11 @@ const NEW_PACKS_LISTED: usize = 1 << 17;
 /// itself.
 const READ_WAIT: Duration = Duration::from_secs(10);
 
+/// This node's clock, in milliseconds since 1970: what pack names carry.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_millis() as u64)
+}
+
 /// A pack's record of one blob: where it is in the pack object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Record {
@@ -550,9 +555,7 @@ impl Bucket {
     /// stored them) as one pack, and indexes it.
     pub async fn put_pack(&self, blobs: &[(Digest, Vec<Bytes>)]) -> Result<(), Error> {
         let (parts, records) = encode(blobs);
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |t| t.as_millis() as u64);
+        let ms = now_ms();
         let id = self.packs.ids.hash_one(self.packs.sent.fetch_add(1, Ordering::Relaxed));
         let name = name(ms, id);
         Requests::count(&self.requests.put);
@@ -714,10 +717,7 @@ impl Bucket {
         // Names from further ahead than a listing reaches back are not
         // trusted to date the next listing (a node whose clock runs ahead
         // would make others miss everyone's new packs until the hourly one).
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |t| t.as_millis() as u64);
-        let ahead = now_ms + LATE.as_millis() as u64;
+        let ahead = now_ms() + LATE.as_millis() as u64;
         while let Some(meta) = stream.next().await {
             if listed.is_multiple_of(1000) {
                 Requests::count(&self.requests.list);
