@@ -180,24 +180,30 @@ async fn every_workload_runs_against_a_server_and_a_rerun_is_refused() {
     );
 }
 
-/// `bench grpc --yardstick` runs every workload against a yardstick it
-/// starts, first, and gives each of the server's throughputs as a fraction
-/// of the yardstick's.
+/// `bench grpc --yardstick` runs each workload against a yardstick it
+/// starts, then against the server, round after round, and gives each of the
+/// server's throughputs as a fraction of the yardstick's in the same round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_yardstick_runs_first_and_figures_are_fractions_of_its() {
     let tmp = tempfile::tempdir().unwrap();
     let server = TestServer::start(&tmp.path().join("data"), &[]);
     let mut args = grpc(&format!("grpc://{}", server.addr), "small,large", 4, "all");
-    args.push("--yardstick".into());
+    args.extend(strings(&["--yardstick", "--rounds", "2"]));
     let reports = bench(args).await.unwrap();
-    assert_eq!(reports.len(), 4);
-    let (yardstick, larder) = reports.split_at(2);
-    for (y, l) in yardstick.iter().zip(larder) {
+    assert_eq!(reports.len(), 8, "two rounds of two workloads on two servers");
+    for (n, pair) in reports.chunks(2).enumerate() {
+        let (y, l) = (&pair[0], &pair[1]);
+        let round = (n / 2 + 1).to_string();
         assert_eq!(
-            (y["config"].as_str(), y["settings"]["server"].as_str()),
-            (Some("yardstick"), Some("yardstick"))
+            (y["config"].as_str(), y["settings"]["server"].as_str(), y["settings"]["round"].as_str()),
+            (Some(format!("yardstick, round {round}").as_str()), Some("yardstick"), Some(round.as_str()))
         );
+        assert_eq!(l["settings"]["round"].as_str(), Some(round.as_str()));
         assert_eq!(y["workload"], l["workload"]);
+        assert_eq!(y["workload"], if n % 2 == 0 { "small" } else { "large" });
+        // Each round writes blobs of its own: the seed plus the round.
+        let seed = (4 + n / 2) as f64;
+        assert_eq!((number(&y["seed"]), number(&l["seed"])), (seed, seed));
         // Measured: its CPU (which /proc counts in 10 ms ticks: a small run
         // on an in-memory server may take none) and its peak RSS.
         assert!(y["cpu_seconds_per_gib"].is_number(), "the yardstick's process is measured");

@@ -128,11 +128,17 @@ pub struct GrpcArgs {
     /// read phase (of data written earlier with the same seed), or both.
     #[arg(long, value_enum, default_value_t = Phases::All)]
     pub phase: Phases,
-    /// Also run every workload, first, against a yardstick (a bare
-    /// in-memory REAPI cache, started here as `larder bench yardstick`), and
-    /// show each endpoint's throughputs as fractions of its ones (xYS).
+    /// Also run every workload against a yardstick (a bare in-memory REAPI
+    /// cache, started here as `larder bench yardstick`), before the servers
+    /// given, and show their throughputs as fractions of its ones (xYS).
     #[arg(long)]
     pub yardstick: bool,
+    /// Run everything this many times, each workload against every server
+    /// in turn, so that figures that move from run to run show it; round n
+    /// writes its own blobs (seed + n - 1) and is compared with the
+    /// yardstick's same round.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     #[command(flatten)]
     pub common: Common,
 }
@@ -257,7 +263,8 @@ pub fn finish(mut run: Run) -> Run {
         r.ingest_vs_sha256 = r.ingest_mbps.map(|v| v / run.ceilings.sha256_mbps);
         r.ingest_vs_zstd1 = r.ingest_mbps.zip(zstd).map(|(v, z)| v / z);
         r.read_vs_sha256 = r.read_mbps.map(|v| v / run.ceilings.sha256_mbps);
-        if let Some(y) = yardsticks.iter().find(|y| y.workload == r.workload && y.data == r.data) {
+        let same = |y: &&Report| y.workload == r.workload && y.data == r.data && y.seed == r.seed;
+        if let Some(y) = yardsticks.iter().find(same) {
             let fraction = |mine: Option<f64>, its: Option<f64>| mine.zip(its).map(|(m, y)| m / y);
             r.vs_yardstick = Yardstick {
                 ingest: fraction(r.ingest_mbps, y.ingest_mbps),
@@ -581,95 +588,140 @@ fn report_of(
     }
 }
 
+/// A server under test: its client, batch limit, process and label.
+struct Endpoint {
+    url: String,
+    client: Client,
+    max_batch: u64,
+    process: Option<Process>,
+    label: String,
+    is_yardstick: bool,
+}
+
 pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
-    let mut reports = Vec::new();
     // Killed when the run ends, however it ends.
     let yardstick = match args.yardstick {
         true => Some(yardstick::spawn().await?),
         false => None,
     };
-    let endpoints = yardstick.iter().map(|(_, endpoint)| endpoint).chain(&args.endpoint);
-    for endpoint in endpoints {
-        let (grpc, max_batch) = Grpc::connect(endpoint, &args.instance).await?;
-        let client = Client::Grpc(Arc::new(grpc));
-        let is_yardstick = yardstick.as_ref().is_some_and(|(_, y)| y == endpoint);
+    let urls = yardstick.iter().map(|(_, url)| url).chain(&args.endpoint);
+    let mut endpoints = Vec::new();
+    for url in urls {
+        let (grpc, max_batch) = Grpc::connect(url, &args.instance).await?;
+        let is_yardstick = yardstick.as_ref().is_some_and(|(_, y)| y == url);
         // The yardstick's process is this program's child: found by its port.
         let process = match is_yardstick {
-            true => local_port(endpoint).and_then(measure::listener_pid),
-            false => args.server_pid.or_else(|| local_port(endpoint).and_then(measure::listener_pid)),
+            true => local_port(url).and_then(measure::listener_pid),
+            false => args.server_pid.or_else(|| local_port(url).and_then(measure::listener_pid)),
         }
         .map(Process::Pid);
         let label = match (is_yardstick, args.endpoint.len() > 1 || yardstick.is_some()) {
             (true, _) => YARDSTICK.to_string(),
-            (false, true) => endpoint.clone(),
+            (false, true) => url.clone(),
             (false, false) => String::new(),
         };
+        endpoints.push(Endpoint {
+            url: url.clone(),
+            client: Client::Grpc(Arc::new(grpc)),
+            max_batch,
+            process,
+            label,
+            is_yardstick,
+        });
+    }
+    // Each workload runs against every server in turn, round after round,
+    // so that what else the machine does at the time weighs on all of them
+    // alike; a round writes blobs of its own (the seed plus the round).
+    let mut reports = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        let mut common = args.common.clone();
+        common.seed = args.common.seed + u64::from(round - 1);
         for &workload in &args.common.workload {
             for &data in &args.common.data {
-                let shape = shape(&args.common, workload, data, max_batch);
-                let plan = Arc::new(prepare(&shape).await?);
-                let tasks = match args.phase {
-                    Phases::Write => plan.write.len(),
-                    Phases::Read => plan.read.len(),
-                    Phases::All => plan.write.len() + plan.read.len(),
-                };
-                let what = format!("{} {} {}", label, workload.name(), data.name());
-                let bar = progress(tasks as u64, what.trim());
-                if args.phase != Phases::Read {
-                    fresh(&client, &plan, args.common.seed).await?;
-                }
-                let cpu = ClientCpu::default();
-                let disk_before =
-                    args.server_dir.as_deref().map(measure::dir_bytes).transpose().map_err(|source| {
-                        Error::Io { context: "cannot measure --server-dir".into(), source }
-                    })?;
-                if let Some(p) = process {
-                    p.reset_peak_rss();
-                }
-                let before = process.and_then(Process::sample);
-                let write = match args.phase {
-                    Phases::Read => None,
-                    _ => {
-                        Some(workload::run(&client, &plan, true, args.common.concurrency, &cpu, &bar).await?)
+                for endpoint in &endpoints {
+                    let shape = shape(&common, workload, data, endpoint.max_batch);
+                    let mut report = run_endpoint(args, &common, endpoint, &shape).await?;
+                    if args.rounds > 1 {
+                        report.config = format!(
+                            "{}{}round {round}",
+                            report.config,
+                            match report.config.is_empty() {
+                                true => "",
+                                false => ", ",
+                            }
+                        );
+                        report.settings.insert("round".into(), round.to_string());
                     }
-                };
-                let read = match args.phase {
-                    Phases::Write => None,
-                    _ => {
-                        Some(workload::run(&client, &plan, false, args.common.concurrency, &cpu, &bar).await?)
-                    }
-                };
-                let after = process.and_then(Process::sample);
-                bar.finish_and_clear();
-                let mut settings = BTreeMap::from([("endpoint".to_string(), endpoint.clone())]);
-                if is_yardstick {
-                    settings.insert("server".into(), YARDSTICK.into());
+                    reports.push(report);
                 }
-                let mut report =
-                    report_of(endpoint.clone(), &label, &settings, &shape, &args.common, &plan, write, read);
-                if let (Some(dir), Some(before)) = (&args.server_dir, disk_before) {
-                    let after = measure::dir_bytes(dir).map_err(|source| Error::Io {
-                        context: "cannot measure --server-dir".into(),
-                        source,
-                    })?;
-                    report.disk_bytes = Some(after.saturating_sub(before));
-                    report.space_amplification =
-                        Some(after.saturating_sub(before) as f64 / report.logical_bytes.max(1) as f64);
-                }
-                if let (Some(b), Some(a)) = (before, after) {
-                    let moved = (report.write.bytes_sent + report.read.bytes_received).max(1) as f64;
-                    report.cpu_seconds_per_gib =
-                        Some((a.cpu_seconds - b.cpu_seconds) / moved * (1u64 << 30) as f64);
-                    let written = report.write.bytes_sent + report.read.bytes_sent;
-                    report.write_amplification =
-                        (written > 0).then(|| (a.write_bytes - b.write_bytes) as f64 / written as f64);
-                }
-                report.peak_rss_bytes = process.and_then(Process::peak_rss);
-                reports.push(report);
             }
         }
     }
     Ok(reports)
+}
+
+/// One workload against one server: its report.
+async fn run_endpoint(
+    args: &GrpcArgs,
+    common: &Common,
+    endpoint: &Endpoint,
+    shape: &Shape,
+) -> Result<Report, Error> {
+    let Endpoint { url, client, process, label, is_yardstick, .. } = endpoint;
+    let (process, is_yardstick) = (*process, *is_yardstick);
+    let plan = Arc::new(prepare(shape).await?);
+    let tasks = match args.phase {
+        Phases::Write => plan.write.len(),
+        Phases::Read => plan.read.len(),
+        Phases::All => plan.write.len() + plan.read.len(),
+    };
+    let what = format!("{} {} {}", label, shape.workload.name(), shape.data.name());
+    let bar = progress(tasks as u64, what.trim());
+    if args.phase != Phases::Read {
+        fresh(client, &plan, shape.seed).await?;
+    }
+    let cpu = ClientCpu::default();
+    let disk_before = args
+        .server_dir
+        .as_deref()
+        .map(measure::dir_bytes)
+        .transpose()
+        .map_err(|source| Error::Io { context: "cannot measure --server-dir".into(), source })?;
+    if let Some(p) = process {
+        p.reset_peak_rss();
+    }
+    let before = process.and_then(Process::sample);
+    let write = match args.phase {
+        Phases::Read => None,
+        _ => Some(workload::run(client, &plan, true, common.concurrency, &cpu, &bar).await?),
+    };
+    let read = match args.phase {
+        Phases::Write => None,
+        _ => Some(workload::run(client, &plan, false, common.concurrency, &cpu, &bar).await?),
+    };
+    let after = process.and_then(Process::sample);
+    bar.finish_and_clear();
+    let mut settings = BTreeMap::from([("endpoint".to_string(), url.clone())]);
+    if is_yardstick {
+        settings.insert("server".into(), YARDSTICK.into());
+    }
+    let mut report = report_of(url.clone(), label, &settings, shape, common, &plan, write, read);
+    if let (Some(dir), Some(before)) = (&args.server_dir, disk_before) {
+        let after = measure::dir_bytes(dir)
+            .map_err(|source| Error::Io { context: "cannot measure --server-dir".into(), source })?;
+        report.disk_bytes = Some(after.saturating_sub(before));
+        report.space_amplification =
+            Some(after.saturating_sub(before) as f64 / report.logical_bytes.max(1) as f64);
+    }
+    if let (Some(b), Some(a)) = (before, after) {
+        let moved = (report.write.bytes_sent + report.read.bytes_received).max(1) as f64;
+        report.cpu_seconds_per_gib = Some((a.cpu_seconds - b.cpu_seconds) / moved * (1u64 << 30) as f64);
+        let written = report.write.bytes_sent + report.read.bytes_sent;
+        report.write_amplification =
+            (written > 0).then(|| (a.write_bytes - b.write_bytes) as f64 / written as f64);
+    }
+    report.peak_rss_bytes = process.and_then(Process::peak_rss);
+    Ok(report)
 }
 
 /// Refuses to write a workload the target already holds (from an earlier
