@@ -17,8 +17,7 @@ use prost::{Message, Name};
 use prost_types::field_descriptor_proto::{self, Type};
 use prost_types::{DescriptorProto, FileDescriptorSet};
 use tonic::Status;
-use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
-use tonic_prost::ProstCodec;
+use tonic::codec::{BufferSettings, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 /// `max_call_entries`: most entries (digests, blobs, output files...) one
 /// message may carry. Set once at start from the configuration; the codec is
@@ -194,11 +193,11 @@ pub fn check_entries<M: Name>(wire: &[u8]) -> Result<(), TooManyEntries> {
 }
 
 /// prost's codec, with [`check_entries`] before each decode.
-pub struct Codec<T, U>(ProstCodec<T, U>);
+pub struct Codec<T, U>(PhantomData<fn() -> (T, U)>);
 
 impl<T, U> Default for Codec<T, U> {
     fn default() -> Self {
-        Codec(ProstCodec::default())
+        Codec(PhantomData)
     }
 }
 
@@ -209,15 +208,34 @@ where
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = <ProstCodec<T, U> as tonic::codec::Codec>::Encoder;
+    type Encoder = SizedEncoder<T>;
     type Decoder = CountingDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        self.0.encoder()
+        SizedEncoder(PhantomData)
     }
 
     fn decoder(&mut self) -> Self::Decoder {
         CountingDecoder(PhantomData)
+    }
+}
+
+/// prost's encoder, with room for the whole message made first: encoding
+/// into tonic's small buffer would grow it by doubling, copying a 4 MiB
+/// batch read about twice over before it is sent.
+pub struct SizedEncoder<T>(PhantomData<T>);
+
+impl<T: Message> Encoder for SizedEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.reserve(item.encoded_len());
+        item.encode(buf).map_err(|e| Status::internal(format!("the message does not encode: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::default()
     }
 }
 

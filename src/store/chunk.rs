@@ -385,6 +385,19 @@ pub fn decode(value: &[u8]) -> Option<Bytes> {
     }
 }
 
+/// [`decode`] of a value in memory of its own: raw bytes stay where they
+/// are, not copied.
+pub fn decode_owned(mut value: Vec<u8>) -> Option<Bytes> {
+    let (kind, len) = open(&value).map(|(kind, payload)| (kind, payload.len()))?;
+    match kind {
+        Kind::Raw => {
+            value.truncate(len);
+            Some(Bytes::from(value))
+        }
+        Kind::Zstd => decompress(&value[..len]),
+    }
+}
+
 fn decompress(frame: &[u8]) -> Option<Bytes> {
     let size = frame_content_size(frame)?;
     DECOMPRESSOR.with(|cell| {

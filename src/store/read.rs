@@ -24,6 +24,19 @@ fn serving() -> ReadOptions {
     opts
 }
 
+/// A blob's first chunk as a batch read returns it: the stored frame for a
+/// client that accepts zstd, else the plain bytes; with how many bytes of
+/// the blob it holds. `None` means the chunk fails its check.
+fn whole_chunk(value: Vec<u8>, zstd: bool) -> Option<(Bytes, u64, Encoding)> {
+    match zstd && chunk::is_compressed(&value) {
+        true => chunk::to_frame(value, 0).map(|(frame, held)| (frame, held, Encoding::Zstd)),
+        false => chunk::decode_owned(value).map(|data| {
+            let held = data.len() as u64;
+            (data, held, Encoding::Identity)
+        }),
+    }
+}
+
 impl Store {
     /// The blob's bytes from `offset` to the end of the chunk holding it:
     /// decompresses exactly one chunk. Empty at or past the end of the blob.
@@ -34,7 +47,7 @@ impl Store {
         let (start, value) = self.chunk_of(blob, offset)?.ok_or_else(|| {
             Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
         })?;
-        let Some(data) = chunk::decode(&value) else {
+        let Some(data) = chunk::decode_owned(value) else {
             return Err(self.remove_corrupt(blob, format!("the chunk at offset {start} fails its check")));
         };
         let skip = (offset - start) as usize;
@@ -237,29 +250,29 @@ impl Store {
         let firsts = self.db.batched_multi_get_cf_opt(self.cf(CF_CHUNKS), &chunk_keys, false, &serving());
         for ((i, blob), first) in whole.iter().zip(firsts) {
             let value = match first {
-                Ok(Some(value)) if !chunk::is_blob_ref(&value) && !chunk::is_unsummed(&value) => {
-                    value.to_vec()
-                }
+                Ok(Some(value)) if !chunk::is_blob_ref(&value) && !chunk::is_unsummed(&value) => value,
                 // Evicted meanwhile, a reference, RocksDB's error: read alone.
                 _ => continue,
             };
-            let value = match self.resolve(blob.blob_id, value) {
-                Ok(value) => value,
-                Err(Error::Corrupt(detail)) => {
-                    results[*i] = Some(Err(self.remove_corrupt(blob, detail)));
-                    continue;
-                }
-                Err(e) => {
-                    results[*i] = Some(Err(e));
-                    continue;
-                }
-            };
-            let read = match zstd && chunk::is_compressed(&value) {
-                true => chunk::to_frame(value, 0).map(|(frame, held)| (frame, held, Encoding::Zstd)),
+            // A chunk RocksDB holds is decoded where it lies (plain bytes
+            // copied once); one in the blob's file, or a frame kept as
+            // stored, goes into memory of its own first.
+            let read = match chunk::is_file_ref(&value) || (zstd && chunk::is_compressed(&value)) {
                 false => chunk::decode(&value).map(|data| {
                     let held = data.len() as u64;
                     (data, held, Encoding::Identity)
                 }),
+                true => match self.resolve(blob.blob_id, value.to_vec()) {
+                    Ok(value) => whole_chunk(value, zstd),
+                    Err(Error::Corrupt(detail)) => {
+                        results[*i] = Some(Err(self.remove_corrupt(blob, detail)));
+                        continue;
+                    }
+                    Err(e) => {
+                        results[*i] = Some(Err(e));
+                        continue;
+                    }
+                },
             };
             results[*i] = match read {
                 Some((data, held, encoding)) if held == blob.digest.size => Ok(Some((data, encoding))).into(),
