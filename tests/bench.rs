@@ -388,6 +388,15 @@ fn the_command_prints_json_csv_and_a_chart() {
         serde_json::from_str(&run(&["--json", "--plot", svg.to_str().unwrap()])).unwrap();
     assert_eq!(json["runs"][0]["workload"], "small");
     assert!(json["ceilings"]["sha256_mbps"].as_f64().unwrap() > 10.0);
+    // The disk under --dir is measured too, and its probe file removed.
+    assert!(json["ceilings"]["disk_write_mbps"].as_f64().unwrap() > 1.0, "{json}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file() && e.path() != svg)
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     assert!(json["runs"][0]["ingest_vs_sha256"].as_f64().unwrap() > 0.0);
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg") && chart.matches("<circle").count() >= 2, "{chart}");
@@ -407,6 +416,7 @@ fn the_command_prints_json_csv_and_a_chart() {
 
     let table = run(&[]);
     assert!(table.contains("ingest MB/s") && table.contains("one core hashes SHA-256"), "{table}");
+    assert!(table.contains("its disk writes"), "{table}");
 }
 
 /// `larder bench yardstick` serves a bare in-memory cache: every workload

@@ -17,13 +17,17 @@ pub struct Ceilings {
     pub sha256_mbps: f64,
     /// zstd level 1, per kind of data benchmarked.
     pub zstd1_mbps: BTreeMap<&'static str, f64>,
+    /// Sequential writes to the disk the store is on (`--dir`, or a
+    /// server's `--server-dir`), ended by an fsync: the bound on ingest of
+    /// a store that writes each byte once.
+    pub disk_write_mbps: Option<f64>,
 }
 
 /// How long each ceiling is measured for.
 const CEILING_TIME: Duration = Duration::from_millis(600);
 
 impl Ceilings {
-    pub fn measure(data: &[Data]) -> Ceilings {
+    pub fn measure(data: &[Data], disk: Option<&Path>) -> Result<Ceilings, std::io::Error> {
         let sample = super::data::random_bytes(8 << 20, 99);
         let sha256_mbps = rate(sample.len(), || {
             std::hint::black_box(Digest::of(&sample));
@@ -38,8 +42,29 @@ impl Ceilings {
                 (d.name(), mbps)
             })
             .collect();
-        Ceilings { sha256_mbps, zstd1_mbps }
+        let disk_write_mbps = disk.map(disk_write_mbps).transpose()?;
+        Ok(Ceilings { sha256_mbps, zstd1_mbps, disk_write_mbps })
     }
+}
+
+/// How much the disk probe writes: enough to get past what the page cache
+/// absorbs quickly, small enough to take about a second.
+const DISK_PROBE: usize = 256 << 20;
+
+/// MB/s of writing [`DISK_PROBE`] bytes to a new file in `dir`, 1 MiB at a
+/// time, and syncing it; the file is removed.
+fn disk_write_mbps(dir: &Path) -> Result<f64, std::io::Error> {
+    use std::io::Write;
+    // A store's --dir is created if need be: measured before it is.
+    std::fs::create_dir_all(dir)?;
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    let block = super::data::random_bytes(1 << 20, 98);
+    let start = Instant::now();
+    for _ in 0..DISK_PROBE / block.len() {
+        file.write_all(&block)?;
+    }
+    file.as_file().sync_all()?;
+    Ok(DISK_PROBE as f64 / start.elapsed().as_secs_f64() / 1e6)
 }
 
 /// `len` bytes of `data`, made of 256 KiB blobs of the kinds it mixes.

@@ -223,9 +223,14 @@ async fn measure(target: Measured) -> Result<(), Error> {
         return Ok(());
     }
     let data = common.data.clone();
-    let ceilings = tokio::task::spawn_blocking(move || Ceilings::measure(&data))
+    let disk = match &target {
+        Measured::Store(a) => Some(a.dir.clone().unwrap_or_else(std::env::temp_dir)),
+        Measured::Grpc(a) => a.server_dir.clone(),
+    };
+    let ceilings = tokio::task::spawn_blocking(move || Ceilings::measure(&data, disk.as_deref()))
         .await
-        .map_err(|e| Error::Setup(format!("measuring the ceilings failed: {e}")))?;
+        .map_err(|e| Error::Setup(format!("measuring the ceilings failed: {e}")))?
+        .map_err(|source| Error::Io { context: "cannot measure the disk's write speed".into(), source })?;
     let runs = match target {
         Measured::Store(args) => isolated(&args).await?,
         Measured::Grpc(args) => bench_grpc(&args).await?,

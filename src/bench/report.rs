@@ -181,9 +181,13 @@ pub fn table(run: &Run) -> String {
     }
     let zstd: Vec<String> =
         run.ceilings.zstd1_mbps.iter().map(|(d, v)| format!("{v:.0} MB/s on {d}")).collect();
+    let disk = match run.ceilings.disk_write_mbps {
+        Some(mbps) => format!("; its disk writes {mbps:.0} MB/s (sequential, synced)"),
+        None => String::new(),
+    };
     let _ = writeln!(
         out,
-        "\nmachine: {} cores; one core hashes SHA-256 at {:.0} MB/s and compresses zstd-1 at {}",
+        "\nmachine: {} cores; one core hashes SHA-256 at {:.0} MB/s and compresses zstd-1 at {}{disk}",
         run.cores,
         run.ceilings.sha256_mbps,
         zstd.join(", ")
