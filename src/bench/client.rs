@@ -2,6 +2,7 @@
 //! server through gRPC. Both offer the same calls; every byte read back is
 //! checked against its digest here.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -298,18 +299,22 @@ impl Client {
                         blobs.len()
                     )));
                 }
+                // REAPI asks for no order (NativeLink answers in its own).
+                let mut answers: HashMap<String, reapi::batch_read_blobs_response::Response> = response
+                    .responses
+                    .into_iter()
+                    .filter_map(|r| Some((r.digest.as_ref()?.hash.clone(), r)))
+                    .collect();
                 blobs
                     .into_iter()
-                    .zip(response.responses)
-                    .map(|(b, r)| {
-                        let code = r.status.as_ref().map_or(0, |s| s.code);
-                        let matches = r.digest.as_ref().is_some_and(|d| d.hash == b.digest.hex());
-                        if !matches {
+                    .map(|b| {
+                        let Some(r) = answers.remove(&b.digest.hex()) else {
                             return Err(Error::Verify(format!(
-                                "BatchReadBlobs answered out of order at {}",
+                                "BatchReadBlobs did not answer for {}",
                                 b.digest
                             )));
-                        }
+                        };
+                        let code = r.status.as_ref().map_or(0, |s| s.code);
                         match code {
                             0 => Ok((b, Some(r.data))),
                             5 => Ok((b, None)), // NOT_FOUND
