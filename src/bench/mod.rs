@@ -638,7 +638,7 @@ pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
     // so that what else the machine does at the time weighs on all of them
     // alike; a round writes blobs of its own (the seed plus the round).
     let mut reports = Vec::new();
-    for round in 1..=args.rounds.max(1) {
+    for round in 1..=args.rounds {
         let mut common = args.common.clone();
         common.seed = args.common.seed + u64::from(round - 1);
         for &workload in &args.common.workload {
@@ -647,14 +647,8 @@ pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
                     let shape = shape(&common, workload, data, endpoint.max_batch);
                     let mut report = run_endpoint(args, &common, endpoint, &shape).await?;
                     if args.rounds > 1 {
-                        report.config = format!(
-                            "{}{}round {round}",
-                            report.config,
-                            match report.config.is_empty() {
-                                true => "",
-                                false => ", ",
-                            }
-                        );
+                        let comma = if report.config.is_empty() { "" } else { ", " };
+                        report.config = format!("{}{comma}round {round}", report.config);
                         report.settings.insert("round".into(), round.to_string());
                     }
                     reports.push(report);
