@@ -133,6 +133,10 @@ options! {
         blob_files: bool, "BOOL";
         /// RocksDB's block cache.
         cache_size: ByteSize, "SIZE";
+        /// Memory for the digests of present blobs, which FindMissingBlobs
+        /// is answered from (about 40 bytes a blob; 0: every lookup reads
+        /// RocksDB).
+        index_memory: ByteSize, "SIZE";
         /// fsync the write-ahead log on every commit (survives power loss,
         /// costs throughput).
         sync_writes: bool, "BOOL";
@@ -473,6 +477,7 @@ impl Config {
             cache_size: store.cache_size.0 as usize,
             max_size: store.max_size.0,
             queue_limit: self.queue_limit(),
+            index_memory: store.index_memory.0,
         }
     }
 

@@ -70,6 +70,7 @@ struct StoreGauges {
     max_size: Gauge,
     partial_uploads: Gauge,
     eviction_blocked: Gauge,
+    memory_indexed: Gauge,
     rejected_writes: Counter,
     corrupt_blobs: Counter,
     evicted_blobs: Counter,
@@ -161,7 +162,7 @@ impl Default for Metrics {
             ac_misses.clone(),
         );
         let store = StoreGauges::default();
-        let gauges: [(&str, &str, &Gauge); 13] = [
+        let gauges: [(&str, &str, &Gauge); 14] = [
             ("blobs", "Blobs stored", &store.blobs),
             ("logical_bytes", "Uncompressed bytes of the blobs stored", &store.logical_bytes),
             (
@@ -176,6 +177,11 @@ impl Default for Metrics {
                 "eviction_blocked",
                 "1 while the disk is over its watermark and nothing is old enough to evict: writes are refused",
                 &store.eviction_blocked,
+            ),
+            (
+                "memory_indexed_blobs",
+                "Blobs FindMissingBlobs finds in memory; fewer than larder_blobs once index_memory is full",
+                &store.memory_indexed,
             ),
             (
                 "rocksdb_pending_compaction_bytes",
@@ -343,6 +349,7 @@ impl Metrics {
         g.max_size.set(as_i64(stats.max_size));
         g.partial_uploads.set(as_i64(stats.partial_uploads));
         g.eviction_blocked.set(i64::from(stats.eviction_blocked));
+        g.memory_indexed.set(as_i64(stats.memory_indexed));
         g.pending_compaction_bytes.set(as_i64(stats.pending_compaction_bytes));
         g.write_stopped.set(i64::from(stats.write_stopped));
         g.delayed_write_rate.set(as_i64(stats.delayed_write_rate));

@@ -251,6 +251,7 @@ async fn metrics_count_calls_bytes_hits_and_the_store() {
     assert_eq!(sample(&after, "larder_action_cache_hits_total"), 1.0);
     assert_eq!(sample(&after, "larder_action_cache_misses_total"), 1.0);
     assert_eq!(sample(&after, "larder_blobs"), 1.0);
+    assert_eq!(sample(&after, "larder_memory_indexed_blobs"), 1.0);
     assert_eq!(sample(&after, "larder_logical_bytes"), 200_000.0);
     assert!(sample(&after, "larder_disk_bytes") > 0.0);
     for name in ["larder_rejected_writes_total", "larder_evicted_blobs_total", "larder_partial_uploads"] {

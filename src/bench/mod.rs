@@ -320,6 +320,7 @@ fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<Combination> {
                             // No object store tier here: nothing to queue for.
                             queue_limit: 0,
                             max_size: budget.map_or(base.max_size, |b| b.0),
+                            index_memory: base.index_memory,
                         };
                         let mut settings: BTreeMap<String, String> = [
                             ("zstd_level", level.to_string()),

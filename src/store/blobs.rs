@@ -150,15 +150,52 @@ impl Store {
         self.write(batch)
     }
 
-    /// Which of `digests` are present (the empty blob always is). One batched
-    /// RocksDB lookup; present blobs count as used.
+    /// Enters every blob of the index in the in-memory set of present blobs
+    /// (at open, before anything else reads or writes), up to its bound.
+    pub(super) fn enter_present_blobs(&self) -> Result<(), Error> {
+        let started = std::time::Instant::now();
+        self.present.reserve(self.counter(BLOBS_KEY)?.unwrap_or(0));
+        let mut opts = ReadOptions::default();
+        opts.fill_cache(false);
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_INDEX), opts);
+        it.seek_to_first();
+        while let Some(key) = it.key() {
+            if let Some(d) = digest_of_index_key(key) {
+                self.present.insert(&d);
+            }
+            it.next();
+        }
+        it.status()?;
+        let (blobs, complete) = self.present.len();
+        let elapsed = started.elapsed();
+        match complete {
+            true => tracing::info!("{blobs} present blobs indexed in memory in {elapsed:.1?}"),
+            false => tracing::warn!(
+                "{blobs} present blobs indexed in memory in {elapsed:.1?}, not all: raise index_memory to keep every one"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Which of `digests` are present (the empty blob always is): asked of
+    /// the in-memory set, then in one batched RocksDB lookup for those it
+    /// cannot answer. Present blobs count as used.
     pub fn contains(&self, digests: &[Digest]) -> Result<Vec<bool>, Error> {
-        let keys: Vec<Key> = digests.iter().map(index_key).collect();
-        let cf = self.cf(CF_INDEX);
-        let found = self.db.batched_multi_get_cf(cf, &keys, false);
         let mut present = Vec::with_capacity(digests.len());
-        for (d, result) in digests.iter().zip(found) {
-            present.push(d.is_empty_blob() || result?.is_some());
+        let mut unknown = Vec::new();
+        for (i, d) in digests.iter().enumerate() {
+            let known = if d.is_empty_blob() { Some(true) } else { self.present.lookup(d) };
+            if known.is_none() {
+                unknown.push(i);
+            }
+            present.push(known.unwrap_or(false));
+        }
+        if !unknown.is_empty() {
+            let keys: Vec<Key> = unknown.iter().map(|&i| index_key(&digests[i])).collect();
+            let found = self.db.batched_multi_get_cf(self.cf(CF_INDEX), &keys, false);
+            for (&i, result) in unknown.iter().zip(found) {
+                present[i] = result?.is_some();
+            }
         }
         self.touch(digests.iter().zip(&present).filter(|(_, p)| **p).map(|(d, _)| *d));
         Ok(present)
@@ -250,6 +287,8 @@ impl Store {
             self.release(holds, &self.refs_of(entry.blob_id)?)?;
         }
         holds.forget(digest);
+        // Out of the set before the index: never present there and gone here.
+        self.present.remove(digest);
         batch.delete_cf(self.cf(CF_INDEX), index_key(digest));
         if entry.holders == 0 {
             batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));
@@ -439,12 +478,14 @@ impl Store {
         let mut batch = WriteBatch::with_capacity_bytes(bytes + 256 * prepared.len());
         let (mut queued, mut queued_bytes) = (0, 0);
         let mut ids = Vec::with_capacity(prepared.len());
+        let mut entered = Vec::with_capacity(prepared.len());
         for (i, digest, entry, chunks) in prepared {
             // Another writer may have stored it since the check above.
             if self.get_entry(&digest)?.is_some() {
                 results[i] = Ok(Written::AlreadyPresent);
                 continue;
             }
+            entered.push(digest);
             for (key, value) in chunks {
                 batch.put_cf(self.cf(CF_CHUNKS), key, value);
             }
@@ -457,6 +498,10 @@ impl Store {
             ids.push(entry.blob_id);
         }
         self.write(batch)?;
+        // Still under the stripes' locks, so no eviction comes between.
+        for digest in &entered {
+            self.present.insert(digest);
+        }
         self.count_queued(queued, queued_bytes);
         Ok(ids)
     }

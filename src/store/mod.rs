@@ -11,6 +11,7 @@ pub mod eviction;
 mod files;
 mod layout;
 mod lists;
+mod present;
 mod queue;
 mod read;
 mod scrub;
@@ -63,6 +64,9 @@ pub struct StoreOptions {
     /// Bytes of blobs and action results that may wait in the queue for the
     /// object store tier (see `queue`); 0 without one: nothing is queued.
     pub queue_limit: u64,
+    /// Memory for the set of present blobs that answers FindMissingBlobs
+    /// (see `present`); 0: every lookup asks RocksDB.
+    pub index_memory: u64,
 }
 
 impl Default for StoreOptions {
@@ -76,6 +80,7 @@ impl Default for StoreOptions {
             cache_size: 32 << 20,
             max_size: 10 << 30,
             queue_limit: 0,
+            index_memory: 256 << 20,
         }
     }
 }
@@ -92,6 +97,8 @@ pub struct Store {
     active_uploads: Mutex<HashSet<String>>,
     /// Blobs and action results used since the last access-time flush.
     accessed: blobs::Accessed,
+    /// The digests of present blobs, in memory (see `present`).
+    present: present::Present,
     /// Blobs of at least [`files::MIN_SIZE`], in files of their own.
     files: files::Files,
     /// The disk budget's running figures.
@@ -124,6 +131,9 @@ pub struct Stats {
     pub evicted_bytes: u64,
     /// Whether writes are refused because nothing is old enough to evict.
     pub eviction_blocked: bool,
+    /// Blobs in the in-memory set FindMissingBlobs answers from: fewer
+    /// than `blobs` once `index_memory` is full.
+    pub memory_indexed: u64,
     /// Blobs and action results waiting to be copied to the object store,
     /// the bytes they count, and the most the queue may count.
     pub queued: u64,
@@ -282,6 +292,7 @@ impl Store {
         db.flush()?;
         let files = files::Files::open(path)
             .map_err(|e| Error::Open(format!("cannot open the blob files in {}: {e}", path.display())))?;
+        let present = present::Present::new(options.index_memory);
         let store = Store {
             db,
             path: path.to_path_buf(),
@@ -290,12 +301,14 @@ impl Store {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             active_uploads: Mutex::new(HashSet::new()),
             accessed: blobs::Accessed::default(),
+            present,
             files,
             disk: disk::Disk::new(),
             totals: Totals::default(),
             queued: queue::Count::default(),
         };
         store.count_blobs_if_uncounted()?;
+        store.enter_present_blobs()?;
         store.remove_orphan_files()?;
         store.count_queue()?;
         store.measure_disk()?;
@@ -383,6 +396,7 @@ impl Store {
             evicted_blobs: self.totals.evicted_blobs.load(Ordering::Relaxed),
             evicted_bytes: self.totals.evicted_bytes.load(Ordering::Relaxed),
             eviction_blocked: self.disk.eviction_blocked.load(Ordering::Relaxed),
+            memory_indexed: self.present.len().0 as u64,
             queued,
             queued_bytes,
             queue_limit: self.options.queue_limit,

@@ -618,6 +618,15 @@ fn directories_from_before_the_counters_are_counted_at_open() {
     assert_eq!((stats.blobs, stats.logical_bytes), (1, 70_000));
 }
 
+/// Flips a byte of the stored chunk of `d` at `offset`, under the store.
+fn corrupt_chunk(store: &Store, d: &Digest, offset: u64) {
+    let entry = store.get_entry(d).unwrap().unwrap();
+    let key = chunk_key(entry.blob_id, offset);
+    let mut value = store.db.get_cf(store.cf(CF_CHUNKS), key).unwrap().unwrap();
+    value[10] ^= 0x40;
+    store.db.put_cf(store.cf(CF_CHUNKS), key, value).unwrap();
+}
+
 #[test]
 fn a_chunk_failing_its_checksum_is_never_served_and_its_blob_is_removed() {
     let tmp = tempfile::tempdir().unwrap();
@@ -627,11 +636,7 @@ fn a_chunk_failing_its_checksum_is_never_served_and_its_blob_is_removed() {
     assert!(store.put_blobs(&blobs).iter().all(Result::is_ok));
     // Flip one byte of a chunk of `bad` and of `worse`, under the store.
     for data in [&bad, &worse] {
-        let entry = store.get_entry(&Digest::of(data)).unwrap().unwrap();
-        let key = chunk_key(entry.blob_id, 65_536);
-        let mut value = store.db.get_cf(store.cf(CF_CHUNKS), key).unwrap().unwrap();
-        value[10] ^= 0x40;
-        store.db.put_cf(store.cf(CF_CHUNKS), key, value).unwrap();
+        corrupt_chunk(&store, &Digest::of(data), 65_536);
     }
     let blob = store.locate(&Digest::of(&bad)).unwrap().unwrap();
     assert_eq!(store.read_at(&blob, 0).unwrap(), bad.slice(..65_536), "the intact chunk reads");
@@ -830,11 +835,7 @@ fn eviction_keeps_queued_blobs_and_a_corrupt_one_leaves_the_queue() {
     assert_eq!(store.evict_lru(u64::MAX, now_ms() + 1).unwrap().blobs, 1);
 
     // A queued blob found corrupt is removed, and with it its queue entry.
-    let entry = store.get_entry(&digests[3]).unwrap().unwrap();
-    let key = chunk_key(entry.blob_id, 0);
-    let mut value = store.db.get_cf(store.cf(CF_CHUNKS), key).unwrap().unwrap();
-    value[10] ^= 0x40;
-    store.db.put_cf(store.cf(CF_CHUNKS), key, value).unwrap();
+    corrupt_chunk(&store, &digests[3], 0);
     let blob = store.locate(&digests[3]).unwrap().unwrap();
     assert!(matches!(store.read_at(&blob, 0), Err(Error::Removed(_))));
     assert_eq!(store.queue_len(), (0, 0));
@@ -1239,4 +1240,63 @@ fn a_batch_read_answers_each_blob_as_a_read_alone_would() {
         store.read_batch(&[Digest::of(&text)], true)[0].as_ref().unwrap().as_ref().unwrap().1,
         Encoding::Zstd
     );
+}
+
+// The in-memory set of present blobs.
+
+/// Every digest of `ds` is in the set exactly when the index holds it.
+fn set_follows_index(store: &Store, ds: &[Digest]) {
+    for d in ds {
+        let indexed = store.get_entry(d).unwrap().is_some();
+        assert_eq!(store.present.lookup(d), Some(indexed), "{d}: indexed {indexed}");
+    }
+}
+
+#[test]
+fn the_set_of_present_blobs_follows_every_write_and_delete_and_is_refilled_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    // Batches, a cut upload (its chunks stored one by one) and a splice.
+    let small: Vec<Digest> = (0..20).map(|i| put(&store, &bytes(10_000, i))).collect();
+    let big = crate::testdata::random_bytes(6 << 20, 7);
+    upload(&store, "big", &big, 1 << 20);
+    let (_, chunks) = store.list_of(&Digest::of(&big)).unwrap().unwrap();
+    let parts = Bytes::from(crate::testdata::random_bytes(3 << 20, 8));
+    let pieces = [parts.slice(..1 << 20), parts.slice(1 << 20..)].map(|p| put(&store, &p));
+    let spliced = Digest::of(&parts);
+    assert_eq!(
+        store.splice(&spliced, &pieces, Form::List, Chunks::Named).unwrap(),
+        Spliced::Done(Written::Stored)
+    );
+    let never = Digest::of(b"never stored");
+    let mut all: Vec<Digest> = small.iter().chain(&chunks).chain(&pieces).copied().collect();
+    all.extend([Digest::of(&big), spliced, never]);
+    set_follows_index(&store, &all);
+    assert_eq!(store.present.len(), (all.len() - 1, true));
+    // A corrupt blob removed, then eviction of the oldest.
+    corrupt_chunk(&store, &small[19], 0);
+    let blob = store.locate(&small[19]).unwrap().unwrap();
+    assert!(matches!(store.read_at(&blob, 0), Err(Error::Removed(_))));
+    let evicted = store.evict_lru(2 * 10_000, now_ms() + 1).unwrap();
+    assert!(evicted.blobs >= 1, "{evicted:?}");
+    set_follows_index(&store, &all);
+    assert!(!store.contains(&[small[19]]).unwrap()[0], "removed as corrupt");
+    let left: Vec<bool> = all.iter().map(|d| store.get_entry(d).unwrap().is_some()).collect();
+    assert!(left.iter().filter(|p| **p).count() > 3, "{left:?}");
+    drop(store);
+    // Refilled from the index at open...
+    let store = open(tmp.path());
+    set_follows_index(&store, &all);
+    assert_eq!(store.contains(&all).unwrap(), left);
+    drop(store);
+    // ...up to its bound: past it, the index answers what the set cannot.
+    let options = StoreOptions {
+        chunk_size: 64 << 10,
+        index_memory: 3 * present::BYTES_PER_BLOB as u64,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(tmp.path(), options).unwrap();
+    assert_eq!(store.present.len(), (3, false));
+    assert_eq!(store.present.lookup(&never), None);
+    assert_eq!(store.contains(&all).unwrap(), left);
 }

@@ -444,6 +444,9 @@ impl Upload {
             batch.put_cf(store.cf(CF_UPLOADS), self.resource.as_bytes(), self.record.encode());
         }
         let result = store.write(batch);
+        if result.is_ok() {
+            store.present.insert(&digest);
+        }
         drop(guard);
         // A chunk written for nothing (stored meanwhile, or the write failed).
         let unused = new.filter(|_| result.is_err()).into_iter().chain(prepared);
@@ -606,6 +609,7 @@ impl Upload {
             store.queue_blob(&mut batch, &self.digest);
         }
         store.write(batch)?;
+        store.present.insert(&self.digest);
         if self.queue {
             store.count_queued(1, self.digest.size as i64);
         }

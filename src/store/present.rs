@@ -1,0 +1,130 @@
+//! Which blobs are present, in memory: FindMissingBlobs is answered here
+//! without a RocksDB lookup, as long as every stored blob fits the bound.
+//!
+//! The set may lag the index, never lead it: a digest enters only after the
+//! write that stored it, under its stripe's lock, and leaves before the write
+//! that deletes it, under the same lock. So "present" here is always true of
+//! the index, and the worst a lag does is call a stored blob missing for a
+//! moment, which costs a client one needless upload (it is found present).
+
+use std::collections::HashSet;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::digest::Digest;
+
+/// Bytes the set spends per blob, on average: a 24-byte key in a hash table
+/// between 7/16 and 7/8 full, with a control byte per slot.
+pub const BYTES_PER_BLOB: usize = 40;
+
+/// Locks are per shard, so that a shard growing (rehashing every key it
+/// holds) stalls only the lookups that fall in it.
+const SHARDS: usize = 64;
+
+/// A digest reduced to 24 bytes: the first 15 bytes of its hash (every
+/// digest function's hash has at least 20), its function, and its size.
+/// Only verified blobs enter the set, so two stored blobs share a key only
+/// if their hashes share 120 bits; a digest a client makes up to match a
+/// stored blob's key names bytes that nobody can produce, so calling it
+/// present misleads nobody.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key([u64; 3]);
+
+impl Key {
+    fn of(d: &Digest) -> Key {
+        let hash = d.hash();
+        let mut head = [0u8; 16];
+        head[..15].copy_from_slice(&hash[..15]);
+        head[15] = d.function as u8;
+        let [a, b] = [&head[..8], &head[8..]].map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes")));
+        Key([a, b, d.size])
+    }
+
+    fn shard(&self) -> usize {
+        // Hash bytes are uniform; the table hashes the whole key again.
+        (self.0[0] >> 58) as usize % SHARDS
+    }
+}
+
+type Shard = RwLock<HashSet<Key, foldhash::fast::RandomState>>;
+
+pub(super) struct Present {
+    shards: Box<[Shard]>,
+    entries: AtomicUsize,
+    /// Most entries the set holds; past it, new blobs are not entered.
+    limit: usize,
+    /// Whether every blob in the index is in the set: then a digest that is
+    /// not in it is absent. Once a blob is left out, it stays false.
+    complete: AtomicBool,
+}
+
+impl Present {
+    /// An empty set of at most `max_bytes`, complete (a new index is empty;
+    /// an existing one is entered before the store serves).
+    pub fn new(max_bytes: u64) -> Present {
+        Present {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            entries: AtomicUsize::new(0),
+            limit: usize::try_from(max_bytes).unwrap_or(usize::MAX) / BYTES_PER_BLOB,
+            complete: AtomicBool::new(max_bytes > 0),
+        }
+    }
+
+    fn shard(&self, key: &Key) -> std::sync::RwLockWriteGuard<'_, HashSet<Key, foldhash::fast::RandomState>> {
+        self.shards[key.shard()].write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes room for `blobs` entries (up to the bound), so that entering
+    /// them at open does not rehash.
+    pub fn reserve(&self, blobs: u64) {
+        let per_shard = usize::try_from(blobs).unwrap_or(usize::MAX).min(self.limit) / SHARDS;
+        for shard in self.shards.iter() {
+            shard.write().unwrap_or_else(|e| e.into_inner()).reserve(per_shard + per_shard / 8);
+        }
+    }
+
+    /// Enters a blob the index now holds (call after the write that stored
+    /// it, holding its stripe). Past the bound the set stops being complete.
+    pub fn insert(&self, d: &Digest) {
+        if !self.complete.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.entries.load(Ordering::Relaxed) >= self.limit {
+            if self.complete.swap(false, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the in-memory index of present blobs is full ({} blobs): FindMissingBlobs asks RocksDB from now on; raise index_memory to keep it in memory",
+                    self.limit
+                );
+            }
+            return;
+        }
+        let key = Key::of(d);
+        if self.shard(&key).insert(key) {
+            self.entries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a blob out before the write that deletes it (holding its stripe).
+    pub fn remove(&self, d: &Digest) {
+        let key = Key::of(d);
+        if self.shard(&key).remove(&key) {
+            self.entries.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `d` is present: `Some` when the set can say, `None` when only
+    /// the index can (the set is incomplete and `d` is not in it).
+    pub fn lookup(&self, d: &Digest) -> Option<bool> {
+        let key = Key::of(d);
+        let shard = self.shards[key.shard()].read().unwrap_or_else(|e| e.into_inner());
+        match shard.contains(&key) {
+            true => Some(true),
+            false => self.complete.load(Ordering::Relaxed).then_some(false),
+        }
+    }
+
+    /// Blobs in the set, and whether it holds every present blob.
+    pub fn len(&self) -> (usize, bool) {
+        (self.entries.load(Ordering::Relaxed), self.complete.load(Ordering::Relaxed))
+    }
+}
