@@ -480,12 +480,13 @@ impl Store {
         let mut ids = Vec::with_capacity(prepared.len());
         let mut entered = Vec::with_capacity(prepared.len());
         for (i, digest, entry, chunks) in prepared {
-            // Another writer may have stored it since the check above.
+            entered.push(digest);
+            // Another writer may have stored it since the check above, or
+            // the set lacks it (see `Present::insert`).
             if self.get_entry(&digest)?.is_some() {
                 results[i] = Ok(Written::AlreadyPresent);
                 continue;
             }
-            entered.push(digest);
             for (key, value) in chunks {
                 batch.put_cf(self.cf(CF_CHUNKS), key, value);
             }

@@ -85,6 +85,9 @@ impl Present {
 
     /// Enters a blob the index now holds (call after the write that stored
     /// it, holding its stripe). Past the bound the set stops being complete.
+    /// A writer that finds its blob indexed already enters it too: a delete
+    /// whose write failed took it out of the set, and a client told it is
+    /// missing uploads it again, which puts it back.
     pub fn insert(&self, d: &Digest) {
         if !self.complete.load(Ordering::Relaxed) {
             return;

@@ -1273,6 +1273,16 @@ fn the_set_of_present_blobs_follows_every_write_and_delete_and_is_refilled_at_op
     all.extend([Digest::of(&big), spliced, never]);
     set_follows_index(&store, &all);
     assert_eq!(store.present.len(), (all.len() - 1, true));
+    // A blob the set lost (a delete whose write failed) is entered again
+    // when a client, told it is missing, uploads it.
+    for d in [small[0], Digest::of(&big)] {
+        store.present.remove(&d);
+        assert_eq!(store.contains(&[d]).unwrap(), [false]);
+    }
+    let again = store.put_blobs(&[NewBlob::new(small[0], bytes(10_000, 0))]);
+    assert!(matches!(again[0], Ok(Written::AlreadyPresent)));
+    assert_eq!(upload(&store, "big again", &big, 1 << 20), Written::AlreadyPresent);
+    set_follows_index(&store, &all);
     // A corrupt blob removed, then eviction of the oldest.
     corrupt_chunk(&store, &small[19], 0);
     let blob = store.locate(&small[19]).unwrap().unwrap();

@@ -590,6 +590,7 @@ impl Upload {
         };
         let _guards = store.lock_stripes(refs.iter().map(|(_, d, _)| d).chain([&self.digest]));
         if store.get_entry(&self.digest)?.is_some() {
+            store.present.insert(&self.digest);
             store.drop_upload(&self.resource, blob_id, self.progress.stored, &refs)?;
             return Ok(Written::AlreadyPresent);
         }
