@@ -8,14 +8,15 @@
 //! moment, which costs a client one needless upload (it is found present).
 
 use std::collections::HashSet;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{RwLock, RwLockWriteGuard};
 
 use crate::digest::Digest;
 
-/// Bytes the set spends per blob, on average: a 24-byte key in a hash table
-/// between 7/16 and 7/8 full, with a control byte per slot.
-pub const BYTES_PER_BLOB: usize = 40;
+/// The most bytes the set spends per blob: a slot is a 24-byte key and a
+/// control byte, and a table is between 7/16 full (just grown) and 7/8
+/// full, so 25 * 16/7 at worst (about 40 on average).
+pub const BYTES_PER_BLOB: usize = 58;
 
 /// Locks are per shard, so that a shard growing (rehashing every key it
 /// holds) stalls only the lookups that fall in it.
@@ -46,7 +47,8 @@ impl Key {
     }
 }
 
-type Shard = RwLock<HashSet<Key, foldhash::fast::RandomState>>;
+type Set = HashSet<Key, foldhash::fast::RandomState>;
+type Shard = RwLock<Set>;
 
 pub(super) struct Present {
     shards: Box<[Shard]>,
@@ -70,16 +72,16 @@ impl Present {
         }
     }
 
-    fn shard(&self, key: &Key) -> std::sync::RwLockWriteGuard<'_, HashSet<Key, foldhash::fast::RandomState>> {
+    fn shard(&self, key: &Key) -> RwLockWriteGuard<'_, Set> {
         self.shards[key.shard()].write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Makes room for `blobs` entries (up to the bound), so that entering
-    /// them at open does not rehash.
+    /// them at open rehashes little.
     pub fn reserve(&self, blobs: u64) {
         let per_shard = usize::try_from(blobs).unwrap_or(usize::MAX).min(self.limit) / SHARDS;
         for shard in self.shards.iter() {
-            shard.write().unwrap_or_else(|e| e.into_inner()).reserve(per_shard + per_shard / 8);
+            shard.write().unwrap_or_else(|e| e.into_inner()).reserve(per_shard);
         }
     }
 
@@ -129,5 +131,57 @@ impl Present {
     /// Blobs in the set, and whether it holds every present blob.
     pub fn len(&self) -> (usize, bool) {
         (self.entries.load(Ordering::Relaxed), self.complete.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes the tables take: a key and a control byte for every bucket,
+    /// full or not (std's capacity is 7/8 of the buckets, or one fewer
+    /// than the buckets under 8).
+    fn table_bytes(set: &Present) -> usize {
+        let slot = std::mem::size_of::<Key>() + 1;
+        let buckets = |capacity: usize| match capacity {
+            0 => 0,
+            c if c < 8 => (c + 1).next_power_of_two(),
+            c => (c * 8 / 7).next_power_of_two(),
+        };
+        set.shards.iter().map(|s| buckets(s.read().unwrap().capacity()) * slot).sum()
+    }
+
+    #[test]
+    fn the_tables_stay_inside_the_bound_however_full_they_are() {
+        // Bounds 8 % apart, so that some fill every shard just past a
+        // doubling, where a table is least full.
+        let mut next = 0u64;
+        let mut max_bytes = 1u64 << 20;
+        while max_bytes < 16 << 20 {
+            let set = Present::new(max_bytes);
+            for _ in 0..set.limit + 10 {
+                set.insert(&Digest::of(&next.to_le_bytes()));
+                next += 1;
+            }
+            assert_eq!(set.len(), (set.limit, false), "full, so no longer complete");
+            let bytes = table_bytes(&set);
+            assert!(bytes <= max_bytes as usize, "{bytes} bytes for a bound of {max_bytes}");
+            max_bytes = max_bytes * 108 / 100;
+        }
+    }
+
+    #[test]
+    fn a_full_set_answers_what_it_holds_and_leaves_the_rest_to_the_index() {
+        let set = Present::new(2 * BYTES_PER_BLOB as u64);
+        let [a, b, c] = [b"a", b"b", b"c"].map(|data| Digest::of(data));
+        set.insert(&a);
+        assert_eq!((set.lookup(&a), set.lookup(&b)), (Some(true), Some(false)));
+        set.insert(&b);
+        set.insert(&c);
+        assert_eq!([a, b, c].map(|d| set.lookup(&d)), [Some(true), Some(true), None]);
+        set.remove(&a);
+        assert_eq!(set.lookup(&a), None, "once incomplete, absent here is unknown");
+        assert_eq!(set.len(), (1, false));
+        assert_eq!(Present::new(0).lookup(&a), None, "0 turns the set off");
     }
 }
