@@ -103,6 +103,49 @@ fn store_small(c: &mut Criterion) {
     group.finish();
 }
 
+/// BatchReadBlobs' store step: 400 blobs of 100 B to 64 KiB (the `small`
+/// workload's sizes, about 4 MiB a call) read whole from a store of 40,000,
+/// flushed to files as a store that has run a while holds them.
+fn store_batch_read(c: &mut Criterion) {
+    const BLOBS: u64 = 40_000;
+    const BATCH: usize = 400;
+    let mut group = c.benchmark_group("store batch read");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for zstd_level in [0, 1] {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path(), StoreOptions { zstd_level, ..StoreOptions::default() }).unwrap();
+        let mut rng = data::Rng::new(7);
+        let mut digests = Vec::new();
+        for seeds in (0..BLOBS).collect::<Vec<_>>().chunks(200) {
+            let blobs: Vec<NewBlob> = seeds
+                .iter()
+                .map(|&seed| {
+                    let size = rng.log_uniform(100, 64 << 10) as usize;
+                    let data = Bytes::from(content(Kind::Binary, seed, size));
+                    NewBlob::new(Digest::of(&data), data)
+                })
+                .collect();
+            digests.extend(blobs.iter().map(|b| b.digest));
+            for written in store.put_blobs(&blobs) {
+                written.unwrap();
+            }
+        }
+        store.flush().unwrap();
+        let mut at = 0;
+        group.bench_function(
+            format!("read_batch, 400 blobs of 100 B-64 KiB, zstd level {zstd_level}"),
+            |b| {
+                b.iter(|| {
+                    at = (at + BATCH * 7) % (digests.len() - BATCH);
+                    let read = store.read_batch(&digests[at..at + BATCH], false);
+                    read.iter().map(|r| r.as_ref().unwrap().as_ref().unwrap().0.len()).sum::<usize>()
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 fn store_large(c: &mut Criterion) {
     const SIZE: usize = 16 * MIB;
     let tmp = tempfile::tempdir().unwrap();
@@ -144,5 +187,13 @@ fn store_large(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, digesting, digest_parsing, chunk_compression, store_small, store_large);
+criterion_group!(
+    benches,
+    digesting,
+    digest_parsing,
+    chunk_compression,
+    store_small,
+    store_batch_read,
+    store_large
+);
 criterion_main!(benches);

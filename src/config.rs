@@ -134,7 +134,7 @@ options! {
         /// RocksDB's block cache.
         cache_size: ByteSize, "SIZE";
         /// Memory for the digests of present blobs, which FindMissingBlobs
-        /// is answered from (at most 58 bytes a blob; 0: every lookup reads
+        /// is answered from (at most 76 bytes a blob; 0: every lookup reads
         /// RocksDB).
         index_memory: ByteSize, "SIZE";
         /// fsync the write-ahead log on every commit (survives power loss,

@@ -112,7 +112,7 @@ impl Cache {
                     let skip = start.saturating_sub(at) as usize;
                     let part = match zstd {
                         true => {
-                            crate::store::chunk::to_frame(piece.value.to_vec(), skip).map(|(frame, _)| frame)
+                            crate::store::chunk::to_frame(piece.value.clone(), skip).map(|(frame, _)| frame)
                         }
                         false => Some(piece.data.slice(skip..((end - at) as usize).min(piece.data.len()))),
                     };

@@ -159,9 +159,9 @@ impl Store {
         opts.fill_cache(false);
         let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_INDEX), opts);
         it.seek_to_first();
-        while let Some(key) = it.key() {
-            if let Some(d) = digest_of_index_key(key) {
-                self.present.insert(&d);
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            if let (Some(d), Some(entry)) = (digest_of_index_key(key), IndexEntry::decode(value)) {
+                self.present.insert(&d, entry.blob_id);
             }
             // Full (it has said so) or off: the rest is RocksDB's to answer.
             if !self.present.len().1 {
@@ -478,13 +478,14 @@ impl Store {
         let mut ids = Vec::with_capacity(prepared.len());
         let mut entered = Vec::with_capacity(prepared.len());
         for (i, digest, entry, chunks) in prepared {
-            entered.push(digest);
             // Another writer may have stored it since the check above, or
             // the set lacks it (see `Present::insert`).
-            if self.get_entry(&digest)?.is_some() {
+            if let Some(stored) = self.get_entry(&digest)? {
+                entered.push((digest, stored.blob_id));
                 results[i] = Ok(Written::AlreadyPresent);
                 continue;
             }
+            entered.push((digest, entry.blob_id));
             for (key, value) in chunks {
                 batch.put_cf(self.cf(CF_CHUNKS), key, value);
             }
@@ -498,8 +499,8 @@ impl Store {
         }
         self.write(batch)?;
         // Still under the stripes' locks, so no eviction comes between.
-        for digest in &entered {
-            self.present.insert(digest);
+        for (digest, blob_id) in &entered {
+            self.present.insert(digest, *blob_id);
         }
         self.count_queued(queued, queued_bytes);
         Ok(ids)

@@ -387,12 +387,12 @@ pub fn decode(value: &[u8]) -> Option<Bytes> {
 
 /// [`decode`] of a value in memory of its own: raw bytes stay where they
 /// are, not copied.
-pub fn decode_owned(mut value: Vec<u8>) -> Option<Bytes> {
+pub fn decode_owned(mut value: Bytes) -> Option<Bytes> {
     let (kind, len) = open(&value).map(|(kind, payload)| (kind, payload.len()))?;
     match kind {
         Kind::Raw => {
             value.truncate(len);
-            Some(Bytes::from(value))
+            Some(value)
         }
         Kind::Zstd => decompress(&value[..len]),
     }
@@ -435,7 +435,7 @@ pub fn is_compressed(value: &[u8]) -> bool {
 /// blocks (no compression). Only a compressed chunk entered past its start
 /// is decompressed, to be wrapped raw. Also returns how many bytes the frame
 /// holds. `None` means the value is corrupt, or `skip` is past its end.
-pub fn to_frame(mut value: Vec<u8>, skip: usize) -> Option<(Bytes, u64)> {
+pub fn to_frame(mut value: Bytes, skip: usize) -> Option<(Bytes, u64)> {
     let wrap = |data: &[u8]| Some((Bytes::from(compression::raw_frame(data)), data.len() as u64));
     match open(&value)? {
         (Kind::Raw, payload) => wrap(payload.get(skip..)?),
@@ -443,7 +443,7 @@ pub fn to_frame(mut value: Vec<u8>, skip: usize) -> Option<(Bytes, u64)> {
         (Kind::Zstd, frame) => {
             let (len, held) = (frame.len(), frame_content_size(frame)?);
             value.truncate(len);
-            Some((Bytes::from(value), held))
+            Some((value, held))
         }
     }
 }
@@ -467,8 +467,8 @@ mod tests {
                     prop_assert!(data.len() <= MAX_CHUNK_SIZE);
                 }
                 prop_assert!(content_len(&value).is_none_or(|n| n <= MAX_CHUNK_SIZE as u64));
-                let _ = to_frame(value.clone(), 0);
-                let _ = to_frame(value, 3);
+                let _ = to_frame(Bytes::from(value.clone()), 0);
+                let _ = to_frame(Bytes::from(value), 3);
             }
             let mut reference = payload.clone();
             reference.push(BLOB_REF);
@@ -481,7 +481,7 @@ mod tests {
 
     /// How many bytes a stored chunk holds, as a read finds it.
     fn content_len(value: &[u8]) -> Option<u64> {
-        to_frame(value.to_vec(), 0).map(|(_, held)| held)
+        to_frame(Bytes::copy_from_slice(value), 0).map(|(_, held)| held)
     }
 
     #[test]
@@ -520,15 +520,19 @@ mod tests {
             let stored = encode(data, 1);
             assert_eq!(content_len(&stored), Some(data.len() as u64));
             for skip in [0, 1, 5000, data.len() - 1, data.len()] {
-                let (frame, held) = to_frame(stored.clone(), skip).unwrap();
+                let (frame, held) = to_frame(Bytes::from(stored.clone()), skip).unwrap();
                 assert_eq!(held, (data.len() - skip) as u64);
                 assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), &data[skip..], "skip {skip}");
             }
-            assert!(to_frame(stored.clone(), data.len() + 1).is_none());
+            assert!(to_frame(Bytes::from(stored.clone()), data.len() + 1).is_none());
         }
         let stored = encode(&text, 1);
         assert!(is_compressed(&stored));
-        assert_eq!(to_frame(stored.clone(), 0).unwrap().0, stored[..stored.len() - 5], "sent as stored");
+        assert_eq!(
+            to_frame(Bytes::from(stored.clone()), 0).unwrap().0,
+            stored[..stored.len() - 5],
+            "sent as stored"
+        );
     }
 
     #[test]
@@ -568,7 +572,7 @@ mod tests {
                 bad[at] ^= bit;
                 assert!(decode(&bad).is_none(), "flip {bit:#x} at {at}");
                 assert!(content_len(&bad).is_none(), "flip {bit:#x} at {at}, length");
-                assert!(to_frame(bad, 0).is_none(), "flip {bit:#x} at {at}, sent as a frame");
+                assert!(to_frame(Bytes::from(bad), 0).is_none(), "flip {bit:#x} at {at}, sent as a frame");
             }
         }
         // Values written before checksums still read.
@@ -601,8 +605,8 @@ mod tests {
         let stored = seal(frame, Kind::Zstd);
         assert!(decode(&stored).is_none());
         assert!(content_len(&stored).is_none());
-        assert!(to_frame(stored.clone(), 0).is_none());
-        assert!(to_frame(stored, 1).is_none());
+        assert!(to_frame(Bytes::from(stored.clone()), 0).is_none());
+        assert!(to_frame(Bytes::from(stored), 1).is_none());
     }
 
     #[test]

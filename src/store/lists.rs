@@ -236,7 +236,7 @@ impl Store {
         self.add_entry(&mut batch, digest, &entry);
         self.count_stored(&mut batch, stored as i64);
         self.write_deleting(batch, file.as_slice())?;
-        self.present.insert(digest);
+        self.present.insert(digest, entry.blob_id);
         if queue {
             self.count_queued(1, digest.size as i64);
         }

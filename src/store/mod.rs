@@ -21,7 +21,7 @@ mod upload;
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rocksdb::{
@@ -65,7 +65,7 @@ pub struct StoreOptions {
     /// object store tier (see `queue`); 0 without one: nothing is queued.
     pub queue_limit: u64,
     /// Memory for the set of present blobs that answers FindMissingBlobs
-    /// (see `present`); 0: every lookup asks RocksDB.
+    /// and places batch reads (see `present`); 0: every lookup asks RocksDB.
     pub index_memory: u64,
 }
 
@@ -86,7 +86,7 @@ impl Default for StoreOptions {
 }
 
 pub struct Store {
-    db: DB,
+    db: Arc<DB>,
     path: PathBuf,
     options: StoreOptions,
     next_blob_id: AtomicU64,
@@ -97,7 +97,7 @@ pub struct Store {
     active_uploads: Mutex<HashSet<String>>,
     /// Blobs and action results used since the last access-time flush.
     accessed: blobs::Accessed,
-    /// The digests of present blobs, in memory (see `present`).
+    /// The digests of present blobs and their ids, in memory (see `present`).
     present: present::Present,
     /// Blobs of at least [`files::MIN_SIZE`], in files of their own.
     files: files::Files,
@@ -192,6 +192,9 @@ impl Store {
         point.set_block_cache(&cache);
         point.set_bloom_filter(10.0, false);
         point.set_cache_index_and_filter_blocks(true);
+        point.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        point.set_pin_top_level_index_and_filter(true);
+        point.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
 
         let mut index = Options::default();
         index.set_block_based_table_factory(&point);
@@ -294,7 +297,7 @@ impl Store {
             .map_err(|e| Error::Open(format!("cannot open the blob files in {}: {e}", path.display())))?;
         let present = present::Present::new(options.index_memory);
         let store = Store {
-            db,
+            db: Arc::new(db),
             path: path.to_path_buf(),
             options,
             next_blob_id: AtomicU64::new(0),

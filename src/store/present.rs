@@ -1,22 +1,29 @@
-//! Which blobs are present, in memory: FindMissingBlobs is answered here
-//! without a RocksDB lookup, as long as every stored blob fits the bound.
+//! Which blobs are present, and under which blob id, in memory:
+//! FindMissingBlobs is answered here without a RocksDB lookup, and a batch
+//! read finds its blobs' chunks without one, as long as every stored blob
+//! fits the bound.
 //!
 //! The set may lag the index, never lead it: a digest enters only after the
 //! write that stored it, under its stripe's lock, and leaves before the write
 //! that deletes it, under the same lock. So "present" here is always true of
 //! the index, and the worst a lag does is call a stored blob missing for a
 //! moment, which costs a client one needless upload (it is found present).
+//! A blob keeps its id for as long as its index entry lives (a blob stored
+//! anew, as a splice's replacement, is deleted and entered again), so the id
+//! here is the index's; a reader that finds the blob's chunks gone meanwhile
+//! reads the index.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockWriteGuard};
 
 use crate::digest::Digest;
 
-/// The most bytes the set spends per blob: a slot is a 24-byte key and a
-/// control byte, and a table is between 7/16 full (just grown) and 7/8
-/// full, so 25 * 16/7 at worst (about 40 on average).
-pub const BYTES_PER_BLOB: usize = 58;
+/// The most bytes the set spends per blob: a slot is a 24-byte key, an
+/// 8-byte [`Slot`] and a control byte, and a table is between 7/16 full
+/// (just grown) and 7/8 full, so 33 * 16/7 at worst (about 52 on average).
+pub const BYTES_PER_BLOB: usize = 76;
 
 /// Locks are per shard, so that a shard growing (rehashing every key it
 /// holds) stalls only the lookups that fall in it.
@@ -47,8 +54,35 @@ impl Key {
     }
 }
 
-type Set = HashSet<Key, foldhash::fast::RandomState>;
-type Shard = RwLock<Set>;
+/// A present blob's id, and a check of the hash bytes its key leaves out.
+/// Keys of two different stored blobs could be made to meet (a birthday
+/// search over 120 bits is costly, not impossible): the id must then not
+/// serve one blob's bytes for the other. The check is keyed by a secret of
+/// this process, so no one can make it meet as well; a blob whose check
+/// differs is read through the index.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Slot(u64);
+
+/// Bits of a [`Slot`] for the blob id: ids are allocated one per upload, so
+/// 2^40 lasts decades of writes at any rate larder reaches. A larger id is
+/// entered without one (read through the index).
+const ID_BITS: u32 = 40;
+const NO_ID: u64 = (1 << ID_BITS) - 1;
+
+impl Slot {
+    fn new(blob_id: u64, check: u64) -> Slot {
+        Slot(check << ID_BITS | blob_id.min(NO_ID))
+    }
+
+    /// The blob id, if `check` (a digest's) is this slot's.
+    fn blob_id(self, check: u64) -> Option<u64> {
+        let id = self.0 & NO_ID;
+        (id != NO_ID && self.0 >> ID_BITS == check).then_some(id)
+    }
+}
+
+type Map = HashMap<Key, Slot, foldhash::fast::RandomState>;
+type Shard = RwLock<Map>;
 
 pub(super) struct Present {
     shards: Box<[Shard]>,
@@ -58,6 +92,8 @@ pub(super) struct Present {
     /// Whether every blob in the index is in the set: then a digest that is
     /// not in it is absent. Once a blob is left out, it stays false.
     complete: AtomicBool,
+    /// The key of the slots' checks (SipHash, seeded at random).
+    secret: RandomState,
 }
 
 impl Present {
@@ -69,10 +105,16 @@ impl Present {
             entries: AtomicUsize::new(0),
             limit: usize::try_from(max_bytes).unwrap_or(usize::MAX) / BYTES_PER_BLOB,
             complete: AtomicBool::new(max_bytes > 0),
+            secret: RandomState::new(),
         }
     }
 
-    fn shard(&self, key: &Key) -> RwLockWriteGuard<'_, Set> {
+    /// The check of `d`'s hash in a [`Slot`]: its top bits.
+    fn check(&self, d: &Digest) -> u64 {
+        self.secret.hash_one(d.hash()) >> ID_BITS
+    }
+
+    fn shard(&self, key: &Key) -> RwLockWriteGuard<'_, Map> {
         self.shards[key.shard()].write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -90,7 +132,7 @@ impl Present {
     /// A writer that finds its blob indexed already enters it too: a delete
     /// whose write failed took it out of the set, and a client told it is
     /// missing uploads it again, which puts it back.
-    pub fn insert(&self, d: &Digest) {
+    pub fn insert(&self, d: &Digest, blob_id: u64) {
         if !self.complete.load(Ordering::Relaxed) {
             return;
         }
@@ -103,8 +145,8 @@ impl Present {
             }
             return;
         }
-        let key = Key::of(d);
-        if self.shard(&key).insert(key) {
+        let (key, slot) = (Key::of(d), Slot::new(blob_id, self.check(d)));
+        if self.shard(&key).insert(key, slot).is_none() {
             self.entries.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -112,7 +154,7 @@ impl Present {
     /// Takes a blob out before the write that deletes it (holding its stripe).
     pub fn remove(&self, d: &Digest) {
         let key = Key::of(d);
-        if self.shard(&key).remove(&key) {
+        if self.shard(&key).remove(&key).is_some() {
             self.entries.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -122,10 +164,17 @@ impl Present {
     pub fn lookup(&self, d: &Digest) -> Option<bool> {
         let key = Key::of(d);
         let shard = self.shards[key.shard()].read().unwrap_or_else(|e| e.into_inner());
-        match shard.contains(&key) {
+        match shard.contains_key(&key) {
             true => Some(true),
             false => self.complete.load(Ordering::Relaxed).then_some(false),
         }
+    }
+
+    /// The blob id of `d`, if the set holds it (else the index may).
+    pub fn blob_id(&self, d: &Digest) -> Option<u64> {
+        let key = Key::of(d);
+        let slot = *self.shards[key.shard()].read().unwrap_or_else(|e| e.into_inner()).get(&key)?;
+        slot.blob_id(self.check(d))
     }
 
     /// Blobs in the set, and whether it holds every present blob.
@@ -138,11 +187,11 @@ impl Present {
 mod tests {
     use super::*;
 
-    /// Bytes the tables take: a key and a control byte for every bucket,
-    /// full or not (std's capacity is 7/8 of the buckets, or one fewer
-    /// than the buckets under 8).
+    /// Bytes the tables take: a key, a slot and a control byte for every
+    /// bucket, full or not (std's capacity is 7/8 of the buckets, or one
+    /// fewer than the buckets under 8).
     fn table_bytes(set: &Present) -> usize {
-        let slot = std::mem::size_of::<Key>() + 1;
+        let slot = std::mem::size_of::<(Key, Slot)>() + 1;
         let buckets = |capacity: usize| match capacity {
             0 => 0,
             c if c < 8 => (c + 1).next_power_of_two(),
@@ -160,7 +209,7 @@ mod tests {
         while max_bytes < 16 << 20 {
             let set = Present::new(max_bytes);
             for _ in 0..set.limit + 10 {
-                set.insert(&Digest::of(&next.to_le_bytes()));
+                set.insert(&Digest::of(&next.to_le_bytes()), next);
                 next += 1;
             }
             assert_eq!(set.len(), (set.limit, false), "full, so no longer complete");
@@ -174,14 +223,36 @@ mod tests {
     fn a_full_set_answers_what_it_holds_and_leaves_the_rest_to_the_index() {
         let set = Present::new(2 * BYTES_PER_BLOB as u64);
         let [a, b, c] = [b"a", b"b", b"c"].map(|data| Digest::of(data));
-        set.insert(&a);
+        set.insert(&a, 1);
         assert_eq!((set.lookup(&a), set.lookup(&b)), (Some(true), Some(false)));
-        set.insert(&b);
-        set.insert(&c);
+        set.insert(&b, 2);
+        set.insert(&c, 3);
         assert_eq!([a, b, c].map(|d| set.lookup(&d)), [Some(true), Some(true), None]);
+        assert_eq!([a, b, c].map(|d| set.blob_id(&d)), [Some(1), Some(2), None]);
         set.remove(&a);
         assert_eq!(set.lookup(&a), None, "once incomplete, absent here is unknown");
         assert_eq!(set.len(), (1, false));
         assert_eq!(Present::new(0).lookup(&a), None, "0 turns the set off");
+    }
+
+    #[test]
+    fn a_blob_id_is_given_only_for_the_digest_that_entered_it() {
+        let set = Present::new(1 << 20);
+        let a = Digest::of(b"a");
+        set.insert(&a, 7);
+        assert_eq!(set.blob_id(&a), Some(7));
+        set.insert(&a, 9);
+        assert_eq!((set.blob_id(&a), set.len().0), (Some(9), 1), "entered again under a new id");
+        // A digest whose key meets a stored one's, with other hash bytes
+        // past it: present by the key, but not placed by it.
+        let mut hash = a.hash().to_vec();
+        *hash.last_mut().unwrap() ^= 1;
+        let twin = Digest::new(a.function, &hash, a.size).unwrap();
+        assert_eq!((set.lookup(&twin), set.blob_id(&twin)), (Some(true), None));
+        // The largest ids are entered without one: read through the index.
+        set.insert(&a, NO_ID);
+        assert_eq!((set.lookup(&a), set.blob_id(&a)), (Some(true), None));
+        set.insert(&a, NO_ID - 1);
+        assert_eq!(set.blob_id(&a), Some(NO_ID - 1));
     }
 }

@@ -27,7 +27,7 @@ fn serving() -> ReadOptions {
 /// A blob's first chunk as a batch read returns it: the stored frame for a
 /// client that accepts zstd, else the plain bytes; with how many bytes of
 /// the blob it holds. `None` means the chunk fails its check.
-fn whole_chunk(value: Vec<u8>, zstd: bool) -> Option<(Bytes, u64, Encoding)> {
+fn whole_chunk(value: Bytes, zstd: bool) -> Option<(Bytes, u64, Encoding)> {
     match zstd && chunk::is_compressed(&value) {
         true => chunk::to_frame(value, 0).map(|(frame, held)| (frame, held, Encoding::Zstd)),
         false => chunk::decode_owned(value).map(|data| {
@@ -37,7 +37,35 @@ fn whole_chunk(value: Vec<u8>, zstd: bool) -> Option<(Bytes, u64, Encoding)> {
     }
 }
 
+/// A value RocksDB holds pinned for a lookup (a block of its cache, or the
+/// blob-file record it read), kept for as long as bytes made of it live, so
+/// that a read serves it without copying it out. Those bytes keep the
+/// database open: a store dropped while a reply still holds some closes
+/// when the reply is gone.
+struct Pinned {
+    // Declared first: dropped before the database it borrows from.
+    value: rocksdb::DBPinnableSlice<'static>,
+    _db: std::sync::Arc<rocksdb::DB>,
+}
+
+impl AsRef<[u8]> for Pinned {
+    fn as_ref(&self) -> &[u8] {
+        &self.value
+    }
+}
+
 impl Store {
+    /// A pinned value as bytes that keep the database open while they live.
+    fn pinned(&self, value: rocksdb::DBPinnableSlice<'_>) -> Bytes {
+        // SAFETY: the slice's lifetime only keeps the database from closing
+        // while it lives; `Pinned` holds the database open itself, and drops
+        // the slice first.
+        let value = unsafe {
+            std::mem::transmute::<rocksdb::DBPinnableSlice<'_>, rocksdb::DBPinnableSlice<'static>>(value)
+        };
+        Bytes::from_owner(Pinned { value, _db: std::sync::Arc::clone(&self.db) })
+    }
+
     /// The blob's bytes from `offset` to the end of the chunk holding it:
     /// decompresses exactly one chunk. Empty at or past the end of the blob.
     pub fn read_at(&self, blob: &Blob, offset: u64) -> Result<Bytes, Error> {
@@ -83,7 +111,7 @@ impl Store {
             Error::Vanished(format!("blob {} has no chunk at offset {offset}", blob.digest))
         })?;
         match chunk::content_len(&value) {
-            Some(held) if start + held > offset => Ok((start, value, held)),
+            Some(held) if start + held > offset => Ok((start, Vec::from(value), held)),
             Some(_) => Err(self.remove_corrupt(blob, format!("a gap at offset {offset}"))),
             None => Err(self.remove_corrupt(blob, format!("the chunk at offset {start} fails its check"))),
         }
@@ -91,7 +119,7 @@ impl Store {
 
     /// The chunk of a present blob that holds `offset`: a chunk RocksDB finds
     /// corrupt (its own checksums) gets the blob removed, like one failing ours.
-    pub(super) fn chunk_of(&self, blob: &Blob, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
+    pub(super) fn chunk_of(&self, blob: &Blob, offset: u64) -> Result<Option<(u64, Bytes)>, Error> {
         match self.chunk_at(blob.blob_id, offset) {
             Err(Error::Db(e)) if e.kind() == rocksdb::ErrorKind::Corruption => {
                 Err(self.remove_corrupt(blob, format!("RocksDB: {e}")))
@@ -105,7 +133,7 @@ impl Store {
     /// a reference, the chunk it names in the blob's file. A reference that
     /// fails its check, or names bytes the file lacks, is [`Error::Corrupt`]
     /// (or the blob was deleted meanwhile, which `remove_corrupt` tells apart).
-    pub(super) fn resolve(&self, blob_id: u64, value: Vec<u8>) -> Result<Vec<u8>, Error> {
+    pub(super) fn resolve(&self, blob_id: u64, value: Bytes) -> Result<Bytes, Error> {
         if !chunk::is_file_ref(&value) {
             return Ok(value);
         }
@@ -114,7 +142,7 @@ impl Store {
                 "a reference to the file of blob id {blob_id} fails its check"
             )));
         };
-        self.files.read(blob_id, pos, len).map_err(|e| match e.kind() {
+        self.files.read(blob_id, pos, len).map(Bytes::from).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof => {
                 Error::Corrupt(format!("the file of blob id {blob_id} lacks {len} bytes at {pos}: {e}"))
             }
@@ -124,7 +152,7 @@ impl Store {
 
     /// The stored chunk of `blob_id` that holds `offset`, with its start
     /// offset. In a list, the chunk of the blob its reference names.
-    pub(super) fn chunk_at(&self, blob_id: u64, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
+    pub(super) fn chunk_at(&self, blob_id: u64, offset: u64) -> Result<Option<(u64, Bytes)>, Error> {
         let Some((start, value)) = self.value_at(blob_id, offset)? else { return Ok(None) };
         if !chunk::is_blob_ref(&value) {
             return Ok(Some((start, self.resolve(blob_id, value)?)));
@@ -158,11 +186,11 @@ impl Store {
 
     /// The value stored for the chunk of `blob_id` that holds `offset`, as
     /// it is, with its start offset.
-    fn value_at(&self, blob_id: u64, offset: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
+    fn value_at(&self, blob_id: u64, offset: u64) -> Result<Option<(u64, Bytes)>, Error> {
         let cf = self.cf(CF_CHUNKS);
         // Sequential reads ask for chunk starts: one point lookup.
-        if let Some(v) = self.db.get_cf_opt(cf, chunk_key(blob_id, offset), &serving())? {
-            return Ok(Some((offset, self.checked(chunk_key(blob_id, offset), v)?)));
+        if let Some(v) = self.db.get_pinned_cf_opt(cf, chunk_key(blob_id, offset), &serving())? {
+            return Ok(Some((offset, self.checked(chunk_key(blob_id, offset), self.pinned(v))?)));
         }
         let mut opts = serving();
         opts.set_iterate_lower_bound(chunk_key(blob_id, 0));
@@ -172,7 +200,7 @@ impl Store {
         it.status()?;
         match (it.key().and_then(split_chunk_key), it.value()) {
             (Some((_, start)), Some(v)) => {
-                Ok(Some((start, self.checked(chunk_key(blob_id, start), v.to_vec())?)))
+                Ok(Some((start, self.checked(chunk_key(blob_id, start), Bytes::copy_from_slice(v))?)))
             }
             _ => Ok(None),
         }
@@ -180,11 +208,11 @@ impl Store {
 
     /// A chunk value read without RocksDB's checksum, as it may be served:
     /// read again with it if the value has no checksum of its own.
-    fn checked(&self, key: [u8; 16], value: Vec<u8>) -> Result<Vec<u8>, Error> {
+    fn checked(&self, key: [u8; 16], value: Bytes) -> Result<Bytes, Error> {
         if !chunk::is_unsummed(&value) {
             return Ok(value);
         }
-        self.db.get_cf(self.cf(CF_CHUNKS), key)?.ok_or_else(|| {
+        self.db.get_cf(self.cf(CF_CHUNKS), key)?.map(Bytes::from).ok_or_else(|| {
             Error::Vanished(format!(
                 "a chunk of blob id {} went while it was read",
                 u64::from_be_bytes(key[..8].try_into().expect("8 bytes"))
@@ -208,7 +236,8 @@ impl Store {
 
     /// Small blobs whole, for a batch read, as [`Store::read_all`] (or, with
     /// `zstd`, [`Store::read_all_encoded`]) reads each: `None` for an absent
-    /// one. One batched lookup finds their index entries and one more their
+    /// one. The in-memory set of present blobs gives their blob ids (one
+    /// batched index lookup, those it cannot), and one batched lookup their
     /// first chunks, where two point lookups a blob would; a blob that is
     /// not one chunk (a list, client frames kept as chunks) is read alone.
     /// Present blobs count as used.
@@ -221,30 +250,47 @@ impl Store {
             true => self.read_all_encoded(d),
             false => self.read_all(d).map(|data| data.map(|data| (data, Encoding::Identity))),
         };
-        let keys: Vec<Key> = digests.iter().map(index_key).collect();
-        let entries = self.db.batched_multi_get_cf(self.cf(CF_INDEX), &keys, false);
         let mut results: Vec<Option<BatchRead>> = Vec::with_capacity(digests.len());
         // Blobs whose first chunk may be all of them: (index, blob).
-        let mut whole = Vec::new();
-        for (i, (digest, entry)) in digests.iter().zip(entries).enumerate() {
-            let entry = entry.map_err(Error::from).and_then(|found| {
-                found
-                    .map(|v| {
-                        IndexEntry::decode(&v)
-                            .ok_or_else(|| Error::Corrupt(format!("index entry of {digest} is malformed")))
-                    })
-                    .transpose()
-            });
-            results.push(match entry {
+        let mut whole = Vec::with_capacity(digests.len());
+        // The blobs the in-memory set cannot place, for the index.
+        let mut unplaced = Vec::new();
+        for (i, digest) in digests.iter().enumerate() {
+            results.push(match self.present.blob_id(digest) {
                 _ if digest.is_empty_blob() => Some(Ok(Some((Bytes::new(), Encoding::Identity)))),
-                Ok(None) => Some(Ok(None)),
-                Ok(Some(entry)) if !entry.form.is_list() => {
-                    whole.push((i, Blob { digest: *digest, blob_id: entry.blob_id }));
+                Some(blob_id) => {
+                    whole.push((i, Blob { digest: *digest, blob_id }));
                     None
                 }
-                // A list, or an entry to look at again.
-                _ => None,
+                None => {
+                    unplaced.push(i);
+                    None
+                }
             });
+        }
+        if !unplaced.is_empty() {
+            let keys: Vec<Key> = unplaced.iter().map(|&i| index_key(&digests[i])).collect();
+            let entries = self.db.batched_multi_get_cf(self.cf(CF_INDEX), &keys, false);
+            for (&i, entry) in unplaced.iter().zip(entries) {
+                let digest = &digests[i];
+                let entry = entry.map_err(Error::from).and_then(|found| {
+                    found
+                        .map(|v| {
+                            IndexEntry::decode(&v).ok_or_else(|| {
+                                Error::Corrupt(format!("index entry of {digest} is malformed"))
+                            })
+                        })
+                        .transpose()
+                });
+                match entry {
+                    Ok(None) => results[i] = Some(Ok(None)),
+                    Ok(Some(entry)) if !entry.form.is_list() => {
+                        whole.push((i, Blob { digest: *digest, blob_id: entry.blob_id }))
+                    }
+                    // A list, or an entry to look at again.
+                    _ => {}
+                }
+            }
         }
         let chunk_keys: Vec<[u8; 16]> = whole.iter().map(|(_, blob)| chunk_key(blob.blob_id, 0)).collect();
         let firsts = self.db.batched_multi_get_cf_opt(self.cf(CF_CHUNKS), &chunk_keys, false, &serving());
@@ -254,15 +300,14 @@ impl Store {
                 // Evicted meanwhile, a reference, RocksDB's error: read alone.
                 _ => continue,
             };
-            // A chunk RocksDB holds is decoded where it lies (plain bytes
-            // copied once); one in the blob's file, or a frame kept as
-            // stored, goes into memory of its own first.
+            // A chunk RocksDB holds is served from where RocksDB put it (plain
+            // bytes not copied); one in the blob's file is read first.
             let read = match chunk::is_file_ref(&value) || (zstd && chunk::is_compressed(&value)) {
-                false => chunk::decode(&value).map(|data| {
+                false => chunk::decode_owned(self.pinned(value)).map(|data| {
                     let held = data.len() as u64;
                     (data, held, Encoding::Identity)
                 }),
-                true => match self.resolve(blob.blob_id, value.to_vec()) {
+                true => match self.resolve(blob.blob_id, self.pinned(value)) {
                     Ok(value) => whole_chunk(value, zstd),
                     Err(Error::Corrupt(detail)) => {
                         results[*i] = Some(Err(self.remove_corrupt(blob, detail)));
@@ -333,7 +378,7 @@ impl Store {
     /// All chunks of a present blob, in order, with their offsets (a list's
     /// are its chunks' chunks). RocksDB finding one corrupt gets the blob
     /// removed, as in `chunk_of`.
-    pub(super) fn chunks_of(&self, blob: &Blob) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+    pub(super) fn chunks_of(&self, blob: &Blob) -> Result<Vec<(u64, Bytes)>, Error> {
         match self.values_of(blob.blob_id, 0, true) {
             Ok(chunks) => Ok(chunks),
             Err(Error::Corrupt(detail)) => Err(self.remove_corrupt(blob, detail)),
@@ -347,7 +392,7 @@ impl Store {
     /// The chunks stored under `blob_id`, resolved, their offsets moved by
     /// `base`; references followed if `follow` (one level: lists never hold
     /// lists).
-    fn values_of(&self, blob_id: u64, base: u64, follow: bool) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+    fn values_of(&self, blob_id: u64, base: u64, follow: bool) -> Result<Vec<(u64, Bytes)>, Error> {
         let mut opts = ReadOptions::default();
         opts.set_iterate_lower_bound(chunk_key(blob_id, 0));
         opts.set_iterate_upper_bound(chunk_key(blob_id, PROGRESS_OFFSET));
@@ -356,7 +401,7 @@ impl Store {
             let (key, value) = item?;
             let Some((_, start)) = split_chunk_key(&key) else { continue };
             if !chunk::is_blob_ref(&value) {
-                chunks.push((base + start, self.resolve(blob_id, value.into_vec())?));
+                chunks.push((base + start, self.resolve(blob_id, Bytes::from(value.into_vec()))?));
             } else if follow {
                 let (_, id) = self.follow(blob_id, &value)?;
                 chunks.extend(self.values_of(id, base + start, false)?);

@@ -1242,13 +1242,47 @@ fn a_batch_read_answers_each_blob_as_a_read_alone_would() {
     );
 }
 
+#[test]
+fn bytes_read_stay_whole_while_the_cache_turns_over_and_after_the_store_closes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A block cache of 64 KiB, so that reads after the first push its
+    // blocks out while replies still hold them.
+    let options = StoreOptions { zstd_level: 0, cache_size: 64 << 10, ..StoreOptions::default() };
+    let store = Store::open(tmp.path(), options.clone()).unwrap();
+    // Values in SST blocks (under 4 KiB) and in RocksDB's blob files.
+    let blobs: Vec<Bytes> = (0..400).map(|i| bytes(100 + (i % 40) * 250, i as u8)).collect();
+    let digests: Vec<Digest> = blobs.iter().map(|b| put(&store, b)).collect();
+    store.flush().unwrap();
+    let mut held = Vec::new();
+    for (digests, blobs) in digests.chunks(20).zip(blobs.chunks(20)) {
+        let read = store.read_batch(digests, false);
+        for (read, blob) in read.into_iter().zip(blobs) {
+            held.push((read.unwrap().unwrap().0, blob.clone()));
+        }
+    }
+    for (d, blob) in digests.iter().zip(&blobs).step_by(7) {
+        let located = store.locate(d).unwrap().unwrap();
+        held.push((store.read_at(&located, 0).unwrap(), blob.clone()));
+    }
+    drop(store);
+    for (got, blob) in &held {
+        assert_eq!(got, blob);
+    }
+    // The replies gone, the database is closed: the directory opens again.
+    drop(held);
+    let store = Store::open(tmp.path(), options).unwrap();
+    assert_eq!(read_whole(&store, &digests[399]), blobs[399]);
+}
+
 // The in-memory set of present blobs.
 
-/// Every digest of `ds` is in the set exactly when the index holds it.
+/// Every digest of `ds` is in the set exactly when the index holds it, and
+/// under the index's blob id.
 fn set_follows_index(store: &Store, ds: &[Digest]) {
     for d in ds {
-        let indexed = store.get_entry(d).unwrap().is_some();
-        assert_eq!(store.present.lookup(d), Some(indexed), "{d}: indexed {indexed}");
+        let indexed = store.get_entry(d).unwrap().map(|entry| entry.blob_id);
+        assert_eq!(store.present.lookup(d), Some(indexed.is_some()), "{d}: indexed {indexed:?}");
+        assert_eq!(store.present.blob_id(d), indexed, "{d}");
     }
 }
 

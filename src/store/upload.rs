@@ -445,7 +445,7 @@ impl Upload {
         }
         let result = store.write(batch);
         if result.is_ok() {
-            store.present.insert(&digest);
+            store.present.insert(&digest, chunk_id);
         }
         drop(guard);
         // A chunk written for nothing (stored meanwhile, or the write failed).
@@ -589,8 +589,8 @@ impl Upload {
             None => Vec::new(),
         };
         let _guards = store.lock_stripes(refs.iter().map(|(_, d, _)| d).chain([&self.digest]));
-        if store.get_entry(&self.digest)?.is_some() {
-            store.present.insert(&self.digest);
+        if let Some(stored) = store.get_entry(&self.digest)? {
+            store.present.insert(&self.digest, stored.blob_id);
             store.drop_upload(&self.resource, blob_id, self.progress.stored, &refs)?;
             return Ok(Written::AlreadyPresent);
         }
@@ -610,7 +610,7 @@ impl Upload {
             store.queue_blob(&mut batch, &self.digest);
         }
         store.write(batch)?;
-        store.present.insert(&self.digest);
+        store.present.insert(&self.digest, blob_id);
         if self.queue {
             store.count_queued(1, self.digest.size as i64);
         }
