@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the steps every blob goes through: digesting,
-//! chunk compression, and the store's put and get of small and large blobs.
+//! chunk compression, the store's put and get of small and large blobs, and
+//! its batch reads.
 //!
 //!     cargo bench --bench micro
 
