@@ -192,9 +192,6 @@ impl Store {
         point.set_block_cache(&cache);
         point.set_bloom_filter(10.0, false);
         point.set_cache_index_and_filter_blocks(true);
-        point.set_pin_l0_filter_and_index_blocks_in_cache(true);
-        point.set_pin_top_level_index_and_filter(true);
-        point.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
 
         let mut index = Options::default();
         index.set_block_based_table_factory(&point);
