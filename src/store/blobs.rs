@@ -12,7 +12,7 @@ use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
 
 use super::layout::*;
 use super::lists::Holds;
-use super::{Admitted, Error, Mismatch, STRIPES, Store, chunk, files, now_ms, stripe_of};
+use super::{Admitted, Error, Mismatch, STRIPES, Store, chunk, files, now_ms, present, stripe_of};
 use crate::digest::{Digest, Function};
 
 /// Blobs and action results used since the last access-time flush, with
@@ -160,8 +160,11 @@ impl Store {
         let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_INDEX), opts);
         it.seek_to_first();
         while let (Some(key), Some(value)) = (it.key(), it.value()) {
-            if let (Some(d), Some(entry)) = (digest_of_index_key(key), IndexEntry::decode(value)) {
-                self.present.insert(&d, entry.blob_id);
+            if let Some(d) = digest_of_index_key(key) {
+                // An entry that does not decode still names a present blob
+                // (reading it says what is wrong): entered without an id.
+                let blob_id = IndexEntry::decode(value).map_or(present::NO_ID, |entry| entry.blob_id);
+                self.present.insert(&d, blob_id);
             }
             // Full (it has said so) or off: the rest is RocksDB's to answer.
             if !self.present.len().1 {

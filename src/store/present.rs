@@ -67,7 +67,7 @@ struct Slot(u64);
 /// 2^40 lasts decades of writes at any rate larder reaches. A larger id is
 /// entered without one (read through the index).
 const ID_BITS: u32 = 40;
-const NO_ID: u64 = (1 << ID_BITS) - 1;
+pub(super) const NO_ID: u64 = (1 << ID_BITS) - 1;
 
 impl Slot {
     fn new(blob_id: u64, check: u64) -> Slot {
@@ -131,7 +131,8 @@ impl Present {
     /// it, holding its stripe). Past the bound the set stops being complete.
     /// A writer that finds its blob indexed already enters it too: a delete
     /// whose write failed took it out of the set, and a client told it is
-    /// missing uploads it again, which puts it back.
+    /// missing uploads it again, which puts it back. An id of [`NO_ID`] or
+    /// more enters the blob without one.
     pub fn insert(&self, d: &Digest, blob_id: u64) {
         if !self.complete.load(Ordering::Relaxed) {
             return;

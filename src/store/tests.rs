@@ -1343,4 +1343,13 @@ fn the_set_of_present_blobs_follows_every_write_and_delete_and_is_refilled_at_op
     assert_eq!(store.present.len(), (3, false));
     assert_eq!(store.present.lookup(&never), None);
     assert_eq!(store.contains(&all).unwrap(), left);
+    drop(store);
+    // An index entry that does not decode is present all the same, with no
+    // blob id to read it by.
+    let store = open(tmp.path());
+    let kept = *all.iter().zip(&left).find(|(_, kept)| **kept).unwrap().0;
+    store.db.put_cf(store.cf(CF_INDEX), index_key(&kept), b"garbled").unwrap();
+    drop(store);
+    let store = open(tmp.path());
+    assert_eq!((store.present.lookup(&kept), store.present.blob_id(&kept)), (Some(true), None));
 }
