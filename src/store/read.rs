@@ -302,22 +302,16 @@ impl Store {
             };
             // A chunk RocksDB holds is served from where RocksDB put it (plain
             // bytes not copied); one in the blob's file is read first.
-            let read = match chunk::is_file_ref(&value) || (zstd && chunk::is_compressed(&value)) {
-                false => chunk::decode_owned(self.pinned(value)).map(|data| {
-                    let held = data.len() as u64;
-                    (data, held, Encoding::Identity)
-                }),
-                true => match self.resolve(blob.blob_id, self.pinned(value)) {
-                    Ok(value) => whole_chunk(value, zstd),
-                    Err(Error::Corrupt(detail)) => {
-                        results[*i] = Some(Err(self.remove_corrupt(blob, detail)));
-                        continue;
-                    }
-                    Err(e) => {
-                        results[*i] = Some(Err(e));
-                        continue;
-                    }
-                },
+            let read = match self.resolve(blob.blob_id, self.pinned(value)) {
+                Ok(value) => whole_chunk(value, zstd),
+                Err(Error::Corrupt(detail)) => {
+                    results[*i] = Some(Err(self.remove_corrupt(blob, detail)));
+                    continue;
+                }
+                Err(e) => {
+                    results[*i] = Some(Err(e));
+                    continue;
+                }
             };
             results[*i] = match read {
                 Some((data, held, encoding)) if held == blob.digest.size => Ok(Some((data, encoding))).into(),
