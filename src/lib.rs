@@ -16,6 +16,7 @@ pub mod cdc;
 pub mod codec;
 pub mod compression;
 pub mod config;
+pub mod crc;
 pub mod digest;
 pub mod download;
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{Clients, TestServer, digest, random_bytes, read_name, text_bytes, upload_name};
+use larder::crc::{crc32c, crc32c_append};
 use larder::proto::bytestream::ReadRequest;
 use larder::proto::reapi;
 use tonic::Code;
@@ -255,7 +256,7 @@ fn frame_declaring(data: &[u8], declared: u64) -> Vec<u8> {
 fn hostile_blob_object(size: u64, frame: &[u8]) -> Vec<u8> {
     const ZSTD_SUMMED: u8 = 0x5a;
     let mut value = frame.to_vec();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&value), &[ZSTD_SUMMED]);
+    let crc = crc32c_append(crc32c(&value), &[ZSTD_SUMMED]);
     value.extend_from_slice(&crc.to_le_bytes());
     value.push(ZSTD_SUMMED);
     let mut object = b"LARDER1\n".to_vec();
@@ -292,7 +293,7 @@ async fn hostile_objects_are_missing_and_deleted_and_crash_nothing() {
     s3.put(&ac_path(&garbage), vec![7u8; 1000].into()).await.unwrap();
     let junk = [0xffu8; 64];
     let mut object = b"LARDERA\n".to_vec();
-    object.extend_from_slice(&crc32c::crc32c(&junk).to_le_bytes());
+    object.extend_from_slice(&crc32c(&junk).to_le_bytes());
     object.extend_from_slice(&junk);
     s3.put(&ac_path(&undecodable), object.into()).await.unwrap();
 

@@ -51,6 +51,7 @@ use object_store::{
 
 use tokio::sync::mpsc;
 
+use crate::crc::{crc32c, crc32c_append};
 use crate::digest::{Digest, Function};
 use known::Known;
 
@@ -326,7 +327,7 @@ impl Bucket {
     /// Records a use of an action result (a hit), as [`Bucket::touch_blobs`].
     pub fn touch_action_result(&self, instance: &str, action: &Digest) {
         let object = ac_object(instance, action);
-        let f = known::fingerprint(action) ^ crc32c::crc32c(object.as_bytes()) as u64;
+        let f = known::fingerprint(action) ^ crc32c(object.as_bytes()) as u64;
         self.touch_object(object, f);
     }
 
@@ -642,7 +643,7 @@ impl Bucket {
     ) -> Result<(), Error> {
         let mut object = Vec::with_capacity(result.len() + 12);
         object.extend_from_slice(AC_MAGIC);
-        object.extend_from_slice(&crc32c::crc32c(result).to_le_bytes());
+        object.extend_from_slice(&crc32c(result).to_le_bytes());
         object.extend_from_slice(result);
         Requests::count(&self.requests.put);
         self.store.put(&self.ac_path(instance, action), PutPayload::from(object)).await?;
@@ -669,7 +670,7 @@ impl Bucket {
         };
         let rest = object.strip_prefix(AC_MAGIC).ok_or_else(damaged)?;
         let (crc, result) = rest.split_first_chunk::<4>().ok_or_else(damaged)?;
-        if crc32c::crc32c(result) != u32::from_le_bytes(*crc) {
+        if crc32c(result) != u32::from_le_bytes(*crc) {
             return Err(damaged());
         }
         Ok(Some(object.slice(12..)))
@@ -801,7 +802,7 @@ fn list_object(digest: &Digest, chunks: &[Digest]) -> Vec<u8> {
         object.extend_from_slice(chunk.hash());
         object.extend_from_slice(&chunk.size.to_le_bytes());
     }
-    let crc = crc32c::crc32c(&object[8..]);
+    let crc = crc32c(&object[8..]);
     object.extend_from_slice(&crc.to_le_bytes());
     object
 }
@@ -856,7 +857,7 @@ impl BlobReader {
         if count > MAX_LIST_CHUNKS {
             return Err(damaged(&format!("it names {count} chunks")));
         }
-        let mut crc = crc32c::crc32c_append(crc32c::crc32c(&size.to_le_bytes()), &count_bytes);
+        let mut crc = crc32c_append(crc32c(&size.to_le_bytes()), &count_bytes);
         // Grown as entries arrive: a count no bytes follow costs nothing.
         let (mut chunks, mut total) = (Vec::with_capacity(count.min(4096)), 0u64);
         for _ in 0..count {
@@ -866,7 +867,7 @@ impl BlobReader {
             let len = 1 + function.hash_len() + 8;
             self.fill(len).await?;
             let entry = self.buffer.split_to(len);
-            crc = crc32c::crc32c_append(crc, &entry);
+            crc = crc32c_append(crc, &entry);
             let (hash, chunk_size) = entry[1..].split_at(function.hash_len());
             let chunk_size = u64::from_le_bytes(chunk_size.try_into().expect("8 bytes"));
             let digest =

@@ -43,6 +43,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::known::Identity;
 use super::{Bucket, Error, Requests};
+use crate::crc::crc32c;
 use crate::digest::{Digest, Function};
 
 pub const MAGIC: &[u8; 8] = b"LARDERP\n";
@@ -130,7 +131,7 @@ pub fn encode(blobs: &[(Digest, Vec<Bytes>)]) -> (Vec<Bytes>, Vec<Record>) {
     head.extend_from_slice(MAGIC);
     head.extend_from_slice(&(index.len() as u32).to_le_bytes());
     head.extend_from_slice(&index);
-    head.extend_from_slice(&crc32c::crc32c(&index).to_le_bytes());
+    head.extend_from_slice(&crc32c(&index).to_le_bytes());
     let mut offset = head.len() as u32;
     let mut parts = vec![head.freeze()];
     let mut records = Vec::with_capacity(blobs.len());
@@ -167,7 +168,7 @@ pub fn records(head: &[u8], size: u64) -> Result<Vec<Record>, Error> {
     }
     let index = &head[12..end - 4];
     let crc = u32::from_le_bytes(head[end - 4..end].try_into().expect("4 bytes"));
-    if crc32c::crc32c(index) != crc {
+    if crc32c(index) != crc {
         return Err(damaged("its index fails its checksum"));
     }
     let (count, mut rest) = index.split_first_chunk::<4>().ok_or_else(|| damaged("its index is empty"))?;

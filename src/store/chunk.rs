@@ -26,6 +26,7 @@ use std::cell::RefCell;
 use bytes::Bytes;
 
 use crate::compression;
+use crate::crc::{crc32c, crc32c_append};
 use crate::digest::{Digest, Function};
 
 const RAW: u8 = 0;
@@ -132,7 +133,7 @@ pub fn blob_ref_of(value: &[u8]) -> Option<(Digest, u64)> {
 
 /// Covers the tag too: a flipped tag must not pass a frame off as raw bytes.
 fn checksum(payload: &[u8], tag: u8) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(payload), &[tag])
+    crc32c_append(crc32c(payload), &[tag])
 }
 
 /// The kind and payload of a value, its checksum verified. `None` means the
