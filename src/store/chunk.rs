@@ -614,6 +614,29 @@ mod tests {
     }
 
     #[test]
+    fn frames_written_now_carry_no_checksum_and_older_ones_still_decode() {
+        let data = b"abcdefgh".repeat(1000);
+        let stored = encode(&data, 1);
+        let (kind, frame) = open(&stored).expect("sealed");
+        assert!(kind == Kind::Zstd);
+        // The frame header's descriptor follows the 4-byte magic; bit 2 is
+        // the content checksum flag.
+        assert_eq!(frame[4] & 0x04, 0, "no XXH64 of the content");
+        assert_eq!(decode(&stored).as_deref(), Some(&data[..]));
+
+        let mut c = zstd::bulk::Compressor::new(1).unwrap();
+        c.include_checksum(true).unwrap();
+        c.include_contentsize(true).unwrap();
+        let older = seal(c.compress(&data).unwrap(), Kind::Zstd);
+        assert_ne!(open(&older).expect("sealed").1[4] & 0x04, 0);
+        assert_eq!(
+            decode(&older).as_deref(),
+            Some(&data[..]),
+            "a frame with its checksum, as written before"
+        );
+    }
+
+    #[test]
     fn corrupt_values_are_rejected() {
         assert!(decode(b"").is_none());
         assert!(decode(&[9, 1, 2]).is_none());
