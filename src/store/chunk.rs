@@ -483,11 +483,6 @@ mod tests {
         }
     }
 
-    /// How many bytes a stored chunk holds, as a read finds it.
-    fn content_len(value: &[u8]) -> Option<u64> {
-        to_frame(Bytes::copy_from_slice(value), 0).map(|(_, held)| held)
-    }
-
     #[test]
     fn blob_refs_round_trip_and_fail_their_check_when_changed() {
         for f in Function::ALL {
