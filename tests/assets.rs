@@ -45,6 +45,7 @@ enum Reply {
 struct Origin {
     addr: SocketAddr,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -61,11 +62,17 @@ impl Origin {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(Mutex::new(HashMap::new()));
         let counted = Arc::clone(&hits);
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
-            // Connections end with the origin: a stopped origin answers nothing.
+            // Connections end with the origin: a stopped origin answers
+            // nothing, not even on a connection kept alive from before.
             let mut connections = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = &mut stopped => break,
+                };
+                let Ok((stream, _)) = accepted else { continue };
                 let (routes, hits, tls) = (Arc::clone(&routes), Arc::clone(&counted), tls.clone());
                 connections.spawn(async move {
                     let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
@@ -83,8 +90,9 @@ impl Origin {
                     };
                 });
             }
+            connections.shutdown().await;
         });
-        Origin { addr, hits, task }
+        Origin { addr, hits, stop: Some(stop), task }
     }
 
     fn url(&self, path: &str) -> String {
@@ -95,8 +103,12 @@ impl Origin {
         self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 
-    fn stop(&self) {
-        self.task.abort();
+    /// Returns once the listener and every connection are closed.
+    async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+            (&mut self.task).await.unwrap();
+        }
     }
 }
 
@@ -168,7 +180,7 @@ fn metric(text: &str, line_start: &str) -> u64 {
 async fn a_fetch_downloads_verifies_and_records_and_the_record_outlives_the_origin() {
     let content = Bytes::from(common::random_bytes(3 << 20, 7));
     let other = Bytes::from(common::random_bytes(1000, 8));
-    let origin = Origin::start(vec![
+    let mut origin = Origin::start(vec![
         ("/dep-1.0.tar.gz", Reply::Body(content.clone())),
         ("/other.txt", Reply::Body(other.clone())),
         ("/missing", Reply::Status(404)),
@@ -190,7 +202,7 @@ async fn a_fetch_downloads_verifies_and_records_and_the_record_outlives_the_orig
     let mut cas = server.clients().await;
     assert_eq!(cas.read(&read_name("", &content), 0, 0).await.unwrap(), content);
 
-    origin.stop();
+    origin.stop().await;
     // Without the checksum, from the record; with it, too.
     for qualifiers in [vec![], vec![q("checksum.sri", &sri(&content))]] {
         let again = fetch.fetch_blob(fetch_request(&[&uri], qualifiers)).await.unwrap().into_inner();
@@ -223,7 +235,7 @@ async fn a_fetch_downloads_verifies_and_records_and_the_record_outlives_the_orig
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_checksum_is_refused_and_nothing_is_recorded_or_stored() {
     let content = Bytes::from(common::random_bytes(100_000, 9));
-    let origin =
+    let mut origin =
         Origin::start(vec![("/a.jar", Reply::Body(content.clone())), ("/gone", Reply::Status(404))]).await;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), &["--download-allow", "127.0.0.1"]);
@@ -235,7 +247,7 @@ async fn a_wrong_checksum_is_refused_and_nothing_is_recorded_or_stored() {
     assert!(wrong.status.unwrap().message.contains("checksum.sri"));
     let mut cas = server.clients().await;
     assert_eq!(cas.find_missing(&[digest(&content)]).await, [digest(&content)], "nothing stored");
-    origin.stop();
+    origin.stop().await;
     let after = fetch.fetch_blob(fetch_request(&[&uri], vec![])).await.unwrap().into_inner();
     assert_ne!(code(&after), Code::Ok, "nothing recorded: {after:?}");
 
