@@ -222,6 +222,44 @@ async fn the_yardstick_runs_first_and_figures_are_fractions_of_its() {
     }
 }
 
+/// `--compressor zstd` sends and takes blobs as zstd where the server offers
+/// it, as larder and the yardstick do: every byte is still checked, the rows
+/// say so, and larder receives and sends fewer bytes than the blobs hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_transfers_move_compressed_bytes_and_say_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp.path().join("data"), &[]);
+    let http = reqwest::Client::new();
+    let metrics = format!("http://{}/metrics", server.addr);
+    let wire = || async {
+        let page = http.get(&metrics).send().await.unwrap().text().await.unwrap();
+        let sample = |series: &str| -> f64 {
+            let line = page.lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')));
+            line.unwrap_or_else(|| panic!("no {series} in:\n{page}")).parse().unwrap()
+        };
+        (sample("larder_received_bytes_total"), sample("larder_sent_bytes_total"))
+    };
+    let before = wire().await;
+    let mut args = grpc(&format!("grpc://{}", server.addr), "build,small,large", 6, "all");
+    args.extend(strings(&["--yardstick", "--compressor", "zstd"]));
+    let reports = bench(args).await.unwrap();
+    let after = wire().await;
+    assert_eq!(reports.len(), 6, "three workloads on two servers");
+    for r in &reports {
+        assert_eq!(r["settings"]["compressor"], "zstd", "{r}");
+        assert!(r["config"].as_str().unwrap().ends_with("zstd transfers"), "{r}");
+    }
+    let larder = reports.iter().filter(|r| r["settings"]["server"].is_null());
+    let (written, read) = larder.fold((0.0, 0.0), |(w, r), report| {
+        (w + number(&report["write"]["bytes_sent"]), r + number(&report["read"]["bytes_received"]))
+    });
+    // The mixed data compresses to about half; as they are, the bytes on
+    // the wire would be more than the blobs hold.
+    let (received, sent) = (after.0 - before.0, after.1 - before.1);
+    assert!(received < 0.8 * written, "larder received {received} bytes for {written} written");
+    assert!(sent < 0.8 * read, "larder sent {sent} bytes for {read} read");
+}
+
 /// A CAS that keeps blobs in memory and flips one bit of every blob it
 /// returns (batch reads answered in reverse order).
 #[derive(Clone, Default)]

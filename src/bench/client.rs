@@ -2,7 +2,9 @@
 //! server through gRPC. Both offer the same calls; every byte read back is
 //! checked against its digest here.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,9 +13,9 @@ use bytes::Bytes;
 use prost::Message;
 use tonic::transport::Channel;
 
-use super::Error;
 use super::data::Content;
 use super::measure::ClientCpu;
+use super::{Compressor, Error};
 use larder::digest::{Digest, Function, FunctionHint, Hasher};
 use larder::proto::bytestream::byte_stream_client::ByteStreamClient;
 use larder::proto::bytestream::{ReadRequest, WriteRequest};
@@ -27,6 +29,10 @@ use larder::store::{NewBlob, Store};
 const WRITE_MESSAGE: usize = 1 << 20;
 /// Largest message the bench accepts.
 const MAX_MESSAGE: usize = 64 << 20;
+/// The zstd level the bench compresses at: larder's default, and cheap
+/// enough that the client takes little of the machine from the server.
+const ZSTD_LEVEL: i32 = 1;
+const ZSTD: i32 = reapi::compressor::Value::Zstd as i32;
 
 /// A blob of a workload: its contents (made on demand) and digest.
 #[derive(Clone, Copy, Debug)]
@@ -47,6 +53,8 @@ pub struct Grpc {
     cas: ContentAddressableStorageClient<Channel>,
     bytestream: ByteStreamClient<Channel>,
     action_cache: ActionCacheClient<Channel>,
+    /// Blobs travel zstd-compressed (asked for, and offered by the server).
+    zstd: bool,
 }
 
 /// Distinct upload names within this process.
@@ -54,8 +62,13 @@ static UPLOADS: AtomicU64 = AtomicU64::new(0);
 
 impl Grpc {
     /// Connects to `endpoint` (grpc://host:port) and reads the server's
-    /// largest batch from its capabilities (4 MiB if it does not say).
-    pub async fn connect(endpoint: &str, instance: &str) -> Result<(Grpc, u64), Error> {
+    /// largest batch from its capabilities (4 MiB if it does not say), and
+    /// whether it takes zstd for streams and batches, if `compressor` asks.
+    pub async fn connect(
+        endpoint: &str,
+        instance: &str,
+        compressor: Compressor,
+    ) -> Result<(Grpc, u64), Error> {
         let address = match endpoint.split_once("://") {
             Some(("grpc" | "http", rest)) => format!("http://{rest}"),
             Some((scheme, _)) => {
@@ -77,13 +90,14 @@ impl Grpc {
                     "cannot connect to {endpoint} ({e}): is a REAPI server listening there?"
                 ))
             })?;
-        let grpc = Grpc {
+        let mut grpc = Grpc {
             instance: instance.to_string(),
             cas: ContentAddressableStorageClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
             bytestream: ByteStreamClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE),
             action_cache: ActionCacheClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE),
+            zstd: false,
         };
         let request = reapi::GetCapabilitiesRequest { instance_name: instance.to_string() };
         let max_batch = match CapabilitiesClient::new(channel).get_capabilities(request).await {
@@ -94,12 +108,20 @@ impl Grpc {
                 {
                     return Err(Error::Setup(format!("{endpoint} does not serve SHA-256 digests")));
                 }
+                grpc.zstd = compressor == Compressor::Zstd
+                    && cache.supported_compressors.contains(&ZSTD)
+                    && cache.supported_batch_update_compressors.contains(&ZSTD);
                 cache.max_batch_total_size_bytes as u64
             }
             Err(status) if status.code() == tonic::Code::Unimplemented => 0,
             Err(status) => return Err(call_failed("GetCapabilities", status)),
         };
         Ok((grpc, if max_batch == 0 { 4 << 20 } else { max_batch }))
+    }
+
+    /// Whether blobs travel zstd-compressed.
+    pub fn zstd(&self) -> bool {
+        self.zstd
     }
 
     fn resource(&self, rest: String) -> String {
@@ -151,6 +173,107 @@ fn wrong_bytes(blob: &Blob, len: u64, actual: Digest) -> Error {
     ))
 }
 
+thread_local! {
+    // zstd contexts are costly to set up; each client thread keeps its own.
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn zstd_failed(e: std::io::Error) -> Error {
+    Error::Call(format!("zstd failed in the bench: {e}"))
+}
+
+/// A blob's bytes as one zstd frame, as a client compresses them.
+fn compress(data: &[u8]) -> Result<Bytes, Error> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let compressor = match &mut *cell {
+            Some(compressor) => compressor,
+            empty => empty.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(zstd_failed)?),
+        };
+        compressor.compress(data).map(Bytes::from).map_err(zstd_failed)
+    })
+}
+
+/// A blob's bytes from the zstd a server answered, at most its size.
+fn decompress(blob: &Blob, frame: &[u8]) -> Result<Bytes, Error> {
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decompressor = match &mut *cell {
+            Some(decompressor) => decompressor,
+            empty => empty.insert(zstd::bulk::Decompressor::new().map_err(zstd_failed)?),
+        };
+        decompressor.decompress(frame, blob.digest.size as usize).map(Bytes::from).map_err(|e| {
+            Error::Verify(format!("blob {} came as zstd that does not decode to its size: {e}", blob.digest))
+        })
+    })
+}
+
+/// A ByteStream upload in the making: its encoder if compressed, the bytes
+/// sent, and why its stream stopped short if it did.
+#[derive(Default)]
+struct Upload {
+    encoder: Option<zstd::stream::write::Encoder<'static, Vec<u8>>>,
+    sent: u64,
+    failed: Option<std::io::Error>,
+}
+
+/// What the encoder of a compressed upload gives out for its next piece of
+/// the blob (all it holds back, at the last).
+fn encode_piece(
+    encoder: &mut zstd::stream::write::Encoder<'static, Vec<u8>>,
+    data: &[u8],
+    last: bool,
+) -> std::io::Result<Vec<u8>> {
+    encoder.write_all(data)?;
+    if last {
+        encoder.do_finish()?
+    } else {
+        encoder.flush()?
+    }
+    Ok(std::mem::take(encoder.get_mut()))
+}
+
+fn undecodable(blob: &Blob, e: std::io::Error) -> Error {
+    Error::Verify(format!("blob {} came as zstd that does not decode: {e}", blob.digest))
+}
+
+/// A blob's bytes from a batch read's answer, decompressed if it came
+/// compressed (which only a bench that accepts zstd takes).
+fn unpack(g: &Grpc, blob: &Blob, compressor: i32, data: Bytes, cpu: &ClientCpu) -> Result<Bytes, Error> {
+    match compressor {
+        0 => Ok(data),
+        ZSTD if g.zstd => cpu.count(|| decompress(blob, &data)),
+        other => Err(Error::Verify(format!(
+            "BatchReadBlobs answered {} with compressor {other}, which the bench did not accept",
+            blob.digest
+        ))),
+    }
+}
+
+/// Hashes what a compressed ByteStream read decodes to, refusing more than
+/// the blob's size.
+struct Check {
+    hasher: Hasher,
+    len: u64,
+    size: u64,
+}
+
+impl std::io::Write for Check {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.len + buf.len() as u64 > self.size {
+            return Err(std::io::Error::other("the zstd stream decodes to more than the blob's size"));
+        }
+        self.hasher.update(buf);
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Client {
     /// The digests among `digests` that the target lacks.
     pub async fn find_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, Error> {
@@ -190,7 +313,12 @@ impl Client {
     }
 
     /// Stores small blobs in one call; `data` holds their bytes in order.
-    pub async fn batch_update(&self, blobs: Vec<Blob>, data: Vec<Bytes>) -> Result<(), Error> {
+    pub async fn batch_update(
+        &self,
+        blobs: Vec<Blob>,
+        data: Vec<Bytes>,
+        cpu: &ClientCpu,
+    ) -> Result<(), Error> {
         match self {
             Client::Store(store) => {
                 let store = Arc::clone(store);
@@ -224,13 +352,19 @@ impl Client {
             }
             Client::Grpc(g) => {
                 let data_len = blobs.len();
+                let (compressor, data) = match g.zstd {
+                    true => {
+                        (ZSTD, cpu.count(|| data.iter().map(|d| compress(d)).collect::<Result<Vec<_>, _>>())?)
+                    }
+                    false => (0, data),
+                };
                 let requests = blobs
                     .iter()
                     .zip(data)
                     .map(|(b, data)| reapi::batch_update_blobs_request::Request {
                         digest: Some(b.digest.to_proto()),
                         data,
-                        compressor: 0,
+                        compressor,
                     })
                     .collect();
                 let request = reapi::BatchUpdateBlobsRequest {
@@ -282,7 +416,7 @@ impl Client {
                 let request = reapi::BatchReadBlobsRequest {
                     instance_name: g.instance.clone(),
                     digests: blobs.iter().map(|b| b.digest.to_proto()).collect(),
-                    acceptable_compressors: Vec::new(),
+                    acceptable_compressors: if g.zstd { vec![ZSTD] } else { Vec::new() },
                     digest_function: 0,
                 };
                 let response = g
@@ -316,7 +450,7 @@ impl Client {
                         };
                         let code = r.status.as_ref().map_or(0, |s| s.code);
                         match code {
-                            0 => Ok((b, Some(r.data))),
+                            0 => Ok((b, Some(unpack(g, &b, r.compressor, r.data, cpu)?))),
                             5 => Ok((b, None)), // NOT_FOUND
                             _ => Err(Error::Call(format!(
                                 "BatchReadBlobs failed for {}: code {code}: {}",
@@ -374,34 +508,65 @@ impl Client {
             Client::Grpc(g) => {
                 let n = UPLOADS.fetch_add(1, Ordering::Relaxed);
                 let name = g.resource(format!(
-                    "uploads/{:08x}-0000-4000-8000-{:012x}/blobs/{}/{}",
+                    "uploads/{:08x}-0000-4000-8000-{:012x}/{}/{}/{}",
                     std::process::id(),
                     n,
+                    if g.zstd { "compressed-blobs/zstd" } else { "blobs" },
                     blob.digest.hex(),
                     blob.digest.size
                 ));
                 let size = blob.digest.size;
                 let pieces = size.div_ceil(WRITE_MESSAGE as u64).max(1);
                 let cpu = cpu.clone();
-                let messages = futures::stream::iter((0..pieces).map(move |i| {
+                // A compressed upload is one zstd frame over the whole blob,
+                // as a client streaming it makes, each message what the
+                // encoder gave out for a piece; offsets count bytes sent.
+                let encoder = match g.zstd {
+                    true => {
+                        Some(zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL).map_err(zstd_failed)?)
+                    }
+                    false => None,
+                };
+                let progress = Arc::new(std::sync::Mutex::new(Upload { encoder, sent: 0, failed: None }));
+                let shared = Arc::clone(&progress);
+                let messages = futures::stream::iter((0..pieces).map_while(move |i| {
                     let offset = i * WRITE_MESSAGE as u64;
+                    let last = i + 1 == pieces;
                     let mut data = Vec::with_capacity(WRITE_MESSAGE);
                     cpu.count(|| blob.content.push(offset, WRITE_MESSAGE, &mut data));
-                    WriteRequest {
-                        resource_name: if i == 0 { name.clone() } else { String::new() },
-                        write_offset: offset as i64,
-                        finish_write: i + 1 == pieces,
-                        data: data.into(),
+                    let mut progress = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    let progress = &mut *progress;
+                    if let Some(encoder) = progress.encoder.as_mut() {
+                        match cpu.count(|| encode_piece(encoder, &data, last)) {
+                            Ok(encoded) => data = encoded,
+                            // The stream ends short: the server refuses the upload.
+                            Err(e) => {
+                                progress.failed = Some(e);
+                                return None;
+                            }
+                        }
                     }
+                    let message = WriteRequest {
+                        resource_name: if i == 0 { name.clone() } else { String::new() },
+                        write_offset: progress.sent as i64,
+                        finish_write: last,
+                        data: data.into(),
+                    };
+                    progress.sent += message.data.len() as u64;
+                    Some(message)
                 }));
-                let response = g
-                    .bytestream
-                    .clone()
-                    .write(messages)
-                    .await
-                    .map_err(|s| call_failed("ByteStream.Write", s))?;
-                let committed = response.into_inner().committed_size;
-                if committed != size as i64 && committed != -1 {
+                let response = g.bytestream.clone().write(messages).await;
+                let Upload { sent, failed, .. } =
+                    std::mem::take(&mut *progress.lock().unwrap_or_else(|e| e.into_inner()));
+                if let Some(e) = failed {
+                    return Err(zstd_failed(e));
+                }
+                let committed =
+                    response.map_err(|s| call_failed("ByteStream.Write", s))?.into_inner().committed_size;
+                // The whole size, or for a compressed upload what was sent;
+                // -1 if the blob was there already.
+                let whole = if g.zstd { sent } else { size };
+                if committed != whole as i64 && committed != -1 {
                     return Err(Error::Call(format!(
                         "ByteStream.Write of {} committed {committed} of {size} bytes",
                         blob.digest
@@ -432,8 +597,9 @@ impl Client {
                 .await?;
             }
             Client::Grpc(g) => {
+                let kind = if g.zstd { "compressed-blobs/zstd" } else { "blobs" };
                 let request = ReadRequest {
-                    resource_name: g.resource(format!("blobs/{}/{}", blob.digest.hex(), blob.digest.size)),
+                    resource_name: g.resource(format!("{kind}/{}/{}", blob.digest.hex(), blob.digest.size)),
                     read_offset: 0,
                     read_limit: 0,
                 };
@@ -442,11 +608,33 @@ impl Client {
                     Err(s) if s.code() == tonic::Code::NotFound => return Err(Error::Missing(blob.digest)),
                     Err(s) => return Err(call_failed("ByteStream.Read", s)),
                 };
+                // A compressed read is decoded as it comes (one frame or
+                // several, back to back).
+                let mut decoder = match g.zstd {
+                    true => {
+                        let check = Check { hasher, len, size: blob.digest.size };
+                        hasher = Hasher::new(blob.digest.function);
+                        Some(zstd::stream::write::Decoder::new(check).map_err(zstd_failed)?)
+                    }
+                    false => None,
+                };
                 while let Some(message) =
                     stream.message().await.map_err(|s| call_failed("ByteStream.Read", s))?
                 {
-                    cpu.count(|| hasher.update(&message.data));
-                    len += message.data.len() as u64;
+                    match decoder.as_mut() {
+                        Some(decoder) => cpu
+                            .count(|| decoder.write_all(&message.data))
+                            .map_err(|e| undecodable(&blob, e))?,
+                        None => {
+                            cpu.count(|| hasher.update(&message.data));
+                            len += message.data.len() as u64;
+                        }
+                    }
+                }
+                if let Some(mut decoder) = decoder {
+                    cpu.count(|| decoder.flush()).map_err(|e| undecodable(&blob, e))?;
+                    let check = decoder.into_inner();
+                    (hasher, len) = (check.hasher, check.len);
                 }
             }
         }

@@ -139,8 +139,21 @@ pub struct GrpcArgs {
     /// yardstick's same round.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
+    /// How blobs travel: as they are, or compressed with zstd (level 1) by
+    /// the bench, as Bazel's --remote_cache_compression sends and takes
+    /// them (ByteStream's compressed-blobs/zstd, batches' compressor
+    /// fields). A server that offers no zstd gets blobs as they are, and
+    /// its rows say so.
+    #[arg(long, value_enum, default_value_t = Compressor::Identity)]
+    pub compressor: Compressor,
     #[command(flatten)]
     pub common: Common,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Compressor {
+    Identity,
+    Zstd,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -602,6 +615,8 @@ struct Endpoint {
     process: Option<Process>,
     label: String,
     is_yardstick: bool,
+    /// Blobs travel zstd-compressed.
+    zstd: bool,
 }
 
 pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
@@ -613,7 +628,11 @@ pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
     let urls = yardstick.iter().map(|(_, url)| url).chain(&args.endpoint);
     let mut endpoints = Vec::new();
     for url in urls {
-        let (grpc, max_batch) = Grpc::connect(url, &args.instance).await?;
+        let (grpc, max_batch) = Grpc::connect(url, &args.instance, args.compressor).await?;
+        let zstd = grpc.zstd();
+        if args.compressor == Compressor::Zstd && !zstd {
+            eprintln!("{url} offers no zstd for ByteStream and batches: its blobs travel as they are");
+        }
         let is_yardstick = yardstick.as_ref().is_some_and(|(_, y)| y == url);
         // The yardstick's process is this program's child: found by its port.
         let process = match is_yardstick {
@@ -626,6 +645,11 @@ pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
             (false, true) => url.clone(),
             (false, false) => String::new(),
         };
+        let label = match (zstd, label.is_empty()) {
+            (false, _) => label,
+            (true, true) => "zstd transfers".to_string(),
+            (true, false) => format!("{label}, zstd transfers"),
+        };
         endpoints.push(Endpoint {
             url: url.clone(),
             client: Client::Grpc(Arc::new(grpc)),
@@ -633,6 +657,7 @@ pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
             process,
             label,
             is_yardstick,
+            zstd,
         });
     }
     // Each workload runs against every server in turn, round after round,
@@ -667,7 +692,7 @@ async fn run_endpoint(
     endpoint: &Endpoint,
     shape: &Shape,
 ) -> Result<Report, Error> {
-    let Endpoint { url, client, process, label, is_yardstick, .. } = endpoint;
+    let Endpoint { url, client, process, label, is_yardstick, zstd, .. } = endpoint;
     let (process, is_yardstick) = (*process, *is_yardstick);
     let plan = Arc::new(prepare(shape).await?);
     let tasks = match args.phase {
@@ -704,6 +729,9 @@ async fn run_endpoint(
     let mut settings = BTreeMap::from([("endpoint".to_string(), url.clone())]);
     if is_yardstick {
         settings.insert("server".into(), YARDSTICK.into());
+    }
+    if *zstd {
+        settings.insert("compressor".into(), "zstd".into());
     }
     let mut report = report_of(url.clone(), label, &settings, shape, common, &plan, write, read);
     if let (Some(dir), Some(before)) = (&args.server_dir, disk_before) {

@@ -503,8 +503,8 @@ impl Worker {
             self.cpu.count(|| blobs.iter().map(|b| Bytes::from(b.content.bytes())).collect());
         self.outcome.sent += blobs.iter().map(|b| b.digest.size).sum::<u64>();
         self.outcome.ops += blobs.len() as u64;
-        let client = self.client.clone();
-        self.timed(Call::BatchUpdateBlobs, client.batch_update(blobs, data)).await
+        let (client, cpu) = (self.client.clone(), self.cpu.clone());
+        self.timed(Call::BatchUpdateBlobs, client.batch_update(blobs, data, &cpu)).await
     }
 
     async fn download(&mut self, blobs: Vec<Blob>) -> Result<(), Error> {

@@ -1,8 +1,10 @@
 //! `larder bench yardstick`: a bare in-memory REAPI cache on the same tonic
 //! stack, which checks the SHA-256 of every upload and keeps blobs in a map.
-//! No disk, no compression, no limits beyond message sizes: what a server
-//! can reach on this machine, to read larder's figures against (run it and
-//! larder side by side with `bench grpc --endpoint`).
+//! No disk, no limits beyond message sizes: what a server can reach on this
+//! machine, to read larder's figures against (run it and larder side by side
+//! with `bench grpc --endpoint`). It takes zstd as Bazel sends it, decoding
+//! each upload to check it, and keeps the client's frames to answer
+//! compressed reads with: the least any server does for zstd transfers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,10 +33,14 @@ use super::Error;
 const READ_MESSAGE: usize = 1 << 20;
 const MAX_MESSAGE: usize = 64 << 20;
 
-/// Blobs by (hash, size); action results by action hash.
+const ZSTD: i32 = reapi::compressor::Value::Zstd as i32;
+
+/// Blobs by (hash, size), and the zstd they came as if they came so;
+/// action results by action hash.
 #[derive(Default)]
 struct Memory {
     blobs: RwLock<HashMap<(String, i64), Bytes>>,
+    frames: RwLock<HashMap<(String, i64), Bytes>>,
     results: RwLock<HashMap<String, reapi::ActionResult>>,
 }
 
@@ -44,6 +50,17 @@ struct Yardstick(Arc<Memory>);
 impl Yardstick {
     fn get(&self, hash: &str, size: i64) -> Option<Bytes> {
         self.0.blobs.read().unwrap_or_else(|e| e.into_inner()).get(&(hash.to_string(), size)).cloned()
+    }
+
+    fn frame(&self, hash: &str, size: i64) -> Option<Bytes> {
+        self.0.frames.read().unwrap_or_else(|e| e.into_inner()).get(&(hash.to_string(), size)).cloned()
+    }
+
+    /// A blob's bytes from the zstd a client sent, if they are its digest's.
+    fn check_zstd(frame: &[u8], hash: &str, size: i64) -> Option<Bytes> {
+        let capacity = usize::try_from(size).ok().filter(|&n| n <= MAX_MESSAGE)?;
+        let data = zstd::bulk::decompress(frame, capacity).ok()?;
+        (data.len() as i64 == size && sha256(&data) == hash).then(|| Bytes::from(data))
     }
 }
 
@@ -102,18 +119,31 @@ pub async fn spawn() -> Result<(tokio::process::Child, String), Error> {
     }
 }
 
+/// A read's messages, of at most [`READ_MESSAGE`] bytes each.
+fn messages(data: Bytes) -> Vec<Result<ReadResponse, Status>> {
+    (0..data.len().div_ceil(READ_MESSAGE).max(1))
+        .map(|i| {
+            Ok(ReadResponse { data: data.slice(i * READ_MESSAGE..((i + 1) * READ_MESSAGE).min(data.len())) })
+        })
+        .collect()
+}
+
 fn sha256(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// `{instance/}blobs/{hash}/{size}`, or an upload's `…/uploads/{uuid}/blobs/{hash}/{size}`.
-fn blob_of(name: &str) -> Result<(String, i64), Status> {
+/// `{instance/}blobs/{hash}/{size}` or `…/compressed-blobs/zstd/{hash}/{size}`,
+/// or an upload's `…/uploads/{uuid}/` before either: the blob, and whether
+/// its bytes travel as zstd.
+fn blob_of(name: &str) -> Result<(String, i64, bool), Status> {
     let mut parts = name.rsplit('/');
     let (size, hash, marker) = (parts.next(), parts.next(), parts.next());
+    let zstd = marker == Some("zstd") && parts.next() == Some("compressed-blobs");
     match (marker, hash, size.and_then(|s| s.parse().ok())) {
-        (Some("blobs"), Some(hash), Some(size)) => Ok((hash.to_string(), size)),
+        (Some("blobs"), Some(hash), Some(size)) => Ok((hash.to_string(), size, false)),
+        (Some("zstd"), Some(hash), Some(size)) if zstd => Ok((hash.to_string(), size, true)),
         _ => Err(Status::invalid_argument(format!(
-            "{name:?} is not a blobs/ resource (the yardstick takes no compression)"
+            "{name:?} is not a blobs/ or compressed-blobs/zstd/ resource"
         ))),
     }
 }
@@ -131,6 +161,8 @@ impl Capabilities for Yardstick {
                     update_enabled: true,
                 }),
                 max_batch_total_size_bytes: 4 << 20,
+                supported_compressors: vec![ZSTD],
+                supported_batch_update_compressors: vec![ZSTD],
                 ..Default::default()
             }),
             ..Default::default()
@@ -158,17 +190,26 @@ impl ContentAddressableStorage for Yardstick {
         &self,
         r: Request<reapi::BatchUpdateBlobsRequest>,
     ) -> Result<Response<reapi::BatchUpdateBlobsResponse>, Status> {
-        let mut checked = Vec::new();
+        let (mut checked, mut frames) = (Vec::new(), Vec::new());
         let responses = r
             .into_inner()
             .requests
             .into_iter()
             .map(|q| {
                 let digest = q.digest.unwrap_or_default();
-                let good = q.data.len() as i64 == digest.size_bytes && sha256(&q.data) == digest.hash;
-                let code = if good { 0 } else { tonic::Code::InvalidArgument as i32 };
-                if good {
-                    checked.push(((digest.hash.clone(), digest.size_bytes), q.data));
+                let key = (digest.hash.clone(), digest.size_bytes);
+                let data = match q.compressor {
+                    0 => Some(q.data.clone())
+                        .filter(|d| d.len() as i64 == digest.size_bytes && sha256(d) == digest.hash),
+                    ZSTD => Yardstick::check_zstd(&q.data, &digest.hash, digest.size_bytes),
+                    _ => None,
+                };
+                let code = if data.is_some() { 0 } else { tonic::Code::InvalidArgument as i32 };
+                if let Some(data) = data {
+                    if q.compressor == ZSTD {
+                        frames.push((key.clone(), q.data));
+                    }
+                    checked.push((key, data));
                 }
                 reapi::batch_update_blobs_response::Response {
                     digest: Some(digest),
@@ -177,6 +218,7 @@ impl ContentAddressableStorage for Yardstick {
             })
             .collect();
         self.0.blobs.write().unwrap_or_else(|e| e.into_inner()).extend(checked);
+        self.0.frames.write().unwrap_or_else(|e| e.into_inner()).extend(frames);
         Ok(Response::new(reapi::BatchUpdateBlobsResponse { responses }))
     }
 
@@ -184,18 +226,24 @@ impl ContentAddressableStorage for Yardstick {
         &self,
         r: Request<reapi::BatchReadBlobsRequest>,
     ) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
+        let r = r.into_inner();
+        let zstd = r.acceptable_compressors.contains(&ZSTD);
         let responses = r
-            .into_inner()
             .digests
             .into_iter()
             .map(|d| {
-                let data =
-                    if d.size_bytes == 0 { Some(Bytes::new()) } else { self.get(&d.hash, d.size_bytes) };
+                let frame = zstd.then(|| self.frame(&d.hash, d.size_bytes)).flatten();
+                let compressor = if frame.is_some() { ZSTD } else { 0 };
+                let data = match (d.size_bytes, frame) {
+                    (0, _) => Some(Bytes::new()),
+                    (_, Some(frame)) => Some(frame),
+                    _ => self.get(&d.hash, d.size_bytes),
+                };
                 let code = if data.is_some() { 0 } else { tonic::Code::NotFound as i32 };
                 reapi::batch_read_blobs_response::Response {
                     digest: Some(d),
                     data: data.unwrap_or_default(),
-                    compressor: 0,
+                    compressor,
                     status: Some(larder::proto::rpc::Status { code, ..Default::default() }),
                 }
             })
@@ -233,24 +281,34 @@ impl ByteStream for Yardstick {
 
     async fn read(&self, r: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
         let r = r.into_inner();
-        let (hash, size) = blob_of(&r.resource_name)?;
+        let (hash, size, zstd) = blob_of(&r.resource_name)?;
         let data = match size {
             0 => Bytes::new(),
             _ => self.get(&hash, size).ok_or_else(|| Status::not_found(format!("blob {hash}/{size}")))?,
+        };
+        // Offsets count uncompressed bytes: a compressed read past the
+        // start, or of a blob that came raw, is compressed here.
+        let data = match (zstd, self.frame(&hash, size)) {
+            (false, _) => data,
+            (true, Some(frame)) if r.read_offset <= 0 && r.read_limit <= 0 => frame,
+            (true, _) => {
+                let start = (r.read_offset.max(0) as usize).min(data.len());
+                let end = match r.read_limit {
+                    n if n > 0 => (start + n as usize).min(data.len()),
+                    _ => data.len(),
+                };
+                let frame = zstd::bulk::compress(&data[start..end], 1)
+                    .map_err(|e| Status::internal(format!("zstd failed: {e}")))?;
+                return Ok(Response::new(Box::pin(futures::stream::iter(messages(Bytes::from(frame))))));
+            }
         };
         let start = (r.read_offset.max(0) as usize).min(data.len());
         let end = match r.read_limit {
             n if n > 0 => (start + n as usize).min(data.len()),
             _ => data.len(),
         };
-        let data = data.slice(start..end);
-        let messages: Vec<Result<ReadResponse, Status>> = (0..data.len().div_ceil(READ_MESSAGE).max(1))
-            .map(|i| {
-                let piece = data.slice(i * READ_MESSAGE..((i + 1) * READ_MESSAGE).min(data.len()));
-                Ok(ReadResponse { data: piece })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(futures::stream::iter(messages))))
+        let data = if zstd { data } else { data.slice(start..end) };
+        Ok(Response::new(Box::pin(futures::stream::iter(messages(data)))))
     }
 
     async fn write(&self, r: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
@@ -260,29 +318,44 @@ impl ByteStream for Yardstick {
             if key.is_none() {
                 key = Some(blob_of(&message.resource_name)?);
             }
-            let (_, size) = key.as_ref().expect("set above");
-            if buffer.len() as i64 + message.data.len() as i64 > *size {
+            let (_, size, zstd) = key.as_ref().expect("set above");
+            // zstd may take a little more than the bytes it holds.
+            let most = if *zstd { zstd::zstd_safe::compress_bound(*size as usize) as i64 } else { *size };
+            if buffer.len() as i64 + message.data.len() as i64 > most {
                 return Err(Status::invalid_argument("more bytes than the blob's size"));
             }
-            hasher.update(&message.data);
+            if !zstd {
+                hasher.update(&message.data);
+            }
             buffer.extend_from_slice(&message.data);
             if message.finish_write {
                 break;
             }
         }
-        let (hash, size) = key.ok_or_else(|| Status::invalid_argument("an empty write"))?;
-        if buffer.len() as i64 != size || hex::encode(hasher.finalize()) != hash {
-            return Err(Status::invalid_argument("the bytes do not match the digest"));
-        }
-        self.0.blobs.write().unwrap_or_else(|e| e.into_inner()).insert((hash, size), buffer.freeze());
-        Ok(Response::new(WriteResponse { committed_size: size }))
+        let (hash, size, zstd) = key.ok_or_else(|| Status::invalid_argument("an empty write"))?;
+        let wrong = || Status::invalid_argument("the bytes do not match the digest");
+        let (data, committed) = match zstd {
+            true => {
+                let frame = buffer.freeze();
+                let data = Yardstick::check_zstd(&frame, &hash, size).ok_or_else(wrong)?;
+                let sent = frame.len() as i64;
+                self.0.frames.write().unwrap_or_else(|e| e.into_inner()).insert((hash.clone(), size), frame);
+                (data, sent)
+            }
+            false if buffer.len() as i64 != size || hex::encode(hasher.finalize()) != hash => {
+                return Err(wrong());
+            }
+            false => (buffer.freeze(), size),
+        };
+        self.0.blobs.write().unwrap_or_else(|e| e.into_inner()).insert((hash, size), data);
+        Ok(Response::new(WriteResponse { committed_size: committed }))
     }
 
     async fn query_write_status(
         &self,
         r: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
-        let (hash, size) = blob_of(&r.into_inner().resource_name)?;
+        let (hash, size, _) = blob_of(&r.into_inner().resource_name)?;
         let complete = self.get(&hash, size).is_some();
         Ok(Response::new(QueryWriteStatusResponse {
             committed_size: if complete { size } else { 0 },
