@@ -55,8 +55,9 @@ pub enum Target {
     /// --endpoint grpc://127.0.0.1:9092,grpc://127.0.0.1:9094.
     Grpc(GrpcArgs),
     /// Serve a bare in-memory REAPI cache on the same tonic stack (SHA-256
-    /// checked, no disk, no compression): the ceiling of any server on this
-    /// machine, to bench beside larder with `bench grpc --endpoint`.
+    /// checked, no disk, blobs kept as they came, zstd frames too): the
+    /// ceiling of any server on this machine, to bench beside larder with
+    /// `bench grpc --endpoint`.
     Yardstick(YardstickArgs),
 }
 
