@@ -506,5 +506,36 @@ async fn the_yardstick_serves_the_workloads_and_checks_uploads() {
         };
         let reply = cas.batch_update_blobs(request).await.unwrap().into_inner();
         assert_eq!(reply.responses[0].status.as_ref().unwrap().code, tonic::Code::InvalidArgument as i32);
+
+        // zstd through ByteStream: a blob past the 64 MiB a message holds is
+        // checked as it decodes; a frame that decodes to more than the size
+        // it is sent as is refused.
+        let bytestream = larder::proto::bytestream::byte_stream_client::ByteStreamClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .unwrap();
+        let big = vec![7u8; 65 << 20];
+        let frame = Bytes::from(zstd::bulk::compress(&big, 1).unwrap());
+        let write = |d: reapi::Digest, frame: Bytes| {
+            let name = format!("uploads/a/compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes);
+            let message =
+                WriteRequest { resource_name: name, write_offset: 0, finish_write: true, data: frame };
+            let mut bytestream = bytestream.clone();
+            async move { bytestream.write(futures::stream::iter([message])).await }
+        };
+        let committed = write(common::digest(&big), frame.clone()).await.unwrap().into_inner().committed_size;
+        assert_eq!(committed, frame.len() as i64);
+        let name = format!("compressed-blobs/zstd/{}/{}", common::digest(&big).hash, big.len());
+        let mut read =
+            bytestream.clone().read(ReadRequest { resource_name: name, ..Default::default() }).await.unwrap();
+        let mut back = Vec::new();
+        while let Some(m) = read.get_mut().message().await.unwrap() {
+            back.extend_from_slice(&m.data);
+        }
+        assert!(zstd::bulk::decompress(&back, big.len()).unwrap() == big);
+        let small = &big[..1 << 20];
+        let refused = write(common::digest(small), frame).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     }
 }

@@ -6,7 +6,9 @@
 //! each upload to check it, and keeps the client's frames to answer
 //! compressed reads with: the least any server does for zstd transfers.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::io::Read as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -35,6 +37,11 @@ const MAX_MESSAGE: usize = 64 << 20;
 
 const ZSTD: i32 = reapi::compressor::Value::Zstd as i32;
 
+thread_local! {
+    // zstd contexts are costly to set up; each server thread keeps its own.
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
 /// Blobs by (hash, size), and the zstd they came as if they came so;
 /// action results by action hash.
 #[derive(Default)]
@@ -58,9 +65,27 @@ impl Yardstick {
 
     /// A blob's bytes from the zstd a client sent, if they are its digest's.
     fn check_zstd(frame: &[u8], hash: &str, size: i64) -> Option<Bytes> {
-        let capacity = usize::try_from(size).ok().filter(|&n| n <= MAX_MESSAGE)?;
-        let data = zstd::bulk::decompress(frame, capacity).ok()?;
-        (data.len() as i64 == size && sha256(&data) == hash).then(|| Bytes::from(data))
+        let size = u64::try_from(size).ok()?;
+        let data = match usize::try_from(size).ok().filter(|&n| n <= MAX_MESSAGE) {
+            // Up to a message's size: at once, on this thread's context, as
+            // larder decodes a batch's blobs.
+            Some(capacity) => DECOMPRESSOR.with(|cell| {
+                let mut cell = cell.borrow_mut();
+                let decompressor = match &mut *cell {
+                    Some(decompressor) => decompressor,
+                    empty => empty.insert(zstd::bulk::Decompressor::new().ok()?),
+                };
+                decompressor.decompress(frame, capacity).ok()
+            })?,
+            // Larger: grown as it decodes, never past the size declared.
+            None => {
+                let mut out = Vec::new();
+                let decoder = zstd::stream::read::Decoder::with_buffer(frame).ok()?;
+                decoder.take(size + 1).read_to_end(&mut out).ok()?;
+                out
+            }
+        };
+        (data.len() as u64 == size && sha256(&data) == hash).then(|| Bytes::from(data))
     }
 }
 
