@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 use super::data::Content;
 use super::measure::ClientCpu;
 use super::{Compressor, Error};
+use larder::compression::Decoder;
 use larder::digest::{Digest, Function, FunctionHint, Hasher};
 use larder::proto::bytestream::byte_stream_client::ByteStreamClient;
 use larder::proto::bytestream::{ReadRequest, WriteRequest};
@@ -234,7 +235,7 @@ fn encode_piece(
     Ok(std::mem::take(encoder.get_mut()))
 }
 
-fn undecodable(blob: &Blob, e: std::io::Error) -> Error {
+fn undecodable(blob: &Blob, e: impl std::fmt::Display) -> Error {
     Error::Verify(format!("blob {} came as zstd that does not decode: {e}", blob.digest))
 }
 
@@ -248,29 +249,6 @@ fn unpack(g: &Grpc, blob: &Blob, compressor: i32, data: Bytes, cpu: &ClientCpu) 
             "BatchReadBlobs answered {} with compressor {other}, which the bench did not accept",
             blob.digest
         ))),
-    }
-}
-
-/// Hashes what a compressed ByteStream read decodes to, refusing more than
-/// the blob's size.
-struct Check {
-    hasher: Hasher,
-    len: u64,
-    size: u64,
-}
-
-impl std::io::Write for Check {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.len + buf.len() as u64 > self.size {
-            return Err(std::io::Error::other("the zstd stream decodes to more than the blob's size"));
-        }
-        self.hasher.update(buf);
-        self.len += buf.len() as u64;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -609,32 +587,34 @@ impl Client {
                     Err(s) => return Err(call_failed("ByteStream.Read", s)),
                 };
                 // A compressed read is decoded as it comes (one frame or
-                // several, back to back).
+                // several, back to back), never past the blob's size.
                 let mut decoder = match g.zstd {
-                    true => {
-                        let check = Check { hasher, len, size: blob.digest.size };
-                        hasher = Hasher::new(blob.digest.function);
-                        Some(zstd::stream::write::Decoder::new(check).map_err(zstd_failed)?)
-                    }
+                    true => Some(Decoder::new(blob.digest.size).map_err(|e| undecodable(&blob, e))?),
                     false => None,
                 };
                 while let Some(message) =
                     stream.message().await.map_err(|s| call_failed("ByteStream.Read", s))?
                 {
-                    match decoder.as_mut() {
-                        Some(decoder) => cpu
-                            .count(|| decoder.write_all(&message.data))
-                            .map_err(|e| undecodable(&blob, e))?,
-                        None => {
-                            cpu.count(|| hasher.update(&message.data));
-                            len += message.data.len() as u64;
+                    let mut input = &message.data[..];
+                    cpu.count(|| -> Result<(), Error> {
+                        let Some(decoder) = decoder.as_mut() else {
+                            hasher.update(input);
+                            len += input.len() as u64;
+                            return Ok(());
+                        };
+                        loop {
+                            let step = decoder.step(input).map_err(|e| undecodable(&blob, e))?;
+                            hasher.update(step.data);
+                            len += step.data.len() as u64;
+                            input = &input[step.consumed..];
+                            if input.is_empty() && !step.more {
+                                return Ok(());
+                            }
                         }
-                    }
+                    })?;
                 }
-                if let Some(mut decoder) = decoder {
-                    cpu.count(|| decoder.flush()).map_err(|e| undecodable(&blob, e))?;
-                    let check = decoder.into_inner();
-                    (hasher, len) = (check.hasher, check.len);
+                if let Some(decoder) = decoder {
+                    decoder.finish().map_err(|e| undecodable(&blob, e))?;
                 }
             }
         }

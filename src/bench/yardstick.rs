@@ -8,7 +8,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::Read as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -64,28 +63,26 @@ impl Yardstick {
     }
 
     /// A blob's bytes from the zstd a client sent, if they are its digest's.
-    fn check_zstd(frame: &[u8], hash: &str, size: i64) -> Option<Bytes> {
+    fn check_zstd(frame: &Bytes, hash: &str, size: i64) -> Option<Bytes> {
         let size = u64::try_from(size).ok()?;
         let data = match usize::try_from(size).ok().filter(|&n| n <= MAX_MESSAGE) {
-            // Up to a message's size: at once, on this thread's context, as
-            // larder decodes a batch's blobs.
+            // Up to a message's size: at once into the output, on this
+            // thread's context.
             Some(capacity) => DECOMPRESSOR.with(|cell| {
                 let mut cell = cell.borrow_mut();
                 let decompressor = match &mut *cell {
                     Some(decompressor) => decompressor,
                     empty => empty.insert(zstd::bulk::Decompressor::new().ok()?),
                 };
-                decompressor.decompress(frame, capacity).ok()
+                decompressor.decompress(frame, capacity).ok().map(Bytes::from)
             })?,
             // Larger: grown as it decodes, never past the size declared.
             None => {
-                let mut out = Vec::new();
-                let decoder = zstd::stream::read::Decoder::with_buffer(frame).ok()?;
-                decoder.take(size + 1).read_to_end(&mut out).ok()?;
-                out
+                let mut decoder = larder::compression::Decoder::new(size).ok()?;
+                larder::compression::decompress(&mut decoder, frame, size).ok()?.data
             }
         };
-        (data.len() as u64 == size && sha256(&data) == hash).then(|| Bytes::from(data))
+        (data.len() as u64 == size && sha256(&data) == hash).then_some(data)
     }
 }
 
