@@ -129,7 +129,10 @@ impl ContentAddressableStorage for CasService {
         self.check_batch_size(digests.iter().flatten().map(|d| d.size), "the requested blobs")?;
         // IDENTITY is always acceptable; zstd when the client lists it.
         let zstd = request.acceptable_compressors.contains(&(compressor::Value::Zstd as i32));
-        let wanted: Vec<Digest> = digests.iter().flatten().copied().collect();
+        // Flattening gives no size hint: without room made first, the list
+        // would grow by reallocating, a cost on every batch read.
+        let mut wanted = Vec::with_capacity(digests.len());
+        wanted.extend(digests.iter().flatten().copied());
         let mut read = self.shared.cache.read_blobs(wanted, zstd).await?.into_iter();
         let responses = request
             .digests
