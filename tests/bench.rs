@@ -406,6 +406,13 @@ async fn a_server_that_returns_a_wrong_byte_fails_the_bench() {
             Ok(runs) => panic!("{workload}: wrong bytes were not caught: {runs:?}"),
         }
     }
+    // It offers no zstd (it answers no GetCapabilities): asked for zstd,
+    // the bench says so and sends and reads blobs as they are, checked.
+    let mut args = grpc(&format!("grpc://{addr}"), "small", 4, "all");
+    args.extend(strings(&["--compressor", "zstd"]));
+    let message = bench(args).await.unwrap_err();
+    assert!(message.contains("offers no zstd for ByteStream and batches"), "{message}");
+    assert!(message.contains("the server returned wrong bytes"), "{message}");
 }
 
 #[test]

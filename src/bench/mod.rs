@@ -616,8 +616,6 @@ struct Endpoint {
     process: Option<Process>,
     label: String,
     is_yardstick: bool,
-    /// Blobs travel zstd-compressed.
-    zstd: bool,
 }
 
 pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
@@ -658,7 +656,6 @@ pub async fn bench_grpc(args: &GrpcArgs) -> Result<Vec<Report>, Error> {
             process,
             label,
             is_yardstick,
-            zstd,
         });
     }
     // Each workload runs against every server in turn, round after round,
@@ -693,7 +690,7 @@ async fn run_endpoint(
     endpoint: &Endpoint,
     shape: &Shape,
 ) -> Result<Report, Error> {
-    let Endpoint { url, client, process, label, is_yardstick, zstd, .. } = endpoint;
+    let Endpoint { url, client, process, label, is_yardstick, .. } = endpoint;
     let (process, is_yardstick) = (*process, *is_yardstick);
     let plan = Arc::new(prepare(shape).await?);
     let tasks = match args.phase {
@@ -731,7 +728,7 @@ async fn run_endpoint(
     if is_yardstick {
         settings.insert("server".into(), YARDSTICK.into());
     }
-    if *zstd {
+    if matches!(client, Client::Grpc(g) if g.zstd()) {
         settings.insert("compressor".into(), "zstd".into());
     }
     let mut report = report_of(url.clone(), label, &settings, shape, common, &plan, write, read);
