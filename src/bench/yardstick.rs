@@ -304,32 +304,30 @@ impl ByteStream for Yardstick {
     async fn read(&self, r: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
         let r = r.into_inner();
         let (hash, size, zstd) = blob_of(&r.resource_name)?;
+        // A compressed read of a whole blob that came compressed is
+        // answered with the client's frame, as it came.
+        let whole = r.read_offset <= 0 && r.read_limit <= 0;
+        if let Some(frame) = (zstd && whole).then(|| self.frame(&hash, size)).flatten() {
+            return Ok(Response::new(Box::pin(futures::stream::iter(messages(frame)))));
+        }
         let data = match size {
             0 => Bytes::new(),
             _ => self.get(&hash, size).ok_or_else(|| Status::not_found(format!("blob {hash}/{size}")))?,
-        };
-        // Offsets count uncompressed bytes: a compressed read past the
-        // start, or of a blob that came raw, is compressed here.
-        let data = match (zstd, self.frame(&hash, size)) {
-            (false, _) => data,
-            (true, Some(frame)) if r.read_offset <= 0 && r.read_limit <= 0 => frame,
-            (true, _) => {
-                let start = (r.read_offset.max(0) as usize).min(data.len());
-                let end = match r.read_limit {
-                    n if n > 0 => (start + n as usize).min(data.len()),
-                    _ => data.len(),
-                };
-                let frame = zstd::bulk::compress(&data[start..end], 1)
-                    .map_err(|e| Status::internal(format!("zstd failed: {e}")))?;
-                return Ok(Response::new(Box::pin(futures::stream::iter(messages(Bytes::from(frame))))));
-            }
         };
         let start = (r.read_offset.max(0) as usize).min(data.len());
         let end = match r.read_limit {
             n if n > 0 => (start + n as usize).min(data.len()),
             _ => data.len(),
         };
-        let data = if zstd { data } else { data.slice(start..end) };
+        let data = data.slice(start..end);
+        // Offsets count uncompressed bytes: any other compressed read is
+        // compressed here.
+        let data = match zstd {
+            true => Bytes::from(
+                zstd::bulk::compress(&data, 1).map_err(|e| Status::internal(format!("zstd failed: {e}")))?,
+            ),
+            false => data,
+        };
         Ok(Response::new(Box::pin(futures::stream::iter(messages(data)))))
     }
 
