@@ -154,7 +154,9 @@ options! {
         high_watermark: f64, "FRACTION";
         /// ...and stops below this fraction.
         low_watermark: f64, "FRACTION";
-        /// Blobs used more recently than this are never evicted.
+        /// Blobs used more recently than this are never evicted. A use is
+        /// written to disk only if it comes at least half this long after
+        /// the last one written, so a blob may be kept up to 1.5 times it.
         #[serde(deserialize_with = "duration")]
         min_age: Duration, "DURATION";
     }
@@ -478,6 +480,9 @@ impl Config {
             max_size: store.max_size.0,
             queue_limit: self.queue_limit(),
             index_memory: store.index_memory.0,
+            // A use is written at most about twice per protected age, and a
+            // blob kept up to 1.5 times it after its last use.
+            use_resolution: self.eviction.min_age / 2,
         }
     }
 
@@ -815,6 +820,8 @@ mod tests {
         std::fs::write(&file, toml).unwrap();
         let config = Config::load(Some(&file), Flags::default()).unwrap();
         assert_eq!(config.eviction.min_age, Duration::from_secs(5));
+        // Uses are written at the resolution the protection allows.
+        assert_eq!(config.store_options().use_resolution, Duration::from_millis(2500));
         assert_eq!(config.eviction.high_watermark, 0.95);
         assert_eq!((config.tls.cert.as_deref(), config.s3.endpoint.as_deref()), (None, None));
         std::fs::write(&file, "[store]\nlisten = \"127.0.0.1:1\"\n").unwrap();

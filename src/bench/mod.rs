@@ -335,6 +335,7 @@ fn sweep(args: &StoreArgs, base: &StoreOptions) -> Vec<Combination> {
                             queue_limit: 0,
                             max_size: budget.map_or(base.max_size, |b| b.0),
                             index_memory: base.index_memory,
+                            use_resolution: base.use_resolution,
                         };
                         let mut settings: BTreeMap<String, String> = [
                             ("zstd_level", level.to_string()),

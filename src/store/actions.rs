@@ -174,7 +174,7 @@ impl Store {
             for (key, atime) in accessed {
                 let Some(stored) = self.db.get_pinned_cf(self.cf(CF_AC), &key)? else { continue };
                 let Some(value) = AcValue::decode(&stored) else { continue };
-                if value.atime.is_some_and(|t| t >= atime) {
+                if value.atime.is_some_and(|t| t.saturating_add(self.use_resolution_ms()) >= atime) {
                     continue;
                 }
                 // (Every result has a time since layout 3: opening upgrades.)

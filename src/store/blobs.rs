@@ -529,8 +529,10 @@ impl Store {
     }
 
     /// Writes access times recorded since the last call into the index and
-    /// the eviction order, one batch per lock stripe. A crash may lose the
-    /// last interval's refreshes, nothing else.
+    /// the eviction order, one batch per lock stripe, except those that come
+    /// within [`StoreOptions::use_resolution`](super::StoreOptions) of the
+    /// use already written. A crash may lose the last interval's refreshes,
+    /// nothing else.
     pub fn flush_access_times(&self) -> Result<usize, Error> {
         Ok(self.flush_access_times_while(&|| true)?.updated)
     }
@@ -570,7 +572,7 @@ impl Store {
                 let Some(stored) = stored? else { continue };
                 let mut entry = IndexEntry::decode(&stored)
                     .ok_or_else(|| Error::Corrupt(format!("index entry of {digest} is malformed")))?;
-                if entry.atime < *atime {
+                if entry.atime.saturating_add(self.use_resolution_ms()) < *atime {
                     // A held blob has no place in the eviction order.
                     if entry.holders == 0 {
                         batch.delete_cf(self.cf(CF_LRU), lru_key(entry.atime, digest));

@@ -39,12 +39,15 @@ const BATCH: usize = 256;
 
 impl Store {
     /// Deletes least recently used blobs and action results, oldest first,
-    /// until `want` stored bytes are gone or the next was used after
-    /// `used_before_ms`. What is queued for the object store is kept: it may
-    /// be its only copy.
+    /// until `want` stored bytes are gone or the next may have been used
+    /// after `used_before_ms`. What is queued for the object store is kept:
+    /// it may be its only copy.
     pub fn evict_lru(&self, want: u64, used_before_ms: u64) -> Result<Evicted, Error> {
         // Access times still in memory decide the order too.
         self.flush_access_times()?;
+        // A recorded use stands for any that came after it within the
+        // resolution, which were not written.
+        let used_before_ms = used_before_ms.saturating_sub(self.use_resolution_ms());
         let mut evicted = Evicted::default();
         let mut candidates = Vec::with_capacity(BATCH);
         // Bytes of the candidates collected so far; rechecked under the lock.

@@ -67,6 +67,12 @@ pub struct StoreOptions {
     /// Memory for the set of present blobs that answers FindMissingBlobs
     /// and places batch reads (see `present`); 0: every lookup asks RocksDB.
     pub index_memory: u64,
+    /// A use moves a blob or an action result in the eviction order only if
+    /// it comes at least this long after the use recorded, so that reading
+    /// what was written or read moments ago writes nothing. Eviction counts
+    /// a recorded use as lasting this long, so that none it skipped is
+    /// missed (see [`Store::evict_lru`]). Zero records every use.
+    pub use_resolution: std::time::Duration,
 }
 
 impl Default for StoreOptions {
@@ -81,6 +87,7 @@ impl Default for StoreOptions {
             max_size: 10 << 30,
             queue_limit: 0,
             index_memory: 256 << 20,
+            use_resolution: std::time::Duration::ZERO,
         }
     }
 }
@@ -318,6 +325,11 @@ impl Store {
 
     pub fn options(&self) -> &StoreOptions {
         &self.options
+    }
+
+    /// [`StoreOptions::use_resolution`] in the milliseconds of access times.
+    fn use_resolution_ms(&self) -> u64 {
+        u64::try_from(self.options.use_resolution.as_millis()).unwrap_or(u64::MAX)
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {

@@ -167,6 +167,37 @@ fn access_times_are_flushed_for_present_blobs() {
 }
 
 #[test]
+fn uses_within_the_resolution_are_not_written_yet_keep_what_they_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    const HOUR: u64 = 3_600_000;
+    let options = StoreOptions { use_resolution: Duration::from_millis(HOUR), ..StoreOptions::default() };
+    let store = Store::open(tmp.path(), options).unwrap();
+    let (old, new) = (put(&store, &bytes(1000, 1)), put(&store, &bytes(1000, 2)));
+    let action = Digest::of(b"action");
+    store.put_action_result("ci", &action, None, b"result").unwrap();
+    // `old` was last used two hours ago, the others just now.
+    let mut entry = store.get_entry(&old).unwrap().unwrap();
+    let mut batch = WriteBatch::default();
+    batch.delete_cf(store.cf(CF_LRU), lru_key(entry.atime, &old));
+    entry.atime -= 2 * HOUR;
+    batch.put_cf(store.cf(CF_LRU), lru_key(entry.atime, &old), []);
+    batch.put_cf(store.cf(CF_INDEX), index_key(&old), entry.encode());
+    store.db.write(batch).unwrap();
+    let written = store.get_entry(&new).unwrap().unwrap().atime;
+
+    store.contains(&[old, new]).unwrap();
+    store.touch_action_result("ci", &action);
+    assert_eq!(store.flush_access_times().unwrap(), 1, "only the use of the old blob is written");
+    assert_eq!(store.get_entry(&new).unwrap().unwrap().atime, written);
+    assert!(store.get_entry(&old).unwrap().unwrap().atime >= written);
+    // The uses not written may have come after any cutoff up to now: all
+    // three are kept until their written uses are an hour older than it.
+    assert_eq!(store.evict_lru(u64::MAX, now_ms() + 1).unwrap(), Evicted::default());
+    let evicted = store.evict_lru(u64::MAX, now_ms() + HOUR + 1).unwrap();
+    assert_eq!((evicted.blobs, evicted.action_results), (2, 1), "{evicted:?}");
+}
+
+#[test]
 fn a_flush_cut_short_keeps_the_rest_for_the_next() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
