@@ -145,7 +145,7 @@ pub fn pass(store: &Store, budget: Budget) -> Result<Compaction, Error> {
     // meanwhile, never let past the budget.
     match (store.set_eviction_blocked(blocked), blocked) {
         (false, true) => tracing::warn!(
-            "{wanted} bytes on disk and being written, over the high watermark of the {} byte budget, and nothing is old enough to evict (used within eviction_min_age, {:?}, or waiting for the object store): writes are refused until blobs age",
+            "{wanted} bytes on disk and being written, over the high watermark of the {} byte budget, and nothing is old enough to evict (a use written within 1.5 times eviction_min_age, {:?}, or waiting for the object store): writes are refused until blobs age",
             budget.max_size,
             budget.min_age
         ),
